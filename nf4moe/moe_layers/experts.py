@@ -1,0 +1,218 @@
+"""QuantGroupedExperts: the expert layer of an MoE transformer with NF4 base weights and LoRA.
+
+Data flow per call (T tokens, K slots each, E experts, hidden H, intermediate I):
+routing metadata (pairs sorted by expert) -> up projection with SwiGLU and LoRA (the only
+intermediate, (T*K, I)) -> down projection with the routing weight -> deterministic combine of each
+token's K slots into (T, H).
+
+Memory: the base weights stay NF4 (0.5 byte/weight + statistics); no path dequantizes the whole
+weight tensor.  The reference backend (CPU) dequantizes one expert at a time; the Triton backend
+dequantizes tiles inside the matmul loop.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+from torch import nn
+
+from ..reference import ACTIVATIONS, Lora, moe_forward
+from .checks import check_expert_weights, check_forward_inputs
+from .nf4_weight import NF4Weight
+
+BACKENDS = ("auto", "reference", "triton")
+PROJECTIONS = ("gate_up_proj", "down_proj")
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+class QuantGroupedExperts(nn.Module):
+    """Drop-in for a transformers v5 experts module: ``forward(hidden_states, top_k_index, top_k_weights)``.
+
+    Base weights are frozen NF4 buffers (``gate_up_nf4`` (E, 2I, H), ``down_nf4`` (E, H, I)); LoRA
+    factors are trainable parameters ``lora_A[proj]`` (E, r, in) and ``lora_B[proj]`` (E, out, r),
+    scaled by ``lora_alpha / lora_rank``.
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        hidden_size: int,
+        intermediate_size: int,
+        *,
+        act: str = "silu",
+        lora_rank: int = 0,
+        lora_alpha: float | None = None,
+        blocksize: int = 64,
+        compress_statistics: bool = True,
+        backend: str = "auto",
+        dtype: torch.dtype = torch.bfloat16,
+        lora_dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ):
+        super().__init__()
+        if act not in ACTIVATIONS:
+            raise ValueError(f"act must be one of {ACTIVATIONS}, got {act!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if not isinstance(lora_rank, int) or lora_rank < 0:
+            raise ValueError(f"lora_rank must be an int >= 0, got {lora_rank!r}")
+        for name, v in (("hidden_size", hidden_size), ("intermediate_size", intermediate_size)):
+            if v % blocksize:
+                raise ValueError(f"{name} ({v}) must be a multiple of blocksize ({blocksize})")
+        self.num_experts = num_experts
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.act = act
+        self.backend = backend
+        self.blocksize = blocksize
+        self.lora_rank = lora_rank
+        self.lora_alpha = float(lora_alpha if lora_alpha is not None else lora_rank)
+        kw = dict(blocksize=blocksize, compress_statistics=compress_statistics, dtype=dtype, device=device)
+        self.gate_up_nf4 = NF4Weight(num_experts, 2 * intermediate_size, hidden_size, **kw)
+        self.down_nf4 = NF4Weight(num_experts, hidden_size, intermediate_size, **kw)
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        if lora_rank > 0:
+            ldt = lora_dtype or dtype
+            dims = {"gate_up_proj": (hidden_size, 2 * intermediate_size), "down_proj": (intermediate_size, hidden_size)}
+            for proj, (fan_in, fan_out) in dims.items():
+                self.lora_A[proj] = nn.Parameter(torch.empty(num_experts, lora_rank, fan_in, dtype=ldt, device=device))
+                self.lora_B[proj] = nn.Parameter(torch.zeros(num_experts, fan_out, lora_rank, dtype=ldt, device=device))
+            self.reset_lora_parameters()
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_weights(
+        cls,
+        gate_up_proj: torch.Tensor,
+        down_proj: torch.Tensor,
+        *,
+        act: str = "silu",
+        lora_rank: int = 0,
+        lora_alpha: float | None = None,
+        blocksize: int = 64,
+        compress_statistics: bool = True,
+        backend: str = "auto",
+        lora_dtype: torch.dtype | None = None,
+    ) -> "QuantGroupedExperts":
+        """Quantize bf16/fp16/fp32 expert weights gate_up_proj (E, 2I, H) and down_proj (E, H, I) to NF4."""
+        e, h, i = check_expert_weights(gate_up_proj, down_proj, blocksize)
+        gu = NF4Weight.quantize(gate_up_proj, blocksize, compress_statistics)
+        dn = NF4Weight.quantize(down_proj, blocksize, compress_statistics)
+        return cls.from_nf4(gu, dn, act=act, lora_rank=lora_rank, lora_alpha=lora_alpha, backend=backend,
+                            lora_dtype=lora_dtype)
+
+    @classmethod
+    def from_nf4(
+        cls,
+        gate_up: NF4Weight,
+        down: NF4Weight,
+        *,
+        act: str = "silu",
+        lora_rank: int = 0,
+        lora_alpha: float | None = None,
+        backend: str = "auto",
+        lora_dtype: torch.dtype | None = None,
+    ) -> "QuantGroupedExperts":
+        """Wrap already-quantized NF4 weights (e.g. from bitsandbytes) without re-quantizing."""
+        e, two_i, h = gate_up.shape
+        e2, h2, i = down.shape
+        if e != e2 or two_i != 2 * i or h2 != h:
+            raise ValueError(f"gate_up {gate_up.shape} and down {down.shape} are not (E, 2I, H) and (E, H, I)")
+        if gate_up.blocksize != down.blocksize or gate_up.compress_statistics != down.compress_statistics:
+            raise ValueError("gate_up and down must share blocksize and compress_statistics")
+        with torch.device("meta"):
+            self = cls(e, h, i, act=act, lora_rank=0, blocksize=gate_up.blocksize,
+                       compress_statistics=gate_up.compress_statistics, backend=backend, dtype=gate_up.dtype)
+        self.gate_up_nf4 = gate_up
+        self.down_nf4 = down
+        self.lora_rank = lora_rank
+        self.lora_alpha = float(lora_alpha if lora_alpha is not None else lora_rank)
+        if lora_rank > 0:
+            self.add_lora(lora_rank, lora_alpha, dtype=lora_dtype or gate_up.dtype)
+        return self
+
+    def add_lora(self, rank: int, alpha: float | None = None, *, dtype: torch.dtype | None = None) -> None:
+        """(Re)create LoRA factors of the given rank: A as PEFT initialises it, B zeros."""
+        if not isinstance(rank, int) or rank < 0:
+            raise ValueError(f"lora_rank must be an int >= 0, got {rank!r}")
+        dev = self.gate_up_nf4.packed.device
+        dtype = dtype or self.gate_up_nf4.dtype
+        self.lora_rank = rank
+        self.lora_alpha = float(alpha if alpha is not None else rank)
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        if rank == 0:
+            return
+        e, h, i = self.num_experts, self.hidden_size, self.intermediate_size
+        for proj, (fan_in, fan_out) in {"gate_up_proj": (h, 2 * i), "down_proj": (i, h)}.items():
+            self.lora_A[proj] = nn.Parameter(torch.empty(e, rank, fan_in, dtype=dtype, device=dev))
+            self.lora_B[proj] = nn.Parameter(torch.zeros(e, fan_out, rank, dtype=dtype, device=dev))
+        self.reset_lora_parameters()
+
+    def reset_lora_parameters(self) -> None:
+        """PEFT's default LoRA init: A ~ kaiming_uniform(a=sqrt(5)) per expert, B = 0."""
+        with torch.no_grad():
+            for proj in self.lora_A:
+                for a in self.lora_A[proj]:
+                    nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+                self.lora_B[proj].zero_()
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def scaling(self) -> float:
+        return self.lora_alpha / self.lora_rank if self.lora_rank else 0.0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers()) + sum(
+            p.numel() * p.element_size() for p in self.parameters()
+        )
+
+    def lora(self, proj: str) -> Lora | None:
+        if self.lora_rank == 0:
+            return None
+        return Lora(self.lora_A[proj], self.lora_B[proj])
+
+    def resolve_backend(self, x: torch.Tensor) -> str:
+        if self.backend != "auto":
+            return self.backend
+        return "triton" if (x.is_cuda or _interpreting()) else "reference"
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        backend = self.resolve_backend(hidden_states) if isinstance(hidden_states, torch.Tensor) else self.backend
+        check_forward_inputs(
+            hidden_states, top_k_index, top_k_weights, hidden_size=self.hidden_size,
+            device=self.gate_up_nf4.packed.device, allow_float64=backend == "reference",
+        )
+        if hidden_states.shape[0] == 0:
+            return hidden_states.new_zeros(0, self.hidden_size)
+        if backend == "triton":
+            from .triton_backend import triton_forward
+
+            return triton_forward(self, hidden_states, top_k_index, top_k_weights)
+        if hidden_states.device.type == "cpu" and top_k_index.numel() and int(top_k_index.min()) < 0:
+            raise ValueError("top_k_index has negative expert ids; ids must be >= 0 (ids >= E are sentinels)")
+        compute = torch.float64 if hidden_states.dtype == torch.float64 else torch.float32
+        out = moe_forward(
+            hidden_states, top_k_index, top_k_weights,
+            lambda e: self.gate_up_nf4.dequantize_expert(e, compute),
+            lambda e: self.down_nf4.dequantize_expert(e, compute),
+            num_experts=self.num_experts, act=self.act,
+            lora_gate_up=self.lora("gate_up_proj"), lora_down=self.lora("down_proj"),
+            lora_scaling=self.scaling, compute_dtype=compute,
+        )
+        return out.to(hidden_states.dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"E={self.num_experts}, H={self.hidden_size}, I={self.intermediate_size}, act={self.act}, "
+            f"lora_rank={self.lora_rank}, lora_alpha={self.lora_alpha:g}, blocksize={self.blocksize}, "
+            f"double_quant={self.gate_up_nf4.compress_statistics}, backend={self.backend}, "
+            f"memory={self.nbytes / 2**20:.2f} MiB"
+        )

@@ -1,0 +1,217 @@
+"""NF4Weight: a stack of E expert matrices (E, out, in) held as bitsandbytes NF4.
+
+Storage (all registered buffers, so ``.to()``, ``state_dict()`` and ``load_state_dict()`` carry them):
+
+- ``packed``  (E, out, in // 2) uint8: two 4-bit codes per byte, the even element in the high nibble,
+  exactly the bytes of ``bitsandbytes.functional.quantize_4bit`` on the (E, out, in) tensor.
+- ``absmax``  (E, out, in // blocksize): fp32 scales, or uint8 codes when double-quantized
+  (``compress_statistics=True``), in which case ``absmax2`` (ceil(n_blocks / 256),) fp32,
+  ``code2`` (256,) fp32 and ``offset`` () fp32 decode them:
+  ``scale[b] = code2[absmax[b]] * absmax2[b // 256] + offset``.
+
+Memory: 0.5 byte per weight plus 4 / blocksize (fp32 absmax) or ~1 / blocksize (nested) bytes.
+Quantization goes through bitsandbytes a few experts at a time: extra memory while quantizing is one
+chunk of experts in the source dtype, never an fp32 copy of the whole tensor.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..reference.nf4 import dequantize_nf4
+
+_BNB_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+_QUANT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# Experts quantized per bitsandbytes call: bounds the transient memory of quantize().
+_CHUNK_ELEMENTS = 1 << 25
+
+
+def _bnb_functional():
+    import bitsandbytes.functional as bnbf  # heavy import, only needed to (de)quantize via bnb
+
+    return bnbf
+
+
+class NF4Weight(nn.Module):
+    """E matrices of shape (out, in) in NF4.  Build with :meth:`quantize` or :meth:`from_bnb`."""
+
+    def __init__(
+        self,
+        num_experts: int,
+        out_features: int,
+        in_features: int,
+        *,
+        blocksize: int = 64,
+        compress_statistics: bool = True,
+        dtype: torch.dtype = torch.bfloat16,
+        device: torch.device | str | None = None,
+        blocksize2: int = 256,
+    ):
+        super().__init__()
+        for name, v in (("num_experts", num_experts), ("out_features", out_features), ("in_features", in_features)):
+            if not isinstance(v, int) or v <= 0:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if blocksize not in _BNB_BLOCKSIZES:
+            raise ValueError(f"blocksize must be one of {_BNB_BLOCKSIZES} (bitsandbytes), got {blocksize!r}")
+        if in_features % blocksize:
+            raise ValueError(
+                f"in_features ({in_features}) must be a multiple of blocksize ({blocksize}): each NF4 "
+                "block must lie inside one row so the kernels can tile rows"
+            )
+        if dtype not in _QUANT_DTYPES:
+            raise TypeError(f"dtype must be one of {_QUANT_DTYPES}, got {dtype}")
+        self.num_experts = num_experts
+        self.out_features = out_features
+        self.in_features = in_features
+        self.blocksize = blocksize
+        self.blocksize2 = blocksize2
+        self.compress_statistics = bool(compress_statistics)
+        self.dtype = dtype  # dtype the weights had before quantization (QuantState.dtype)
+        e, o, i = num_experts, out_features, in_features
+        self.register_buffer("packed", torch.zeros(e, o, i // 2, dtype=torch.uint8, device=device))
+        n_blocks = e * o * (i // blocksize)
+        if self.compress_statistics:
+            self.register_buffer("absmax", torch.zeros(e, o, i // blocksize, dtype=torch.uint8, device=device))
+            self.register_buffer("absmax2", torch.zeros(math.ceil(n_blocks / blocksize2), dtype=torch.float32, device=device))
+            self.register_buffer("code2", torch.zeros(256, dtype=torch.float32, device=device))
+            self.register_buffer("offset", torch.zeros((), dtype=torch.float32, device=device))
+        else:
+            self.register_buffer("absmax", torch.zeros(e, o, i // blocksize, dtype=torch.float32, device=device))
+            self.absmax2 = self.code2 = self.offset = None
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def quantize(
+        cls,
+        w: torch.Tensor,
+        blocksize: int = 64,
+        compress_statistics: bool = True,
+        *,
+        quant_type: str = "nf4",
+    ) -> "NF4Weight":
+        """Quantize w (E, out, in) with ``bitsandbytes.functional.quantize_4bit(quant_type="nf4")``.
+
+        Result is byte-identical to quantizing the whole tensor in one bitsandbytes call (one nested
+        offset for the whole tensor), but only a few experts are quantized at a time.
+        """
+        if quant_type != "nf4":
+            raise ValueError(f"quant_type must be 'nf4' (nf4moe kernels decode NF4 only), got {quant_type!r}")
+        if not isinstance(w, torch.Tensor):
+            raise TypeError(f"w must be a torch.Tensor, got {type(w).__name__}")
+        if w.dim() != 3:
+            raise ValueError(f"w must be 3-D (E, out, in), got shape {tuple(w.shape)}")
+        if w.dtype not in _QUANT_DTYPES:
+            raise TypeError(f"w must be one of {_QUANT_DTYPES}, got {w.dtype}")
+        e, o, i = w.shape
+        self = cls(e, o, i, blocksize=blocksize, compress_statistics=compress_statistics, dtype=w.dtype, device=w.device)
+        bnbf = _bnb_functional()
+        step = max(1, _CHUNK_ELEMENTS // (o * i))
+        absmax = torch.empty(e, o, i // blocksize, dtype=torch.float32, device=w.device)
+        with torch.no_grad():
+            for s in range(0, e, step):
+                chunk = w[s : s + step].detach().contiguous()
+                q, st = bnbf.quantize_4bit(chunk, blocksize=blocksize, compress_statistics=False, quant_type="nf4")
+                self.packed[s : s + step].copy_(q.view(-1, o, i // 2))
+                absmax[s : s + step].copy_(st.absmax.view(-1, o, i // blocksize))
+                del chunk, q, st
+            if compress_statistics:
+                # The same nesting bitsandbytes applies in quantize_4bit, over the whole tensor's absmax.
+                offset = absmax.mean()
+                qabs, st2 = bnbf.quantize_blockwise(absmax.reshape(-1) - offset, blocksize=self.blocksize2)
+                self.absmax.copy_(qabs.view_as(self.absmax))
+                self.absmax2.copy_(st2.absmax)
+                self.code2.copy_(st2.code)
+                self.offset.copy_(offset)
+            else:
+                self.absmax.copy_(absmax)
+        return self
+
+    @classmethod
+    def from_bnb(cls, packed: torch.Tensor, quant_state) -> "NF4Weight":
+        """Wrap bitsandbytes NF4 bytes (a ``Params4bit`` or its data) and QuantState without re-quantizing."""
+        qs = quant_state
+        if getattr(qs, "quant_type", None) != "nf4":
+            raise ValueError(f"quant_state.quant_type must be 'nf4', got {getattr(qs, 'quant_type', None)!r}")
+        shape = tuple(qs.shape)
+        if len(shape) != 3:
+            raise ValueError(f"quant_state.shape must be 3-D (E, out, in), got {shape}")
+        if packed.dtype != torch.uint8:
+            raise TypeError(f"packed must be uint8 (quant_storage=torch.uint8), got {packed.dtype}")
+        e, o, i = shape
+        if packed.numel() * 2 != e * o * i:
+            raise ValueError(f"packed has {packed.numel()} bytes, shape {shape} needs {e * o * i // 2}")
+        nested = qs.state2 is not None
+        self = cls(e, o, i, blocksize=qs.blocksize, compress_statistics=nested, dtype=qs.dtype, device=packed.device,
+                   blocksize2=qs.state2.blocksize if nested else 256)
+        with torch.no_grad():
+            self.packed.copy_(packed.reshape(e, o, i // 2))
+            self.absmax.copy_(qs.absmax.reshape(self.absmax.shape))
+            if nested:
+                self.absmax2.copy_(qs.state2.absmax)
+                self.code2.copy_(qs.state2.code)
+                self.offset.copy_(torch.as_tensor(qs.offset, dtype=torch.float32))
+        return self
+
+    def to_bnb(self):
+        """(packed (n/2, 1) uint8, QuantState) as ``quantize_4bit`` returns them; shares no storage."""
+        bnbf = _bnb_functional()
+        dev = self.packed.device
+        state2 = None
+        offset = None
+        if self.compress_statistics:
+            state2 = bnbf.QuantState(absmax=self.absmax2.clone(), code=self.code2.clone(),
+                                     blocksize=self.blocksize2, dtype=torch.float32)
+            offset = self.offset.clone()
+        qs = bnbf.QuantState(
+            absmax=self.absmax.reshape(-1).clone(),
+            shape=torch.Size(self.shape),
+            code=bnbf.get_4bit_type("nf4", device=dev),
+            blocksize=self.blocksize,
+            quant_type="nf4",
+            dtype=self.dtype,
+            offset=offset,
+            state2=state2,
+        )
+        return self.packed.reshape(-1, 1).clone(), qs
+
+    # ------------------------------------------------------------------ use
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.num_experts, self.out_features, self.in_features)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes stored: packed codes plus (nested) statistics."""
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def scales(self) -> torch.Tensor:
+        """fp32 absmax per block, (E, out, in // blocksize), decoding the nested form."""
+        from ..reference.nf4 import dequantize_absmax
+
+        return dequantize_absmax(self.absmax, absmax2=self.absmax2, code2=self.code2, offset=self.offset,
+                                 blocksize2=self.blocksize2)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The whole (E, out, in) tensor, bit-exact with ``bitsandbytes.functional.dequantize_4bit``."""
+        return dequantize_nf4(
+            self.packed, self.absmax, self.shape, self.blocksize, dtype=dtype or self.dtype,
+            absmax2=self.absmax2, code2=self.code2, offset=self.offset, blocksize2=self.blocksize2,
+        )
+
+    def dequantize_expert(self, e: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Expert e's (out, in) matrix only: the CPU path dequantizes one expert at a time."""
+        o, i = self.out_features, self.in_features
+        nb = o * (i // self.blocksize)
+        if self.compress_statistics:
+            q = self.absmax.reshape(-1)[e * nb : (e + 1) * nb].long()
+            idx = torch.arange(e * nb, (e + 1) * nb, device=q.device) // self.blocksize2
+            am = self.code2[q] * self.absmax2[idx] + self.offset
+        else:
+            am = self.absmax[e].reshape(-1)
+        return dequantize_nf4(self.packed[e], am, (o, i), self.blocksize, dtype=dtype or self.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"E={self.num_experts}, out={self.out_features}, in={self.in_features}, blocksize={self.blocksize}, "
+                f"double_quant={self.compress_statistics}, {self.nbytes / 2**20:.2f} MiB")

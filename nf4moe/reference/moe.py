@@ -1,0 +1,136 @@
+"""The expert layer in plain PyTorch: gather by routing, SwiGLU expert MLP with LoRA, weighted combine.
+
+Convention (transformers v5): ``gate_up_proj[e]`` is (2I, H) with rows [0:I] the gate and [I:2I] the
+up projection; ``down_proj[e]`` is (H, I).  LoRA per projection: A (E, r, in), B (E, out, r) and
+``delta = scaling * (x @ A[e].T) @ B[e].T``.
+
+All math runs in ``compute_dtype`` (fp32 by default, fp64 in gradient tests).  Expert weights may be
+given as full tensors or as a callable ``e -> weight of expert e`` so the CPU path dequantizes one
+expert at a time instead of materialising the whole (E, out, in) tensor.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Union
+
+import torch
+import torch.nn.functional as F
+
+from .routing import route
+
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
+
+WeightSource = Union[torch.Tensor, Callable[[int], torch.Tensor]]
+
+
+@dataclass
+class Lora:
+    """LoRA factors of one projection for all experts: A (E, r, in), B (E, out, r)."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+
+
+def activation(x: torch.Tensor, act: str) -> torch.Tensor:
+    if act == "silu":
+        return F.silu(x)
+    if act == "gelu":
+        return F.gelu(x)
+    if act == "gelu_tanh":
+        return F.gelu(x, approximate="tanh")
+    if act == "relu":
+        return F.relu(x)
+    raise ValueError(f"act must be one of {ACTIVATIONS}, got {act!r}")
+
+
+def _expert_weight(src: WeightSource, e: int, dtype: torch.dtype) -> torch.Tensor:
+    w = src(e) if callable(src) else src[e]
+    return w.to(dtype)
+
+
+def _lora_delta(x: torch.Tensor, lora: Lora | None, e: int, scaling: float) -> torch.Tensor | None:
+    if lora is None or lora.A.shape[1] == 0:
+        return None
+    a = lora.A[e].to(x.dtype)
+    b = lora.B[e].to(x.dtype)
+    return scaling * ((x @ a.T) @ b.T)
+
+
+def expert_mlp(
+    x: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    *,
+    act: str = "silu",
+    lora_gate_up: Lora | None = None,
+    lora_down: Lora | None = None,
+    lora_scaling: float = 1.0,
+    expert: int = 0,
+) -> torch.Tensor:
+    """One expert on its rows x (n, H): down(act(gate) * up), LoRA terms of expert ``expert`` added."""
+    gu = x @ w_gate_up.T
+    d = _lora_delta(x, lora_gate_up, expert, lora_scaling)
+    if d is not None:
+        gu = gu + d
+    inter = w_gate_up.shape[0] // 2
+    h = activation(gu[:, :inter], act) * gu[:, inter:]
+    y = h @ w_down.T
+    d = _lora_delta(h, lora_down, expert, lora_scaling)
+    if d is not None:
+        y = y + d
+    return y
+
+
+def combine(y_pairs: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+    """out[t] = sum_k top_k_weights[t, k] * y_pairs[t*K + k]; rows of dropped pairs must be zero."""
+    t, k = top_k_weights.shape
+    y = y_pairs.view(t, k, -1)
+    return (y * top_k_weights.to(y.dtype).unsqueeze(-1)).sum(dim=1)
+
+
+def moe_forward(
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    gate_up_proj: WeightSource,
+    down_proj: WeightSource,
+    *,
+    num_experts: int | None = None,
+    act: str = "silu",
+    lora_gate_up: Lora | None = None,
+    lora_down: Lora | None = None,
+    lora_scaling: float = 1.0,
+    compute_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """The whole expert layer: (T, H) -> (T, H) in ``compute_dtype``.  Differentiable (LoRA, inputs)."""
+    if num_experts is None:
+        if callable(gate_up_proj):
+            raise ValueError("num_experts is required when weights are given as a callable")
+        num_experts = gate_up_proj.shape[0]
+    t, hdim = hidden_states.shape
+    k = top_k_index.shape[1]
+    x = hidden_states.to(compute_dtype)
+    routing = route(top_k_index, num_experts)
+    offsets = routing.expert_offsets.tolist()  # host loop over experts: this is the slow oracle
+    pieces, rows = [], []
+    for e in range(num_experts):
+        lo, hi = offsets[e], offsets[e + 1]
+        if hi == lo:
+            continue
+        pairs = routing.sorted_pair_ids[lo:hi].long()
+        y = expert_mlp(
+            x[pairs // k],
+            _expert_weight(gate_up_proj, e, compute_dtype),
+            _expert_weight(down_proj, e, compute_dtype),
+            act=act,
+            lora_gate_up=lora_gate_up,
+            lora_down=lora_down,
+            lora_scaling=lora_scaling,
+            expert=e,
+        )
+        pieces.append(y)
+        rows.append(pairs)
+    y_pairs = x.new_zeros(t * k, hdim)
+    if pieces:
+        y_pairs = y_pairs.index_copy(0, torch.cat(rows), torch.cat(pieces))
+    return combine(y_pairs, top_k_weights.to(compute_dtype))
