@@ -1,0 +1,39 @@
+"""Deterministic combine of each token's K slot outputs: out[t] = sum_k y[t*K + k] (fixed order, fp32).
+
+The down kernel already multiplied each slot by its routing weight.  Slots whose expert id is outside
+[0, E) (expert-parallel sentinels) were never written and are skipped here, so ``y`` needs no zero-fill.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def combine_kernel(
+    y_ptr,     # (T*K, H) slot outputs, weighted; rows of dropped slots are garbage and skipped
+    idx_ptr,   # (T, K) expert ids (any integer dtype), contiguous
+    out_ptr,   # (T, H) output
+    H, E,
+    TOP_K: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """Grid: (T, cdiv(H, BLOCK_H))."""
+    t = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    mask = offs < H
+    acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    for k in tl.static_range(TOP_K):
+        eid = tl.load(idx_ptr + t * TOP_K + k)
+        if (eid >= 0) & (eid < E):
+            acc += tl.load(y_ptr + (t * TOP_K + k) * H + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + t * H + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def launch_combine(y: torch.Tensor, top_k_index: torch.Tensor, out: torch.Tensor, num_experts: int, launcher=None):
+    t, k = top_k_index.shape
+    h = out.shape[1]
+    block_h = min(1024, triton.next_power_of_2(h))
+    kern = launcher(combine_kernel) if launcher is not None else combine_kernel
+    kern[(t, triton.cdiv(h, block_h))](y, top_k_index, out, h, num_experts, TOP_K=k, BLOCK_H=block_h)
+    return out

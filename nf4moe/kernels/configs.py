@@ -1,0 +1,82 @@
+"""Autotune configurations for the NF4 grouped GEMM, generated per weight shape and token bucket.
+
+Configs are keyed on the weight dims (N, K) and a bucketed row count (not the exact token count, so a
+new T does not re-tune), pruned by shared-memory size, and cached by Triton's autotuner after the first
+call.  ``NF4MOE_CONFIG="BLOCK_M=16,BLOCK_N=64,BLOCK_K=64,num_warps=4,num_stages=3"`` pins one config.
+Under the Triton interpreter a single small config is used (the interpreter cannot benchmark).
+"""
+from __future__ import annotations
+
+import os
+
+import triton
+
+_SMEM_BYTES = 227 * 1024  # Hopper's per-block limit; configs that would exceed it are pruned
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def row_bucket(rows: int) -> int:
+    """Bucket the number of (token, slot) rows so tuning is per regime, not per exact T."""
+    if rows <= 64:
+        return 64
+    if rows <= 1024:
+        return 1024
+    if rows <= 16384:
+        return 16384
+    return 1 << 20
+
+
+def _pinned() -> list[triton.Config] | None:
+    spec = os.environ.get("NF4MOE_CONFIG")
+    if not spec:
+        return None
+    kv = dict(item.split("=") for item in spec.split(","))
+    meta = {k: int(v) for k, v in kv.items() if k.startswith("BLOCK") or k == "SPLIT_K"}
+    return [triton.Config(meta, num_warps=int(kv.get("num_warps", 4)), num_stages=int(kv.get("num_stages", 3)))]
+
+
+def gemm_configs(blocksize: int = 64) -> list[triton.Config]:
+    """All candidates; the pruner below keeps those that fit the shape and bucket."""
+    pinned = _pinned()
+    if pinned:
+        return pinned
+    bk = min(64, blocksize)
+    if interpreting():
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": min(32, bk)}, num_warps=4, num_stages=1)]
+    out = []
+    # decode: few rows per expert, bandwidth-bound: many programs over N
+    for bn in (32, 64, 128):
+        for st in (3, 5):
+            out.append(triton.Config({"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=4, num_stages=st))
+    # mid / prefill
+    for bm, bn, w, st in ((32, 128, 4, 4), (64, 128, 4, 3), (64, 128, 8, 4), (128, 128, 8, 3), (128, 64, 4, 3),
+                          (128, 256, 8, 3), (64, 256, 8, 3)):
+        out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st))
+    return out
+
+
+def prune_configs(configs, named_args, **kwargs):
+    """Keep configs suited to the row bucket and shape; drop those over the shared-memory limit."""
+    if len(configs) == 1:
+        return configs
+    bucket = named_args.get("ROW_BUCKET", kwargs.get("ROW_BUCKET"))
+    n = named_args.get("N", kwargs.get("N"))
+    kept = []
+    for c in configs:
+        bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
+        if bucket <= 64 and bm != 16:
+            continue
+        if bucket == 1024 and bm > 64:
+            continue
+        if bucket > 1024 and bm < 64:
+            continue
+        if bn > max(32, triton.next_power_of_2(n)):
+            continue
+        smem = c.num_stages * (bm * bk * 2 + 2 * bn * bk // 2)
+        if smem > _SMEM_BYTES:
+            continue
+        kept.append(c)
+    return kept or configs[:1]

@@ -1,0 +1,216 @@
+"""Fused NF4 grouped GEMM for MoE experts: dequantize in the tile loop, LoRA in the same pass.
+
+One kernel serves both projections (constexpr flags pick the mode):
+
+- up   (GATED):   rows gathered from hidden_states by token = pair // K; gate and up tiles of
+  ``gate_up_proj[e]`` in the same program; epilogue writes act(gate) * up for each pair in sorted order.
+- down (SCATTER): rows of the sorted intermediate; epilogue multiplies by the pair's routing weight and
+  writes row ``pair`` of the (T*K, H) slot buffer (combined per token by ``combine``).
+
+The product is computed transposed (swap-AB): acc (BLOCK_N, BLOCK_M) = W_tile (BLOCK_N, BLOCK_K) @
+X_tileᵀ (BLOCK_K, BLOCK_M).  The dequantized weight is the left operand, so it can stay in registers,
+and BLOCK_M (rows of one expert) may be as small as 16 for decode.
+
+Grid: (cdiv(N, BLOCK_N), cdiv(P, BLOCK_M) + min(E, P)).  Program (n, m) finds its expert and row tile
+from ``expert_offsets`` (tiles are padded per expert to BLOCK_M); programs past the last tile exit.
+No host synchronisation is needed to size the grid.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .configs import gemm_configs, interpreting, prune_configs, row_bucket
+from .nf4_decode import dequant_rows
+
+ACT_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
+
+
+@triton.jit
+def _act(g, ACT: tl.constexpr):
+    if ACT == 0:
+        return g * tl.sigmoid(g)
+    elif ACT == 1:
+        return 0.5 * g * (1.0 + tl.erf(g * 0.7071067811865476))
+    elif ACT == 2:
+        inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+        return g * tl.sigmoid(2.0 * inner)
+    else:
+        return tl.maximum(g, 0.0)
+
+
+@triton.autotune(
+    configs=gemm_configs(),
+    key=["N", "K_DIM", "ROW_BUCKET", "GATED", "HAS_LORA"],
+    prune_configs_by={"early_config_prune": prune_configs},
+)
+@triton.jit
+def nf4_moe_gemm_kernel(
+    x_ptr,            # up: hidden_states (T, K_DIM); down: intermediate (P, K_DIM) in sorted order; fp16/bf16/fp32
+    stride_xm, stride_xk,
+    w_ptr,            # (E, N_TOTAL, K_DIM // 2) uint8 packed NF4
+    am_ptr,           # (E, N_TOTAL, K_DIM // BS) fp32 absmax, or uint8 codes when NESTED
+    am2_ptr,          # (ceil(blocks / BS2),) fp32 nested absmax (unused unless NESTED)
+    code2_ptr,        # (256,) fp32 nested code (unused unless NESTED)
+    off_ptr,          # () fp32 nested offset (unused unless NESTED)
+    la_ptr,           # (E, R, K_DIM) LoRA A (unused unless HAS_LORA)
+    lb_ptr,           # (E, N_TOTAL, R) LoRA B (unused unless HAS_LORA)
+    scaling,          # float: lora_alpha / r
+    out_ptr,          # up: (P, N) sorted order; down: (P, N) indexed by pair id
+    stride_om,
+    pair_ptr,         # (P,) int32 pair ids sorted by expert
+    eoff_ptr,         # (E + 1,) int32 expert offsets into pair_ptr
+    topw_ptr,         # (P,) routing weight per pair (down only)
+    N, K_DIM, N_TOTAL, E, R, ROW_BUCKET,
+    TOP_K: tl.constexpr, E_POW2: tl.constexpr, R_PAD: tl.constexpr,
+    GATED: tl.constexpr, ACT: tl.constexpr, GATHER: tl.constexpr, SCATTER: tl.constexpr,
+    HAS_LORA: tl.constexpr, NESTED: tl.constexpr, BS: tl.constexpr, BS2: tl.constexpr,
+    INTERPRET: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Grid: (cdiv(N, BLOCK_N), cdiv(P, BLOCK_M) + min(E, P))."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+
+    # ---- which expert and which of its row tiles this program owns
+    e_ids = tl.arange(0, E_POW2)
+    lo = tl.load(eoff_ptr + e_ids, mask=e_ids < E, other=0)
+    hi = tl.load(eoff_ptr + e_ids + 1, mask=e_ids < E, other=0)
+    tiles = (hi - lo + BLOCK_M - 1) // BLOCK_M
+    tiles_end = tl.cumsum(tiles, 0)
+    e = tl.sum((tiles_end <= pid_m).to(tl.int32), 0)
+    if e >= E:
+        return
+    tile_start = tl.sum(tl.where(e_ids == e, tiles_end - tiles, 0), 0)
+    row_lo = tl.load(eoff_ptr + e)
+    row_hi = tl.load(eoff_ptr + e + 1)
+    offs_m = row_lo + (pid_m - tile_start) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < row_hi
+    if GATHER or SCATTER:
+        pair = tl.load(pair_ptr + offs_m, mask=m_mask, other=0)
+    if GATHER:
+        x_rows = (pair // TOP_K).to(tl.int64)
+    else:
+        x_rows = offs_m.to(tl.int64)
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    e64 = e.to(tl.int64)
+    w_rows = e64 * N_TOTAL + offs_n
+    dt = x_ptr.dtype.element_ty
+    if NESTED:
+        offset = tl.load(off_ptr)
+    else:
+        offset = 0.0
+
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    acc_xa = tl.zeros((R_PAD, BLOCK_M), dtype=tl.float32)
+    offs_r = tl.arange(0, R_PAD)
+    r_mask = offs_r < R
+    for k0 in range(0, K_DIM, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        xt = tl.load(x_ptr + x_rows[None, :] * stride_xm + offs_k[:, None] * stride_xk, mask=m_mask[None, :], other=0.0)
+        wg = dequant_rows(w_ptr, am_ptr, am2_ptr, code2_ptr, offset, w_rows, n_mask, k0, K_DIM, BS, BS2, NESTED, BLOCK_K)
+        if INTERPRET:  # the interpreter's bf16 dot is wrong: fp32 operands there only
+            xt = xt.to(tl.float32)
+        else:
+            wg = wg.to(dt)
+        acc = tl.dot(wg, xt, acc)
+        if GATED:
+            wu = dequant_rows(w_ptr, am_ptr, am2_ptr, code2_ptr, offset, w_rows + N, n_mask, k0, K_DIM, BS, BS2,
+                              NESTED, BLOCK_K)
+            if not INTERPRET:
+                wu = wu.to(dt)
+            acc_up = tl.dot(wu, xt, acc_up)
+        if HAS_LORA:
+            a = tl.load(la_ptr + (e64 * R + offs_r[:, None]) * K_DIM + offs_k[None, :], mask=r_mask[:, None], other=0.0)
+            if INTERPRET:
+                a = a.to(tl.float32)
+            else:
+                a = a.to(dt)
+            acc_xa = tl.dot(a, xt, acc_xa)
+
+    if HAS_LORA:
+        if INTERPRET:
+            xa = acc_xa.to(dt).to(tl.float32)
+        else:
+            xa = acc_xa.to(dt)
+        b = tl.load(lb_ptr + w_rows[:, None] * R + offs_r[None, :], mask=n_mask[:, None] & r_mask[None, :], other=0.0)
+        if INTERPRET:
+            b = b.to(tl.float32)
+        else:
+            b = b.to(dt)
+        acc += scaling * tl.dot(b, xa)
+        if GATED:
+            bu = tl.load(lb_ptr + (w_rows[:, None] + N) * R + offs_r[None, :], mask=n_mask[:, None] & r_mask[None, :],
+                         other=0.0)
+            if INTERPRET:
+                bu = bu.to(tl.float32)
+            else:
+                bu = bu.to(dt)
+            acc_up += scaling * tl.dot(bu, xa)
+
+    if GATED:
+        acc = _act(acc, ACT) * acc_up
+    if SCATTER:
+        wt = tl.load(topw_ptr + pair, mask=m_mask, other=0.0).to(tl.float32)
+        acc = acc * wt[None, :]
+        out_rows = pair.to(tl.int64)
+    else:
+        out_rows = offs_m.to(tl.int64)
+    out_ptrs = out_ptr + out_rows[None, :] * stride_om + offs_n[:, None]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=n_mask[:, None] & m_mask[None, :])
+
+
+def _grid(n: int, rows: int, num_experts: int):
+    return lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(rows, meta["BLOCK_M"]) + min(num_experts, rows))
+
+
+def launch_nf4_moe_gemm(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    absmax2: torch.Tensor | None,
+    code2: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    lora_a: torch.Tensor | None,
+    lora_b: torch.Tensor | None,
+    scaling: float,
+    sorted_pair_ids: torch.Tensor,
+    expert_offsets: torch.Tensor,
+    top_k_weights: torch.Tensor | None,
+    out: torch.Tensor,
+    *,
+    n: int,
+    top_k: int,
+    blocksize: int,
+    blocksize2: int = 256,
+    gated: bool,
+    act: str = "silu",
+    launcher=None,
+) -> torch.Tensor:
+    """Launch the kernel; ``launcher`` wraps it (``torch.library.wrap_triton``) when traced."""
+    num_experts, n_total, half_k = packed.shape
+    k_dim = 2 * half_k
+    rows = sorted_pair_ids.numel()
+    nested = absmax2 is not None
+    has_lora = lora_a is not None and lora_a.shape[1] > 0
+    r = lora_a.shape[1] if has_lora else 0
+    dummy = absmax  # placeholder pointer for unused arguments
+    kern = launcher(nf4_moe_gemm_kernel) if launcher is not None else nf4_moe_gemm_kernel
+    kern[_grid(n, rows, num_experts)](
+        x, x.stride(0), x.stride(1),
+        packed, absmax,
+        absmax2 if nested else dummy, code2 if nested else dummy, offset if nested else dummy,
+        lora_a if has_lora else dummy, lora_b if has_lora else dummy, float(scaling),
+        out, out.stride(0),
+        sorted_pair_ids, expert_offsets,
+        top_k_weights if top_k_weights is not None else dummy,
+        n, k_dim, n_total, num_experts, r, row_bucket(rows),
+        TOP_K=top_k, E_POW2=triton.next_power_of_2(num_experts), R_PAD=max(16, triton.next_power_of_2(max(r, 1))),
+        GATED=gated, ACT=ACT_CODES[act], GATHER=gated, SCATTER=not gated,
+        HAS_LORA=has_lora, NESTED=nested, BS=blocksize, BS2=blocksize2, INTERPRET=interpreting(),
+    )
+    return out

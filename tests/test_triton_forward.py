@@ -1,0 +1,203 @@
+"""The Triton backend against the fp32 reference on the same NF4 weights.
+
+On the CPU this runs under TRITON_INTERPRET=1 (./run tests sets it); on a GPU the same tests run compiled.
+Bounds: the reference computes in fp32 from the same dequantized weights, so the only differences are
+the kernel's rounding of operands and intermediates to the activation dtype (bf16: 8 mantissa bits,
+about 4e-3 relative per rounding; the weight tile, the SwiGLU intermediate, the weighted slot outputs and
+the final output are each rounded once, hence 2e-2), fp16 (11 bits: 5e-3) and fp32 (tf32 dot on GPU:
+~1e-3; exact fp32 in the interpreter).
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import nf4moe
+from nf4moe.reference import Lora, moe_forward
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+INTERP = os.environ.get("TRITON_INTERPRET") == "1"
+pytestmark = pytest.mark.skipif(not (INTERP or DEV == "cuda"), reason="needs a GPU or TRITON_INTERPRET=1")
+
+BOUND = {torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float32: 2e-3}
+
+
+def make_layer(e, h, i, *, rank=0, nested=True, act="silu", blocksize=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    gu = (torch.randn(e, 2 * i, h, generator=g) * h ** -0.5).to(DEV)
+    dn = (torch.randn(e, h, i, generator=g) * i ** -0.5).to(DEV)
+    m = nf4moe.QuantGroupedExperts.from_weights(gu, dn, lora_rank=rank, lora_alpha=2 * rank if rank else None,
+                                                compress_statistics=nested, act=act, blocksize=blocksize,
+                                                backend="triton", lora_dtype=torch.float32)
+    with torch.no_grad():
+        for p in m.lora_B.values():  # non-zero B so the LoRA path is really exercised
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return m
+
+
+def reference(m, x, idx, w):
+    lg = Lora(m.lora_A["gate_up_proj"], m.lora_B["gate_up_proj"]) if m.lora_rank else None
+    ld = Lora(m.lora_A["down_proj"], m.lora_B["down_proj"]) if m.lora_rank else None
+    return moe_forward(x.float(), idx, w.float(), lambda e: m.gate_up_nf4.dequantize_expert(e, torch.float32),
+                       lambda e: m.down_nf4.dequantize_expert(e, torch.float32), num_experts=m.num_experts,
+                       act=m.act, lora_gate_up=lg, lora_down=ld, lora_scaling=m.scaling)
+
+
+def rel_err(out, ref):
+    return float((out.float() - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def routing(t, e, k, *, seed, mode="random"):
+    g = torch.Generator().manual_seed(seed)
+    if mode == "random":
+        idx = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)]) if t else torch.zeros(0, k, dtype=torch.long)
+    elif mode == "one_expert":  # every token's first slot to expert 1; other slots sentinels
+        idx = torch.full((t, k), e + 5)
+        idx[:, 0] = 1
+    elif mode == "sentinels":
+        idx = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)])
+        idx[torch.rand(t, k, generator=g) < 0.3] = e  # expert-parallel sentinels
+    w = torch.rand(t, k, generator=g) + 0.1
+    return idx.to(DEV), w.to(DEV)
+
+
+CASES = [
+    # (T, E, H, I, K, mode)
+    (1, 4, 128, 64, 2, "random"),
+    (7, 4, 128, 64, 2, "random"),        # T smaller than a tile
+    (40, 8, 192, 320, 3, "random"),      # odd multiples of the NF4 block, several row tiles
+    (33, 4, 128, 64, 4, "random"),       # K == E
+    (20, 6, 128, 64, 2, "one_expert"),   # one expert gets every token, the rest none
+    (25, 8, 128, 128, 3, "sentinels"),   # expert-parallel sentinel ids dropped
+]
+
+
+@pytest.mark.parametrize("t,e,h,i,k,mode", CASES)
+@pytest.mark.parametrize("rank", [0, 8, 16])
+def test_forward_matches_reference(t, e, h, i, k, mode, rank):
+    m = make_layer(e, h, i, rank=rank, nested=(t % 2 == 1), seed=t + rank)
+    x = torch.randn(t, h, device=DEV, dtype=torch.bfloat16)
+    idx, w = routing(t, e, k, seed=t * 7 + rank, mode=mode)
+    with torch.no_grad():
+        out = m(x, idx, w)
+        ref = reference(m, x, idx, w)
+    assert out.dtype == torch.bfloat16 and out.shape == (t, h)
+    assert torch.isfinite(out).all()
+    assert rel_err(out, ref) < BOUND[torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("nested", [False, True])
+def test_dtypes_and_double_quant(dtype, nested):
+    m = make_layer(4, 128, 64, rank=8, nested=nested, seed=3)
+    x = torch.randn(19, 128, device=DEV, dtype=dtype)
+    idx, w = routing(19, 4, 2, seed=5)
+    with torch.no_grad():
+        out = m(x, idx, w.to(dtype))
+        ref = reference(m, x, idx, w.to(dtype))
+    assert out.dtype == dtype
+    assert rel_err(out, ref) < BOUND[dtype]
+
+
+@pytest.mark.parametrize("act", ["silu", "gelu", "gelu_tanh", "relu"])
+def test_activations(act):
+    m = make_layer(4, 128, 64, rank=0, act=act, seed=11)
+    x = torch.randn(9, 128, device=DEV, dtype=torch.float32)
+    idx, w = routing(9, 4, 2, seed=12)
+    with torch.no_grad():
+        assert rel_err(m(x, idx, w), reference(m, x, idx, w)) < BOUND[torch.float32]
+
+
+def test_t_zero_and_all_sentinels():
+    m = make_layer(4, 128, 64, rank=8)
+    x = torch.randn(0, 128, device=DEV, dtype=torch.bfloat16)
+    idx, w = routing(0, 4, 2, seed=1)
+    assert m(x, idx, w).shape == (0, 128)
+    x = torch.randn(3, 128, device=DEV, dtype=torch.bfloat16)
+    idx = torch.full((3, 2), 4, device=DEV)
+    out = m(x, idx, torch.rand(3, 2, device=DEV))
+    assert torch.equal(out, torch.zeros_like(out))  # every slot dropped: exactly zero, nothing unwritten
+
+
+def test_blocksize_128_and_non_contiguous_input():
+    m = make_layer(4, 256, 128, rank=8, blocksize=128, seed=4)
+    xfull = torch.randn(12, 512, device=DEV, dtype=torch.float32)
+    x = xfull[:, ::2]  # strided columns: the kernel takes strides, no copy needed
+    idx, w = routing(12, 4, 2, seed=6)
+    with torch.no_grad():
+        assert rel_err(m(x, idx, w), reference(m, x, idx, w)) < BOUND[torch.float32]
+
+
+def test_outputs_poisoned_before_run(monkeypatch):
+    """Every intermediate buffer starts as NaN: an element the kernels forget to write shows up."""
+    real_empty = torch.Tensor.new_empty
+
+    def nan_empty(self, *size, **kw):
+        out = real_empty(self, *size, **kw)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
+    monkeypatch.setattr(torch.Tensor, "new_empty", nan_empty)
+    m = make_layer(8, 128, 64, rank=8, seed=9)
+    x = torch.randn(21, 128, device=DEV, dtype=torch.bfloat16)
+    idx, w = routing(21, 8, 3, seed=10, mode="sentinels")
+    with torch.no_grad():
+        out = m(x, idx, w)
+    assert torch.isfinite(out).all()
+    assert rel_err(out, reference(m, x, idx, w)) < BOUND[torch.bfloat16]
+
+
+def test_negative_ids_raise():
+    m = make_layer(4, 128, 64)
+    x = torch.randn(3, 128, device=DEV)
+    idx = torch.tensor([[0, 1], [-1, 2], [3, 0]], device=DEV)
+    if DEV == "cpu":
+        with pytest.raises(ValueError, match="top_k_index"):
+            m(x, idx, torch.rand(3, 2, device=DEV))
+
+
+def test_deterministic():
+    m = make_layer(4, 128, 64, rank=8, seed=2)
+    x = torch.randn(30, 128, device=DEV, dtype=torch.bfloat16)
+    idx, w = routing(30, 4, 2, seed=3)
+    with torch.no_grad():
+        assert torch.equal(m(x, idx, w), m(x, idx, w))
+
+
+def test_auto_backend_is_triton_when_interpreting_or_cuda():
+    m = make_layer(4, 128, 64)
+    m.backend = "auto"
+    assert m.resolve_backend(torch.zeros(1, device=DEV)) == "triton"
+
+
+def test_torch_compile_fullgraph():
+    m = make_layer(4, 128, 64, rank=8, seed=21)
+    x = torch.randn(10, 128, device=DEV, dtype=torch.bfloat16)
+    idx, w = routing(10, 4, 2, seed=22)
+    compiled = torch.compile(m, fullgraph=True, backend="eager" if DEV == "cpu" else "inductor")
+    with torch.no_grad():
+        out = compiled(x, idx, w)
+        ref = reference(m, x, idx, w)
+    assert rel_err(out, ref) < BOUND[torch.bfloat16]
+
+
+def test_opcheck():
+    from nf4moe.kernels import ops
+    from nf4moe.kernels.routing import build_routing
+
+    m = make_layer(4, 128, 64, rank=8, seed=31)
+    x = torch.randn(6, 128, device=DEV, dtype=torch.float32)
+    idx, w = routing(6, 4, 2, seed=32)
+    r = build_routing(idx, 4)
+    gu = m.gate_up_nf4
+    args = (x, gu.packed, gu.absmax, gu.absmax2, gu.code2, gu.offset, m.lora_A["gate_up_proj"].detach(),
+            m.lora_B["gate_up_proj"].detach(), m.scaling, r.sorted_pair_ids, r.expert_offsets, 2, 64, 256, "silu")
+    torch.library.opcheck(ops.moe_up, args, test_utils=("test_schema", "test_faketensor"))
+    h = ops.moe_up(*args)
+    dn = m.down_nf4
+    dargs = (h, dn.packed, dn.absmax, dn.absmax2, dn.code2, dn.offset, None, None, 1.0, r.sorted_pair_ids,
+             r.expert_offsets, w.reshape(-1), 64, 256)
+    torch.library.opcheck(ops.moe_down, dargs, test_utils=("test_schema", "test_faketensor"))
+    y = ops.moe_down(*dargs)
+    torch.library.opcheck(ops.combine, (y, idx, 4), test_utils=("test_schema", "test_faketensor"))
