@@ -29,6 +29,16 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _check_config(act: str, backend: str, lora_rank: int) -> None:
+    """Checked by every constructor, before any quantization work."""
+    if act not in ACTIVATIONS:
+        raise ValueError(f"act must be one of {ACTIVATIONS}, got {act!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if isinstance(lora_rank, bool) or not isinstance(lora_rank, int) or lora_rank < 0:
+        raise ValueError(f"lora_rank must be an int >= 0, got {lora_rank!r}")
+
+
 class QuantGroupedExperts(nn.Module):
     """Drop-in for a transformers v5 experts module: ``forward(hidden_states, top_k_index, top_k_weights)``.
 
@@ -54,12 +64,7 @@ class QuantGroupedExperts(nn.Module):
         device: torch.device | str | None = None,
     ):
         super().__init__()
-        if act not in ACTIVATIONS:
-            raise ValueError(f"act must be one of {ACTIVATIONS}, got {act!r}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        if not isinstance(lora_rank, int) or lora_rank < 0:
-            raise ValueError(f"lora_rank must be an int >= 0, got {lora_rank!r}")
+        _check_config(act, backend, lora_rank)
         for name, v in (("hidden_size", hidden_size), ("intermediate_size", intermediate_size)):
             if v % blocksize:
                 raise ValueError(f"{name} ({v}) must be a multiple of blocksize ({blocksize})")
@@ -100,6 +105,7 @@ class QuantGroupedExperts(nn.Module):
         lora_dtype: torch.dtype | None = None,
     ) -> "QuantGroupedExperts":
         """Quantize bf16/fp16/fp32 expert weights gate_up_proj (E, 2I, H) and down_proj (E, H, I) to NF4."""
+        _check_config(act, backend, lora_rank)
         e, h, i = check_expert_weights(gate_up_proj, down_proj, blocksize)
         gu = NF4Weight.quantize(gate_up_proj, blocksize, compress_statistics)
         dn = NF4Weight.quantize(down_proj, blocksize, compress_statistics)
@@ -119,6 +125,7 @@ class QuantGroupedExperts(nn.Module):
         lora_dtype: torch.dtype | None = None,
     ) -> "QuantGroupedExperts":
         """Wrap already-quantized NF4 weights (e.g. from bitsandbytes) without re-quantizing."""
+        _check_config(act, backend, lora_rank)
         e, two_i, h = gate_up.shape
         e2, h2, i = down.shape
         if e != e2 or two_i != 2 * i or h2 != h:
@@ -138,8 +145,7 @@ class QuantGroupedExperts(nn.Module):
 
     def add_lora(self, rank: int, alpha: float | None = None, *, dtype: torch.dtype | None = None) -> None:
         """(Re)create LoRA factors of the given rank: A as PEFT initialises it, B zeros."""
-        if not isinstance(rank, int) or rank < 0:
-            raise ValueError(f"lora_rank must be an int >= 0, got {rank!r}")
+        _check_config(self.act, self.backend, rank)
         dev = self.gate_up_nf4.packed.device
         dtype = dtype or self.gate_up_nf4.dtype
         self.lora_rank = rank
@@ -196,7 +202,9 @@ class QuantGroupedExperts(nn.Module):
             from .triton_backend import triton_forward
 
             return triton_forward(self, hidden_states, top_k_index, top_k_weights)
-        if hidden_states.device.type == "cpu" and top_k_index.numel() and int(top_k_index.min()) < 0:
+        # The reference path synchronises with the host anyway (routing offsets), so check on every device:
+        # a negative id would otherwise be dropped silently like a sentinel.
+        if top_k_index.numel() and int(top_k_index.min()) < 0:
             raise ValueError("top_k_index has negative expert ids; ids must be >= 0 (ids >= E are sentinels)")
         compute = torch.float64 if hidden_states.dtype == torch.float64 else torch.float32
         out = moe_forward(

@@ -176,6 +176,19 @@ class NF4Weight(nn.Module):
         )
         return self.packed.reshape(-1, 1).clone(), qs
 
+    def _apply(self, fn, recurse=True):
+        # nn.Module.to(dtype) / .half() / .bfloat16() cast every floating buffer, which would round the
+        # fp32 statistics (absmax, absmax2, code2, offset) and break bit-exactness with bitsandbytes.
+        # Keep each buffer's dtype and take only the device move; a model-wide `.to(torch.bfloat16)`
+        # therefore leaves the NF4 weights exactly as quantized.
+        def keep_dtype(t: torch.Tensor) -> torch.Tensor:
+            out = fn(t)
+            if out.dtype != t.dtype:
+                out = t.to(device=out.device)
+            return out
+
+        return super()._apply(keep_dtype, recurse)
+
     # ------------------------------------------------------------------ use
     @property
     def shape(self) -> tuple[int, int, int]:

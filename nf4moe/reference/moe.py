@@ -84,7 +84,8 @@ def expert_mlp(
 def combine(y_pairs: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
     """out[t] = sum_k top_k_weights[t, k] * y_pairs[t*K + k]; rows of dropped pairs must be zero."""
     t, k = top_k_weights.shape
-    y = y_pairs.view(t, k, -1)
+    # Explicit last dim: with T == 0 or K == 0 a -1 would be ambiguous and view() would raise.
+    y = y_pairs.view(t, k, y_pairs.shape[-1])
     return (y * top_k_weights.to(y.dtype).unsqueeze(-1)).sum(dim=1)
 
 
