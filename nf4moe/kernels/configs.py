@@ -38,30 +38,39 @@ def _pinned() -> list[triton.Config] | None:
     return [triton.Config(meta, num_warps=int(kv.get("num_warps", 4)), num_stages=int(kv.get("num_stages", 3)))]
 
 
-def gemm_configs(blocksize: int = 64) -> list[triton.Config]:
+def gemm_configs() -> list[triton.Config]:
     """All candidates; the pruner below keeps those that fit the shape and bucket."""
+    # A single candidate would skip the pruner (and its K-divisibility check): pinned and interpreter
+    # lists carry a fallback, and the pruner keeps exactly one (so the interpreter never benchmarks).
     pinned = _pinned()
     if pinned:
-        return pinned
-    bk = min(64, blocksize)
+        return pinned + [_fallback(64), _fallback(32)]
     if interpreting():
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": min(32, bk)}, num_warps=4, num_stages=1)]
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64}, num_warps=4, num_stages=1),
+                _fallback(32)]
     out = []
-    # decode: few rows per expert, bandwidth-bound: many programs over N
-    for bn in (32, 64, 128):
-        for st in (3, 5):
-            out.append(triton.Config({"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=4, num_stages=st))
+    # decode: few rows per expert, bandwidth-bound: many programs over N, long K steps in flight
+    for bn, bk, w, st in ((16, 256, 4, 4), (32, 256, 4, 3), (32, 128, 4, 5), (64, 128, 4, 4), (64, 256, 4, 3)):
+        out.append(triton.Config({"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st))
     # mid / prefill
-    for bm, bn, w, st in ((32, 128, 4, 4), (64, 128, 4, 3), (64, 128, 8, 4), (128, 128, 8, 3), (128, 64, 4, 3),
-                          (128, 256, 8, 3), (64, 256, 8, 3)):
+    for bm, bn, bk, w, st in ((32, 64, 128, 4, 4), (64, 64, 128, 4, 3), (64, 128, 64, 8, 4), (128, 128, 64, 8, 3),
+                              (128, 64, 64, 4, 3), (128, 128, 128, 8, 3), (256, 128, 64, 8, 3)):
         out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st))
     return out
 
 
+def _fallback(k_dim: int) -> triton.Config:
+    """A config whose K step divides any K (a multiple of the NF4 blocksize, itself >= 32)."""
+    bk = 64 if k_dim % 64 == 0 else 32
+    return triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": bk}, num_warps=4,
+                         num_stages=1 if interpreting() else 3)
+
+
 def prune_configs(configs, named_args, **kwargs):
     """Keep configs suited to the row bucket and shape; drop those over the shared-memory limit."""
-    if len(configs) == 1:
-        return configs
+    k_dim = named_args.get("K_DIM", kwargs.get("K_DIM"))
+    if _pinned() or interpreting():  # the first candidate whose K step divides K
+        return [next(c for c in configs if k_dim % c.kwargs["BLOCK_K"] == 0)]
     bucket = named_args.get("ROW_BUCKET", kwargs.get("ROW_BUCKET"))
     n = named_args.get("N", kwargs.get("N"))
     kept = []
@@ -73,10 +82,10 @@ def prune_configs(configs, named_args, **kwargs):
             continue
         if bucket > 1024 and bm < 64:
             continue
-        if bn > max(32, triton.next_power_of_2(n)):
+        if bn > max(32, triton.next_power_of_2(n)) or k_dim % bk:
             continue
-        smem = c.num_stages * (bm * bk * 2 + 2 * bn * bk // 2)
+        smem = c.num_stages * (bm * bk * 2 + 2 * bn * bk // 2)  # X tile + gate/up packed tiles
         if smem > _SMEM_BYTES:
             continue
         kept.append(c)
-    return kept or configs[:1]
+    return kept or [_fallback(k_dim)]

@@ -1,0 +1,64 @@
+"""Where the time of one nf4moe layer call goes: per-kernel CUDA times (torch.profiler) for each kernel
+variant, plus the autotuner's chosen configs.  GPU only; used to write bench/NOTES.md.
+
+    python -m bench.profile_layer --shape qwen3 --tokens 1,128,8192 --variants real,fakedecode
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections import defaultdict
+
+import torch
+
+
+def kernel_times(fn, iters: int = 20) -> dict[str, float]:
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    out: dict[str, float] = defaultdict(float)
+    for ev in prof.events():
+        if ev.device_type.name == "CUDA":
+            out[ev.name[:60]] += ev.device_time_total / iters / 1e3  # ms per call
+    return dict(out)
+
+
+def main(argv=None) -> int:
+    from .bench_layer import SHAPES, _bench, build_peers, routing
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="qwen3")
+    ap.add_argument("--tokens", default="1,128,8192")
+    ap.add_argument("--variants", default="real,fakedecode")
+    ap.add_argument("--rank", type=int, default=16)
+    args = ap.parse_args(argv)
+    e, h, i, k = SHAPES[args.shape]
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    _, bf16, ours = build_peers(e, h, i, k, args.rank, gen)
+    from nf4moe.kernels.grouped_gemm import nf4_moe_gemm_kernel
+
+    for t in [int(x) for x in args.tokens.split(",")]:
+        x = torch.randn(t, h, device="cuda", dtype=torch.bfloat16, generator=gen)
+        idx, w = routing(t, e, k, gen)
+        for var in args.variants.split(","):
+            os.environ["NF4MOE_PROFILE_FAKE_DECODE"] = "1" if var == "fakedecode" else "0"
+            with torch.no_grad():
+                ms = _bench(lambda: ours(x, idx, w))
+                kt = kernel_times(lambda: ours(x, idx, w))
+            top = sorted(kt.items(), key=lambda kv: -kv[1])[:8]
+            print(f"T={t:6d} variant={var:9s} total {ms:.4f} ms | " + " | ".join(f"{n[:38]} {v:.4f}" for n, v in top),
+                  flush=True)
+        for key, cfg in getattr(nf4_moe_gemm_kernel, "cache", {}).items():
+            print("   config", key[:6], cfg, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""Device helpers shared by the training kernels (up pre-activation, transposed NF4 GEMM, LoRA grads).
+
+Only @triton.jit helpers live here (no kernel, no launcher): the gate activations with their
+derivatives, and the per-expert row-tile schedule that every grouped kernel uses.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def act_fwd(g, ACT: tl.constexpr):
+    """act(g) for ACT 0 silu, 1 gelu (erf), 2 gelu (tanh), 3 relu; fp32 in and out."""
+    if ACT == 0:
+        return g * tl.sigmoid(g)
+    elif ACT == 1:
+        return 0.5 * g * (1.0 + tl.erf(g * 0.7071067811865476))
+    elif ACT == 2:
+        inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+        return g * tl.sigmoid(2.0 * inner)
+    else:
+        return tl.maximum(g, 0.0)
+
+
+@triton.jit
+def act_and_grad(g, ACT: tl.constexpr):
+    """(act(g), act'(g)) in fp32; the SwiGLU backward needs both at the same point."""
+    if ACT == 0:
+        sg = tl.sigmoid(g)
+        a = g * sg
+        da = sg * (1.0 + g * (1.0 - sg))
+    elif ACT == 1:
+        cdf = 0.5 * (1.0 + tl.erf(g * 0.7071067811865476))
+        a = g * cdf
+        da = cdf + g * 0.3989422804014327 * tl.exp(-0.5 * g * g)
+    elif ACT == 2:
+        inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+        sg = tl.sigmoid(2.0 * inner)  # = 0.5 * (1 + tanh(inner))
+        a = g * sg
+        d_inner = 0.7978845608028654 * (1.0 + 0.134145 * g * g)
+        da = sg + g * 2.0 * sg * (1.0 - sg) * d_inner
+    else:
+        a = tl.maximum(g, 0.0)
+        da = tl.where(g > 0.0, 1.0, 0.0)
+    return a, da
+
+
+@triton.jit
+def expert_row_tile(eoff_ptr, pid_m, E, E_POW2: tl.constexpr, BLOCK_M: tl.constexpr):
+    """(expert, first sorted row, end of the expert's rows) of row tile ``pid_m``; expert == E past the end.
+
+    Tiles are padded per expert to BLOCK_M, so a grid of cdiv(P, BLOCK_M) + min(E, P) row tiles always
+    covers every expert without a host synchronisation; surplus programs see expert == E and exit.
+    """
+    e_ids = tl.arange(0, E_POW2)
+    lo = tl.load(eoff_ptr + e_ids, mask=e_ids < E, other=0)
+    hi = tl.load(eoff_ptr + e_ids + 1, mask=e_ids < E, other=0)
+    tiles = (hi - lo + BLOCK_M - 1) // BLOCK_M
+    tiles_end = tl.cumsum(tiles, 0)
+    e = tl.sum((tiles_end <= pid_m).to(tl.int32), 0)
+    tile_start = tl.sum(tl.where(e_ids == e, tiles_end - tiles, 0), 0)
+    e_c = tl.minimum(e, E - 1)
+    row_lo = tl.load(eoff_ptr + e_c)
+    row_hi = tl.load(eoff_ptr + e_c + 1)
+    start = row_lo + (pid_m - tile_start) * BLOCK_M
+    return e, start, row_hi
