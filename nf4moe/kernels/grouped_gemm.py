@@ -17,8 +17,6 @@ No host synchronisation is needed to size the grid.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -27,7 +25,6 @@ from .configs import gemm_configs, interpreting, prune_configs, row_bucket
 from .nf4_decode import dequant_rows
 
 ACT_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
-
 
 
 @triton.jit
@@ -52,7 +49,7 @@ def _act(g, ACT: tl.constexpr):
 def nf4_moe_gemm_kernel(
     x_ptr,            # up: hidden_states (T, K_DIM); down: intermediate (P, K_DIM) in sorted order; fp16/bf16/fp32
     stride_xm, stride_xk,
-    w_ptr,            # (E, N_TOTAL, K_DIM // 8) int32: the packed NF4 bytes viewed as words
+    w_ptr,            # (E, N_TOTAL, K_DIM // 2) uint8 packed NF4
     am_ptr,           # (E, N_TOTAL, K_DIM // BS) fp32 absmax, or uint8 codes when NESTED
     am2_ptr,          # (ceil(blocks / BS2),) fp32 nested absmax (unused unless NESTED)
     code2_ptr,        # (256,) fp32 nested code (unused unless NESTED)
@@ -69,7 +66,7 @@ def nf4_moe_gemm_kernel(
     TOP_K: tl.constexpr, E_POW2: tl.constexpr, R_PAD: tl.constexpr,
     GATED: tl.constexpr, ACT: tl.constexpr, GATHER: tl.constexpr, SCATTER: tl.constexpr,
     HAS_LORA: tl.constexpr, NESTED: tl.constexpr, BS: tl.constexpr, BS2: tl.constexpr,
-    INTERPRET: tl.constexpr, FAKE_DECODE: tl.constexpr,
+    INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Grid: (cdiv(N, BLOCK_N), cdiv(P, BLOCK_M) + min(E, P))."""
@@ -114,10 +111,8 @@ def nf4_moe_gemm_kernel(
     r_mask = offs_r < R
     for k0 in range(0, K_DIM, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        xt = tl.load(x_ptr + x_rows[None, :] * stride_xm + offs_k[:, None] * stride_xk, mask=m_mask[None, :],
-                     other=0.0)
-        wg = dequant_rows(w_ptr, am_ptr, am2_ptr, code2_ptr, offset, w_rows, n_mask, k0, K_DIM, BS, BS2, NESTED,
-                          BLOCK_K, FAKE_DECODE)
+        xt = tl.load(x_ptr + x_rows[None, :] * stride_xm + offs_k[:, None] * stride_xk, mask=m_mask[None, :], other=0.0)
+        wg = dequant_rows(w_ptr, am_ptr, am2_ptr, code2_ptr, offset, w_rows, n_mask, k0, K_DIM, BS, BS2, NESTED, BLOCK_K)
         if INTERPRET:  # the interpreter's bf16 dot is wrong: fp32 operands there only
             xt = xt.to(tl.float32)
         else:
@@ -125,13 +120,12 @@ def nf4_moe_gemm_kernel(
         acc = tl.dot(wg, xt, acc)
         if GATED:
             wu = dequant_rows(w_ptr, am_ptr, am2_ptr, code2_ptr, offset, w_rows + N, n_mask, k0, K_DIM, BS, BS2,
-                              NESTED, BLOCK_K, FAKE_DECODE)
+                              NESTED, BLOCK_K)
             if not INTERPRET:
                 wu = wu.to(dt)
             acc_up = tl.dot(wu, xt, acc_up)
         if HAS_LORA:
-            a = tl.load(la_ptr + (e64 * R + offs_r[:, None]) * K_DIM + offs_k[None, :], mask=r_mask[:, None],
-                        other=0.0)
+            a = tl.load(la_ptr + (e64 * R + offs_r[:, None]) * K_DIM + offs_k[None, :], mask=r_mask[:, None], other=0.0)
             if INTERPRET:
                 a = a.to(tl.float32)
             else:
@@ -208,7 +202,7 @@ def launch_nf4_moe_gemm(
     kern = launcher(nf4_moe_gemm_kernel) if launcher is not None else nf4_moe_gemm_kernel
     kern[_grid(n, rows, num_experts)](
         x, x.stride(0), x.stride(1),
-        packed.view(torch.int32), absmax,
+        packed, absmax,
         absmax2 if nested else dummy, code2 if nested else dummy, offset if nested else dummy,
         lora_a if has_lora else dummy, lora_b if has_lora else dummy, float(scaling),
         out, out.stride(0),
@@ -218,6 +212,5 @@ def launch_nf4_moe_gemm(
         TOP_K=top_k, E_POW2=triton.next_power_of_2(num_experts), R_PAD=max(16, triton.next_power_of_2(max(r, 1))),
         GATED=gated, ACT=ACT_CODES[act], GATHER=gated, SCATTER=not gated,
         HAS_LORA=has_lora, NESTED=nested, BS=blocksize, BS2=blocksize2, INTERPRET=interpreting(),
-        FAKE_DECODE=os.environ.get("NF4MOE_PROFILE_FAKE_DECODE") == "1",  # profiling only: wrong values
     )
     return out

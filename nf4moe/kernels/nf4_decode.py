@@ -65,30 +65,17 @@ def block_scale(am_ptr, am2_ptr, code2_ptr, offset, blk, mask, NESTED: tl.conste
 def dequant_rows(
     w_ptr, am_ptr, am2_ptr, code2_ptr, offset,
     rows, row_mask, k0, K_DIM,
-    BS: tl.constexpr, BS2: tl.constexpr, NESTED: tl.constexpr, BK: tl.constexpr, FAKE: tl.constexpr = False,
+    BS: tl.constexpr, BS2: tl.constexpr, NESTED: tl.constexpr, BK: tl.constexpr,
 ):
     """fp32 tile W[rows, k0:k0+BK] of a packed NF4 matrix with K_DIM columns per row.
 
-    ``w_ptr`` is the packed bytes viewed as int32, (E*out, K_DIM // 8): one word holds 8 codes, so the
-    loads are 16-byte vectors that the pipeliner can stage asynchronously (byte loads are neither).
-    Little-endian words: column 8c + j of the tile sits at bit 4 * (j ^ 1) of word c (bitsandbytes puts
-    the even column in the high nibble of each byte).  ``rows`` index the (E*out) rows.
-    ``FAKE`` skips the NF4 table (wrong values; for profiling the decode's cost only).
+    ``rows`` are global row indices into the (E*out, in) view.  BK divides the blocksize BS, so each
+    row of the tile has one absmax.  The even column sits in the high nibble (bitsandbytes order).
     """
-    NW: tl.constexpr = BK // 8
-    wc = k0 // 8 + tl.arange(0, NW)
-    words = tl.load(w_ptr + rows[:, None] * (K_DIM // 8) + wc[None, :], mask=row_mask[:, None], other=0)
-    shifts = 4 * (tl.arange(0, 8) ^ 1)
-    q = (words[:, :, None] >> shifts[None, None, :]) & 15
-    if FAKE:
-        v = q.to(tl.float32)
-    else:
-        v = nf4_value(q)
-    blocks_per_row = K_DIM // BS
-    if BK <= BS:  # one block per row of the tile
-        s = block_scale(am_ptr, am2_ptr, code2_ptr, offset, rows * blocks_per_row + k0 // BS, row_mask, NESTED, BS2)
-        return tl.reshape(v, (v.shape[0], BK)) * s[:, None]
-    else:
-        blk = rows[:, None] * blocks_per_row + (k0 + 8 * tl.arange(0, NW))[None, :] // BS
-        s = block_scale(am_ptr, am2_ptr, code2_ptr, offset, blk, row_mask[:, None], NESTED, BS2)
-        return tl.reshape(v * s[:, :, None], (v.shape[0], BK))
+    kb = k0 // 2 + tl.arange(0, BK // 2)
+    packed = tl.load(w_ptr + rows[:, None] * (K_DIM // 2) + kb[None, :], mask=row_mask[:, None], other=0)
+    packed = packed.to(tl.int32)
+    s = block_scale(am_ptr, am2_ptr, code2_ptr, offset, rows * (K_DIM // BS) + k0 // BS, row_mask, NESTED, BS2)
+    hi = nf4_value(packed >> 4) * s[:, None]
+    lo = nf4_value(packed & 15) * s[:, None]
+    return tl.reshape(tl.join(hi, lo), (hi.shape[0], BK))

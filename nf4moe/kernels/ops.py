@@ -15,6 +15,9 @@ from torch import Tensor
 from .combine import launch_combine
 from .configs import interpreting
 from .grouped_gemm import launch_nf4_moe_gemm
+from .grouped_gemm_bwd import block_n, launch_nf4_moe_gemm_t
+from .lora_grad import launch_lora_grad
+from .up_preact import launch_up_preact, r_pad
 
 _INTERPRET = interpreting()
 if _INTERPRET:
@@ -89,3 +92,198 @@ if _INTERPRET:
     @combine.register_fake
     def _(y, top_k_index, num_experts):
         return y.new_empty(top_k_index.shape[0], y.shape[1])
+
+
+# ---------------------------------------------------------------------------------------------- training
+# The layer op used when a gradient is needed: forward of the whole expert layer in one op so that its
+# backward (registered in nf4moe.moe_layers.autograd) can fuse across the up / down / combine boundaries
+# (combine backward read by token inside the down backward, SwiGLU backward in its epilogue) and save
+# only the pre-activation gate|up rows.  The backward ops below each launch one kernel.
+
+def _empty_rows(t: Tensor, cols: int, dtype=None) -> Tensor:
+    return t.new_empty(0, cols, dtype=dtype or t.dtype)
+
+
+@_register("moe_experts")
+def moe_experts(
+    x: Tensor, top_k_index: Tensor, top_k_weights: Tensor, sorted_pair_ids: Tensor, expert_offsets: Tensor,
+    gu_packed: Tensor, gu_absmax: Tensor, gu_absmax2: Optional[Tensor], gu_code2: Optional[Tensor],
+    gu_offset: Optional[Tensor],
+    dn_packed: Tensor, dn_absmax: Tensor, dn_absmax2: Optional[Tensor], dn_code2: Optional[Tensor],
+    dn_offset: Optional[Tensor],
+    lora_a_up: Optional[Tensor], lora_b_up: Optional[Tensor], lora_a_down: Optional[Tensor],
+    lora_b_down: Optional[Tensor], scaling: float, act: str, blocksize: int, gu_blocksize2: int,
+    dn_blocksize2: int, save_preact: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(out (T, H), gu (P, 2I) pre-activation in sorted order, xa (P, R_PAD) fp32 x·A_upᵀ).
+
+    save_preact=False (inference or recompute mode): gu and xa are empty (0 rows) and the up projection
+    is the inference kernel; True: one up pass writes h for the down GEMM and gu, xa for the backward.
+    """
+    t, k = top_k_index.shape
+    p = sorted_pair_ids.numel()
+    inter = gu_packed.shape[1] // 2
+    hidden = dn_packed.shape[1]
+    rp = r_pad(lora_a_up.shape[1] if lora_a_up is not None else 0)
+    h = x.new_empty(p, inter)
+    if save_preact:
+        gu = x.new_empty(p, 2 * inter)
+        xa = x.new_empty(p, rp, dtype=torch.float32) if lora_a_up is not None else _empty_rows(x, rp, torch.float32)
+        launch_up_preact(
+            x, gu_packed, gu_absmax, gu_absmax2, gu_code2, gu_offset, lora_a_up, lora_b_up, scaling,
+            sorted_pair_ids, expert_offsets, gu, h, xa if lora_a_up is not None else None, top_k=k,
+            blocksize=blocksize, blocksize2=gu_blocksize2, act=act, launcher=_LAUNCHER,
+        )
+    else:
+        gu = _empty_rows(x, 2 * inter)
+        xa = _empty_rows(x, rp, torch.float32)
+        launch_nf4_moe_gemm(
+            x, gu_packed, gu_absmax, gu_absmax2, gu_code2, gu_offset, lora_a_up, lora_b_up, scaling,
+            sorted_pair_ids, expert_offsets, None, h, n=inter, top_k=k, blocksize=blocksize,
+            blocksize2=gu_blocksize2, gated=True, act=act, launcher=_LAUNCHER,
+        )
+    y = x.new_empty(p, hidden)
+    launch_nf4_moe_gemm(
+        h, dn_packed, dn_absmax, dn_absmax2, dn_code2, dn_offset, lora_a_down, lora_b_down, scaling,
+        sorted_pair_ids, expert_offsets, top_k_weights.reshape(-1), y, n=hidden, top_k=1, blocksize=blocksize,
+        blocksize2=dn_blocksize2, gated=False, launcher=_LAUNCHER,
+    )
+    out = x.new_empty(t, hidden)
+    launch_combine(y, top_k_index, out, gu_packed.shape[0], launcher=_LAUNCHER)
+    return out, gu, xa
+
+
+@_register("moe_up_preact")
+def moe_up_preact(
+    x: Tensor, packed: Tensor, absmax: Tensor, absmax2: Optional[Tensor], code2: Optional[Tensor],
+    offset: Optional[Tensor], lora_a: Optional[Tensor], lora_b: Optional[Tensor], scaling: float,
+    sorted_pair_ids: Tensor, expert_offsets: Tensor, top_k: int, blocksize: int, blocksize2: int, act: str,
+    write_xa: bool,
+) -> tuple[Tensor, Tensor]:
+    """Recompute mode: (gu (P, 2I) pre-activation, sorted order; xa (P, R_PAD) fp32 or 0 rows)."""
+    p = sorted_pair_ids.numel()
+    rp = r_pad(lora_a.shape[1] if lora_a is not None else 0)
+    gu = x.new_empty(p, packed.shape[1])
+    write_xa = write_xa and lora_a is not None
+    xa = x.new_empty(p, rp, dtype=torch.float32) if write_xa else _empty_rows(x, rp, torch.float32)
+    launch_up_preact(
+        x, packed, absmax, absmax2, code2, offset, lora_a, lora_b, scaling, sorted_pair_ids, expert_offsets,
+        gu, None, xa if write_xa else None, top_k=top_k, blocksize=blocksize, blocksize2=blocksize2, act=act,
+        launcher=_LAUNCHER,
+    )
+    return gu, xa
+
+
+@_register("moe_down_bwd")
+def moe_down_bwd(
+    dout: Tensor, gu: Tensor, top_k_weights: Tensor, packed: Tensor, absmax: Tensor, absmax2: Optional[Tensor],
+    code2: Optional[Tensor], offset: Optional[Tensor], lora_a: Optional[Tensor], lora_b: Optional[Tensor],
+    scaling: float, sorted_pair_ids: Tensor, expert_offsets: Tensor, top_k: int, blocksize: int, blocksize2: int,
+    act: str, need_dgu: bool, need_dw: bool, need_xa: bool, need_dzb: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Down + combine + SwiGLU backward: (dgu (P, 2I) sorted, dw (T*K,) fp32, dzb (P, R_PAD) fp32
+    w·(dout B_d), xa (P, R_PAD) fp32 h·A_dᵀ); outputs not asked for have 0 rows."""
+    p = sorted_pair_ids.numel()
+    inter = packed.shape[2] * 2
+    has_lora = lora_a is not None
+    rp = r_pad(lora_a.shape[1] if has_lora else 0)
+    n_tiles = -(-inter // block_n(blocksize))
+    dgu = dout.new_empty(p, 2 * inter) if need_dgu else _empty_rows(dout, 2 * inter)
+    dw_part = dout.new_zeros(n_tiles, p, dtype=torch.float32) if need_dw else None  # dropped pairs stay 0
+    dzb = dout.new_empty(p, rp, dtype=torch.float32) if (need_dzb and has_lora) else None
+    xa_part = dout.new_empty(n_tiles, p, rp, dtype=torch.float32) if (need_xa and has_lora) else None
+    launch_nf4_moe_gemm_t(
+        dout, packed, absmax, absmax2, code2, offset, lora_a, lora_b, scaling, sorted_pair_ids, expert_offsets,
+        down=True, out=dgu if need_dgu else None, gu=gu, top_k_weights=top_k_weights, dzb=dzb, dw_part=dw_part,
+        xa_part=xa_part, top_k=top_k, blocksize=blocksize, blocksize2=blocksize2, act=act, launcher=_LAUNCHER,
+    )
+    # Fixed-order sums over the I column tiles (deterministic; the partials are small).
+    dw = dw_part.sum(0) if dw_part is not None else dout.new_empty(0, dtype=torch.float32)
+    xa = xa_part.sum(0) if xa_part is not None else _empty_rows(dout, rp, torch.float32)
+    return dgu, dw, dzb if dzb is not None else _empty_rows(dout, rp, torch.float32), xa
+
+
+@_register("moe_up_bwd")
+def moe_up_bwd(
+    dgu: Tensor, packed: Tensor, absmax: Tensor, absmax2: Optional[Tensor], code2: Optional[Tensor],
+    offset: Optional[Tensor], lora_a: Optional[Tensor], lora_b: Optional[Tensor], scaling: float,
+    sorted_pair_ids: Tensor, expert_offsets: Tensor, blocksize: int, blocksize2: int, need_dx: bool,
+    need_dzb: bool,
+) -> tuple[Tensor, Tensor]:
+    """Up backward: (dx per pair (P, H) at row pair id, rows of dropped pairs unwritten; dzb (P, R_PAD)
+    fp32 dgu·B_up); outputs not asked for have 0 rows."""
+    p = sorted_pair_ids.numel()
+    hidden = packed.shape[2] * 2
+    has_lora = lora_a is not None
+    rp = r_pad(lora_a.shape[1] if has_lora else 0)
+    dxp = dgu.new_empty(p, hidden) if need_dx else _empty_rows(dgu, hidden)
+    dzb = dgu.new_empty(p, rp, dtype=torch.float32) if (need_dzb and has_lora) else _empty_rows(dgu, rp, torch.float32)
+    launch_nf4_moe_gemm_t(
+        dgu, packed, absmax, absmax2, code2, offset, lora_a, lora_b, scaling, sorted_pair_ids, expert_offsets,
+        down=False, out=dxp if need_dx else None, dzb=dzb if (need_dzb and has_lora) else None,
+        blocksize=blocksize, blocksize2=blocksize2, launcher=_LAUNCHER,
+    )
+    return dxp, dzb
+
+
+@_register("lora_grad")
+def lora_grad(
+    lhs: Tensor, rhs: Tensor, sorted_pair_ids: Tensor, expert_offsets: Tensor, top_k_weights: Optional[Tensor],
+    num_experts: int, da: int, db: int, scaling: float, top_k: int, lhs_is_rank: bool, lhs_gather: bool,
+    rhs_gather: bool, rhs_gated: bool, act: str, dtype: torch.dtype,
+) -> Tensor:
+    """(E, da, db) per-expert LoRA gradient, a fixed-order reduction over each expert's rows."""
+    out = lhs.new_empty(num_experts, da, db, dtype=dtype)
+    return launch_lora_grad(
+        lhs, rhs, out, sorted_pair_ids, expert_offsets, top_k_weights, scaling, top_k=top_k,
+        lhs_is_rank=lhs_is_rank, lhs_gather=lhs_gather, rhs_gather=rhs_gather, rhs_gated=rhs_gated, act=act,
+        launcher=_LAUNCHER,
+    )
+
+
+if _INTERPRET:
+
+    @moe_experts.register_fake
+    def _(x, top_k_index, top_k_weights, sorted_pair_ids, expert_offsets, gu_packed, gu_absmax, gu_absmax2, gu_code2,
+          gu_offset, dn_packed, dn_absmax, dn_absmax2, dn_code2, dn_offset, lora_a_up, lora_b_up, lora_a_down,
+          lora_b_down, scaling, act, blocksize, gu_blocksize2, dn_blocksize2, save_preact):
+        p = sorted_pair_ids.shape[0]
+        rows = p if save_preact else 0
+        rp = r_pad(lora_a_up.shape[1] if lora_a_up is not None else 0)
+        xa_rows = rows if lora_a_up is not None else 0
+        return (x.new_empty(top_k_index.shape[0], dn_packed.shape[1]), x.new_empty(rows, gu_packed.shape[1]),
+                x.new_empty(xa_rows, rp, dtype=torch.float32))
+
+    @moe_up_preact.register_fake
+    def _(x, packed, absmax, absmax2, code2, offset, lora_a, lora_b, scaling, sorted_pair_ids, expert_offsets, top_k,
+          blocksize, blocksize2, act, write_xa):
+        p = sorted_pair_ids.shape[0]
+        rp = r_pad(lora_a.shape[1] if lora_a is not None else 0)
+        xa_rows = p if (write_xa and lora_a is not None) else 0
+        return x.new_empty(p, packed.shape[1]), x.new_empty(xa_rows, rp, dtype=torch.float32)
+
+    @moe_down_bwd.register_fake
+    def _(dout, gu, top_k_weights, packed, absmax, absmax2, code2, offset, lora_a, lora_b, scaling, sorted_pair_ids,
+          expert_offsets, top_k, blocksize, blocksize2, act, need_dgu, need_dw, need_xa, need_dzb):
+        p = sorted_pair_ids.shape[0]
+        inter = packed.shape[2] * 2
+        has_lora = lora_a is not None
+        rp = r_pad(lora_a.shape[1] if has_lora else 0)
+        f32 = torch.float32
+        return (dout.new_empty(p if need_dgu else 0, 2 * inter), dout.new_empty(p if need_dw else 0, dtype=f32),
+                dout.new_empty(p if (need_dzb and has_lora) else 0, rp, dtype=f32),
+                dout.new_empty(p if (need_xa and has_lora) else 0, rp, dtype=f32))
+
+    @moe_up_bwd.register_fake
+    def _(dgu, packed, absmax, absmax2, code2, offset, lora_a, lora_b, scaling, sorted_pair_ids, expert_offsets,
+          blocksize, blocksize2, need_dx, need_dzb):
+        p = sorted_pair_ids.shape[0]
+        has_lora = lora_a is not None
+        rp = r_pad(lora_a.shape[1] if has_lora else 0)
+        return (dgu.new_empty(p if need_dx else 0, packed.shape[2] * 2),
+                dgu.new_empty(p if (need_dzb and has_lora) else 0, rp, dtype=torch.float32))
+
+    @lora_grad.register_fake
+    def _(lhs, rhs, sorted_pair_ids, expert_offsets, top_k_weights, num_experts, da, db, scaling, top_k, lhs_is_rank,
+          lhs_gather, rhs_gather, rhs_gated, act, dtype):
+        return lhs.new_empty(num_experts, da, db, dtype=dtype)

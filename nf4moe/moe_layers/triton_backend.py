@@ -1,12 +1,19 @@
 """The Triton path of QuantGroupedExperts: device routing -> fused up (SwiGLU + LoRA) -> fused down
 (routing weight + LoRA) -> deterministic combine.  The only intermediates are the sorted (T*K, I)
-activation and the (T*K, H) weighted slot outputs."""
+activation and the (T*K, H) weighted slot outputs.
+
+When a gradient is needed the whole layer runs as the single op ``nf4moe::moe_experts`` whose backward
+is registered in ``autograd.py`` (saved activations and recompute mode are described there).
+"""
 from __future__ import annotations
+
+import os
 
 import torch
 
 from ..kernels import ops
 from ..kernels.routing import build_routing
+from . import autograd  # noqa: F401  (registers the backward of nf4moe::moe_experts)
 
 
 def _nf4_args(w):
@@ -23,6 +30,20 @@ def check_routing_ids(expert_offsets: torch.Tensor) -> None:
         torch._assert_async(expert_offsets[0] == 0, "top_k_index has negative expert ids")
 
 
+def recompute_enabled(mod) -> bool:
+    """Recompute mode: ``mod.recompute`` if set, else the NF4MOE_RECOMPUTE environment variable."""
+    flag = getattr(mod, "recompute", None)
+    if flag is None:
+        return os.environ.get("NF4MOE_RECOMPUTE", "0") == "1"
+    return bool(flag)
+
+
+def _needs_grad(mod, *tensors) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    return any(t is not None and t.requires_grad for t in tensors)
+
+
 def triton_forward(mod, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
     e = mod.num_experts
     routing = build_routing(top_k_index, e)
@@ -33,6 +54,13 @@ def triton_forward(mod, hidden_states: torch.Tensor, top_k_index: torch.Tensor, 
     if mod.lora_rank > 0:
         la, lb = mod.lora_A["gate_up_proj"], mod.lora_B["gate_up_proj"]
         da, db = mod.lora_A["down_proj"], mod.lora_B["down_proj"]
+    if _needs_grad(mod, hidden_states, top_k_weights, la, lb, da, db):
+        out, _, _ = ops.moe_experts(
+            hidden_states, top_k_index.contiguous(), top_k_weights.contiguous(), routing.sorted_pair_ids,
+            routing.expert_offsets, *_nf4_args(gu), *_nf4_args(dn), la, lb, da, db, mod.scaling, mod.act,
+            gu.blocksize, gu.blocksize2, dn.blocksize2, not recompute_enabled(mod),
+        )
+        return out
     h = ops.moe_up(
         hidden_states, *_nf4_args(gu), la, lb, mod.scaling, routing.sorted_pair_ids, routing.expert_offsets,
         routing.top_k, gu.blocksize, gu.blocksize2, mod.act,
