@@ -122,9 +122,9 @@ def test_t_zero_and_all_sentinels():
 
 
 @pytest.mark.parametrize("blocksize,inter", [(32, 96), (64, 192)])
-def test_k_step_spanning_several_blocks(blocksize, inter):
-    """With blocksize 32 the K step (64 here) covers two NF4 blocks per row: per-block scales in-tile;
-    I=96 is not a multiple of that K step, so the down projection takes the fallback config."""
+def test_small_blocksize_and_k_step_fallback(blocksize, inter):
+    """Blocksize 32 forces the K step down to 32 (one absmax per tile row); I=96 is not a multiple of the
+    default K step (64), so the down projection takes the fallback config there too."""
     m = make_layer(4, 128, inter, rank=8, blocksize=blocksize, seed=40 + blocksize)
     x = torch.randn(11, 128, device=DEV, dtype=torch.float32)
     idx, w = routing(11, 4, 2, seed=41)

@@ -39,42 +39,43 @@ def _pinned() -> list[triton.Config] | None:
 
 
 def gemm_configs() -> list[triton.Config]:
-    """All candidates; the pruner below keeps those that fit the shape and bucket."""
-    # A single candidate would skip the pruner (and its K-divisibility check): pinned and interpreter
-    # lists carry a fallback, and the pruner keeps exactly one (so the interpreter never benchmarks).
+    """All candidates; the pruner below keeps those that fit the shape, the NF4 blocksize and the bucket."""
+    # A single candidate would skip the pruner (and its K-step checks): pinned and interpreter lists
+    # carry fallbacks, and the pruner keeps exactly one there (so the interpreter never benchmarks).
     pinned = _pinned()
     if pinned:
-        return pinned + [_fallback(64), _fallback(32)]
+        return pinned + [_fallback()]
     if interpreting():
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64}, num_warps=4, num_stages=1),
-                _fallback(32)]
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64}, num_warps=4, num_stages=1), _fallback()]
     out = []
-    # decode: few rows per expert, bandwidth-bound: many programs over N, long K steps in flight
-    for bn, bk, w, st in ((16, 256, 4, 4), (32, 256, 4, 3), (32, 128, 4, 5), (64, 128, 4, 4), (64, 256, 4, 3)):
-        out.append(triton.Config({"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st))
+    # decode: few rows per expert, bandwidth-bound: many programs over N
+    for bn, w, st in ((16, 4, 4), (32, 4, 3), (32, 4, 5), (64, 4, 4), (64, 4, 6)):
+        out.append(triton.Config({"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": 64}, num_warps=w, num_stages=st))
     # mid / prefill
-    for bm, bn, bk, w, st in ((32, 64, 128, 4, 4), (64, 64, 128, 4, 3), (64, 128, 64, 8, 4), (128, 128, 64, 8, 3),
-                              (128, 64, 64, 4, 3), (128, 128, 128, 8, 3), (256, 128, 64, 8, 3)):
-        out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st))
-    return out
+    for bm, bn, w, st in ((32, 64, 4, 4), (64, 64, 4, 3), (64, 128, 8, 4), (128, 128, 8, 3), (128, 64, 4, 3),
+                          (256, 128, 8, 3)):
+        out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64}, num_warps=w, num_stages=st))
+    return out + [_fallback()]
 
 
-def _fallback(k_dim: int) -> triton.Config:
-    """A config whose K step divides any K (a multiple of the NF4 blocksize, itself >= 32)."""
-    bk = 64 if k_dim % 64 == 0 else 32
-    return triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": bk}, num_warps=4,
+def _fallback() -> triton.Config:
+    """Valid for every shape: a K step of 32 divides any NF4 blocksize (>= 32) and so any K."""
+    return triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4,
                          num_stages=1 if interpreting() else 3)
 
 
 def prune_configs(configs, named_args, **kwargs):
-    """Keep configs suited to the row bucket and shape; drop those over the shared-memory limit."""
-    k_dim = named_args.get("K_DIM", kwargs.get("K_DIM"))
-    if _pinned() or interpreting():  # the first candidate whose K step divides K
-        return [next(c for c in configs if k_dim % c.kwargs["BLOCK_K"] == 0)]
-    bucket = named_args.get("ROW_BUCKET", kwargs.get("ROW_BUCKET"))
-    n = named_args.get("N", kwargs.get("N"))
+    """Keep configs suited to the row bucket and shape: the K step must divide the NF4 blocksize (one
+    absmax per tile row) and K; drop those over the shared-memory limit."""
+    def arg(name):
+        return named_args[name] if name in named_args else kwargs[name]
+
+    k_dim, bs, bucket, n = arg("K_DIM"), arg("BS"), arg("ROW_BUCKET"), arg("N")
+    valid = [c for c in configs if bs % c.kwargs["BLOCK_K"] == 0 and k_dim % c.kwargs["BLOCK_K"] == 0]
+    if _pinned() or interpreting():
+        return valid[:1]
     kept = []
-    for c in configs:
+    for c in valid:
         bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
         if bucket <= 64 and bm != 16:
             continue
@@ -82,10 +83,10 @@ def prune_configs(configs, named_args, **kwargs):
             continue
         if bucket > 1024 and bm < 64:
             continue
-        if bn > max(32, triton.next_power_of_2(n)) or k_dim % bk:
+        if bn > max(32, triton.next_power_of_2(n)):
             continue
         smem = c.num_stages * (bm * bk * 2 + 2 * bn * bk // 2)  # X tile + gate/up packed tiles
         if smem > _SMEM_BYTES:
             continue
         kept.append(c)
-    return kept or [_fallback(k_dim)]
+    return kept or valid[-1:]
