@@ -59,7 +59,7 @@ def _prune(configs, named_args, **kwargs):
 def nf4_moe_gemm_t_kernel(
     dy_ptr,           # down: dout (T, KR) read at row pair // TOP_K; up: dgu (P, KR) sorted rows; x dtype
     stride_dm, stride_dk,
-    w_ptr,            # (E, KR, N // 8) int32: the packed NF4 bytes viewed as words
+    w_ptr,            # (E, KR, N // 2) uint8 packed NF4
     am_ptr,           # (E, KR, N // BS) fp32 absmax, or uint8 codes when NESTED
     am2_ptr,          # nested absmax (fp32), unused unless NESTED
     code2_ptr,        # (256,) fp32 nested code, unused unless NESTED
@@ -249,7 +249,7 @@ def launch_nf4_moe_gemm_t(
     grid = lambda meta: (n_tiles, triton.cdiv(rows, meta["BLOCK_M"]) + min(num_experts, rows))
     kern[grid](
         dy, dy.stride(0), dy.stride(1),
-        packed.view(torch.int32), absmax,
+        packed, absmax,
         absmax2 if nested else dummy, code2 if nested else dummy, offset if nested else dummy,
         lora_a if has_lora else dummy, lora_b if has_lora else dummy, float(scaling),
         out if need_out else dummy, gu if down else dummy,

@@ -46,7 +46,7 @@ def _prune(configs, named_args, **kwargs):
 def up_preact_kernel(
     x_ptr,            # hidden_states (T, H) fp16/bf16/fp32, any strides
     stride_xm, stride_xk,
-    w_ptr,            # (E, 2I, H // 8) int32: packed NF4 gate_up_proj bytes viewed as words
+    w_ptr,            # (E, 2I, H // 2) uint8 packed NF4 gate_up_proj
     am_ptr,           # (E, 2I, H // BS) fp32 absmax, or uint8 codes when NESTED
     am2_ptr,          # nested absmax (fp32), unused unless NESTED
     code2_ptr,        # (256,) fp32 nested code, unused unless NESTED
@@ -183,7 +183,7 @@ def launch_up_preact(
     grid = lambda meta: (triton.cdiv(inter, meta["BLOCK_N"]), triton.cdiv(rows, meta["BLOCK_M"]) + min(num_experts, rows))
     kern[grid](
         x, x.stride(0), x.stride(1),
-        packed.view(torch.int32), absmax,
+        packed, absmax,
         absmax2 if nested else dummy, code2 if nested else dummy, offset if nested else dummy,
         lora_a if has_lora else dummy, lora_b if has_lora else dummy, float(scaling),
         gu if gu is not None else dummy, h if h is not None else dummy,
