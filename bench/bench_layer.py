@@ -107,21 +107,49 @@ def build_peers(e: int, h: int, i: int, k: int, rank: int, gen: torch.Generator)
 
 
 def dequant_peer(bf16_mod, ours):
-    """The dequantize-whole-weight path: bitsandbytes dequantize_4bit then transformers grouped_mm."""
+    """The dequantize-whole-weight path: bitsandbytes dequantize_4bit then transformers grouped_mm.
+
+    bitsandbytes' kernels index with 32-bit ints, so tensors over 2**31 elements (DeepSeek-V3's
+    gate_up_proj) are held as per-chunk QuantStates and dequantized chunk by chunk into one bf16 tensor.
+    """
     import bitsandbytes.functional as bnbf
     from torch.func import functional_call
 
-    gu_q, gu_s = ours.gate_up_nf4.to_bnb()
-    dn_q, dn_s = ours.down_nf4.to_bnb()
+    def chunks(w):
+        e, o, i = w.shape
+        step = max(1, (1 << 30) // (o * i))
+        parts = []
+        for s in range(0, e, step):
+            deq = bnbf.dequantize_4bit(*_bnb_slice(w, s, min(e, s + step)))
+            parts.append((s, min(e, s + step), *bnbf.quantize_4bit(deq, blocksize=w.blocksize,
+                          compress_statistics=w.compress_statistics, quant_type="nf4")))
+        return parts
+
+    def deq_all(parts, shape):
+        out = torch.empty(shape, dtype=torch.bfloat16, device="cuda")
+        for s, t, q, st in parts:
+            bnbf.dequantize_4bit(q, st, out=out[s:t])
+        return out
+
+    gu_parts, dn_parts = chunks(ours.gate_up_nf4), chunks(ours.down_nf4)
 
     def fwd(x, idx, w):
-        params = {
-            "gate_up_proj": bnbf.dequantize_4bit(gu_q, gu_s),
-            "down_proj": bnbf.dequantize_4bit(dn_q, dn_s),
-        }
+        params = {"gate_up_proj": deq_all(gu_parts, ours.gate_up_nf4.shape),
+                  "down_proj": deq_all(dn_parts, ours.down_nf4.shape)}
         return functional_call(bf16_mod, params, (x, idx, w))
 
     return fwd
+
+
+def _bnb_slice(w, s: int, t: int):
+    """(packed, QuantState) of experts s..t of an NF4Weight, plain fp32 absmax (bitsandbytes format)."""
+    import bitsandbytes.functional as bnbf
+
+    o, i = w.out_features, w.in_features
+    absmax = w.scales()[s:t].reshape(-1).contiguous()
+    qs = bnbf.QuantState(absmax=absmax, shape=torch.Size((t - s, o, i)), code=bnbf.get_4bit_type("nf4", device="cuda"),
+                         blocksize=w.blocksize, quant_type="nf4", dtype=torch.bfloat16)
+    return w.packed[s:t].reshape(-1, 1), qs
 
 
 def ref_output(ours, x, idx, w) -> torch.Tensor:
@@ -218,7 +246,7 @@ def markdown(rows: list[Row], env: dict, ceil: dict) -> str:
         f"Measured ceilings: copy {ceil['copy_bytes_per_s'] / 1e12:.2f} TB/s (read+write), "
         f"bf16 matmul {ceil['bf16_flops_per_s'] / 1e12:.0f} TFLOP/s.",
         "",
-        "| shape | mode | T | implementation | ms | floor ms | x floor | nf4moe speed-up | rel err |",
+        "| shape | mode | T | implementation | ms | floor ms | x floor | peer ÷ nf4moe (>1: nf4moe faster) | rel err |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     ours = {(r.shape, r.mode, r.tokens, r.impl.endswith("[CUDA graph]")): r.ms for r in rows if r.impl.startswith("nf4moe")}
@@ -229,6 +257,13 @@ def markdown(rows: list[Row], env: dict, ceil: dict) -> str:
         lines.append(f"| {r.shape} | {r.mode} | {r.tokens} | {r.impl} | {r.ms:.4f} | {r.floor_ms:.4f} | "
                      f"{r.ms / r.floor_ms:.1f} | {sp} | {err} |")
     return "\n".join(lines) + "\n"
+
+
+def write_results(out: str, mode: str, rows, env: dict, ceil: dict) -> None:
+    with open(os.path.join(out, f"layer_{mode}.json"), "w") as f:
+        json.dump({"env": env, "ceilings": ceil, "rows": [asdict(r) for r in rows]}, f, indent=1)
+    with open(os.path.join(out, f"layer_{mode}.md"), "w") as f:
+        f.write(markdown(rows, env, ceil))
 
 
 def main(argv=None) -> int:
@@ -257,12 +292,8 @@ def main(argv=None) -> int:
             from .bench_train import run_fwdbwd
 
             run_fwdbwd(shape, tokens, args.rank, ceil, rows)
-    md = markdown(rows, env, ceil)
-    with open(os.path.join(args.out, f"layer_{args.mode}.json"), "w") as f:
-        json.dump({"env": env, "ceilings": ceil, "rows": [asdict(r) for r in rows]}, f, indent=1)
-    with open(os.path.join(args.out, f"layer_{args.mode}.md"), "w") as f:
-        f.write(md)
-    print(md)
+        write_results(args.out, args.mode, rows, env, ceil)  # after every shape: a crash later keeps these
+    print(markdown(rows, env, ceil))
     return 0
 
 
