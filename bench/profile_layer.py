@@ -1,7 +1,7 @@
 """Where the time of one nf4moe layer call goes: per-kernel CUDA times (torch.profiler) for each kernel
 variant, plus the autotuner's chosen configs.  GPU only; used to write bench/NOTES.md.
 
-    python -m bench.profile_layer --shape qwen3 --tokens 1,128,8192 --variants real,fakedecode
+    python -m bench.profile_layer --shape qwen3 --tokens 1,128,8192 --variants lut,select
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="qwen3")
     ap.add_argument("--tokens", default="1,128,8192")
-    ap.add_argument("--variants", default="real,fakedecode")
+    ap.add_argument("--variants", default="lut,select")
     ap.add_argument("--rank", type=int, default=16)
     args = ap.parse_args(argv)
     e, h, i, k = SHAPES[args.shape]
@@ -48,7 +48,7 @@ def main(argv=None) -> int:
         x = torch.randn(t, h, device="cuda", dtype=torch.bfloat16, generator=gen)
         idx, w = routing(t, e, k, gen)
         for var in args.variants.split(","):
-            os.environ["NF4MOE_PROFILE_FAKE_DECODE"] = "1" if var == "fakedecode" else "0"
+            os.environ["NF4MOE_LUT"] = "0" if var == "select" else "1"
             with torch.no_grad():
                 ms = _bench(lambda: ours(x, idx, w))
                 kt = kernel_times(lambda: ours(x, idx, w))

@@ -17,12 +17,14 @@ No host synchronisation is needed to size the grid.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
 from .configs import gemm_configs, interpreting, prune_configs, row_bucket
-from .nf4_decode import dequant_rows
+from .nf4_decode import dequant_rows, dequant_rows_lut
 
 ACT_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
 
@@ -66,7 +68,7 @@ def nf4_moe_gemm_kernel(
     TOP_K: tl.constexpr, E_POW2: tl.constexpr, R_PAD: tl.constexpr,
     GATED: tl.constexpr, ACT: tl.constexpr, GATHER: tl.constexpr, SCATTER: tl.constexpr,
     HAS_LORA: tl.constexpr, NESTED: tl.constexpr, BS: tl.constexpr, BS2: tl.constexpr,
-    INTERPRET: tl.constexpr,
+    INTERPRET: tl.constexpr, LUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Grid: (cdiv(N, BLOCK_N), cdiv(P, BLOCK_M) + min(E, P))."""
@@ -112,15 +114,24 @@ def nf4_moe_gemm_kernel(
     for k0 in range(0, K_DIM, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         xt = tl.load(x_ptr + x_rows[None, :] * stride_xm + offs_k[:, None] * stride_xk, mask=m_mask[None, :], other=0.0)
-        wg = dequant_rows(w_ptr, am_ptr, am2_ptr, code2_ptr, offset, w_rows, n_mask, k0, K_DIM, BS, BS2, NESTED, BLOCK_K)
+        if LUT:  # compiled, 16-bit activations: PTX table lookup (nf4_decode._lut_asm)
+            wg = dequant_rows_lut(w_ptr, am_ptr, am2_ptr, code2_ptr, offset, w_rows, n_mask, k0, K_DIM, BS, BS2,
+                                  NESTED, BLOCK_K, dt)
+        else:
+            wg = dequant_rows(w_ptr, am_ptr, am2_ptr, code2_ptr, offset, w_rows, n_mask, k0, K_DIM, BS, BS2, NESTED,
+                              BLOCK_K)
         if INTERPRET:  # the interpreter's bf16 dot is wrong: fp32 operands there only
             xt = xt.to(tl.float32)
         else:
             wg = wg.to(dt)
         acc = tl.dot(wg, xt, acc)
         if GATED:
-            wu = dequant_rows(w_ptr, am_ptr, am2_ptr, code2_ptr, offset, w_rows + N, n_mask, k0, K_DIM, BS, BS2,
-                              NESTED, BLOCK_K)
+            if LUT:
+                wu = dequant_rows_lut(w_ptr, am_ptr, am2_ptr, code2_ptr, offset, w_rows + N, n_mask, k0, K_DIM, BS,
+                                      BS2, NESTED, BLOCK_K, dt)
+            else:
+                wu = dequant_rows(w_ptr, am_ptr, am2_ptr, code2_ptr, offset, w_rows + N, n_mask, k0, K_DIM, BS, BS2,
+                                  NESTED, BLOCK_K)
             if not INTERPRET:
                 wu = wu.to(dt)
             acc_up = tl.dot(wu, xt, acc_up)
@@ -162,6 +173,13 @@ def nf4_moe_gemm_kernel(
         out_rows = offs_m.to(tl.int64)
     out_ptrs = out_ptr + out_rows[None, :] * stride_om + offs_n[:, None]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=n_mask[:, None] & m_mask[None, :])
+
+
+def use_lut(dtype: torch.dtype) -> bool:
+    """PTX table decode for compiled code with 16-bit activations; ``NF4MOE_LUT=0`` selects the fp32
+    select tree instead (bit-exact weights, slower)."""
+    return (not interpreting() and dtype in (torch.bfloat16, torch.float16)
+            and os.environ.get("NF4MOE_LUT", "1") == "1")
 
 
 def _grid(n: int, rows: int, num_experts: int):
@@ -212,5 +230,6 @@ def launch_nf4_moe_gemm(
         TOP_K=top_k, E_POW2=triton.next_power_of_2(num_experts), R_PAD=max(16, triton.next_power_of_2(max(r, 1))),
         GATED=gated, ACT=ACT_CODES[act], GATHER=gated, SCATTER=not gated,
         HAS_LORA=has_lora, NESTED=nested, BS=blocksize, BS2=blocksize2, INTERPRET=interpreting(),
+        LUT=use_lut(x.dtype),
     )
     return out
