@@ -7,7 +7,9 @@ Bounds, and why:
 - fp32 under the interpreter: the kernels do exact fp32 math (the interpreter's fp32 dot is a numpy
   matmul); the only difference from fp64 is fp32 rounding of operands and intermediates (~1e-7
   relative) and of the saved gate|up rows, so 1e-5.  On a GPU an fp32 tl.dot runs in tf32 (10-bit
-  mantissa operands, ~5e-4 per product): 5e-3.
+  mantissa operands, ~5e-4 per product) and the gradients chain three such products (up, down and
+  its transpose); d(top_k_weights) = <dhu, h> also cancels (terms of both signs), which amplifies
+  the operands' error, so 2e-2.
 - bf16: activations, dout, the saved gate|up rows, dgu and the per-pair dx rows are each rounded
   once to 8 mantissa bits (~4e-3 relative each); dgu feeds every up-side gradient, hence 3e-2.
 - fp16 (11 bits): the same roundings at 5e-4 each: 5e-3.
@@ -28,7 +30,7 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 INTERP = os.environ.get("TRITON_INTERPRET") == "1"
 pytestmark = pytest.mark.skipif(not (INTERP or DEV == "cuda"), reason="needs a GPU or TRITON_INTERPRET=1")
 
-BOUND = {torch.float32: 1e-5 if (INTERP and DEV == "cpu") else 5e-3, torch.bfloat16: 3e-2, torch.float16: 5e-3}
+BOUND = {torch.float32: 1e-5 if (INTERP and DEV == "cpu") else 2e-2, torch.bfloat16: 3e-2, torch.float16: 5e-3}
 PROJ = ("gate_up_proj", "down_proj")
 ALL = ("x", "w", "A.gate_up_proj", "B.gate_up_proj", "A.down_proj", "B.down_proj")
 

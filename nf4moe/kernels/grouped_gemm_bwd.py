@@ -40,14 +40,20 @@ def _configs():
     if interpreting():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
     out = []
-    for bm, bk, w, st in ((16, 64, 4, 4), (32, 64, 4, 4), (64, 64, 4, 3), (64, 64, 8, 4), (128, 64, 8, 3),
-                          (128, 32, 4, 4)):
+    # Triton 3.6 on H100 compiles BLOCK_M = 16 * num_warps with BLOCK_K = 64 (the wgmma path with this
+    # decoded right operand: (64, 64, 4 warps) and (128, 64, 8 warps), 3 or 4 stages) to code that
+    # faults with an illegal address; those shapes are left out.
+    for bm, bk, w, st in ((16, 64, 4, 4), (32, 64, 4, 4), (64, 64, 8, 4), (64, 32, 8, 4), (128, 32, 4, 4)):
         out.append(triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=st))
     return out
 
 
 def _prune(configs, named_args, **kwargs):
     bucket = named_args.get("ROW_BUCKET", kwargs.get("ROW_BUCKET"))
+    if named_args["dy_ptr"].dtype == torch.float32:
+        # Triton 3.6 fails to compile the Hopper wgmma path (BLOCK_M >= 64) for a tf32 dot whose right
+        # operand is the in-register decoded tile; fp32 training takes the mma.sync configs.
+        return [c for c in configs if c.kwargs["BLOCK_M"] <= 32]
     kept = [c for c in configs if not (bucket <= 64 and c.kwargs["BLOCK_M"] > 16)
             and not (bucket > 1024 and c.kwargs["BLOCK_M"] < 64)]
     return kept or configs[:1]
@@ -69,9 +75,9 @@ def nf4_moe_gemm_t_kernel(
     scaling,          # float: lora_alpha / r
     out_ptr,          # down: dgu (P, 2N) sorted rows; up: dx per pair (P, N) at row pair id; x dtype
     gu_ptr,           # down: saved pre-activation (P, 2N) sorted rows, x dtype; unused in up
-    dzb_ptr,          # (P, R_PAD) fp32 sorted rows: down w·(dout B), up dgu B (NEED_DZB)
+    dzb_ptr,          # (P, R_PAD) fp32 sorted rows: down w (dout B), up dgu B (NEED_DZB)
     dw_ptr,           # down: (cdiv(N, BLOCK_N), T*K) fp32 partial <dhu, h> at column pair id (NEED_DW)
-    xa_ptr,           # down: (cdiv(N, BLOCK_N), P, R_PAD) fp32 partial h A_dᵀ, sorted rows (NEED_XA)
+    xa_ptr,           # down: (cdiv(N, BLOCK_N), P, R_PAD) fp32 partial h A_d^T, sorted rows (NEED_XA)
     pair_ptr,         # (P,) int32 pair ids sorted by expert
     eoff_ptr,         # (E + 1,) int32 expert offsets into pair_ptr
     topw_ptr,         # (P,) routing weight per pair id (down only)
@@ -84,8 +90,8 @@ def nf4_moe_gemm_t_kernel(
 ):
     """Grid: (cdiv(N, BLOCK_N), cdiv(P, BLOCK_M) + min(E, P)); acc is (BLOCK_M, BLOCK_N).
 
-    NEED_DY: run the NF4 GEMM (dx, or dhu for dgu / dw); without it only dy·B (for dzb) and the
-    h·Aᵀ partials are computed.
+    NEED_DY: run the NF4 GEMM (dx, or dhu for dgu / dw); without it only dy B (for dzb) and the
+    h A^T partials are computed.
     """
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -167,7 +173,7 @@ def nf4_moe_gemm_t_kernel(
             part = tl.sum(acc * h, axis=1)
             tl.store(dw_ptr + pid_n * P + pair, part, mask=m_mask)
         if NEED_XA:
-            # h·A_dᵀ over this program's I columns; the column tiles are summed in fixed order afterwards
+            # h A_d^T over this program I columns; the column tiles are summed in fixed order afterwards
             at = tl.load(la_ptr + (e64 * R + offs_r[None, :]) * N + offs_n[:, None], mask=r_mask[None, :], other=0.0)
             if INTERPRET:
                 hx = h.to(dt).to(tl.float32)

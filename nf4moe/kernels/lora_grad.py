@@ -75,7 +75,7 @@ def lora_grad_kernel(
             r_rows = (pair // TOP_K).to(tl.int64)
         else:
             r_rows = offs_m.to(tl.int64)
-        # lhsᵀ tile (rows of acc, BLOCK_M), loaded transposed through its pointers
+        # lhs^T tile (rows of acc, BLOCK_M), loaded transposed through its pointers
         lt = tl.load(lhs_ptr + l_rows[None, :] * stride_lm + offs_a[:, None] * stride_lk,
                      mask=m_mask[None, :] & a_mask[:, None], other=0.0).to(tl.float32)
         if LHS_SCALE:

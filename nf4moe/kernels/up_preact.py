@@ -56,7 +56,7 @@ def up_preact_kernel(
     scaling,          # float: lora_alpha / r
     gu_ptr,           # (P, 2I) x dtype: pre-activation gate | up, sorted rows (WRITE_GU)
     h_ptr,            # (P, I) x dtype: act(gate) * up, sorted rows (WRITE_H)
-    xa_ptr,           # (P, R_PAD) fp32: x Aᵀ, sorted rows (WRITE_XA)
+    xa_ptr,           # (P, R_PAD) fp32: x A^T, sorted rows (WRITE_XA)
     pair_ptr,         # (P,) int32 pair ids sorted by expert
     eoff_ptr,         # (E + 1,) int32 expert offsets into pair_ptr
     I, H, E, R, ROW_BUCKET,
@@ -117,7 +117,7 @@ def up_preact_kernel(
         if WRITE_XA:
             if pid_n == 0:
                 tl.store(xa_ptr + rows64[None, :] * R_PAD + offs_r[:, None], acc_xa, mask=m_mask[None, :])
-        # Same rounding of x·Aᵀ as the forward kernel, so h here equals the inference h.
+        # Same rounding of x A^T as the forward kernel, so h here equals the inference h.
         if INTERPRET:
             xa = acc_xa.to(dt).to(tl.float32)
         else:
