@@ -1,0 +1,612 @@
+"""Checkpoints: quantize-at-load from any transformers checkpoint, nf4moe NF4 checkpoints, bitsandbytes experts.
+
+Three ways into a model with QuantGroupedExperts, chosen from the checkpoint itself:
+
+1. An ordinary transformers checkpoint (hub or local, bf16/fp16/fp32): loaded by transformers'
+   own ``from_pretrained`` (so its key renames and per-expert merges apply), while a torch
+   parameter-registration hook quantizes each selected expert weight the moment transformers assigns
+   it and hands the module a meta placeholder instead.  The bf16 experts are never all resident: the
+   peak is the NF4 model + the non-expert weights + one expert weight in flight.
+2. A checkpoint written by :func:`save_pretrained` (``config.json`` carries an ``nf4moe`` section):
+   a skeleton is built with parameters on the meta device (buffers such as rotary tables are real),
+   expert modules are swapped for empty QuantGroupedExperts, and the safetensors are assigned by
+   name.  Names are the module's own (``experts.gate_up_nf4.packed``, ``experts.lora_A.gate_up_proj``,
+   ...): we write them ourselves, so transformers' on-save renames of ``experts.gate_up_proj`` /
+   ``experts.down_proj`` never touch them.  Bit-exact round trip.
+3. A local checkpoint whose expert weights are bitsandbytes 4-bit (``<module>.gate_up_proj`` packed
+   uint8 plus ``<module>.gate_up_proj.absmax`` / ``.quant_map`` / ``.nested_*`` /
+   ``.quant_state.bitsandbytes__nf4``, i.e. ``QuantState.as_dict(packed=True)``): the bytes are
+   wrapped by ``NF4Weight.from_bnb`` without re-quantizing.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import warnings
+import weakref
+from contextlib import contextmanager
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from .. import __version__
+from ..moe_layers import NF4Weight, QuantGroupedExperts
+from .replace import (
+    _set_submodule,
+    build_quant_experts,
+    check_blocksize,
+    origin_of,
+    quant_experts,
+    quantize_weight,
+    set_trainable,
+)
+from .table import (
+    WEIGHT_NAMES,
+    ExpertsSpec,
+    UnsupportedExpertsError,
+    find_experts,
+    inspect_experts,
+    is_experts_module,
+)
+
+SECTION = "nf4moe"
+FORMAT_VERSION = 1
+SAFE_WEIGHTS_NAME = "model.safetensors"
+SAFE_INDEX_NAME = "model.safetensors.index.json"
+BNB_STATE_SUFFIX = ".quant_state.bitsandbytes__nf4"
+# Keyword arguments of from_pretrained that AutoConfig.from_pretrained understands too.
+_CONFIG_KWARGS = ("revision", "token", "cache_dir", "trust_remote_code", "local_files_only", "subfolder",
+                  "force_download", "proxies")
+
+
+class MemoryBoundWarning(UserWarning):
+    """Quantize-at-load fell back to quantizing after a full load (correct result, memory not bounded)."""
+
+
+def _dtype_name(dtype: torch.dtype | None) -> str | None:
+    return None if dtype is None else str(dtype).removeprefix("torch.")
+
+
+def _dtype(name: str | None) -> torch.dtype | None:
+    if name is None:
+        return None
+    dt = getattr(torch, name, None)
+    if not isinstance(dt, torch.dtype):
+        raise ValueError(f"unknown dtype {name!r} in the nf4moe section")
+    return dt
+
+
+def _parse_size(size: int | str) -> int:
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B)?\s*", str(size), re.IGNORECASE)
+    if not m:
+        raise ValueError(f"max_shard_size must be an int or like '5GB' / '500MiB', got {size!r}")
+    unit = (m.group(2) or "B").upper()
+    base = 1024 if "I" in unit else 1000
+    power = {"B": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit[0]]
+    return int(float(m.group(1)) * base**power)
+
+
+# ---------------------------------------------------------------------------------------------- save
+def _module_entry(name: str, qe: QuantGroupedExperts) -> dict:
+    origin = origin_of(qe, name)
+    gu, dn = qe.gate_up_nf4, qe.down_nf4
+    if gu.dtype != dn.dtype:
+        raise ValueError(f"'{name}': gate_up and down were quantized from different dtypes ({gu.dtype}, {dn.dtype})")
+    lora_dtype = next(iter(qe.lora_A.values())).dtype if qe.lora_rank else None
+    return {
+        "experts_class": type(origin.shell).__name__,
+        "layout": origin.layout.name,
+        "act": qe.act,
+        "num_experts": qe.num_experts,
+        "hidden_size": qe.hidden_size,
+        "intermediate_size": qe.intermediate_size,
+        "blocksize": gu.blocksize,
+        "blocksize2": gu.blocksize2,
+        "compress_statistics": gu.compress_statistics,
+        "quant_dtype": _dtype_name(gu.dtype),
+        "lora_rank": qe.lora_rank,
+        "lora_alpha": qe.lora_alpha,
+        "lora_dtype": _dtype_name(lora_dtype),
+    }
+
+
+def _dedup_state_dict(sd: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors to write, aliases {name: name it shares storage with}) - safetensors refuses shared storage."""
+    tensors, aliases, seen, storages = {}, {}, {}, set()
+    for k, t in sd.items():
+        if t.device.type == "meta":
+            raise ValueError(f"state_dict entry {k} is on the meta device; nothing to save")
+        t = t.detach()
+        if t.numel():
+            ptr = t.untyped_storage().data_ptr()
+            view = (ptr, t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+            if view in seen:
+                aliases[k] = seen[view]
+                continue
+            seen[view] = k
+            if ptr in storages:  # a different view of a storage already written: write a copy
+                t = t.clone()
+            storages.add(ptr)
+        tensors[k] = t.contiguous()
+    return tensors, aliases
+
+
+def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, *, max_shard_size: int | str = "5GB") -> None:
+    """Write ``model`` (with QuantGroupedExperts) as safetensors + config.json with an ``nf4moe`` section.
+
+    Tensors are saved under the model's own state_dict names (NF4 bytes, absmax and nested
+    statistics, LoRA factors, every non-expert weight); ``nf4moe.from_pretrained(save_directory)``
+    restores them bit-exactly.  Storage shared by several names (tied embeddings) is written once.
+    """
+    from safetensors.torch import save_file
+
+    found = quant_experts(model)
+    if not found:
+        raise ValueError(f"{type(model).__name__} has no QuantGroupedExperts; use model.save_pretrained for a plain model")
+    config = getattr(model, "config", None)
+    if config is None:
+        raise TypeError(f"save_pretrained needs a transformers model (with .config), got {type(model).__name__}")
+    os.makedirs(save_directory, exist_ok=True)
+    tensors, aliases = _dedup_state_dict(model.state_dict())
+    limit = _parse_size(max_shard_size)
+    shards, current, size = [], {}, 0
+    for k, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if current and size + nbytes > limit:
+            shards.append(current)
+            current, size = {}, 0
+        current[k] = t
+        size += nbytes
+    shards.append(current)
+    # Remove shards of an earlier save with another shard count, so the index never points at stale files.
+    for fname in os.listdir(save_directory):
+        if re.fullmatch(r"model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?", fname):
+            os.remove(os.path.join(save_directory, fname))
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        fname = SAFE_WEIGHTS_NAME if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, os.path.join(save_directory, fname), metadata={"format": "pt"})
+        weight_map.update({k: fname for k in shard})
+    if len(shards) > 1:
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        with open(os.path.join(save_directory, SAFE_INDEX_NAME), "w") as fh:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, fh, indent=2, sort_keys=True)
+    config = copy.deepcopy(config)
+    config.architectures = [type(model).__name__]
+    setattr(config, SECTION, {
+        "format_version": FORMAT_VERSION,
+        "nf4moe_version": __version__,
+        "model_class": type(model).__name__,
+        "modules": {name: _module_entry(name, qe) for name, qe in found},
+        "aliases": aliases,
+    })
+    config.save_pretrained(save_directory)
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None:
+        generation_config.save_pretrained(save_directory)
+
+
+# ---------------------------------------------------------------------------------------------- files
+def _checkpoint_files(path: str) -> list[str]:
+    """Local safetensors files of a checkpoint directory ([] when there are none)."""
+    index = os.path.join(path, SAFE_INDEX_NAME)
+    if os.path.isfile(index):
+        with open(index) as fh:
+            names = sorted(set(json.load(fh)["weight_map"].values()))
+        return [os.path.join(path, n) for n in names]
+    single = os.path.join(path, SAFE_WEIGHTS_NAME)
+    return [single] if os.path.isfile(single) else []
+
+
+def _resolve_files(name_or_path: str, download_kwargs: dict) -> list[str]:
+    if os.path.isdir(name_or_path):
+        files = _checkpoint_files(name_or_path)
+    else:
+        from transformers.utils import cached_file
+
+        kw = {k: v for k, v in download_kwargs.items() if k in _CONFIG_KWARGS and k != "trust_remote_code"}
+        index = cached_file(name_or_path, SAFE_INDEX_NAME, _raise_exceptions_for_missing_entries=False, **kw)
+        if index is not None:
+            with open(index) as fh:
+                names = sorted(set(json.load(fh)["weight_map"].values()))
+            files = [cached_file(name_or_path, n, **kw) for n in names]
+        else:
+            single = cached_file(name_or_path, SAFE_WEIGHTS_NAME, _raise_exceptions_for_missing_entries=False, **kw)
+            files = [single] if single is not None else []
+    if not files:
+        raise FileNotFoundError(f"no {SAFE_WEIGHTS_NAME} or {SAFE_INDEX_NAME} in {name_or_path}")
+    return files
+
+
+def _keys(files: list[str]) -> dict[str, str]:
+    from safetensors import safe_open
+
+    out = {}
+    for f in files:
+        with safe_open(f, framework="pt") as fh:
+            out.update({k: f for k in fh.keys()})
+    return out
+
+
+def _read(key_files: Mapping[str, str], keys, device) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    by_file: dict[str, list[str]] = {}
+    for k in keys:
+        by_file.setdefault(key_files[k], []).append(k)
+    out = {}
+    for f, ks in by_file.items():
+        with safe_open(f, framework="pt", device=str(device or "cpu")) as fh:
+            out.update({k: fh.get_tensor(k) for k in ks})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- skeleton
+@contextmanager
+def _params_on_meta():
+    """Build modules with parameters on the meta device but real buffers (rotary tables, position ids)."""
+
+    def to_meta(module, name, param):
+        if param is not None and param.device.type != "meta":
+            return nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        return None
+
+    handle = torch.nn.modules.module.register_module_parameter_registration_hook(to_meta)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _model_class(config, model_class_name: str | None, model_cls):
+    if model_cls is not None:
+        return model_cls
+    import transformers
+
+    for name in [model_class_name] + list(getattr(config, "architectures", None) or []):
+        cls = getattr(transformers, name, None) if name else None
+        if isinstance(cls, type) and issubclass(cls, nn.Module):
+            return cls
+    return transformers.AutoModelForCausalLM
+
+
+def _instantiate(cls, config):
+    # Auto classes (they carry a _model_mapping) build through from_config; model classes through their
+    # constructor, which runs post_init.
+    return cls.from_config(config) if hasattr(cls, "_model_mapping") else cls(config)
+
+
+def _skeleton(config, model_class_name: str | None, model_cls) -> nn.Module:
+    cls = _model_class(config, model_class_name, model_cls)
+    with _params_on_meta():
+        return _instantiate(cls, config)
+
+
+def _load_rest(model: nn.Module, sd: dict[str, torch.Tensor], aliases: Mapping[str, str], allowed_missing: set[str],
+               where: str) -> None:
+    for alias, target in aliases.items():
+        sd[alias] = sd[target]
+    result = model.load_state_dict(sd, strict=False, assign=True)
+    missing = sorted(set(result.missing_keys) - allowed_missing)
+    unexpected = sorted(result.unexpected_keys)
+    if missing or unexpected:
+        raise ValueError(f"{where}: checkpoint does not match {type(model).__name__}: "
+                         f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
+                         f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}")
+    if aliases and hasattr(model, "tie_weights"):
+        model.tie_weights()
+
+
+def _finish(model: nn.Module, device, freeze_base: bool, where: str) -> nn.Module:
+    if device is not None:
+        model.to(device)
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.device.type == "meta"]
+    if left:
+        raise ValueError(f"{where}: {len(left)} tensors were not loaded (still on meta): {left[:8]}")
+    if freeze_base:
+        set_trainable(model)
+    return model.eval()
+
+
+def _check_lora_override(value, saved, what: str, name: str) -> None:
+    if value is not None and value != saved:
+        raise ValueError(f"{what}={value!r} differs from the checkpoint's {saved!r} for '{name}'; "
+                         "restored checkpoints keep their saved LoRA (leave it None, or call add_lora after loading)")
+
+
+def _load_nf4moe(files, config, *, device, backend, lora_rank, lora_alpha, freeze_base, model_cls) -> nn.Module:
+    section = getattr(config, SECTION)
+    if section.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"nf4moe checkpoint format {section.get('format_version')!r} is not {FORMAT_VERSION}")
+    model = _skeleton(config, section.get("model_class"), model_cls)
+    owned = set()
+    for name, entry in section["modules"].items():
+        module = model.get_submodule(name)
+        spec = inspect_experts(module, name)
+        if spec.class_name != entry["experts_class"] or spec.layout.name != entry["layout"]:
+            raise ValueError(f"'{name}' is {spec.class_name} ({spec.layout.name}) in the model but "
+                             f"{entry['experts_class']} ({entry['layout']}) in the checkpoint")
+        if (spec.num_experts, spec.hidden_size, spec.intermediate_size) != (
+                entry["num_experts"], entry["hidden_size"], entry["intermediate_size"]):
+            raise ValueError(f"'{name}': model dims (E, H, I) = {(spec.num_experts, spec.hidden_size, spec.intermediate_size)} "
+                             f"differ from the checkpoint's")
+        _check_lora_override(lora_rank, entry["lora_rank"], "lora_rank", name)
+        _check_lora_override(lora_alpha, entry["lora_alpha"], "lora_alpha", name)
+        kw = dict(blocksize=entry["blocksize"], compress_statistics=entry["compress_statistics"],
+                  dtype=_dtype(entry["quant_dtype"]), device="meta", blocksize2=entry["blocksize2"])
+        e, h, i = entry["num_experts"], entry["hidden_size"], entry["intermediate_size"]
+        gu, dn = NF4Weight(e, 2 * i, h, **kw), NF4Weight(e, h, i, **kw)
+        spec = ExpertsSpec(**{**spec.__dict__, "act": entry["act"]})
+        qe = build_quant_experts(spec, gu, dn, module, lora_rank=entry["lora_rank"], lora_alpha=entry["lora_alpha"],
+                                 backend=backend, lora_dtype=_dtype(entry["lora_dtype"]))
+        _set_submodule(model, name, qe)
+    key_files = _keys(files)
+    sd = _read(key_files, key_files.keys(), device)
+    _load_rest(model, sd, section.get("aliases", {}), owned, "nf4moe checkpoint")
+    return _finish(model, device, freeze_base, "nf4moe checkpoint")
+
+
+# ---------------------------------------------------------------------------------------------- bitsandbytes
+def _bnb_entries(keys, prefix: str) -> dict[str, str]:
+    """{suffix: key} of one bitsandbytes weight ``prefix`` (packed bytes under '' and its QuantState items)."""
+    return {k[len(prefix):]: k for k in keys if k == prefix or k.startswith(prefix + ".")}
+
+
+def _nf4_from_bnb(tensors: Mapping[str, torch.Tensor], prefix: str, expect: tuple[int, int, int], device) -> NF4Weight:
+    import bitsandbytes.functional as bnbf
+
+    packed = tensors[prefix]
+    qs_items = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+    qs = bnbf.QuantState.from_dict(qs_items, device=torch.device(device or packed.device))
+    if tuple(qs.shape) != expect:
+        raise ValueError(f"bitsandbytes weight {prefix} has shape {tuple(qs.shape)}, the module needs {expect} (E, out, in)")
+    return NF4Weight.from_bnb(packed.to(device) if device is not None else packed, qs)
+
+
+def has_bnb_experts(keys) -> bool:
+    return any(k.endswith(tuple(f".{w}{BNB_STATE_SUFFIX}" for w in WEIGHT_NAMES)) for k in keys)
+
+
+def load_bnb_experts(
+    model: nn.Module,
+    state_dict: Mapping[str, torch.Tensor],
+    *,
+    lora_rank: int = 16,
+    lora_alpha: float | None = 32,
+    modules=None,
+    backend: str = "auto",
+    lora_dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    freeze_base: bool = True,
+) -> list[str]:
+    """Replace expert modules whose weights ``state_dict`` holds as bitsandbytes NF4, without re-quantizing.
+
+    For an expert module at ``P`` the entries are ``P.gate_up_proj`` / ``P.down_proj`` (packed uint8)
+    and their ``QuantState.as_dict(packed=True)`` items (``P.gate_up_proj.absmax``, ...,
+    ``P.gate_up_proj.quant_state.bitsandbytes__nf4``); the QuantState shape must be (E, out, in).
+    Returns the state_dict keys consumed.  Modules with no bitsandbytes entries are left as they are.
+    """
+    keys = list(state_dict.keys())
+    consumed = []
+    for name, module in find_experts(model, modules):
+        prefix = f"{name}." if name else ""
+        entries = {w: _bnb_entries(keys, prefix + w) for w in WEIGHT_NAMES}
+        present = [w for w in WEIGHT_NAMES if BNB_STATE_SUFFIX in entries[w]]
+        if not present:
+            continue
+        if len(present) != len(WEIGHT_NAMES):
+            raise ValueError(f"'{name}': bitsandbytes entries for {present} only; both {list(WEIGHT_NAMES)} are needed")
+        spec = inspect_experts(module, name)
+        if spec.layout.transposed:
+            raise UnsupportedExpertsError(
+                f"{spec.class_name} at '{name}' stores its weights transposed (E, in, out): bitsandbytes blocks of the "
+                "stored tensor run along the wrong axis for QuantGroupedExperts, and re-quantizing would not be bit-exact")
+        e, h, i = spec.num_experts, spec.hidden_size, spec.intermediate_size
+        tensors = {k: state_dict[k] for w in WEIGHT_NAMES for k in entries[w].values()}
+        gu = _nf4_from_bnb(tensors, prefix + "gate_up_proj", (e, 2 * i, h), device)
+        dn = _nf4_from_bnb(tensors, prefix + "down_proj", (e, h, i), device)
+        if gu.blocksize != dn.blocksize or gu.compress_statistics != dn.compress_statistics:
+            raise ValueError(f"'{name}': gate_up_proj and down_proj were quantized with different bitsandbytes settings")
+        qe = build_quant_experts(spec, gu, dn, module, lora_rank=lora_rank, lora_alpha=lora_alpha, backend=backend,
+                                 lora_dtype=lora_dtype)
+        _set_submodule(model, name, qe)
+        consumed.extend(tensors)
+    if not consumed:
+        raise ValueError(f"no bitsandbytes NF4 expert weights for the expert modules of {type(model).__name__} "
+                         f"(looked for '<module>.gate_up_proj{BNB_STATE_SUFFIX}')")
+    if freeze_base:
+        set_trainable(model)
+    return consumed
+
+
+def _load_bnb_checkpoint(files, config, *, device, backend, lora_rank, lora_alpha, lora_dtype, modules, freeze_base,
+                         model_cls) -> nn.Module:
+    key_files = _keys(files)
+    model = _skeleton(config, None, model_cls)
+    experts = find_experts(model, modules)
+    bnb_keys = [k for k in key_files if any(k == f"{n}.{w}" or k.startswith(f"{n}.{w}.") for n, _ in experts
+                                            for w in WEIGHT_NAMES)]
+    consumed = load_bnb_experts(model, _read(key_files, bnb_keys, device), lora_rank=lora_rank, lora_alpha=lora_alpha,
+                                modules=modules, backend=backend, lora_dtype=lora_dtype, device=device,
+                                freeze_base=False)
+    left = [n for n, m in find_experts(model, modules)]
+    if left:
+        raise ValueError(f"expert modules {left[:4]} have no bitsandbytes entries in the checkpoint")
+    rest = [k for k in key_files if k not in set(consumed)]
+    owned = {f"{n}.{k}" for n, qe in quant_experts(model) for k in qe.state_dict()}
+    _load_rest(model, _read(key_files, rest, device), {}, owned, "bitsandbytes checkpoint")
+    return _finish(model, device, freeze_base, "bitsandbytes checkpoint")
+
+
+# ---------------------------------------------------------------------------------------------- quantize at load
+class _ArrivalQuantizer:
+    """Global torch hooks that quantize selected expert weights as transformers assigns them.
+
+    Module-registration hook: remembers each module's parent and attribute name while the model is
+    built, so a module's qualified name is known when its weights arrive.  Parameter-registration
+    hook: for a selected expert module's gate_up_proj / down_proj with real data, quantize it and
+    return a meta placeholder, so the module never keeps the dense tensor.
+    """
+
+    def __init__(self, specs: Mapping[str, ExpertsSpec], *, blocksize: int, compress_statistics: bool):
+        self.specs = specs
+        self.blocksize = blocksize
+        self.compress_statistics = compress_statistics
+        self.parents: dict[int, tuple[weakref.ref, weakref.ref, str]] = {}
+        self.done: dict[str, dict[str, NF4Weight]] = {}
+        self.max_inflight_bytes = 0
+
+    def on_module(self, parent, name, submodule):
+        if submodule is not None:
+            self.parents[id(submodule)] = (weakref.ref(submodule), weakref.ref(parent), name)
+
+    def path(self, module) -> str:
+        parts, seen = [], set()
+        while id(module) in self.parents and id(module) not in seen:
+            seen.add(id(module))
+            child_ref, parent_ref, name = self.parents[id(module)]
+            parent = parent_ref()
+            if child_ref() is not module or parent is None:
+                break
+            parts.append(name)
+            module = parent
+        return ".".join(reversed(parts))
+
+    def on_param(self, module, name, param):
+        if name not in WEIGHT_NAMES or param is None or param.device.type == "meta" or not is_experts_module(module):
+            return None
+        path = self.path(module)
+        spec = self.specs.get(path)
+        if spec is None:
+            return None
+        self.max_inflight_bytes = max(self.max_inflight_bytes, param.numel() * param.element_size())
+        self.done.setdefault(path, {})[name] = quantize_weight(
+            param, spec.layout, blocksize=self.blocksize, compress_statistics=self.compress_statistics)
+        placeholder = nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=param.requires_grad)
+        placeholder._is_hf_initialized = True  # transformers must not re-initialise it
+        return placeholder
+
+    @contextmanager
+    def installed(self):
+        from torch.nn.modules import module as torch_module
+
+        h1 = torch_module.register_module_module_registration_hook(self.on_module)
+        h2 = torch_module.register_module_parameter_registration_hook(self.on_param)
+        try:
+            yield self
+        finally:
+            h1.remove()
+            h2.remove()
+
+
+def _load_quantizing(name_or_path, config, *, device, dtype, backend, lora_rank, lora_alpha, lora_dtype, blocksize,
+                     compress_statistics, modules, freeze_base, model_cls, hf_kwargs):
+    import transformers
+
+    cls = model_cls or transformers.AutoModelForCausalLM
+    # Validate on a meta skeleton first: an unsupported layout fails before gigabytes are read.
+    with torch.device("meta"):
+        skeleton = (cls.from_config(config, trust_remote_code=hf_kwargs.get("trust_remote_code", False))
+                    if hasattr(cls, "_model_mapping") else cls(config))
+    found = find_experts(skeleton, modules)
+    if not found:
+        raise ValueError(f"{type(skeleton).__name__} has no expert modules"
+                         + (f" matching modules={modules!r}" if modules is not None else "")
+                         + "; nf4moe replaces classes decorated with transformers' @use_experts_implementation")
+    specs = {n: inspect_experts(m, n) for n, m in found}
+    check_blocksize(list(specs.values()), blocksize)
+    del skeleton, found
+    kwargs = dict(hf_kwargs)
+    if device is not None:
+        if "device_map" in kwargs:
+            raise ValueError("pass either device= or device_map=, not both")
+        kwargs["device_map"] = device
+    quantizer = _ArrivalQuantizer(specs, blocksize=blocksize, compress_statistics=compress_statistics)
+    with quantizer.installed():
+        model = cls.from_pretrained(name_or_path, config=config, dtype=dtype, **kwargs)
+    late = []
+    for name, spec in specs.items():
+        module = model.get_submodule(name)
+        got = quantizer.done.get(name, {})
+        if set(got) != set(WEIGHT_NAMES):
+            late.append(name)
+            got = {w: quantize_weight(getattr(module, w), spec.layout, blocksize=blocksize,
+                                      compress_statistics=compress_statistics) for w in WEIGHT_NAMES}
+        qe = build_quant_experts(spec, got["gate_up_proj"], got["down_proj"], module, lora_rank=lora_rank,
+                                 lora_alpha=lora_alpha, backend=backend, lora_dtype=lora_dtype)
+        _set_submodule(model, name, qe)
+    if late:
+        warnings.warn(f"{len(late)} expert modules (e.g. '{late[0]}') were not assigned through register_parameter "
+                      "during loading and were quantized after the full load: results are the same, but peak memory "
+                      "held their dense weights", MemoryBoundWarning, stacklevel=3)
+    if freeze_base:
+        set_trainable(model)
+    return model, quantizer
+
+
+def from_pretrained(
+    name_or_path: str | os.PathLike,
+    *,
+    lora_rank: int | None = None,
+    lora_alpha: float | None = None,
+    blocksize: int = 64,
+    compress_statistics: bool = True,
+    modules=None,
+    backend: str = "auto",
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+    lora_dtype: torch.dtype | None = None,
+    freeze_base: bool = True,
+    model_cls=None,
+    **hf_kwargs,
+) -> nn.Module:
+    """Load a transformers MoE model with its experts in NF4 (+ LoRA), never holding all bf16 experts.
+
+    ``name_or_path`` may be:
+
+    - a transformers checkpoint (hub id or folder): experts are quantized as transformers assigns
+      them (``lora_rank`` default 16, ``lora_alpha`` default 32);
+    - a folder written by :func:`save_pretrained` (``nf4moe`` section in config.json): restored
+      bit-exactly, saved LoRA included (``lora_rank`` / ``lora_alpha``, if given, must match it);
+    - a local folder whose expert weights are bitsandbytes NF4 (``QuantState.as_dict(packed=True)``
+      entries): wrapped without re-quantizing.
+
+    ``device`` places the model (``device_map=`` in ``hf_kwargs`` works too for the first case),
+    ``dtype`` is the dtype of the non-expert weights and of the expert weights before quantization,
+    ``model_cls`` a transformers model class or Auto class (default: from config / AutoModelForCausalLM).
+    Other keyword arguments go to transformers' ``from_pretrained``.
+    """
+    from transformers import AutoConfig
+
+    name_or_path = os.fspath(name_or_path)
+    cfg_kwargs = {k: hf_kwargs[k] for k in _CONFIG_KWARGS if k in hf_kwargs}
+    config = hf_kwargs.pop("config", None) or AutoConfig.from_pretrained(name_or_path, **cfg_kwargs)
+    if getattr(config, SECTION, None):
+        if modules is not None:
+            raise ValueError("modules= selects experts to quantize; an nf4moe checkpoint restores the modules it saved")
+        files = _resolve_files(name_or_path, hf_kwargs)
+        return _load_nf4moe(files, config, device=device, backend=backend, lora_rank=lora_rank, lora_alpha=lora_alpha,
+                            freeze_base=freeze_base, model_cls=model_cls)
+    rank = 16 if lora_rank is None else lora_rank
+    alpha = 32 if lora_alpha is None else lora_alpha
+    local = _checkpoint_files(name_or_path) if os.path.isdir(name_or_path) else []
+    if local:
+        keys = _keys(local)
+        if has_bnb_experts(keys):
+            return _load_bnb_checkpoint(local, config, device=device, backend=backend, lora_rank=rank,
+                                        lora_alpha=alpha, lora_dtype=lora_dtype, modules=modules,
+                                        freeze_base=freeze_base, model_cls=model_cls)
+        if any(".gate_up_nf4." in k for k in keys):
+            raise ValueError(f"{name_or_path} holds nf4moe NF4 tensors but its config.json has no '{SECTION}' section; "
+                             "it was not written by nf4moe.save_pretrained (model.save_pretrained renames and "
+                             "drops what nf4moe needs to restore it)")
+    model, _ = _load_quantizing(name_or_path, config, device=device, dtype=dtype, backend=backend, lora_rank=rank,
+                                lora_alpha=alpha, lora_dtype=lora_dtype, blocksize=blocksize,
+                                compress_statistics=compress_statistics, modules=modules, freeze_base=freeze_base,
+                                model_cls=model_cls, hf_kwargs=hf_kwargs)
+    return model
