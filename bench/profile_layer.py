@@ -49,6 +49,7 @@ def main(argv=None) -> int:
         idx, w = routing(t, e, k, gen)
         for var in args.variants.split(","):
             os.environ["NF4MOE_LUT"] = "0" if var == "select" else "1"
+            os.environ["NF4MOE_XA_PRE"] = "0" if var == "xaloop" else "1"
             with torch.no_grad():
                 ms = _bench(lambda: ours(x, idx, w))
                 kt = kernel_times(lambda: ours(x, idx, w))

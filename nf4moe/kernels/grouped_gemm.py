@@ -24,7 +24,9 @@ import triton
 import triton.language as tl
 
 from .configs import gemm_configs, interpreting, prune_configs, row_bucket
+from .lora_xa import launch_lora_xa
 from .nf4_decode import dequant_rows, dequant_rows_lut
+from .tiles import expert_row_tile
 
 ACT_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
 
@@ -59,6 +61,7 @@ def nf4_moe_gemm_kernel(
     la_ptr,           # (E, R, K_DIM) LoRA A (unused unless HAS_LORA)
     lb_ptr,           # (E, N_TOTAL, R) LoRA B (unused unless HAS_LORA)
     scaling,          # float: lora_alpha / r
+    xa_ptr,           # (P, R_PAD) fp32 precomputed X·Aᵀ in sorted order (XA_PRE only)
     out_ptr,          # up: (P, N) sorted order; down: (P, N) indexed by pair id
     stride_om,
     pair_ptr,         # (P,) int32 pair ids sorted by expert
@@ -68,26 +71,17 @@ def nf4_moe_gemm_kernel(
     TOP_K: tl.constexpr, E_POW2: tl.constexpr, R_PAD: tl.constexpr,
     GATED: tl.constexpr, ACT: tl.constexpr, GATHER: tl.constexpr, SCATTER: tl.constexpr,
     HAS_LORA: tl.constexpr, NESTED: tl.constexpr, BS: tl.constexpr, BS2: tl.constexpr,
-    INTERPRET: tl.constexpr, LUT: tl.constexpr,
+    INTERPRET: tl.constexpr, LUT: tl.constexpr, XA_PRE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Grid: (cdiv(N, BLOCK_N), cdiv(P, BLOCK_M) + min(E, P))."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
 
-    # ---- which expert and which of its row tiles this program owns
-    e_ids = tl.arange(0, E_POW2)
-    lo = tl.load(eoff_ptr + e_ids, mask=e_ids < E, other=0)
-    hi = tl.load(eoff_ptr + e_ids + 1, mask=e_ids < E, other=0)
-    tiles = (hi - lo + BLOCK_M - 1) // BLOCK_M
-    tiles_end = tl.cumsum(tiles, 0)
-    e = tl.sum((tiles_end <= pid_m).to(tl.int32), 0)
+    e, row_lo, row_hi = expert_row_tile(eoff_ptr, pid_m, E, E_POW2, BLOCK_M)
     if e >= E:
         return
-    tile_start = tl.sum(tl.where(e_ids == e, tiles_end - tiles, 0), 0)
-    row_lo = tl.load(eoff_ptr + e)
-    row_hi = tl.load(eoff_ptr + e + 1)
-    offs_m = row_lo + (pid_m - tile_start) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = row_lo + tl.arange(0, BLOCK_M)
     m_mask = offs_m < row_hi
     if GATHER or SCATTER:
         pair = tl.load(pair_ptr + offs_m, mask=m_mask, other=0)
@@ -135,7 +129,7 @@ def nf4_moe_gemm_kernel(
             if not INTERPRET:
                 wu = wu.to(dt)
             acc_up = tl.dot(wu, xt, acc_up)
-        if HAS_LORA:
+        if HAS_LORA and not XA_PRE:
             a = tl.load(la_ptr + (e64 * R + offs_r[:, None]) * K_DIM + offs_k[None, :], mask=r_mask[:, None], other=0.0)
             if INTERPRET:
                 a = a.to(tl.float32)
@@ -144,6 +138,9 @@ def nf4_moe_gemm_kernel(
             acc_xa = tl.dot(a, xt, acc_xa)
 
     if HAS_LORA:
+        if XA_PRE:  # X·Aᵀ precomputed once per row (lora_xa.py), not per N tile
+            acc_xa = tl.load(xa_ptr + offs_m[None, :].to(tl.int64) * R_PAD + offs_r[:, None], mask=m_mask[None, :],
+                             other=0.0)
         if INTERPRET:
             xa = acc_xa.to(dt).to(tl.float32)
         else:
@@ -207,6 +204,7 @@ def launch_nf4_moe_gemm(
     blocksize2: int = 256,
     gated: bool,
     act: str = "silu",
+    xa_pre: bool | None = None,
     launcher=None,
 ) -> torch.Tensor:
     """Launch the kernel; ``launcher`` wraps it (``torch.library.wrap_triton``) when traced."""
@@ -217,19 +215,27 @@ def launch_nf4_moe_gemm(
     has_lora = lora_a is not None and lora_a.shape[1] > 0
     r = lora_a.shape[1] if has_lora else 0
     dummy = absmax  # placeholder pointer for unused arguments
+    r_pad = max(16, triton.next_power_of_2(max(r, 1)))
+    xa = None
+    if xa_pre is None:  # NF4MOE_XA_PRE=0: accumulate X·Aᵀ inside the K loop (for comparison)
+        xa_pre = os.environ.get("NF4MOE_XA_PRE", "1") == "1"
+    if has_lora and xa_pre:
+        xa = launch_lora_xa(x, lora_a, sorted_pair_ids, expert_offsets, top_k=top_k, gather=gated, r_pad=r_pad,
+                            launcher=launcher)
     kern = launcher(nf4_moe_gemm_kernel) if launcher is not None else nf4_moe_gemm_kernel
     kern[_grid(n, rows, num_experts)](
         x, x.stride(0), x.stride(1),
         packed, absmax,
         absmax2 if nested else dummy, code2 if nested else dummy, offset if nested else dummy,
         lora_a if has_lora else dummy, lora_b if has_lora else dummy, float(scaling),
+        xa if xa is not None else dummy,
         out, out.stride(0),
         sorted_pair_ids, expert_offsets,
         top_k_weights if top_k_weights is not None else dummy,
         n, k_dim, n_total, num_experts, r, row_bucket(rows),
-        TOP_K=top_k, E_POW2=triton.next_power_of_2(num_experts), R_PAD=max(16, triton.next_power_of_2(max(r, 1))),
+        TOP_K=top_k, E_POW2=triton.next_power_of_2(num_experts), R_PAD=r_pad,
         GATED=gated, ACT=ACT_CODES[act], GATHER=gated, SCATTER=not gated,
         HAS_LORA=has_lora, NESTED=nested, BS=blocksize, BS2=blocksize2, INTERPRET=interpreting(),
-        LUT=use_lut(x.dtype),
+        LUT=use_lut(x.dtype), XA_PRE=xa is not None,
     )
     return out

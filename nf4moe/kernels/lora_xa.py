@@ -1,0 +1,69 @@
+"""LoRA down-projection of every routed row, once per layer call: xa[p] = X[row p] · A[e_p]ᵀ (fp32).
+
+Computed once here instead of inside every N tile of the NF4 GEMM, which re-read the expert's A (r x K)
+in each of its N/BLOCK_N programs (at T=1 on Qwen3-30B-A3B that re-read as many bytes of A as the
+kernel read NF4 bytes).  Rows are in expert-sorted order, like the GEMM's.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .configs import interpreting
+from .tiles import expert_row_tile
+
+
+@triton.jit
+def lora_xa_kernel(
+    x_ptr,      # up: hidden_states (T, K_DIM); down: intermediate (P, K_DIM) sorted; fp16/bf16/fp32
+    stride_xm, stride_xk,
+    a_ptr,      # (E, R, K_DIM) LoRA A, contiguous
+    out_ptr,    # (P, R_PAD) fp32, sorted order
+    pair_ptr,   # (P,) int32 pair ids sorted by expert
+    eoff_ptr,   # (E + 1,) int32 expert offsets
+    K_DIM, E, R,
+    TOP_K: tl.constexpr, E_POW2: tl.constexpr, R_PAD: tl.constexpr, GATHER: tl.constexpr,
+    INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Grid: (cdiv(P, BLOCK_M) + min(E, P),)."""
+    e, row0, row_end = expert_row_tile(eoff_ptr, tl.program_id(0), E, E_POW2, BLOCK_M)
+    if e >= E:
+        return
+    offs_m = row0 + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < row_end
+    if GATHER:
+        x_rows = (tl.load(pair_ptr + offs_m, mask=m_mask, other=0) // TOP_K).to(tl.int64)
+    else:
+        x_rows = offs_m.to(tl.int64)
+    offs_r = tl.arange(0, R_PAD)
+    r_mask = offs_r < R
+    dt = x_ptr.dtype.element_ty
+    acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    for k0 in range(0, K_DIM, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + x_rows[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=m_mask[:, None], other=0.0)
+        a = tl.load(a_ptr + (e.to(tl.int64) * R + offs_r[None, :]) * K_DIM + offs_k[:, None], mask=r_mask[None, :],
+                    other=0.0)
+        if INTERPRET:  # the interpreter's bf16 dot is wrong: fp32 operands there only
+            acc = tl.dot(x.to(tl.float32), a.to(tl.float32), acc)
+        else:
+            acc = tl.dot(x, a.to(dt), acc)
+    tl.store(out_ptr + offs_m[:, None].to(tl.int64) * R_PAD + offs_r[None, :], acc, mask=m_mask[:, None])
+
+
+def launch_lora_xa(x: torch.Tensor, lora_a: torch.Tensor, sorted_pair_ids: torch.Tensor, expert_offsets: torch.Tensor,
+                   *, top_k: int, gather: bool, r_pad: int, launcher=None) -> torch.Tensor:
+    num_experts, r, k_dim = lora_a.shape
+    rows = sorted_pair_ids.numel()
+    out = torch.empty(rows, r_pad, device=x.device, dtype=torch.float32)
+    block_m = 16 if rows <= 4096 else 64
+    block_k = 64 if k_dim % 64 == 0 else 32
+    kern = launcher(lora_xa_kernel) if launcher is not None else lora_xa_kernel
+    kern[(triton.cdiv(rows, block_m) + min(num_experts, rows),)](
+        x, x.stride(0), x.stride(1), lora_a.contiguous(), out, sorted_pair_ids, expert_offsets,
+        k_dim, num_experts, r,
+        TOP_K=top_k, E_POW2=triton.next_power_of_2(num_experts), R_PAD=r_pad, GATHER=gather,
+        INTERPRET=interpreting(), BLOCK_M=block_m, BLOCK_K=block_k, num_warps=4,
+    )
+    return out
