@@ -7,6 +7,11 @@ Forward (one op, so the backward can fuse across its up / down / combine stages)
     x --up (NF4 + LoRA)--> gu = [gate | up] (P, 2I) --act(g)·u--> h (P, I)
       --down (NF4 + LoRA, · w)--> y (P, H) --combine over the K slots--> out (T, H)
 
+Why one layer op rather than autograd on each of moe_up / moe_down / combine: per-op autograd would
+have to materialize dy (P, H) between combine and down (the largest tensor of the layer), hand dh
+(P, I) from down to up instead of doing the SwiGLU backward in the down epilogue, and save both h
+(down's input) and gu (up's pre-activation).  The inference path still uses the three forward ops.
+
 Backward, four kinds of kernel, every one reading the packed NF4 bytes (no weight copy is made):
 1. ``moe_down_bwd``: dhu = dout[t] W_d + s (dout[t] B_d) A_d with dout read by token (the combine
    backward costs nothing: no (P, H) dy), then in the epilogue dh = w·dhu and the SwiGLU backward
@@ -35,6 +40,9 @@ Recompute mode (``module.recompute = True`` or ``NF4MOE_RECOMPUTE=1``): the forw
 inference kernels and saves no activation beyond its inputs; the backward re-runs the up GEMM once
 (``moe_up_preact``) to rebuild gu.  Use it when activation memory across layers is the limit.
 
+Measured (H100, torch 2.11 / triton 3.6, Qwen3-30B-A3B layer, T = 8192, r = 16, bf16; 2026-11-25):
+forward + backward 11.7 ms (recompute mode 14.2 ms), peak memory above weights and inputs 0.73 GiB.
+
 Determinism: every reduction has a fixed order (per-expert row loops, fixed-order sums of column-tile
 partials, the slot-ordered combine); there are no atomics, so two backward passes are bit-identical
 whether or not ``torch.use_deterministic_algorithms`` is on.
@@ -54,11 +62,13 @@ _N_INPUTS = 25
 
 
 def _setup_context(ctx, inputs, output):
-    (x, idx, w, sorted_ids, eoff, *rest) = inputs
+    x, idx, w, sorted_ids, eoff = inputs[:5]
     gu5, dn5 = list(inputs[_GU]), list(inputs[_DN])
     la_u, lb_u, la_d, lb_d = inputs[_LA_U:_LB_D + 1]
     scaling, act, blocksize, gu_bs2, dn_bs2, save_preact = inputs[19:25]
     _, gu, xa = output
+    # gu and xa are residuals returned only so they can be saved (custom ops save inputs and outputs):
+    # no gradient flows into them, and none is materialized for them.
     ctx.mark_non_differentiable(gu, xa)
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(x, idx, w, sorted_ids, eoff, *gu5, *dn5, la_u, lb_u, la_d, lb_d, gu, xa)
