@@ -17,6 +17,7 @@ import nf4moe
 from nf4moe import QuantGroupedExperts
 from nf4moe.adapters import UNSUPPORTED_FLAGS, UnsupportedExpertsError
 from nf4moe.adapters.replace import quant_experts
+from nf4moe.adapters.table import recorded_flags
 
 moe = pytest.importorskip("transformers.integrations.moe")
 use_experts_implementation = moe.use_experts_implementation
@@ -75,7 +76,8 @@ def assert_untouched(model, cls):
         assert layer.experts.gate_up_proj.device.type != "meta"
 
 
-@pytest.mark.parametrize("flag_value", sorted(UNSUPPORTED_FLAGS), ids=lambda fv: f"{fv[0]}={fv[1]}")
+@pytest.mark.parametrize("flag_value", [fv for fv in sorted(UNSUPPORTED_FLAGS) if fv[0] in recorded_flags()],
+                         ids=lambda fv: f"{fv[0]}={fv[1]}")
 def test_unsupported_flag_raises_naming_class_and_flag(flag_value):
     flag, value = flag_value
     cls = toy_experts_class(**{flag: value})
@@ -119,6 +121,20 @@ def test_toy_supported_layouts_replace_and_merge_back(transposed):
         assert type(layer.experts) is cls and layer.experts.is_transposed == transposed
         # NF4 keeps ~3 bits of relative precision; an orientation error would be O(1).
         assert ((layer.experts.gate_up_proj - w).norm() / w.norm()) < 0.15
+
+
+def test_flags_an_older_decorator_does_not_record_read_as_default(monkeypatch):
+    # transformers 5.17 records no has_post_expert_norm: its classes are decorated all the same.
+    model = toy_model(toy_experts_class())
+    for layer in model.layers:
+        if hasattr(layer.experts, "has_post_expert_norm"):
+            del layer.experts.has_post_expert_norm
+    if "has_post_expert_norm" in recorded_flags():  # this transformers records it: without it, not decorated
+        assert not nf4moe.adapters.table.is_experts_module(model.layers[0].experts)
+    monkeypatch.setattr(nf4moe.adapters.table, "_RECORDED",
+                        tuple(f for f in recorded_flags() if f != "has_post_expert_norm"))
+    nf4moe.replace_experts(model, backend="reference")
+    assert all(isinstance(layer.experts, QuantGroupedExperts) for layer in model.layers)
 
 
 def test_gpt_oss_is_rejected():

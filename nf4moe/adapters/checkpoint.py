@@ -170,7 +170,8 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, *, max_
     weight_map = {}
     for i, shard in enumerate(shards):
         fname = SAFE_WEIGHTS_NAME if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, os.path.join(save_directory, fname), metadata={"format": "pt"})
+        # One shard at a time on the host: device memory is not needed for saving.
+        save_file({k: v.cpu() for k, v in shard.items()}, os.path.join(save_directory, fname), metadata={"format": "pt"})
         weight_map.update({k: fname for k in shard})
     if len(shards) > 1:
         total = sum(t.numel() * t.element_size() for t in tensors.values())

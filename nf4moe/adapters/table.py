@@ -161,9 +161,35 @@ class ExpertsSpec:
     param_order: tuple[str, ...] = field(default=WEIGHT_NAMES)
 
 
+_RECORDED: tuple[str, ...] | None = None
+
+
+def recorded_flags() -> tuple[str, ...]:
+    """The flags the installed ``use_experts_implementation`` records on instances (its keyword arguments).
+
+    Older transformers record fewer (e.g. no ``has_post_expert_norm``): a flag the decorator cannot
+    set cannot be anything but its default, so :func:`module_flags` reads it as the default.
+    """
+    global _RECORDED
+    if _RECORDED is None:
+        try:
+            from transformers.integrations.moe import use_experts_implementation
+        except ImportError:  # no decorator at all: no module can be a decorated expert class
+            _RECORDED = ()
+        else:
+            params = inspect.signature(use_experts_implementation).parameters
+            _RECORDED = tuple(f for f in FLAGS if f in params)
+    return _RECORDED
+
+
+def module_flags(module: nn.Module) -> dict[str, bool]:
+    return {f: bool(getattr(module, f)) if f in recorded_flags() else DEFAULT_FLAGS[f] for f in FLAGS}
+
+
 def is_experts_module(module: nn.Module) -> bool:
     """True for instances of classes decorated with ``@use_experts_implementation`` (they carry the flags)."""
-    return all(hasattr(module, f) for f in FLAGS) and not hasattr(module, "gate_up_nf4")
+    flags = recorded_flags()
+    return bool(flags) and all(hasattr(module, f) for f in flags) and not hasattr(module, "gate_up_nf4")
 
 
 def is_expert_like(module: nn.Module) -> bool:
@@ -183,7 +209,7 @@ def inspect_experts(module: nn.Module, name: str = "") -> ExpertsSpec:
     where = _where(name, module)
     if not is_experts_module(module):
         raise ValueError(f"{where} is not a transformers expert module (no @use_experts_implementation flags)")
-    flags = {f: bool(getattr(module, f)) for f in FLAGS}
+    flags = module_flags(module)
     gate = getattr(type(module), "_apply_gate", None)
     params = [n for n, _ in module.named_parameters(recurse=False)]
     layout, reasons = layout_verdict(flags, custom_gate=gate is not None and not _is_default_gate(gate),
@@ -273,7 +299,7 @@ def _decorator_defaults() -> dict[str, bool]:
     from transformers.integrations import moe
 
     sig = inspect.signature(moe.use_experts_implementation)
-    return {f: sig.parameters[f].default for f in FLAGS if f in sig.parameters}
+    return {f: sig.parameters[f].default for f in recorded_flags()}
 
 
 def _decorated_classes(tree: ast.Module):
