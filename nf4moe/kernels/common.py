@@ -1,4 +1,5 @@
-"""Device helpers shared by the training kernels (up pre-activation, transposed NF4 GEMM, LoRA grads).
+"""Device helpers shared by the grouped kernels (forward GEMM, LoRA X·Aᵀ, up pre-activation, transposed
+NF4 GEMM, LoRA grads).
 
 Only @triton.jit helpers live here (no kernel, no launcher): the gate activations with their
 derivatives, and the per-expert row-tile schedule that every grouped kernel uses.

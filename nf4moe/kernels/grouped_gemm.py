@@ -26,22 +26,9 @@ import triton.language as tl
 from .configs import gemm_configs, interpreting, prune_configs, row_bucket
 from .lora_xa import launch_lora_xa
 from .nf4_decode import dequant_rows, dequant_rows_lut
-from .tiles import expert_row_tile
+from .common import act_fwd, expert_row_tile
 
 ACT_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
-
-
-@triton.jit
-def _act(g, ACT: tl.constexpr):
-    if ACT == 0:
-        return g * tl.sigmoid(g)
-    elif ACT == 1:
-        return 0.5 * g * (1.0 + tl.erf(g * 0.7071067811865476))
-    elif ACT == 2:
-        inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)
-        return g * tl.sigmoid(2.0 * inner)
-    else:
-        return tl.maximum(g, 0.0)
 
 
 @triton.autotune(
@@ -161,7 +148,7 @@ def nf4_moe_gemm_kernel(
             acc_up += scaling * tl.dot(bu, xa)
 
     if GATED:
-        acc = _act(acc, ACT) * acc_up
+        acc = act_fwd(acc, ACT) * acc_up
     if SCATTER:
         wt = tl.load(topw_ptr + pair, mask=m_mask, other=0.0).to(tl.float32)
         acc = acc * wt[None, :]

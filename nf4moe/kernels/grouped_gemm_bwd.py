@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .bwd_helpers import act_and_grad, expert_row_tile
+from .common import act_and_grad, expert_row_tile
 from .configs import interpreting, row_bucket
 from .nf4_decode import dequant_rows
 

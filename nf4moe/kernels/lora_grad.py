@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .bwd_helpers import act_fwd
+from .common import act_fwd
 from .configs import interpreting
 
 

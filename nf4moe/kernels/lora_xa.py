@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from .configs import interpreting
-from .tiles import expert_row_tile
+from .common import expert_row_tile
 
 
 @triton.jit

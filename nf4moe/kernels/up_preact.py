@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .bwd_helpers import act_fwd, expert_row_tile
+from .common import act_fwd, expert_row_tile
 from .configs import interpreting, row_bucket
 from .nf4_decode import dequant_rows
 from .grouped_gemm import ACT_CODES
