@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .operands import NF4Operand
 from .configs import gemm_configs, interpreting, prune_configs, row_bucket
 from .lora_xa import launch_lora_xa
 from .nf4_decode import dequant_rows, dequant_rows_lut
@@ -172,11 +173,7 @@ def _grid(n: int, rows: int, num_experts: int):
 
 def launch_nf4_moe_gemm(
     x: torch.Tensor,
-    packed: torch.Tensor,
-    absmax: torch.Tensor,
-    absmax2: torch.Tensor | None,
-    code2: torch.Tensor | None,
-    offset: torch.Tensor | None,
+    w: NF4Operand,
     lora_a: torch.Tensor | None,
     lora_b: torch.Tensor | None,
     scaling: float,
@@ -187,18 +184,17 @@ def launch_nf4_moe_gemm(
     *,
     n: int,
     top_k: int,
-    blocksize: int,
-    blocksize2: int = 256,
     gated: bool,
     act: str = "silu",
     xa_pre: bool | None = None,
     launcher=None,
 ) -> torch.Tensor:
     """Launch the kernel; ``launcher`` wraps it (``torch.library.wrap_triton``) when traced."""
+    packed, absmax, nested = w.packed, w.absmax, w.nested
+    blocksize, blocksize2 = w.blocksize, w.blocksize2
     num_experts, n_total, half_k = packed.shape
     k_dim = 2 * half_k
     rows = sorted_pair_ids.numel()
-    nested = absmax2 is not None
     has_lora = lora_a is not None and lora_a.shape[1] > 0
     r = lora_a.shape[1] if has_lora else 0
     dummy = absmax  # placeholder pointer for unused arguments
@@ -212,8 +208,7 @@ def launch_nf4_moe_gemm(
     kern = launcher(nf4_moe_gemm_kernel) if launcher is not None else nf4_moe_gemm_kernel
     kern[_grid(n, rows, num_experts)](
         x, x.stride(0), x.stride(1),
-        packed, absmax,
-        absmax2 if nested else dummy, code2 if nested else dummy, offset if nested else dummy,
+        *w.pointer_args(),
         lora_a if has_lora else dummy, lora_b if has_lora else dummy, float(scaling),
         xa if xa is not None else dummy,
         out, out.stride(0),

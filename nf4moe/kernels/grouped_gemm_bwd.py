@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from .common import act_and_grad, expert_row_tile
+from .operands import NF4Operand
 from .configs import interpreting, row_bucket
 from .nf4_decode import dequant_rows
 
@@ -201,11 +202,7 @@ def block_n(blocksize: int) -> int:
 
 def launch_nf4_moe_gemm_t(
     dy: torch.Tensor,
-    packed: torch.Tensor,
-    absmax: torch.Tensor,
-    absmax2: torch.Tensor | None,
-    code2: torch.Tensor | None,
-    offset: torch.Tensor | None,
+    w: NF4Operand,
     lora_a: torch.Tensor | None,
     lora_b: torch.Tensor | None,
     scaling: float,
@@ -220,8 +217,6 @@ def launch_nf4_moe_gemm_t(
     dw_part: torch.Tensor | None = None,
     xa_part: torch.Tensor | None = None,
     top_k: int = 1,
-    blocksize: int,
-    blocksize2: int = 256,
     act: str = "silu",
     launcher=None,
 ) -> None:
@@ -234,10 +229,11 @@ def launch_nf4_moe_gemm_t(
     from .grouped_gemm import ACT_CODES
     from .up_preact import r_pad
 
+    packed, absmax, nested = w.packed, w.absmax, w.nested
+    blocksize, blocksize2 = w.blocksize, w.blocksize2
     num_experts, kr, half_n = packed.shape
     n = 2 * half_n
     rows = sorted_pair_ids.numel()
-    nested = absmax2 is not None
     has_lora = lora_a is not None and lora_a.shape[1] > 0
     r = lora_a.shape[1] if has_lora else 0
     need_dzb = dzb is not None and has_lora
@@ -255,8 +251,7 @@ def launch_nf4_moe_gemm_t(
     grid = lambda meta: (n_tiles, triton.cdiv(rows, meta["BLOCK_M"]) + min(num_experts, rows))
     kern[grid](
         dy, dy.stride(0), dy.stride(1),
-        packed, absmax,
-        absmax2 if nested else dummy, code2 if nested else dummy, offset if nested else dummy,
+        *w.pointer_args(),
         lora_a if has_lora else dummy, lora_b if has_lora else dummy, float(scaling),
         out if need_out else dummy, gu if down else dummy,
         dzb if need_dzb else dummy, dw_part if need_dw else dummy, xa_part if need_xa else dummy,

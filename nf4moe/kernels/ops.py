@@ -17,6 +17,7 @@ from .configs import interpreting
 from .grouped_gemm import launch_nf4_moe_gemm
 from .grouped_gemm_bwd import block_n, launch_nf4_moe_gemm_t
 from .lora_grad import launch_lora_grad
+from .operands import NF4Operand
 from .up_preact import launch_up_preact, r_pad
 
 _INTERPRET = interpreting()
@@ -47,8 +48,8 @@ def moe_up(
     inter = packed.shape[1] // 2
     out = x.new_empty(sorted_pair_ids.numel(), inter)
     return launch_nf4_moe_gemm(
-        x, packed, absmax, absmax2, code2, offset, lora_a, lora_b, scaling, sorted_pair_ids, expert_offsets,
-        None, out, n=inter, top_k=top_k, blocksize=blocksize, blocksize2=blocksize2, gated=True, act=act,
+        x, NF4Operand(packed, absmax, absmax2, code2, offset, blocksize, blocksize2), lora_a, lora_b, scaling,
+        sorted_pair_ids, expert_offsets, None, out, n=inter, top_k=top_k, gated=True, act=act,
         launcher=_LAUNCHER,
     )
 
@@ -63,8 +64,8 @@ def moe_down(
     hidden = packed.shape[1]
     out = h.new_empty(sorted_pair_ids.numel(), hidden)
     return launch_nf4_moe_gemm(
-        h, packed, absmax, absmax2, code2, offset, lora_a, lora_b, scaling, sorted_pair_ids, expert_offsets,
-        top_k_weights, out, n=hidden, top_k=1, blocksize=blocksize, blocksize2=blocksize2, gated=False,
+        h, NF4Operand(packed, absmax, absmax2, code2, offset, blocksize, blocksize2), lora_a, lora_b, scaling,
+        sorted_pair_ids, expert_offsets, top_k_weights, out, n=hidden, top_k=1, gated=False,
         launcher=_LAUNCHER,
     )
 
@@ -125,28 +126,27 @@ def moe_experts(
     inter = gu_packed.shape[1] // 2
     hidden = dn_packed.shape[1]
     rp = r_pad(lora_a_up.shape[1] if lora_a_up is not None else 0)
+    gu_w = NF4Operand(gu_packed, gu_absmax, gu_absmax2, gu_code2, gu_offset, blocksize, gu_blocksize2)
     h = x.new_empty(p, inter)
     if save_preact:
         gu = x.new_empty(p, 2 * inter)
         xa = x.new_empty(p, rp, dtype=torch.float32) if lora_a_up is not None else _empty_rows(x, rp, torch.float32)
         launch_up_preact(
-            x, gu_packed, gu_absmax, gu_absmax2, gu_code2, gu_offset, lora_a_up, lora_b_up, scaling,
-            sorted_pair_ids, expert_offsets, gu, h, xa if lora_a_up is not None else None, top_k=k,
-            blocksize=blocksize, blocksize2=gu_blocksize2, act=act, launcher=_LAUNCHER,
+            x, gu_w, lora_a_up, lora_b_up, scaling, sorted_pair_ids, expert_offsets, gu, h,
+            xa if lora_a_up is not None else None, top_k=k, act=act, launcher=_LAUNCHER,
         )
     else:
         gu = _empty_rows(x, 2 * inter)
         xa = _empty_rows(x, rp, torch.float32)
         launch_nf4_moe_gemm(
-            x, gu_packed, gu_absmax, gu_absmax2, gu_code2, gu_offset, lora_a_up, lora_b_up, scaling,
-            sorted_pair_ids, expert_offsets, None, h, n=inter, top_k=k, blocksize=blocksize,
-            blocksize2=gu_blocksize2, gated=True, act=act, launcher=_LAUNCHER,
+            x, gu_w, lora_a_up, lora_b_up, scaling, sorted_pair_ids, expert_offsets, None, h, n=inter, top_k=k,
+            gated=True, act=act, launcher=_LAUNCHER,
         )
     y = x.new_empty(p, hidden)
     launch_nf4_moe_gemm(
-        h, dn_packed, dn_absmax, dn_absmax2, dn_code2, dn_offset, lora_a_down, lora_b_down, scaling,
-        sorted_pair_ids, expert_offsets, top_k_weights.reshape(-1), y, n=hidden, top_k=1, blocksize=blocksize,
-        blocksize2=dn_blocksize2, gated=False, launcher=_LAUNCHER,
+        h, NF4Operand(dn_packed, dn_absmax, dn_absmax2, dn_code2, dn_offset, blocksize, dn_blocksize2), lora_a_down,
+        lora_b_down, scaling, sorted_pair_ids, expert_offsets, top_k_weights.reshape(-1), y, n=hidden, top_k=1,
+        gated=False, launcher=_LAUNCHER,
     )
     out = x.new_empty(t, hidden)
     launch_combine(y, top_k_index, out, gu_packed.shape[0], launcher=_LAUNCHER)
@@ -167,8 +167,8 @@ def moe_up_preact(
     write_xa = write_xa and lora_a is not None
     xa = x.new_empty(p, rp, dtype=torch.float32) if write_xa else _empty_rows(x, rp, torch.float32)
     launch_up_preact(
-        x, packed, absmax, absmax2, code2, offset, lora_a, lora_b, scaling, sorted_pair_ids, expert_offsets,
-        gu, None, xa if write_xa else None, top_k=top_k, blocksize=blocksize, blocksize2=blocksize2, act=act,
+        x, NF4Operand(packed, absmax, absmax2, code2, offset, blocksize, blocksize2), lora_a, lora_b, scaling,
+        sorted_pair_ids, expert_offsets, gu, None, xa if write_xa else None, top_k=top_k, act=act,
         launcher=_LAUNCHER,
     )
     return gu, xa
@@ -193,9 +193,9 @@ def moe_down_bwd(
     dzb = dout.new_empty(p, rp, dtype=torch.float32) if (need_dzb and has_lora) else None
     xa_part = dout.new_empty(n_tiles, p, rp, dtype=torch.float32) if (need_xa and has_lora) else None
     launch_nf4_moe_gemm_t(
-        dout, packed, absmax, absmax2, code2, offset, lora_a, lora_b, scaling, sorted_pair_ids, expert_offsets,
-        down=True, out=dgu if need_dgu else None, gu=gu, top_k_weights=top_k_weights, dzb=dzb, dw_part=dw_part,
-        xa_part=xa_part, top_k=top_k, blocksize=blocksize, blocksize2=blocksize2, act=act, launcher=_LAUNCHER,
+        dout, NF4Operand(packed, absmax, absmax2, code2, offset, blocksize, blocksize2), lora_a, lora_b, scaling,
+        sorted_pair_ids, expert_offsets, down=True, out=dgu if need_dgu else None, gu=gu, top_k_weights=top_k_weights,
+        dzb=dzb, dw_part=dw_part, xa_part=xa_part, top_k=top_k, act=act, launcher=_LAUNCHER,
     )
     # Fixed-order sums over the I column tiles (deterministic; the partials are small).
     dw = dw_part.sum(0) if dw_part is not None else dout.new_empty(0, dtype=torch.float32)
@@ -219,9 +219,9 @@ def moe_up_bwd(
     dxp = dgu.new_empty(p, hidden) if need_dx else _empty_rows(dgu, hidden)
     dzb = dgu.new_empty(p, rp, dtype=torch.float32) if (need_dzb and has_lora) else _empty_rows(dgu, rp, torch.float32)
     launch_nf4_moe_gemm_t(
-        dgu, packed, absmax, absmax2, code2, offset, lora_a, lora_b, scaling, sorted_pair_ids, expert_offsets,
-        down=False, out=dxp if need_dx else None, dzb=dzb if (need_dzb and has_lora) else None,
-        blocksize=blocksize, blocksize2=blocksize2, launcher=_LAUNCHER,
+        dgu, NF4Operand(packed, absmax, absmax2, code2, offset, blocksize, blocksize2), lora_a, lora_b, scaling,
+        sorted_pair_ids, expert_offsets, down=False, out=dxp if need_dx else None,
+        dzb=dzb if (need_dzb and has_lora) else None, launcher=_LAUNCHER,
     )
     return dxp, dzb
 

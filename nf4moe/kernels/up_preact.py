@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from .common import act_fwd, expert_row_tile
+from .operands import NF4Operand
 from .configs import interpreting, row_bucket
 from .nf4_decode import dequant_rows
 from .grouped_gemm import ACT_CODES
@@ -151,11 +152,7 @@ def r_pad(r: int) -> int:
 
 def launch_up_preact(
     x: torch.Tensor,
-    packed: torch.Tensor,
-    absmax: torch.Tensor,
-    absmax2: torch.Tensor | None,
-    code2: torch.Tensor | None,
-    offset: torch.Tensor | None,
+    w: NF4Operand,
     lora_a: torch.Tensor | None,
     lora_b: torch.Tensor | None,
     scaling: float,
@@ -166,16 +163,15 @@ def launch_up_preact(
     xa: torch.Tensor | None,
     *,
     top_k: int,
-    blocksize: int,
-    blocksize2: int = 256,
     act: str = "silu",
     launcher=None,
 ) -> None:
     """Fill whichever of gu (P, 2I), h (P, I), xa (P, R_PAD) fp32 are given (None: not written)."""
+    packed, absmax, nested = w.packed, w.absmax, w.nested
+    blocksize, blocksize2 = w.blocksize, w.blocksize2
     num_experts, two_i, half_h = packed.shape
     inter, hidden = two_i // 2, 2 * half_h
     rows = sorted_pair_ids.numel()
-    nested = absmax2 is not None
     has_lora = lora_a is not None and lora_a.shape[1] > 0
     r = lora_a.shape[1] if has_lora else 0
     dummy = absmax
@@ -183,8 +179,7 @@ def launch_up_preact(
     grid = lambda meta: (triton.cdiv(inter, meta["BLOCK_N"]), triton.cdiv(rows, meta["BLOCK_M"]) + min(num_experts, rows))
     kern[grid](
         x, x.stride(0), x.stride(1),
-        packed, absmax,
-        absmax2 if nested else dummy, code2 if nested else dummy, offset if nested else dummy,
+        *w.pointer_args(),
         lora_a if has_lora else dummy, lora_b if has_lora else dummy, float(scaling),
         gu if gu is not None else dummy, h if h is not None else dummy,
         xa if (xa is not None and has_lora) else dummy,
