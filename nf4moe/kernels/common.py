@@ -64,3 +64,21 @@ def expert_row_tile(eoff_ptr, pid_m, E, E_POW2: tl.constexpr, BLOCK_M: tl.conste
     row_hi = tl.load(eoff_ptr + e_c + 1)
     start = row_lo + (pid_m - tile_start) * BLOCK_M
     return e, start, row_hi
+
+
+@triton.jit
+def nested_offset(off_ptr, NESTED: tl.constexpr):
+    """The double-quant offset added to every decoded absmax (0 without nesting)."""
+    if NESTED:
+        return tl.load(off_ptr)
+    else:
+        return 0.0
+
+
+@triton.jit
+def dot_operand(x, dt, INTERPRET: tl.constexpr):
+    """x cast for tl.dot: fp32 under the Triton interpreter (its bf16 dot is wrong), else ``dt``."""
+    if INTERPRET:
+        return x.to(tl.float32)
+    else:
+        return x.to(dt)

@@ -26,8 +26,8 @@ import triton.language as tl
 from .operands import NF4Operand
 from .configs import gemm_configs, interpreting, prune_configs, row_bucket
 from .lora_xa import launch_lora_xa
-from .nf4_decode import dequant_rows, dequant_rows_lut
-from .common import act_fwd, expert_row_tile
+from .nf4_decode import dequant_operand
+from .common import act_fwd, dot_operand, expert_row_tile, nested_offset
 
 ACT_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
 
@@ -83,10 +83,7 @@ def nf4_moe_gemm_kernel(
     e64 = e.to(tl.int64)
     w_rows = e64 * N_TOTAL + offs_n
     dt = x_ptr.dtype.element_ty
-    if NESTED:
-        offset = tl.load(off_ptr)
-    else:
-        offset = 0.0
+    offset = nested_offset(off_ptr, NESTED)
 
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
@@ -96,33 +93,19 @@ def nf4_moe_gemm_kernel(
     for k0 in range(0, K_DIM, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         xt = tl.load(x_ptr + x_rows[None, :] * stride_xm + offs_k[:, None] * stride_xk, mask=m_mask[None, :], other=0.0)
-        if LUT:  # compiled, 16-bit activations: PTX table lookup (nf4_decode._lut_asm)
-            wg = dequant_rows_lut(w_ptr, am_ptr, am2_ptr, code2_ptr, offset, w_rows, n_mask, k0, K_DIM, BS, BS2,
-                                  NESTED, BLOCK_K, dt)
-        else:
-            wg = dequant_rows(w_ptr, am_ptr, am2_ptr, code2_ptr, offset, w_rows, n_mask, k0, K_DIM, BS, BS2, NESTED,
-                              BLOCK_K)
+        # compiled 16-bit activations: PTX table decode (nf4_decode._lut_asm); else the fp32 select tree
+        wg = dequant_operand(w_ptr, am_ptr, am2_ptr, code2_ptr, offset, w_rows, n_mask, k0, K_DIM, BS, BS2, NESTED,
+                             BLOCK_K, dt, LUT, INTERPRET)
         if INTERPRET:  # the interpreter's bf16 dot is wrong: fp32 operands there only
             xt = xt.to(tl.float32)
-        else:
-            wg = wg.to(dt)
         acc = tl.dot(wg, xt, acc)
         if GATED:
-            if LUT:
-                wu = dequant_rows_lut(w_ptr, am_ptr, am2_ptr, code2_ptr, offset, w_rows + N, n_mask, k0, K_DIM, BS,
-                                      BS2, NESTED, BLOCK_K, dt)
-            else:
-                wu = dequant_rows(w_ptr, am_ptr, am2_ptr, code2_ptr, offset, w_rows + N, n_mask, k0, K_DIM, BS, BS2,
-                                  NESTED, BLOCK_K)
-            if not INTERPRET:
-                wu = wu.to(dt)
+            wu = dequant_operand(w_ptr, am_ptr, am2_ptr, code2_ptr, offset, w_rows + N, n_mask, k0, K_DIM, BS, BS2,
+                                 NESTED, BLOCK_K, dt, LUT, INTERPRET)
             acc_up = tl.dot(wu, xt, acc_up)
         if HAS_LORA and not XA_PRE:
             a = tl.load(la_ptr + (e64 * R + offs_r[:, None]) * K_DIM + offs_k[None, :], mask=r_mask[:, None], other=0.0)
-            if INTERPRET:
-                a = a.to(tl.float32)
-            else:
-                a = a.to(dt)
+            a = dot_operand(a, dt, INTERPRET)
             acc_xa = tl.dot(a, xt, acc_xa)
 
     if HAS_LORA:
@@ -134,18 +117,12 @@ def nf4_moe_gemm_kernel(
         else:
             xa = acc_xa.to(dt)
         b = tl.load(lb_ptr + w_rows[:, None] * R + offs_r[None, :], mask=n_mask[:, None] & r_mask[None, :], other=0.0)
-        if INTERPRET:
-            b = b.to(tl.float32)
-        else:
-            b = b.to(dt)
+        b = dot_operand(b, dt, INTERPRET)
         acc += scaling * tl.dot(b, xa)
         if GATED:
             bu = tl.load(lb_ptr + (w_rows[:, None] + N) * R + offs_r[None, :], mask=n_mask[:, None] & r_mask[None, :],
                          other=0.0)
-            if INTERPRET:
-                bu = bu.to(tl.float32)
-            else:
-                bu = bu.to(dt)
+            bu = dot_operand(bu, dt, INTERPRET)
             acc_up += scaling * tl.dot(bu, xa)
 
     if GATED:

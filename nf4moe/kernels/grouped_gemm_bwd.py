@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import act_and_grad, expert_row_tile
+from .common import act_and_grad, expert_row_tile, nested_offset
 from .operands import NF4Operand
 from .configs import interpreting, row_bucket
 from .nf4_decode import dequant_rows
@@ -111,10 +111,7 @@ def nf4_moe_gemm_t_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # N is a multiple of BS, BLOCK_N divides BS: no mask
     e64 = e.to(tl.int64)
     dt = dy_ptr.dtype.element_ty
-    if NESTED:
-        offset = tl.load(off_ptr)
-    else:
-        offset = 0.0
+    offset = nested_offset(off_ptr, NESTED)
     offs_r = tl.arange(0, R_PAD)
     r_mask = offs_r < R
 

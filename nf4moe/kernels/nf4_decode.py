@@ -152,3 +152,23 @@ def dequant_rows_lut(
         even, odd = tl.inline_asm_elementwise(_FP16_ASM, "=r,=r,=r,=r,r,r,r", [packed, s],
                                               dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
     return tl.reshape(tl.join(even, odd), (packed.shape[0], BK))
+
+
+@triton.jit
+def dequant_operand(
+    w_ptr, am_ptr, am2_ptr, code2_ptr, offset,
+    rows, row_mask, k0, K_DIM,
+    BS: tl.constexpr, BS2: tl.constexpr, NESTED: tl.constexpr, BK: tl.constexpr,
+    DT: tl.constexpr, LUT: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """The (R, BK) weight tile ready for tl.dot: the PTX table decode in DT when LUT, else the fp32
+    select tree cast to DT (kept fp32 under the interpreter, whose bf16 dot is wrong)."""
+    if LUT:
+        return dequant_rows_lut(w_ptr, am_ptr, am2_ptr, code2_ptr, offset, rows, row_mask, k0, K_DIM, BS, BS2,
+                                NESTED, BK, DT)
+    else:
+        w = dequant_rows(w_ptr, am_ptr, am2_ptr, code2_ptr, offset, rows, row_mask, k0, K_DIM, BS, BS2, NESTED, BK)
+        if INTERPRET:
+            return w
+        else:
+            return w.to(DT)

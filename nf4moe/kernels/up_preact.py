@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import act_fwd, expert_row_tile
+from .common import act_fwd, expert_row_tile, nested_offset
 from .operands import NF4Operand
 from .configs import interpreting, row_bucket
 from .nf4_decode import dequant_rows
@@ -83,10 +83,7 @@ def up_preact_kernel(
     e64 = e.to(tl.int64)
     w_rows = e64 * 2 * I + offs_n
     dt = x_ptr.dtype.element_ty
-    if NESTED:
-        offset = tl.load(off_ptr)
-    else:
-        offset = 0.0
+    offset = nested_offset(off_ptr, NESTED)
     offs_r = tl.arange(0, R_PAD)
     r_mask = offs_r < R
 
