@@ -383,3 +383,20 @@ def test_opcheck_backward_ops():
     torch.library.opcheck(ops.moe_up_bwd, up, test_utils=utils)
     lg = (dgu, xa, sp, eo, None, 4, 128, 8, s, 2, False, False, False, False, "silu", torch.float32)
     torch.library.opcheck(ops.lora_grad, lg, test_utils=utils)
+
+
+def test_t_zero_keeps_lora_in_the_graph():
+    """An empty batch shard still returns a (0, H) output whose backward reaches the LoRA factors (zero)."""
+    m = nf4moe.QuantGroupedExperts.from_weights(torch.randn(4, 128, 128) * 0.05, torch.randn(4, 128, 64) * 0.05,
+                                                lora_rank=8, backend="triton")
+    x = torch.randn(0, 128, requires_grad=True)
+    out = m(x, torch.zeros(0, 2, dtype=torch.long), torch.rand(0, 2))
+    assert out.shape == (0, 128) and out.requires_grad
+    out.sum().backward()
+    for p in m.lora_A.values():
+        assert p.grad is not None and torch.equal(p.grad, torch.zeros_like(p))
+
+
+def test_recompute_constructor_argument():
+    m = nf4moe.QuantGroupedExperts(4, 128, 64, lora_rank=8, recompute=True)
+    assert m.recompute is True

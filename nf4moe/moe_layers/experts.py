@@ -62,9 +62,14 @@ class QuantGroupedExperts(nn.Module):
         dtype: torch.dtype = torch.bfloat16,
         lora_dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        recompute: bool | None = None,
     ):
         super().__init__()
         _check_config(act, backend, lora_rank)
+        # Training memory mode of the Triton backward (moe_layers/autograd.py): True recomputes the up
+        # projection in the backward instead of saving its (T*K, 2I) pre-activation; None defers to the
+        # NF4MOE_RECOMPUTE environment variable.
+        self.recompute = recompute
         for name, v in (("hidden_size", hidden_size), ("intermediate_size", intermediate_size)):
             if v % blocksize:
                 raise ValueError(f"{name} ({v}) must be a multiple of blocksize ({blocksize})")
@@ -197,7 +202,7 @@ class QuantGroupedExperts(nn.Module):
             device=self.gate_up_nf4.packed.device, allow_float64=backend == "reference",
         )
         if hidden_states.shape[0] == 0:
-            return hidden_states.new_zeros(0, self.hidden_size)
+            return self._empty_output(hidden_states, top_k_weights)
         if backend == "triton":
             from .triton_backend import triton_forward
 
@@ -216,6 +221,15 @@ class QuantGroupedExperts(nn.Module):
             lora_scaling=self.scaling, compute_dtype=compute,
         )
         return out.to(hidden_states.dtype)
+
+    def _empty_output(self, hidden_states: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        """(0, H) for T=0, attached to the autograd graph when a gradient is wanted (all gradients are
+        zero), so a training step on an empty batch shard still sees its parameters in the graph."""
+        out = hidden_states.new_zeros(0, self.hidden_size)
+        inputs = [hidden_states, top_k_weights, *self.parameters()]
+        if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+            out = out + 0.0 * sum(t.sum().to(out.dtype) for t in inputs if t.requires_grad)
+        return out
 
     def extra_repr(self) -> str:
         return (
