@@ -425,7 +425,35 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plot", help="PNG plots of benchmark JSON (nf4moe/plot.py)", add_help=False)
     p.set_defaults(func=plot)  # arguments after `plot` go to nf4moe.plot.main
+
+    m = sub.add_parser("models", help="the expert classes of the installed transformers and whether "
+                                      "replace_experts supports them (from the adapter table)")
+    m.add_argument("--all", action="store_true", help="also list the unsupported classes and why")
+    m.set_defaults(func=models)
     return parser
+
+
+def models_markdown(include_unsupported: bool = False) -> str:
+    """The supported-model table, generated from nf4moe.adapters' layout table (README embeds it)."""
+    import transformers
+
+    from .adapters import supported_models
+
+    rows = supported_models()
+    lines = [f"Expert classes of transformers {transformers.__version__} (`python -m nf4moe models --all`):", "",
+             "| model_type | experts class | layout | supported | why not |", "|---|---|---|---|---|"]
+    for r in rows:
+        if r["supported"] or include_unsupported:
+            lines.append(f"| {r['model_type']} | {r['experts_class']} | {r['layout']} | "
+                         f"{'yes' if r['supported'] else 'no'} | {r['reason']} |")
+    n_ok = sum(r["supported"] for r in rows)
+    lines += ["", f"{n_ok} of {len(rows)} decorated expert classes supported."]
+    return "\n".join(lines) + "\n"
+
+
+def models(args) -> int:
+    print(models_markdown(args.all), end="")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,29 @@
+"""The README's supported-model table is generated from the adapter table; it must not drift from it."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from nf4moe.adapters import supported_models
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def test_readme_opens_with_the_two_commands():
+    text = README.read_text()
+    block = re.search(r"```bash\n(.*?)```", text, re.S).group(1).strip().splitlines()
+    assert [line.split("#")[0].strip() for line in block] == ["./run demo", "./run tests"]
+    assert "./run tests" in (README.parent / ".ci" / "run").read_text()
+
+
+def test_supported_model_table_matches_the_adapter_table():
+    block = README.read_text().split("<!-- models:start -->")[1].split("<!-- models:end -->")[0]
+    rows = [line.split("|")[1:-1] for line in block.splitlines() if line.startswith("| ") and "---" not in line]
+    listed = {(r[0].strip(), r[1].strip()): r[3].strip() == "yes" for r in rows[1:]}
+    live = {(r["model_type"], r["experts_class"]): r["supported"] for r in supported_models()}
+    # Every class both know of must agree; a newer transformers may add classes the README lacks.
+    common = set(listed) & set(live)
+    assert len(common) >= 0.8 * len(listed)
+    assert {k: listed[k] for k in common} == {k: live[k] for k in common}
+    for family in ("qwen3_moe", "glm4_moe", "deepseek_v3", "mixtral", "qwen2_moe", "olmoe"):
+        assert any(k[0] == family and v for k, v in listed.items()), family
