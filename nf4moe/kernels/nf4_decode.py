@@ -116,7 +116,7 @@ def _lut_asm(dtype, fma: str) -> str:
             f"{fma} {out0}, {out0}, {s0}, z;\n {fma} {out1}, {out1}, {s1}, z;\n"
         )
 
-    return (
+    asm = (
         "{\n .reg .b32 tl0, tl1, tl2, tl3, th0, th1, th2, th3, t, a, b, sel, s7, s2, lo, hi, w4, z;\n"
         + consts
         + "mov.b32 z, 0x80008000;\n shr.u32 w4, $4, 4;\n"
@@ -124,6 +124,9 @@ def _lut_asm(dtype, fma: str) -> str:
         + half("$4", "$2", "$3", "$5", "$6")
         + "}"
     )
+    # One line: the string is a module-level constexpr that torch.compile's Inductor copies into the
+    # Python source it generates, where a raw newline would end the string literal.
+    return " ".join(asm.split())
 
 
 _BF16_ASM: tl.constexpr = tl.constexpr(_lut_asm(__import__("torch").bfloat16, "fma.rn.bf16x2"))

@@ -1,0 +1,98 @@
+"""The PTX table decode (nf4_decode._lut_asm) runs only in compiled GPU code; here its instruction
+sequence is executed by a small emulator of the PTX instructions it uses (prmt.b32 byte permute with
+PTX's selector semantics, fma.rn on packed 16-bit pairs) against the NF4 table, so a wrong selector or
+table word fails on the CPU too.  The GPU suite checks the compiled kernel against the reference.
+"""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from nf4moe.kernels.nf4_decode import _lut_asm
+from nf4moe.reference.nf4 import NF4_CODE
+
+M32 = 0xFFFFFFFF
+
+
+def prmt(a: int, b: int, c: int) -> int:
+    """PTX prmt.b32 (default mode): output byte k = byte (c's nibble k & 7) of {b, a}; bit 3 of the
+    nibble replicates that byte's sign bit."""
+    src = [(a >> (8 * i)) & 0xFF for i in range(4)] + [(b >> (8 * i)) & 0xFF for i in range(4)]
+    out = 0
+    for k in range(4):
+        n = (c >> (4 * k)) & 0xF
+        v = src[n & 7]
+        if n & 8:
+            v = 0xFF if v & 0x80 else 0
+        out |= v << (8 * k)
+    return out
+
+
+def to16(dtype, v: float) -> int:
+    return torch.tensor([v], dtype=torch.float32).to(dtype).view(torch.int16).item() & 0xFFFF
+
+
+def from16(dtype, bits: int) -> float:
+    return torch.tensor([bits], dtype=torch.int32).to(torch.int16).view(dtype).float().item()
+
+
+def fma16x2(dtype, a: int, b: int, c: int) -> int:
+    out = 0
+    for i in range(2):
+        x, y, z = (from16(dtype, (v >> (16 * i)) & 0xFFFF) for v in (a, b, c))
+        out |= to16(dtype, torch.tensor(x * y + z, dtype=torch.float64).item()) << (16 * i)
+    return out
+
+
+def run(asm: str, regs: dict, dtype) -> dict:
+    env = dict(regs)
+
+    def val(tok: str) -> int:
+        tok = tok.strip()
+        return env[tok] if tok in env else int(tok, 0) & M32
+
+    for stmt in asm.replace("{", "").replace("}", "").split(";"):
+        stmt = stmt.strip()
+        if not stmt or stmt.startswith(".reg"):
+            continue
+        op, rest = stmt.split(None, 1)
+        args = [a.strip() for a in rest.split(",")]
+        d, src = args[0], [val(a) for a in args[1:]]
+        if op == "mov.b32":
+            env[d] = src[0]
+        elif op == "and.b32":
+            env[d] = src[0] & src[1]
+        elif op == "or.b32":
+            env[d] = src[0] | src[1]
+        elif op == "shr.u32":
+            env[d] = src[0] >> src[1]
+        elif op == "prmt.b32":
+            env[d] = prmt(*src)
+        elif op.startswith("fma.rn."):
+            env[d] = fma16x2(dtype, *src)
+        else:
+            raise AssertionError(f"emulator lacks {op}")
+    return env
+
+
+@pytest.mark.parametrize("dtype,fma", [(torch.bfloat16, "fma.rn.bf16x2"), (torch.float16, "fma.rn.f16x2")])
+def test_lut_asm_decodes_every_code_and_scales(dtype, fma):
+    asm = _lut_asm(dtype, fma)
+    assert "\n" not in asm  # Inductor pastes it into generated Python source
+    rng = random.Random(0)
+    cases = [[b, (b + 1) % 256, (b + 7) % 256, (255 - b)] for b in range(256)]  # every byte value
+    cases += [[rng.randrange(256) for _ in range(4)] for _ in range(100)]
+    for bs in cases:
+        scales = [rng.uniform(1e-3, 4.0) for _ in range(4)]
+        s16 = [to16(dtype, s) for s in scales]
+        env = run(asm, {"$4": sum(b << (8 * i) for i, b in enumerate(bs)),
+                        "$5": s16[0] | s16[1] << 16, "$6": s16[2] | s16[3] << 16}, dtype)
+        even = [env["$0"] & 0xFFFF, env["$0"] >> 16, env["$1"] & 0xFFFF, env["$1"] >> 16]
+        odd = [env["$2"] & 0xFFFF, env["$2"] >> 16, env["$3"] & 0xFFFF, env["$3"] >> 16]
+        for j, b in enumerate(bs):
+            s = from16(dtype, s16[j])
+            for got, code in ((even[j], b >> 4), (odd[j], b & 15)):
+                want = torch.tensor(NF4_CODE[code]).to(dtype).double() * s
+                assert from16(dtype, got) == torch.tensor(want.item()).to(dtype).float().item(), (bs, j, code)
