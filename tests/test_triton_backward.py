@@ -339,15 +339,8 @@ def test_no_full_weight_sized_tensor_allocated():
     assert max(n for n, _ in tr.sizes) > 24 * 3 * 64  # the tracker did see the (P, 2I) activations
 
 
-def test_outputs_poisoned_before_run(monkeypatch):
+def test_outputs_poisoned_before_run(nan_new_empty):
     """Every buffer from new_empty starts as NaN: an element a backward kernel forgets to write shows up."""
-    real_empty = torch.Tensor.new_empty
-
-    def nan_empty(self, *size, **kw):
-        out = real_empty(self, *size, **kw)
-        return out.fill_(float("nan")) if out.is_floating_point() else out
-
-    monkeypatch.setattr(torch.Tensor, "new_empty", nan_empty)
     m = make_layer(8, 128, 64, rank=8, seed=45)
     x = torch.randn(21, 128, generator=torch.Generator().manual_seed(46)).to(DEV)
     idx, w = routing(21, 8, 3, seed=47, mode="sentinels")
