@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .operands import NF4Operand
+from .operands import NF4Operand, r_pad
 from .configs import gemm_configs, interpreting, prune_configs, row_bucket
 from .lora_xa import launch_lora_xa
 from .nf4_decode import dequant_operand
@@ -50,6 +50,7 @@ def nf4_moe_gemm_kernel(
     lb_ptr,           # (E, N_TOTAL, R) LoRA B (unused unless HAS_LORA)
     scaling,          # float: lora_alpha / r
     xa_ptr,           # (P, R_PAD) fp32 precomputed X·Aᵀ in sorted order (XA_PRE only)
+    gu_ptr,           # (P, 2N) pre-activation gate|up in sorted order, for the backward (WRITE_GU only)
     out_ptr,          # up: (P, N) sorted order; down: (P, N) indexed by pair id
     stride_om,
     pair_ptr,         # (P,) int32 pair ids sorted by expert
@@ -59,7 +60,8 @@ def nf4_moe_gemm_kernel(
     TOP_K: tl.constexpr, E_POW2: tl.constexpr, R_PAD: tl.constexpr,
     GATED: tl.constexpr, ACT: tl.constexpr, GATHER: tl.constexpr, SCATTER: tl.constexpr,
     HAS_LORA: tl.constexpr, NESTED: tl.constexpr, BS: tl.constexpr, BS2: tl.constexpr,
-    INTERPRET: tl.constexpr, LUT: tl.constexpr, XA_PRE: tl.constexpr,
+    INTERPRET: tl.constexpr, LUT: tl.constexpr, XA_PRE: tl.constexpr, WRITE_GU: tl.constexpr,
+    WRITE_OUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Grid: (cdiv(N, BLOCK_N), cdiv(P, BLOCK_M) + min(E, P))."""
@@ -125,6 +127,13 @@ def nf4_moe_gemm_kernel(
             bu = dot_operand(bu, dt, INTERPRET)
             acc_up += scaling * tl.dot(bu, xa)
 
+    if WRITE_GU:  # training: the backward's SwiGLU derivative needs the pre-activations
+        gu_ptrs = gu_ptr + offs_m[None, :].to(tl.int64) * (2 * N) + offs_n[:, None]
+        gu_mask = n_mask[:, None] & m_mask[None, :]
+        tl.store(gu_ptrs, acc.to(gu_ptr.dtype.element_ty), mask=gu_mask)
+        tl.store(gu_ptrs + N, acc_up.to(gu_ptr.dtype.element_ty), mask=gu_mask)
+    if not WRITE_OUT:
+        return
     if GATED:
         acc = act_fwd(acc, ACT) * acc_up
     if SCATTER:
@@ -164,9 +173,17 @@ def launch_nf4_moe_gemm(
     gated: bool,
     act: str = "silu",
     xa_pre: bool | None = None,
+    gu: torch.Tensor | None = None,
+    xa_out: torch.Tensor | None = None,
+    write_out: bool = True,
     launcher=None,
 ) -> torch.Tensor:
-    """Launch the kernel; ``launcher`` wraps it (``torch.library.wrap_triton``) when traced."""
+    """Launch the kernel; ``launcher`` wraps it (``torch.library.wrap_triton``) when traced.
+
+    Training extras (up projection only): ``gu`` (P, 2N) receives the pre-activation gate|up rows,
+    ``xa_out`` (P, R_PAD) fp32 the LoRA X·Aᵀ the epilogue used; ``write_out=False`` skips ``out``
+    (recompute mode needs only the pre-activations).
+    """
     packed, absmax, nested = w.packed, w.absmax, w.nested
     blocksize, blocksize2 = w.blocksize, w.blocksize2
     num_experts, n_total, half_k = packed.shape
@@ -175,26 +192,26 @@ def launch_nf4_moe_gemm(
     has_lora = lora_a is not None and lora_a.shape[1] > 0
     r = lora_a.shape[1] if has_lora else 0
     dummy = absmax  # placeholder pointer for unused arguments
-    r_pad = max(16, triton.next_power_of_2(max(r, 1)))
+    rp = r_pad(r)
     xa = None
     if xa_pre is None:  # NF4MOE_XA_PRE=0: accumulate X·Aᵀ inside the K loop (for comparison)
         xa_pre = os.environ.get("NF4MOE_XA_PRE", "1") == "1"
-    if has_lora and xa_pre:
-        xa = launch_lora_xa(x, lora_a, sorted_pair_ids, expert_offsets, top_k=top_k, gather=gated, r_pad=r_pad,
-                            launcher=launcher)
+    if has_lora and (xa_pre or xa_out is not None):
+        xa = launch_lora_xa(x, lora_a, sorted_pair_ids, expert_offsets, top_k=top_k, gather=gated, r_pad=rp,
+                            out=xa_out, launcher=launcher)
     kern = launcher(nf4_moe_gemm_kernel) if launcher is not None else nf4_moe_gemm_kernel
     kern[_grid(n, rows, num_experts)](
         x, x.stride(0), x.stride(1),
         *w.pointer_args(),
         lora_a if has_lora else dummy, lora_b if has_lora else dummy, float(scaling),
-        xa if xa is not None else dummy,
+        xa if xa is not None else dummy, gu if gu is not None else dummy,
         out, out.stride(0),
         sorted_pair_ids, expert_offsets,
         top_k_weights if top_k_weights is not None else dummy,
         n, k_dim, n_total, num_experts, r, row_bucket(rows),
-        TOP_K=top_k, E_POW2=triton.next_power_of_2(num_experts), R_PAD=r_pad,
+        TOP_K=top_k, E_POW2=triton.next_power_of_2(num_experts), R_PAD=rp,
         GATED=gated, ACT=ACT_CODES[act], GATHER=gated, SCATTER=not gated,
         HAS_LORA=has_lora, NESTED=nested, BS=blocksize, BS2=blocksize2, INTERPRET=interpreting(),
-        LUT=use_lut(x.dtype), XA_PRE=xa is not None,
+        LUT=use_lut(x.dtype), XA_PRE=xa is not None, WRITE_GU=gu is not None, WRITE_OUT=write_out,
     )
     return out

@@ -224,7 +224,7 @@ def launch_nf4_moe_gemm_t(
     out = dx per pair (P, H).  dzb (P, R_PAD) fp32 in both.
     """
     from .grouped_gemm import ACT_CODES
-    from .up_preact import r_pad
+    from .operands import r_pad
 
     packed, absmax, nested = w.packed, w.absmax, w.nested
     blocksize, blocksize2 = w.blocksize, w.blocksize2

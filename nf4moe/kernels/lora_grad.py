@@ -115,7 +115,7 @@ def launch_lora_grad(
     """out (E, DA, DB).  lhs_is_rank: d A (DA = r, lhs is a (P, R_PAD) fp32 buffer); else d B (DB = r,
     rhs is that buffer).  ``top_k_weights`` given: lhs rows are scaled by the pair's weight."""
     from .grouped_gemm import ACT_CODES
-    from .up_preact import r_pad
+    from .operands import r_pad
 
     num_experts, da, db = out.shape
     rank, d = (da, db) if lhs_is_rank else (db, da)

@@ -53,10 +53,13 @@ def lora_xa_kernel(
 
 
 def launch_lora_xa(x: torch.Tensor, lora_a: torch.Tensor, sorted_pair_ids: torch.Tensor, expert_offsets: torch.Tensor,
-                   *, top_k: int, gather: bool, r_pad: int, launcher=None) -> torch.Tensor:
+                   *, top_k: int, gather: bool, r_pad: int, out: torch.Tensor | None = None,
+                   launcher=None) -> torch.Tensor:
+    """Fill ``out`` (P, r_pad) fp32 (allocated when None) and return it."""
     num_experts, r, k_dim = lora_a.shape
     rows = sorted_pair_ids.numel()
-    out = x.new_empty(rows, r_pad, dtype=torch.float32)  # new_empty: the tests poison it with NaN
+    if out is None:
+        out = x.new_empty(rows, r_pad, dtype=torch.float32)  # new_empty: the tests poison it with NaN
     block_m = 16 if rows <= 4096 else 64
     block_k = 64 if k_dim % 64 == 0 else 32
     kern = launcher(lora_xa_kernel) if launcher is not None else lora_xa_kernel

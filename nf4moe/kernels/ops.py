@@ -17,8 +17,7 @@ from .configs import interpreting
 from .grouped_gemm import launch_nf4_moe_gemm
 from .grouped_gemm_bwd import block_n, launch_nf4_moe_gemm_t
 from .lora_grad import launch_lora_grad
-from .operands import NF4Operand
-from .up_preact import launch_up_preact, r_pad
+from .operands import NF4Operand, r_pad
 
 _INTERPRET = interpreting()
 if _INTERPRET:
@@ -131,9 +130,9 @@ def moe_experts(
     if save_preact:
         gu = x.new_empty(p, 2 * inter)
         xa = x.new_empty(p, rp, dtype=torch.float32) if lora_a_up is not None else _empty_rows(x, rp, torch.float32)
-        launch_up_preact(
-            x, gu_w, lora_a_up, lora_b_up, scaling, sorted_pair_ids, expert_offsets, gu, h,
-            xa if lora_a_up is not None else None, top_k=k, act=act, launcher=_LAUNCHER,
+        launch_nf4_moe_gemm(
+            x, gu_w, lora_a_up, lora_b_up, scaling, sorted_pair_ids, expert_offsets, None, h, n=inter, top_k=k,
+            gated=True, act=act, gu=gu, xa_out=xa if lora_a_up is not None else None, launcher=_LAUNCHER,
         )
     else:
         gu = _empty_rows(x, 2 * inter)
@@ -166,10 +165,10 @@ def moe_up_preact(
     gu = x.new_empty(p, packed.shape[1])
     write_xa = write_xa and lora_a is not None
     xa = x.new_empty(p, rp, dtype=torch.float32) if write_xa else _empty_rows(x, rp, torch.float32)
-    launch_up_preact(
+    launch_nf4_moe_gemm(
         x, NF4Operand(packed, absmax, absmax2, code2, offset, blocksize, blocksize2), lora_a, lora_b, scaling,
-        sorted_pair_ids, expert_offsets, gu, None, xa if write_xa else None, top_k=top_k, act=act,
-        launcher=_LAUNCHER,
+        sorted_pair_ids, expert_offsets, None, gu, n=packed.shape[1] // 2, top_k=top_k, gated=True, act=act,
+        gu=gu, xa_out=xa if write_xa else None, write_out=False, launcher=_LAUNCHER,
     )
     return gu, xa
 

@@ -40,8 +40,14 @@ Recompute mode (``module.recompute = True`` or ``NF4MOE_RECOMPUTE=1``): the forw
 inference kernels and saves no activation beyond its inputs; the backward re-runs the up GEMM once
 (``moe_up_preact``) to rebuild gu.  Use it when activation memory across layers is the limit.
 
-Measured (H100, torch 2.11 / triton 3.6, Qwen3-30B-A3B layer, T = 8192, r = 16, bf16; 2026-11-25):
-forward + backward 11.7 ms (recompute mode 14.2 ms), peak memory above weights and inputs 0.73 GiB.
+The training forward's up projection is the inference kernel (grouped_gemm.py) with its extra
+stores switched on (gu, and the X·A_upᵀ rows its LoRA precompute already produces), so it shares the
+PTX table decode; recompute mode runs the same kernel with only those stores.
+
+Measured (H100, torch 2.11 / triton 3.6, Qwen3-30B-A3B layer, T = 8192, r = 16, bf16; 2026-11-25), with
+the earlier separate select-tree up kernel: forward + backward 11.5-11.7 ms (recompute mode 14.2 ms),
+peak memory above weights and inputs 0.70-0.73 GiB.  Not re-measured since the up pass moved onto the
+inference kernel.
 
 Determinism: every reduction has a fixed order (per-expert row loops, fixed-order sums of column-tile
 partials, the slot-ordered combine); there are no atomics, so two backward passes are bit-identical
