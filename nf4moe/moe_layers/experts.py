@@ -197,6 +197,7 @@ class QuantGroupedExperts(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         backend = self.resolve_backend(hidden_states) if isinstance(hidden_states, torch.Tensor) else self.backend
+        self._check_lora_containers()
         check_forward_inputs(
             hidden_states, top_k_index, top_k_weights, hidden_size=self.hidden_size,
             device=self.gate_up_nf4.packed.device, allow_float64=backend == "reference",
@@ -221,6 +222,21 @@ class QuantGroupedExperts(nn.Module):
             lora_scaling=self.scaling, compute_dtype=compute,
         )
         return out.to(hidden_states.dtype)
+
+    def _check_lora_containers(self) -> None:
+        """PEFT (0.21) adds the expert parameter names ``gate_up_proj``/``down_proj`` to ``all-linear``
+        targets on MoE models; those names also match this module's LoRA factors, and PEFT then replaces
+        ``lora_A``/``lora_B`` with its own wrappers.  Say so instead of failing deep in the forward."""
+        for name in ("lora_A", "lora_B"):
+            got = getattr(self, name)
+            if not isinstance(got, nn.ParameterDict):
+                raise TypeError(
+                    f"QuantGroupedExperts.{name} is a {type(got).__name__}, not nf4moe's nn.ParameterDict of LoRA "
+                    "factors: PEFT wrapped nf4moe's own LoRA parameters because its target_modules / "
+                    "target_parameters matched 'gate_up_proj' or 'down_proj' (PEFT adds those expert names for "
+                    "'all-linear' on MoE models). nf4moe already trains the experts' LoRA: give PEFT explicit "
+                    "attention / dense module names (or exclude the experts) instead."
+                )
 
     def _empty_output(self, hidden_states: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         """(0, H) for T=0, attached to the autograd graph when a gradient is wanted (all gradients are
