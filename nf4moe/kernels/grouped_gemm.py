@@ -114,10 +114,7 @@ def nf4_moe_gemm_kernel(
         if XA_PRE:  # X·Aᵀ precomputed once per row (lora_xa.py), not per N tile
             acc_xa = tl.load(xa_ptr + offs_m[None, :].to(tl.int64) * R_PAD + offs_r[:, None], mask=m_mask[None, :],
                              other=0.0)
-        if INTERPRET:
-            xa = acc_xa.to(dt).to(tl.float32)
-        else:
-            xa = acc_xa.to(dt)
+        xa = dot_operand(acc_xa.to(dt), dt, INTERPRET)  # rounded to dt once, as a dt operand would be
         b = tl.load(lb_ptr + w_rows[:, None] * R + offs_r[None, :], mask=n_mask[:, None] & r_mask[None, :], other=0.0)
         b = dot_operand(b, dt, INTERPRET)
         acc += scaling * tl.dot(b, xa)

@@ -31,10 +31,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import act_and_grad, expert_row_tile, nested_offset
+from .common import act_and_grad, dot_operand, expert_row_tile, nested_offset
 from .operands import NF4Operand
 from .configs import interpreting, row_bucket
-from .nf4_decode import dequant_rows
+from .nf4_decode import dequant_operand
 
 
 def _configs():
@@ -128,18 +128,13 @@ def nf4_moe_gemm_t_kernel(
             w_rows = e64 * KR + offs_k
             if NEED_DY:
                 # rows = KR indices of W[e], columns n0:n0+BLOCK_N: the transposed read of the same bytes
-                w = dequant_rows(w_ptr, am_ptr, am2_ptr, code2_ptr, offset, w_rows, k_mask, pid_n * BLOCK_N, N,
-                                 BS, BS2, NESTED, BLOCK_N)
-                if not INTERPRET:
-                    w = w.to(dt)
+                w = dequant_operand(w_ptr, am_ptr, am2_ptr, code2_ptr, offset, w_rows, k_mask, pid_n * BLOCK_N, N,
+                                    BS, BS2, NESTED, BLOCK_N, dt, False, INTERPRET)
                 acc = tl.dot(dy, w, acc)
             if HAS_LORA:
                 b = tl.load(lb_ptr + w_rows[:, None] * R + offs_r[None, :], mask=k_mask[:, None] & r_mask[None, :],
                             other=0.0)
-                if INTERPRET:
-                    b = b.to(tl.float32)
-                else:
-                    b = b.to(dt)
+                b = dot_operand(b, dt, INTERPRET)
                 acc_b = tl.dot(dy, b, acc_b)
 
     if DOWN:
@@ -153,12 +148,8 @@ def nf4_moe_gemm_t_kernel(
                 tl.store(dzb_ptr + rows64[:, None] * R_PAD + offs_r[None, :], dzb, mask=m_mask[:, None])
         if NEED_DY:
             a = tl.load(la_ptr + (e64 * R + offs_r[:, None]) * N + offs_n[None, :], mask=r_mask[:, None], other=0.0)
-            if INTERPRET:
-                db = acc_b.to(dt).to(tl.float32)
-                a = a.to(tl.float32)
-            else:
-                db = acc_b.to(dt)
-                a = a.to(dt)
+            db = dot_operand(acc_b.to(dt), dt, INTERPRET)  # rounded to dt like the forward's operands
+            a = dot_operand(a, dt, INTERPRET)
             acc += scaling * tl.dot(db, a)
 
     if DOWN and (NEED_DW or NEED_XA or NEED_OUT):
@@ -173,12 +164,8 @@ def nf4_moe_gemm_t_kernel(
         if NEED_XA:
             # h A_d^T over this program I columns; the column tiles are summed in fixed order afterwards
             at = tl.load(la_ptr + (e64 * R + offs_r[None, :]) * N + offs_n[:, None], mask=r_mask[None, :], other=0.0)
-            if INTERPRET:
-                hx = h.to(dt).to(tl.float32)
-                at = at.to(tl.float32)
-            else:
-                hx = h.to(dt)
-                at = at.to(dt)
+            hx = dot_operand(h.to(dt), dt, INTERPRET)
+            at = dot_operand(at, dt, INTERPRET)
             xa = tl.dot(hx, at)
             tl.store(xa_ptr + (pid_n * P + rows64[:, None]) * R_PAD + offs_r[None, :], xa, mask=m_mask[:, None])
         if NEED_OUT:

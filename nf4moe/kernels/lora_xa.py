@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from .configs import interpreting
-from .common import expert_row_tile
+from .common import dot_operand, expert_row_tile
 
 
 @triton.jit
@@ -45,10 +45,7 @@ def lora_xa_kernel(
         x = tl.load(x_ptr + x_rows[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=m_mask[:, None], other=0.0)
         a = tl.load(a_ptr + (e.to(tl.int64) * R + offs_r[None, :]) * K_DIM + offs_k[:, None], mask=r_mask[None, :],
                     other=0.0)
-        if INTERPRET:  # the interpreter's bf16 dot is wrong: fp32 operands there only
-            acc = tl.dot(x.to(tl.float32), a.to(tl.float32), acc)
-        else:
-            acc = tl.dot(x, a.to(dt), acc)
+        acc = tl.dot(dot_operand(x, dt, INTERPRET), dot_operand(a, dt, INTERPRET), acc)
     tl.store(out_ptr + offs_m[:, None].to(tl.int64) * R_PAD + offs_r[None, :], acc, mask=m_mask[:, None])
 
 
