@@ -26,40 +26,13 @@ import torch.utils.checkpoint
 import nf4moe
 from nf4moe.reference import Lora, moe_forward
 
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
+from triton_cases import DEV, make_layer, routing
 INTERP = os.environ.get("TRITON_INTERPRET") == "1"
 pytestmark = pytest.mark.skipif(not (INTERP or DEV == "cuda"), reason="needs a GPU or TRITON_INTERPRET=1")
 
 BOUND = {torch.float32: 1e-5 if (INTERP and DEV == "cpu") else 2e-2, torch.bfloat16: 3e-2, torch.float16: 5e-3}
 PROJ = ("gate_up_proj", "down_proj")
 ALL = ("x", "w", "A.gate_up_proj", "B.gate_up_proj", "A.down_proj", "B.down_proj")
-
-
-def make_layer(e, h, i, *, rank=0, nested=True, act="silu", blocksize=64, seed=0, lora_dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    gu = (torch.randn(e, 2 * i, h, generator=g) * h ** -0.5).to(DEV)
-    dn = (torch.randn(e, h, i, generator=g) * i ** -0.5).to(DEV)
-    m = nf4moe.QuantGroupedExperts.from_weights(gu, dn, lora_rank=rank, lora_alpha=2 * rank if rank else None,
-                                                compress_statistics=nested, act=act, blocksize=blocksize,
-                                                backend="triton", lora_dtype=lora_dtype)
-    with torch.no_grad():
-        for p in m.lora_B.values():  # non-zero B, or d lora_A and the LoRA part of dx would be zero
-            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    return m
-
-
-def routing(t, e, k, *, seed, mode="random"):
-    g = torch.Generator().manual_seed(seed)
-    if mode == "random":
-        idx = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)])
-    elif mode == "one_expert":  # every token's first slot to expert 1, the other slots sentinels
-        idx = torch.full((t, k), e + 5)
-        idx[:, 0] = 1
-    elif mode == "sentinels":
-        idx = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)])
-        idx[torch.rand(t, k, generator=g) < 0.3] = e  # expert-parallel sentinels
-    w = torch.rand(t, k, generator=g) + 0.1
-    return idx.to(DEV), w.to(DEV)
 
 
 def _params(m):

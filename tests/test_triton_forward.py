@@ -14,27 +14,13 @@ import os
 import pytest
 import torch
 
-import nf4moe
 from nf4moe.reference import Lora, moe_forward
 
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
+from triton_cases import DEV, make_layer, routing
 INTERP = os.environ.get("TRITON_INTERPRET") == "1"
 pytestmark = pytest.mark.skipif(not (INTERP or DEV == "cuda"), reason="needs a GPU or TRITON_INTERPRET=1")
 
 BOUND = {torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float32: 5e-3}
-
-
-def make_layer(e, h, i, *, rank=0, nested=True, act="silu", blocksize=64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    gu = (torch.randn(e, 2 * i, h, generator=g) * h ** -0.5).to(DEV)
-    dn = (torch.randn(e, h, i, generator=g) * i ** -0.5).to(DEV)
-    m = nf4moe.QuantGroupedExperts.from_weights(gu, dn, lora_rank=rank, lora_alpha=2 * rank if rank else None,
-                                                compress_statistics=nested, act=act, blocksize=blocksize,
-                                                backend="triton", lora_dtype=torch.float32)
-    with torch.no_grad():
-        for p in m.lora_B.values():  # non-zero B so the LoRA path is really exercised
-            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    return m
 
 
 def reference(m, x, idx, w):
@@ -47,20 +33,6 @@ def reference(m, x, idx, w):
 
 def rel_err(out, ref):
     return float((out.float() - ref).norm() / ref.norm().clamp_min(1e-30))
-
-
-def routing(t, e, k, *, seed, mode="random"):
-    g = torch.Generator().manual_seed(seed)
-    if mode == "random":
-        idx = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)]) if t else torch.zeros(0, k, dtype=torch.long)
-    elif mode == "one_expert":  # every token's first slot to expert 1; other slots sentinels
-        idx = torch.full((t, k), e + 5)
-        idx[:, 0] = 1
-    elif mode == "sentinels":
-        idx = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)])
-        idx[torch.rand(t, k, generator=g) < 0.3] = e  # expert-parallel sentinels
-    w = torch.rand(t, k, generator=g) + 0.1
-    return idx.to(DEV), w.to(DEV)
 
 
 CASES = [
