@@ -20,7 +20,7 @@ import math
 import torch
 from torch import nn
 
-from ..reference.nf4 import dequantize_nf4
+from ..reference.nf4 import dequantize_absmax, dequantize_nf4
 
 _BNB_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 _QUANT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -201,8 +201,6 @@ class NF4Weight(nn.Module):
 
     def scales(self) -> torch.Tensor:
         """fp32 absmax per block, (E, out, in // blocksize), decoding the nested form."""
-        from ..reference.nf4 import dequantize_absmax
-
         return dequantize_absmax(self.absmax, absmax2=self.absmax2, code2=self.code2, offset=self.offset,
                                  blocksize2=self.blocksize2)
 
@@ -217,12 +215,8 @@ class NF4Weight(nn.Module):
         """Expert e's (out, in) matrix only: the CPU path dequantizes one expert at a time."""
         o, i = self.out_features, self.in_features
         nb = o * (i // self.blocksize)
-        if self.compress_statistics:
-            q = self.absmax.reshape(-1)[e * nb : (e + 1) * nb].long()
-            idx = torch.arange(e * nb, (e + 1) * nb, device=q.device) // self.blocksize2
-            am = self.code2[q] * self.absmax2[idx] + self.offset
-        else:
-            am = self.absmax[e].reshape(-1)
+        am = dequantize_absmax(self.absmax[e], absmax2=self.absmax2, code2=self.code2, offset=self.offset,
+                               blocksize2=self.blocksize2, first_block=e * nb)
         return dequantize_nf4(self.packed[e], am, (o, i), self.blocksize, dtype=dtype or self.dtype)
 
     def extra_repr(self) -> str:

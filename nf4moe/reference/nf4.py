@@ -26,12 +26,18 @@ def dequantize_absmax(
     code2: torch.Tensor | None = None,
     offset: torch.Tensor | float | None = None,
     blocksize2: int = 256,
+    first_block: int = 0,
 ) -> torch.Tensor:
-    """fp32 per-block absmax; decodes the nested (double-quant) form when ``absmax2`` is given."""
+    """fp32 per-block absmax; decodes the nested (double-quant) form when ``absmax2`` is given.
+
+    ``absmax`` may be a slice of a tensor's blocks starting at block ``first_block`` (one expert of a
+    stack): the nested scale of block b is ``absmax2[b // blocksize2]`` in the whole tensor's numbering.
+    """
     if absmax2 is None:
         return absmax.float()
     q = absmax.reshape(-1).long()
-    scale = absmax2.float().repeat_interleave(blocksize2)[: q.numel()]
+    blocks = torch.arange(first_block, first_block + q.numel(), device=q.device)
+    scale = absmax2.float()[blocks // blocksize2]
     out = code2.float()[q] * scale + (offset if offset is not None else 0.0)
     return out.reshape(absmax.shape)
 
