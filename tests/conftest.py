@@ -16,3 +16,13 @@ def nan_new_empty(monkeypatch):
         return out.fill_(float("nan")) if out.is_floating_point() else out
 
     monkeypatch.setattr(torch.Tensor, "new_empty", nan_empty)
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test: the small end-to-end runs are many times faster that way on
+    a 2-core machine that other processes share."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -24,12 +24,7 @@ def bench():
     sys.modules.pop(spec.name, None)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: torch on one thread
 
 
 def test_help_and_real_config(bench, capsys):
