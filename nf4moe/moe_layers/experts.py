@@ -79,20 +79,10 @@ class QuantGroupedExperts(nn.Module):
         self.act = act
         self.backend = backend
         self.blocksize = blocksize
-        self.lora_rank = lora_rank
-        self.lora_alpha = float(lora_alpha if lora_alpha is not None else lora_rank)
         kw = dict(blocksize=blocksize, compress_statistics=compress_statistics, dtype=dtype, device=device)
         self.gate_up_nf4 = NF4Weight(num_experts, 2 * intermediate_size, hidden_size, **kw)
         self.down_nf4 = NF4Weight(num_experts, hidden_size, intermediate_size, **kw)
-        self.lora_A = nn.ParameterDict()
-        self.lora_B = nn.ParameterDict()
-        if lora_rank > 0:
-            ldt = lora_dtype or dtype
-            dims = {"gate_up_proj": (hidden_size, 2 * intermediate_size), "down_proj": (intermediate_size, hidden_size)}
-            for proj, (fan_in, fan_out) in dims.items():
-                self.lora_A[proj] = nn.Parameter(torch.empty(num_experts, lora_rank, fan_in, dtype=ldt, device=device))
-                self.lora_B[proj] = nn.Parameter(torch.zeros(num_experts, fan_out, lora_rank, dtype=ldt, device=device))
-            self.reset_lora_parameters()
+        self.add_lora(lora_rank, lora_alpha, dtype=lora_dtype or dtype)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -142,10 +132,7 @@ class QuantGroupedExperts(nn.Module):
                        compress_statistics=gate_up.compress_statistics, backend=backend, dtype=gate_up.dtype)
         self.gate_up_nf4 = gate_up
         self.down_nf4 = down
-        self.lora_rank = lora_rank
-        self.lora_alpha = float(lora_alpha if lora_alpha is not None else lora_rank)
-        if lora_rank > 0:
-            self.add_lora(lora_rank, lora_alpha, dtype=lora_dtype or gate_up.dtype)
+        self.add_lora(lora_rank, lora_alpha, dtype=lora_dtype or gate_up.dtype)
         return self
 
     def add_lora(self, rank: int, alpha: float | None = None, *, dtype: torch.dtype | None = None) -> None:
