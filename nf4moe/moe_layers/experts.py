@@ -26,6 +26,7 @@ PROJECTIONS = ("gate_up_proj", "down_proj")
 
 
 def _interpreting() -> bool:
+    # kernels.configs.interpreting says the same, but importing it imports triton at `import nf4moe`.
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
