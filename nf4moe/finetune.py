@@ -235,27 +235,18 @@ def save_lora(model: nn.Module, directory: str | os.PathLike) -> dict:
     Returns the adapter config written.  PEFT loads the directory onto the original bf16 model
     (``PeftModel.from_pretrained``); :func:`load_lora` loads it onto a model after ``replace_experts``.
     """
-    import nf4moe
-    from safetensors.torch import load_file, save_file
+    from .adapters.peft_io import adapter_state_dict, write_adapter
 
     inner = _unwrap(model)
-    nf4moe.save_adapter(inner, directory)
-    directory = Path(directory)
-    with open(directory / ADAPTER_CONFIG) as fh:
-        config = json.load(fh)
-    tensors, targets, dropout = _linear_lora_tensors(inner, int(config["r"]), float(config["lora_alpha"]))
-    if tensors:
-        experts = load_file(directory / ADAPTER_WEIGHTS)
-        clash = sorted(set(experts) & set(tensors))
-        if clash:
-            raise ValueError(f"adapter keys of experts and linear layers collide: {clash[:3]}")
-        save_file({**experts, **{k: v.cpu() for k, v in tensors.items()}}, directory / ADAPTER_WEIGHTS,
-                  metadata={"format": "pt"})
-        config["target_modules"] = targets
-        config["lora_dropout"] = dropout
-        with open(directory / ADAPTER_CONFIG, "w") as fh:
-            json.dump(config, fh, indent=2, sort_keys=True)
-    return config
+    experts, target_parameters, r, alpha = adapter_state_dict(inner)
+    tensors, targets, dropout = _linear_lora_tensors(inner, r, alpha)
+    clash = sorted(set(experts) & set(tensors))
+    if clash:
+        raise ValueError(f"adapter keys of experts and linear layers collide: {clash[:3]}")
+    write_adapter(inner, directory, {**experts, **tensors}, target_parameters, r, alpha,
+                  target_modules=targets, lora_dropout=dropout)
+    with open(Path(directory) / ADAPTER_CONFIG) as fh:
+        return json.load(fh)
 
 
 def load_lora(model: nn.Module, directory: str | os.PathLike) -> dict:

@@ -102,20 +102,40 @@ def save_adapter(model: nn.Module, save_directory: str | os.PathLike) -> None:
     ``peft.PeftModel.from_pretrained(base_model, save_directory)`` loads it onto the original
     (unquantized) transformers model; :func:`load_adapter` reads it back.
     """
+    tensors, targets, r, alpha = adapter_state_dict(model)
+    write_adapter(model, save_directory, tensors, targets, r, alpha)
+
+
+def write_adapter(
+    model: nn.Module,
+    save_directory: str | os.PathLike,
+    tensors: dict[str, torch.Tensor],
+    target_parameters: list[str],
+    r: int,
+    alpha: float,
+    *,
+    target_modules: list[str] = (),
+    lora_dropout: float = 0.0,
+) -> None:
+    """Write one PEFT adapter directory (weights + ``adapter_config.json``) in a single pass.
+
+    ``tensors`` hold the experts' factors (``adapter_state_dict``) and, for a combined adapter, the
+    PEFT-named factors of ``target_modules`` linear layers sharing the same r and alpha.
+    """
     from peft import LoraConfig
     from safetensors.torch import save_file
 
-    tensors, targets, r, alpha = adapter_state_dict(model)
     os.makedirs(save_directory, exist_ok=True)
-    save_file(tensors, os.path.join(save_directory, WEIGHTS_NAME), metadata={"format": "pt"})
+    save_file({k: v.cpu() for k, v in tensors.items()}, os.path.join(save_directory, WEIGHTS_NAME),
+              metadata={"format": "pt"})
     config = getattr(model, "config", None)
     cfg = LoraConfig(
         r=r,
         lora_alpha=int(alpha) if float(alpha).is_integer() else alpha,
-        lora_dropout=0.0,
+        lora_dropout=lora_dropout,
         bias="none",
-        target_modules=[],
-        target_parameters=targets,
+        target_modules=list(target_modules),
+        target_parameters=target_parameters,
         base_model_name_or_path=getattr(config, "_name_or_path", None) or None,
     )
     cfg.save_pretrained(save_directory)
