@@ -1,11 +1,16 @@
-"""The device routing (kernels.routing.build_routing: clamp + stable sort + searchsorted, no host sync)
-against the reference routing, on arbitrary id tensors including sentinels and negative ids."""
+"""The device routing (kernels.routing.build_routing, no host sync) against the reference routing, on
+arbitrary id tensors including sentinels and negative ids; and its two paths (the one-launch Triton kernel
+up to TRITON_MAX_PAIRS pairs, torch's stable sort + searchsorted above) against each other, bit for bit."""
 from __future__ import annotations
 
+import os
+
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from nf4moe.kernels import routing as R
 from nf4moe.kernels.routing import build_routing
 from nf4moe.reference import route
 
@@ -34,3 +39,172 @@ def test_negative_ids_are_counted_before_expert_zero():
     r = build_routing(idx, 3)
     assert int(r.expert_offsets[0]) == 2  # what the layer's check reads to reject them
     assert r.counts.tolist() == [2, 1, 1]
+
+
+# --------------------------------------------------------------------------- the one-launch Triton path
+# Under TRITON_INTERPRET=1 (or on a GPU) build_routing takes the single-program kernel for P <= the module
+# threshold; forced each way by monkeypatching it, both paths must agree bit for bit.
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+_TRITON = os.environ.get("TRITON_INTERPRET") == "1" or DEV == "cuda"
+needs_triton = pytest.mark.skipif(not _TRITON, reason="needs a GPU or TRITON_INTERPRET=1")
+
+
+def _ids(t, k, e, dtype, mode, seed):
+    """Fresh (T, K) ids; ``mixed`` has negatives, sentinels == E and huge sentinels next to real ids."""
+    g = torch.Generator().manual_seed(seed)
+    if mode == "mixed":
+        idx = torch.randint(-2, e + 2, (t, k), generator=g)
+        idx[torch.rand(t, k, generator=g) < 0.1] = 2**40 if dtype == torch.int64 else 2**31 - 1
+        idx[torch.rand(t, k, generator=g) < 0.05] = -(2**40) if dtype == torch.int64 else -(2**31)
+    elif mode == "valid":
+        idx = torch.randint(0, e, (t, k), generator=g)
+    elif mode == "one_expert":
+        idx = torch.full((t, k), e - 1)
+    elif mode == "all_sentinels":
+        idx = torch.full((t, k), e)
+    return idx.to(dtype).to(DEV)
+
+
+def _torch_path(idx, e, monkeypatch):
+    with monkeypatch.context() as m:
+        m.setattr(R, "TRITON_MAX_PAIRS", 0)
+        return R.build_routing(idx, e)
+
+
+def _triton_path(idx, e, monkeypatch):
+    def no_torch(*a):
+        raise AssertionError("took the torch path")
+
+    with monkeypatch.context() as m:
+        m.setattr(R, "_torch_routing", no_torch)
+        return R.build_routing(idx, e)
+
+
+def route_like_torch(idx, e):
+    pairs, offsets = R._torch_routing(idx, e)
+    return R.Routing(sorted_pair_ids=pairs, expert_offsets=offsets, num_experts=e, top_k=idx.shape[1])
+
+
+def _assert_same(a, b):
+    assert a.sorted_pair_ids.dtype == b.sorted_pair_ids.dtype == torch.int32
+    assert a.expert_offsets.dtype == b.expert_offsets.dtype == torch.int32
+    assert torch.equal(a.sorted_pair_ids, b.sorted_pair_ids)  # every entry, dropped pairs included
+    assert torch.equal(a.expert_offsets, b.expert_offsets)
+    assert (a.num_experts, a.top_k) == (b.num_experts, b.top_k)
+
+
+TRITON_CASES = [
+    # (T, K, E, mode)
+    (1, 1, 4, "mixed"),           # P = 1
+    (1, 8, 256, "valid"),         # decode step, E = 256
+    (7, 3, 5, "mixed"),           # P = 21 (not a power of two), E not a power of two
+    (33, 4, 4, "mixed"),          # K == E
+    (20, 2, 6, "one_expert"),     # every pair to the last expert
+    (9, 2, 3, "all_sentinels"),   # every pair dropped
+    (1, 2, 1, "mixed"),           # E = 1
+    (64, 2, 2, "valid"),          # P = 128 = the smallest sorted width exactly
+    (65, 2, 7, "mixed"),          # P = 130: the next width
+    (300, 8, 256, "mixed"),       # P = 2400
+    (97, 6, 512, "valid"),        # E = 512
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
+@pytest.mark.parametrize("t,k,e,mode", TRITON_CASES)
+def test_triton_path_matches_torch_path(t, k, e, mode, dtype, monkeypatch):
+    idx = _ids(t, k, e, dtype, mode, seed=t * 31 + k * 7 + e)
+    _assert_same(_triton_path(idx, e, monkeypatch), _torch_path(idx, e, monkeypatch))
+
+
+@needs_triton
+def test_triton_path_at_the_threshold(monkeypatch):
+    """P == TRITON_MAX_PAIRS (the largest sort one program does) takes the kernel; P + 1 the torch path."""
+    t, k, e = R.TRITON_MAX_PAIRS // 8, 8, 384
+    idx = _ids(t, k, e, torch.int64, "mixed", seed=5)
+    _assert_same(_triton_path(idx, e, monkeypatch), _torch_path(idx, e, monkeypatch))
+    over = _ids(t + 1, k, e, torch.int64, "mixed", seed=6)
+    assert not R.triton_fits(over.numel(), e)
+    _assert_same(R.build_routing(over, e), route_like_torch(over, e))
+
+
+
+@needs_triton
+@pytest.mark.parametrize("p", [48, 49])
+def test_lowered_threshold_dispatch(p, monkeypatch):
+    """With the threshold moved to 48: P = 48 runs the kernel, P = 49 the torch path, same results."""
+    monkeypatch.setattr(R, "TRITON_MAX_PAIRS", 48)
+    idx = _ids(p, 1, 10, torch.int32, "mixed", seed=p)
+    calls = []
+    real = R.launch_routing
+    monkeypatch.setattr(R, "launch_routing", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    _assert_same(R.build_routing(idx, 10), route_like_torch(idx, 10))
+    assert len(calls) == (1 if p <= 48 else 0)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
+def test_launcher_writes_every_output_element(dtype):
+    """Outputs poisoned before the launch: an element the kernel forgets shows up as the poison value."""
+    t, k, e = 37, 3, 11
+    idx = _ids(t, k, e, dtype, "mixed", seed=77)
+    pairs = torch.full((t * k,), -7777, dtype=torch.int32, device=DEV)
+    offsets = torch.full((e + 1,), -7777, dtype=torch.int32, device=DEV)
+    got = R.launch_routing(idx, e, pairs, offsets)
+    assert got[0] is pairs and got[1] is offsets
+    ref_pairs, ref_offsets = R._torch_routing(idx, e)
+    assert torch.equal(pairs, ref_pairs) and torch.equal(offsets, ref_offsets)
+
+
+@needs_triton
+def test_non_contiguous_ids():
+    idx = _ids(12, 6, 9, torch.int64, "mixed", seed=3)[:, ::2]
+    _assert_same(R.build_routing(idx, 9), route_like_torch(idx, 9))
+
+
+def test_triton_fits_keeps_int32_keys_from_overflowing():
+    # Largest key (E + 2) * P_POW2 - 1 must stay <= 2**31 - 1.
+    assert R.triton_fits(R.TRITON_MAX_PAIRS, 2**31 // R.TRITON_MAX_PAIRS - 2)
+    assert not R.triton_fits(R.TRITON_MAX_PAIRS, 2**31 // R.TRITON_MAX_PAIRS - 1)
+    assert not R.triton_fits(0, 4) and not R.triton_fits(R.TRITON_MAX_PAIRS + 1, 4)
+
+
+def test_launcher_rejects_what_it_cannot_take():
+    with pytest.raises(TypeError, match="int32 or int64"):
+        R.launch_routing(torch.zeros(2, 2, dtype=torch.int16), 4)
+    with pytest.raises(ValueError, match="pairs"):
+        R.launch_routing(torch.zeros(R.TRITON_MAX_PAIRS + 1, 1, dtype=torch.int64), 4)
+
+
+@needs_triton
+def test_opcheck_routing_op():
+    from nf4moe.kernels import ops
+
+    idx = _ids(10, 4, 6, torch.int64, "mixed", seed=8)
+    torch.library.opcheck(ops.routing, (idx, 6), test_utils=("test_schema", "test_faketensor"))
+
+
+@needs_triton
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_torch_compile_fullgraph_goes_through_the_op(dynamic):
+    """Traced by dynamo (as inside triton_forward), build_routing must reach the kernel through the
+    registered op nf4moe::routing, in one graph, with the eager results."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward if DEV == "cpu" else torch._inductor.compile(gm, example_inputs)
+
+    def f(idx):
+        r = R.build_routing(idx, 7)
+        return r.sorted_pair_ids, r.expert_offsets
+
+    compiled = torch.compile(f, fullgraph=True, backend=backend, dynamic=dynamic)
+    for t in (3, 11, 26):
+        idx = _ids(t, 2, 7, torch.int64, "mixed", seed=t)
+        pairs, offsets = compiled(idx)
+        ref = route_like_torch(idx, 7)
+        assert torch.equal(pairs, ref.sorted_pair_ids) and torch.equal(offsets, ref.expert_offsets)
+    assert graphs and all("nf4moe.routing" in g.code for g in graphs)
+    assert all("torch.sort" not in g.code for g in graphs)

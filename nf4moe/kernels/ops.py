@@ -286,3 +286,24 @@ if _INTERPRET:
     def _(lhs, rhs, sorted_pair_ids, expert_offsets, top_k_weights, num_experts, da, db, scaling, top_k, lhs_is_rank,
           lhs_gather, rhs_gather, rhs_gated, act, dtype):
         return lhs.new_empty(num_experts, da, db, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------- routing
+# The one-launch routing kernel as an op, for kernels.routing.build_routing under torch.compile (eagerly
+# build_routing launches it directly).  Imported here, not at the top, to keep this section self-contained.
+from .routing import launch_routing  # noqa: E402
+
+
+@_register("routing")
+def routing(top_k_index: Tensor, num_experts: int) -> tuple[Tensor, Tensor]:
+    """(sorted_pair_ids (T*K,) int32, expert_offsets (E+1,) int32) of top_k_index (T, K), one launch;
+    only for sizes ``routing.triton_fits`` accepts (build_routing takes the torch path otherwise)."""
+    return launch_routing(top_k_index, num_experts, launcher=_LAUNCHER)
+
+
+if _INTERPRET:
+
+    @routing.register_fake
+    def _(top_k_index, num_experts):
+        return (top_k_index.new_empty(top_k_index.numel(), dtype=torch.int32),
+                top_k_index.new_empty(num_experts + 1, dtype=torch.int32))

@@ -1,18 +1,94 @@
 """Routing metadata on the device, without a host synchronisation.
 
-Pairs p = t*K + k are sorted by expert id with one stable sort of clamped keys: ids < 0 sort first
-(so ``expert_offsets[0]`` counts them: a caller can assert it is 0 asynchronously), sentinels >= E last,
-and ``searchsorted`` gives the (E+1) expert offsets.  Every shape depends only on T, K and E, so the
-call can be captured in a CUDA graph and traced by torch.compile.
+Pairs p = t*K + k are sorted by expert id with one stable sort of clamped ids: ids < 0 sort first (so
+``expert_offsets[0]`` counts them: a caller can assert it is 0 asynchronously), sentinels >= E last, and
+``expert_offsets[e]`` is the number of pairs whose clamped id is below e.  Every shape depends only on T,
+K and E, so the call can be captured in a CUDA graph and traced by torch.compile.
+
+Two paths give bit-identical results:
+
+- up to ``TRITON_MAX_PAIRS`` pairs, one Triton program (``routing_kernel``) does it all in one launch.  At
+  small T the layer is host-bound and the torch path below costs about seven op dispatches (reshape,
+  clamp, cast, sort, arange, searchsorted, cast), more host time than the whole GPU work of routing.
+- above it, torch's stable sort + searchsorted, which spread a large sort over the whole GPU.
+
+The Triton path sorts unique int32 keys ``(clamped_id + 1) * P_POW2 + p`` (unique, so the bitonic
+``tl.sort``, which is not stable, gives the stable order) and counts ids per expert with
+``tl.histogram`` + ``cumsum``.  Memory: no buffer beyond the two outputs; the keys live in registers.
 """
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
 from ..reference.routing import Routing
+from .configs import interpreting
+
+# One program sorts at most this many pairs (keys in registers; see build_routing for why 8192).
+TRITON_MAX_PAIRS = 8192
+# Smallest sorted width: one compiled variant covers every P up to it, and a 128-key sort is free.
+_MIN_P_POW2 = 128
+_INTERPRET = interpreting()
 
 
-def build_routing(top_k_index: torch.Tensor, num_experts: int) -> Routing:
+@triton.jit
+def routing_kernel(
+    idx_ptr,    # (P,) expert ids, int32 or int64, contiguous (the flattened (T, K) top_k_index)
+    pairs_ptr,  # (P,) int32 out: pair ids sorted by clamped expert id, stable
+    eoff_ptr,   # (E + 1,) int32 out: eoff[e] = number of pairs with clamped id < e
+    P, E,
+    P_POW2: tl.constexpr, NUM_BINS: tl.constexpr,
+):
+    """Grid: (1,).  One program: P <= P_POW2 keys in registers, NUM_BINS = next_pow2(E + 2) > E + 1."""
+    offs = tl.arange(0, P_POW2)
+    valid = offs < P
+    ids = tl.load(idx_ptr + offs, mask=valid, other=0)
+    # Clamp in the input dtype: narrowing a huge int64 sentinel first would wrap it into range.
+    bucket = (tl.minimum(tl.maximum(ids, -1), E) + 1).to(tl.int32)  # 0: negative id, E + 1: sentinel
+    # Padding shares the sentinels' bucket; its pair index >= P puts it after every real sentinel.
+    bucket = tl.where(valid, bucket, E + 1)
+    # Unique keys, so the (unstable) bitonic sort gives pairs of one expert in pair order.
+    keys = tl.sort(bucket * P_POW2 + offs)
+    tl.store(pairs_ptr + offs, keys & (P_POW2 - 1), mask=valid)
+    # Every bucket is in [0, NUM_BINS): no mask needed (older Triton has no histogram mask, and the warp
+    # ballot histogram would alias an out-of-range value onto a bin).
+    below = tl.cumsum(tl.histogram(bucket, NUM_BINS), 0)  # below[b] = pairs with bucket <= b
+    bins = tl.arange(0, NUM_BINS)
+    tl.store(eoff_ptr + bins, below, mask=bins <= E)
+
+
+def triton_fits(num_pairs: int, num_experts: int) -> bool:
+    """Whether the one-program kernel takes this size: P within the threshold and int32 keys that fit."""
+    p_pow2 = max(_MIN_P_POW2, triton.next_power_of_2(max(num_pairs, 1)))
+    return 0 < num_pairs <= TRITON_MAX_PAIRS and (num_experts + 2) * p_pow2 <= 2**31
+
+
+def launch_routing(top_k_index: torch.Tensor, num_experts: int, sorted_pair_ids: torch.Tensor | None = None,
+                   expert_offsets: torch.Tensor | None = None, launcher=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fill ``sorted_pair_ids`` (P,) and ``expert_offsets`` (E+1,) int32 (allocated when None); one launch."""
+    if top_k_index.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"top_k_index must be int32 or int64, got {top_k_index.dtype}")
+    p = top_k_index.numel()
+    if not triton_fits(p, num_experts):
+        raise ValueError(f"routing kernel takes 1..{TRITON_MAX_PAIRS} pairs with (E + 2) * P_POW2 <= 2**31; "
+                         f"got P={p}, E={num_experts}")
+    dev = top_k_index.device
+    if sorted_pair_ids is None:
+        sorted_pair_ids = torch.empty(p, device=dev, dtype=torch.int32)
+    if expert_offsets is None:
+        expert_offsets = torch.empty(num_experts + 1, device=dev, dtype=torch.int32)
+    p_pow2 = max(_MIN_P_POW2, triton.next_power_of_2(p))
+    kern = launcher(routing_kernel) if launcher is not None else routing_kernel
+    # 16 keys per thread at the threshold (8192 / (16 warps * 32 lanes)): no register spills.
+    kern[(1,)](
+        top_k_index.contiguous(), sorted_pair_ids, expert_offsets, p, num_experts,
+        P_POW2=p_pow2, NUM_BINS=triton.next_power_of_2(num_experts + 2), num_warps=min(16, max(4, p_pow2 // 512)),
+    )
+    return sorted_pair_ids, expert_offsets
+
+
+def _torch_routing(top_k_index: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
     flat = top_k_index.reshape(-1)
     if flat.dtype == torch.int64:  # clamp first: a huge int64 sentinel must not wrap when narrowed
         key = flat.clamp(-1, num_experts).to(torch.int32)
@@ -21,9 +97,28 @@ def build_routing(top_k_index: torch.Tensor, num_experts: int) -> Routing:
     sorted_key, order = torch.sort(key, stable=True)
     bounds = torch.arange(num_experts + 1, device=flat.device, dtype=torch.int32)
     offsets = torch.searchsorted(sorted_key, bounds, out_int32=True)
-    return Routing(
-        sorted_pair_ids=order.to(torch.int32),
-        expert_offsets=offsets,
-        num_experts=num_experts,
-        top_k=top_k_index.shape[1],
-    )
+    return order.to(torch.int32), offsets
+
+
+def build_routing(top_k_index: torch.Tensor, num_experts: int) -> Routing:
+    """Sort the (token, slot) pairs of ``top_k_index`` (T, K) by expert id; see the module docstring.
+
+    The Triton path takes P = T*K <= ``TRITON_MAX_PAIRS`` (8192).  Why 8192: one program holds the P_POW2
+    keys in registers (16 per thread with 16 warps) and its bitonic sort costs log2(P)^2 / 2 compare-swap
+    stages on one SM (91 at 8192), a few microseconds, while the layer above it is host-bound; beyond a
+    few thousand pairs the expert GEMMs dominate, torch's radix sort over the whole GPU is faster, and the
+    sort's compile time (it grows with log2(P)^2) stops paying.  Eagerly it launches the kernel directly
+    (the cheapest host path); under torch.compile it goes through the registered op ``nf4moe::routing``.
+    """
+    p = top_k_index.numel()
+    on_triton = (top_k_index.is_cuda or _INTERPRET) and top_k_index.dtype in (torch.int32, torch.int64)
+    if on_triton and triton_fits(p, num_experts):
+        if torch.compiler.is_compiling():
+            from . import ops  # ops imports this module's launcher
+
+            pairs, offsets = ops.routing(top_k_index, num_experts)
+        else:
+            pairs, offsets = launch_routing(top_k_index, num_experts)
+    else:
+        pairs, offsets = _torch_routing(top_k_index, num_experts)
+    return Routing(sorted_pair_ids=pairs, expert_offsets=offsets, num_experts=num_experts, top_k=top_k_index.shape[1])
