@@ -2,6 +2,7 @@
 variant, plus the autotuner's chosen configs.  GPU only; used to write bench/NOTES.md.
 
     python -m bench.profile_layer --shape qwen3 --tokens 1,128,8192 --variants lut,select
+    python -m bench.profile_layer --tokens 1,2,16 --variants gemv,gemm   # the decode kernel against the GEMM
 """
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ def main(argv=None) -> int:
     gen = torch.Generator(device="cuda").manual_seed(0)
     _, bf16, ours = build_peers(e, h, i, k, args.rank, gen)
     from nf4moe.kernels.grouped_gemm import nf4_moe_gemm_kernel
+    from nf4moe.kernels.grouped_gemv import nf4_moe_gemv_kernel
 
     for t in [int(x) for x in args.tokens.split(",")]:
         x = torch.randn(t, h, device="cuda", dtype=torch.bfloat16, generator=gen)
@@ -50,14 +52,17 @@ def main(argv=None) -> int:
         for var in args.variants.split(","):
             os.environ["NF4MOE_LUT"] = "0" if var == "select" else "1"
             os.environ["NF4MOE_XA_PRE"] = "0" if var == "xaloop" else "1"
+            # gemv / gemm: force the decode GEMV or the MMA GEMM at every size; other variants: the default
+            os.environ["NF4MOE_GEMV_ROWS"] = {"gemv": str(1 << 30), "gemm": "0"}.get(var, "64")
             with torch.no_grad():
                 ms = _bench(lambda: ours(x, idx, w))
                 kt = kernel_times(lambda: ours(x, idx, w))
             top = sorted(kt.items(), key=lambda kv: -kv[1])[:8]
             print(f"T={t:6d} variant={var:9s} total {ms:.4f} ms | " + " | ".join(f"{n[:38]} {v:.4f}" for n, v in top),
                   flush=True)
-        for key, cfg in getattr(nf4_moe_gemm_kernel, "cache", {}).items():
-            print("   config", key[:6], cfg, flush=True)
+        for kern in (nf4_moe_gemm_kernel, nf4_moe_gemv_kernel):
+            for key, cfg in getattr(kern, "cache", {}).items():
+                print("   config", kern.fn.__name__, key[:6], cfg, flush=True)
     return 0
 
 

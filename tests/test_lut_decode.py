@@ -96,3 +96,17 @@ def test_lut_asm_decodes_every_code_and_scales(dtype, fma):
             for got, code in ((even[j], b >> 4), (odd[j], b & 15)):
                 want = torch.tensor(NF4_CODE[code]).to(dtype).double() * s
                 assert from16(dtype, got) == torch.tensor(want.item()).to(dtype).float().item(), (bs, j, code)
+
+
+def test_raw_lut_asm_gives_the_fp16_table():
+    """The variant without scales (the GEMV applies the absmax after its reduction): fp16 table values."""
+    asm = _lut_asm(torch.float16, None)
+    assert "fma" not in asm and "$5" not in asm
+    for b in range(256):
+        bs = [b, (b + 3) % 256, (b * 7) % 256, 255 - b]
+        env = run(asm, {"$4": sum(v << (8 * i) for i, v in enumerate(bs))}, torch.float16)
+        even = [env["$0"] & 0xFFFF, env["$0"] >> 16, env["$1"] & 0xFFFF, env["$1"] >> 16]
+        odd = [env["$2"] & 0xFFFF, env["$2"] >> 16, env["$3"] & 0xFFFF, env["$3"] >> 16]
+        for j, v in enumerate(bs):
+            assert even[j] == to16(torch.float16, NF4_CODE[v >> 4])
+            assert odd[j] == to16(torch.float16, NF4_CODE[v & 15])

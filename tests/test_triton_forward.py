@@ -35,6 +35,14 @@ def rel_err(out, ref):
     return float((out.float() - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
+@pytest.fixture(params=["gemv", "gemm"])
+def kernel_path(request, monkeypatch):
+    """Both inference kernels: the decode GEMV (grouped_gemv.py, opt-in through NF4MOE_GEMV_ROWS) and the
+    MMA GEMM (the default at every size)."""
+    monkeypatch.setenv("NF4MOE_GEMV_ROWS", str(1 << 30) if request.param == "gemv" else "0")
+    return request.param
+
+
 CASES = [
     # (T, E, H, I, K, mode)
     (1, 4, 128, 64, 2, "random"),
@@ -62,6 +70,7 @@ def test_forward_matches_reference(t, e, h, i, k, mode, rank):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("nested", [False, True])
+@pytest.mark.usefixtures("kernel_path")
 def test_dtypes_and_double_quant(dtype, nested):
     m = make_layer(4, 128, 64, rank=8, nested=nested, seed=3)
     x = torch.randn(19, 128, device=DEV, dtype=dtype)
@@ -74,6 +83,7 @@ def test_dtypes_and_double_quant(dtype, nested):
 
 
 @pytest.mark.parametrize("act", ["silu", "gelu", "gelu_tanh", "relu"])
+@pytest.mark.usefixtures("kernel_path")
 def test_activations(act):
     m = make_layer(4, 128, 64, rank=0, act=act, seed=11)
     x = torch.randn(9, 128, device=DEV, dtype=torch.float32)
@@ -94,6 +104,7 @@ def test_t_zero_and_all_sentinels():
 
 
 @pytest.mark.parametrize("blocksize,inter", [(32, 96), (64, 192)])
+@pytest.mark.usefixtures("kernel_path")
 def test_small_blocksize_and_k_step_fallback(blocksize, inter):
     """Blocksize 32 forces the K step down to 32 (one absmax per tile row); I=96 is not a multiple of the
     default K step (64), so the down projection takes the fallback config there too."""
@@ -104,6 +115,7 @@ def test_small_blocksize_and_k_step_fallback(blocksize, inter):
         assert rel_err(m(x, idx, w), reference(m, x, idx, w)) < BOUND[torch.float32]
 
 
+@pytest.mark.usefixtures("kernel_path")
 def test_blocksize_128_and_non_contiguous_input():
     m = make_layer(4, 256, 128, rank=8, blocksize=128, seed=4)
     xfull = torch.randn(12, 512, device=DEV, dtype=torch.float32)
@@ -113,6 +125,7 @@ def test_blocksize_128_and_non_contiguous_input():
         assert rel_err(m(x, idx, w), reference(m, x, idx, w)) < BOUND[torch.float32]
 
 
+@pytest.mark.usefixtures("kernel_path")
 def test_outputs_poisoned_before_run(nan_new_empty):
     """Every intermediate buffer starts as NaN: an element the kernels forget to write shows up."""
     m = make_layer(8, 128, 64, rank=8, seed=9)

@@ -20,12 +20,9 @@ def interpreting() -> bool:
 
 def row_bucket(rows: int) -> int:
     """Bucket the number of (token, slot) rows so tuning is per regime, not per exact T."""
-    if rows <= 64:
-        return 64
-    if rows <= 1024:
-        return 1024
-    if rows <= 16384:
-        return 16384
+    for bound in (64, 256, 1024, 4096, 16384):
+        if rows <= bound:
+            return bound
     return 1 << 20
 
 
@@ -55,6 +52,10 @@ def gemm_configs() -> list[triton.Config]:
     for bm, bn, w, st in ((32, 64, 4, 4), (64, 64, 4, 3), (64, 128, 8, 4), (128, 128, 8, 3), (128, 64, 4, 3),
                           (256, 128, 8, 3)):
         out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64}, num_warps=w, num_stages=st))
+    # K steps spanning two NF4 blocks (of 64): twice the bytes in flight per program, half the loop trips
+    for bm, bn, w, st in ((16, 32, 4, 4), (16, 64, 4, 3), (32, 64, 4, 3), (64, 64, 4, 3), (64, 128, 8, 3),
+                          (128, 128, 8, 3)):
+        out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 128}, num_warps=w, num_stages=st))
     return out + [_fallback()]
 
 
@@ -65,13 +66,15 @@ def _fallback() -> triton.Config:
 
 
 def prune_configs(configs, named_args, **kwargs):
-    """Keep configs suited to the row bucket and shape: the K step must divide the NF4 blocksize (one
-    absmax per tile row) and K; drop those over the shared-memory limit."""
+    """Keep configs suited to the row bucket and shape: the K step must divide K and either divide the
+    NF4 blocksize (one absmax per tile row) or be a multiple of it (one per block); drop those over the
+    shared-memory limit."""
     def arg(name):
         return named_args[name] if name in named_args else kwargs[name]
 
     k_dim, bs, bucket, n = arg("K_DIM"), arg("BS"), arg("ROW_BUCKET"), arg("N")
-    valid = [c for c in configs if bs % c.kwargs["BLOCK_K"] == 0 and k_dim % c.kwargs["BLOCK_K"] == 0]
+    valid = [c for c in configs if (bs % c.kwargs["BLOCK_K"] == 0 or c.kwargs["BLOCK_K"] % bs == 0)
+             and k_dim % c.kwargs["BLOCK_K"] == 0]
     if _pinned() or interpreting():
         return valid[:1]
     kept = []
@@ -79,9 +82,13 @@ def prune_configs(configs, named_args, **kwargs):
         bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
         if bucket <= 64 and bm != 16:
             continue
+        if bucket == 256 and bm > 32:  # ~2 rows per expert of 128
+            continue
         if bucket == 1024 and bm > 64:
             continue
-        if bucket > 1024 and bm < 64:
+        if bucket == 4096 and not 32 <= bm <= 128:
+            continue
+        if bucket > 4096 and bm < 64:
             continue
         if bn > max(32, triton.next_power_of_2(n)):
             continue
@@ -90,3 +97,26 @@ def prune_configs(configs, named_args, **kwargs):
             continue
         kept.append(c)
     return kept or valid[-1:]
+
+
+_TUNED: dict = {}  # launch key -> the config the autotuner chose for it
+
+
+def launch_tuned(kernel, grid, key: tuple, launcher, *args, **kwargs) -> None:
+    """Launch the autotuned ``kernel``.  Once its autotuner has chosen a config for ``key``, later eager
+    launches call the JIT function with that config directly: the autotuner's per-call key building (a
+    pass over every argument with str() of each dtype) was about a quarter of the Triton launch time in
+    the host-bound small-T layer (cProfile on an H100).  ``key`` must hold everything the autotuner keys on
+    or prunes by (finer is harmless: a new key just goes through the autotuner once more, which answers
+    from its own cache).  Traced launches (``launcher`` = wrap_triton) always go through the autotuner,
+    which Inductor understands.
+    """
+    if launcher is not None:
+        launcher(kernel)[grid](*args, **kwargs)
+        return
+    cfg = _TUNED.get(key)
+    if cfg is None:
+        kernel[grid](*args, **kwargs)
+        _TUNED[key] = kernel.best_config
+        return
+    kernel.fn[grid](*args, **kwargs, **cfg.all_kwargs())

@@ -24,7 +24,8 @@ import triton
 import triton.language as tl
 
 from .operands import NF4Operand, r_pad
-from .configs import gemm_configs, interpreting, prune_configs, row_bucket
+from .configs import gemm_configs, interpreting, launch_tuned, prune_configs, row_bucket
+from .grouped_gemv import nf4_moe_gemv_kernel
 from .lora_xa import launch_lora_xa
 from .nf4_decode import dequant_operand
 from .common import act_fwd, dot_operand, expert_row_tile, nested_offset
@@ -34,7 +35,7 @@ ACT_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
 
 @triton.autotune(
     configs=gemm_configs(),
-    key=["N", "K_DIM", "ROW_BUCKET", "GATED", "HAS_LORA"],
+    key=["N", "K_DIM", "ROW_BUCKET", "GATED", "HAS_LORA", "BS"],
     prune_configs_by={"early_config_prune": prune_configs},
 )
 @triton.jit
@@ -49,14 +50,15 @@ def nf4_moe_gemm_kernel(
     la_ptr,           # (E, R, K_DIM) LoRA A (unused unless HAS_LORA)
     lb_ptr,           # (E, N_TOTAL, R) LoRA B (unused unless HAS_LORA)
     scaling,          # float: lora_alpha / r
-    xa_ptr,           # (P, R_PAD) fp32 precomputed X·Aᵀ in sorted order (XA_PRE only)
+    xa_ptr,           # (XA_SPLIT, P, R_PAD) fp32 precomputed X·Aᵀ partials in sorted order (XA_PRE only)
+    XA_SPLIT,
     gu_ptr,           # (P, 2N) pre-activation gate|up in sorted order, for the backward (WRITE_GU only)
     out_ptr,          # up: (P, N) sorted order; down: (P, N) indexed by pair id
     stride_om,
     pair_ptr,         # (P,) int32 pair ids sorted by expert
     eoff_ptr,         # (E + 1,) int32 expert offsets into pair_ptr
     topw_ptr,         # (P,) routing weight per pair (down only)
-    N, K_DIM, N_TOTAL, E, R, ROW_BUCKET,
+    N, K_DIM, N_TOTAL, E, R, P, ROW_BUCKET,
     TOP_K: tl.constexpr, E_POW2: tl.constexpr, R_PAD: tl.constexpr,
     GATED: tl.constexpr, ACT: tl.constexpr, GATHER: tl.constexpr, SCATTER: tl.constexpr,
     HAS_LORA: tl.constexpr, NESTED: tl.constexpr, BS: tl.constexpr, BS2: tl.constexpr,
@@ -111,9 +113,10 @@ def nf4_moe_gemm_kernel(
             acc_xa = tl.dot(a, xt, acc_xa)
 
     if HAS_LORA:
-        if XA_PRE:  # X·Aᵀ precomputed once per row (lora_xa.py), not per N tile
-            acc_xa = tl.load(xa_ptr + offs_m[None, :].to(tl.int64) * R_PAD + offs_r[:, None], mask=m_mask[None, :],
-                             other=0.0)
+        if XA_PRE:  # X·Aᵀ precomputed once per row (lora_xa.py), not per N tile; partials summed in order
+            for s in range(XA_SPLIT):
+                acc_xa += tl.load(xa_ptr + (s * P + offs_m[None, :].to(tl.int64)) * R_PAD + offs_r[:, None],
+                                  mask=m_mask[None, :], other=0.0)
         xa = dot_operand(acc_xa.to(dt), dt, INTERPRET)  # rounded to dt once, as a dt operand would be
         b = tl.load(lb_ptr + w_rows[:, None] * R + offs_r[None, :], mask=n_mask[:, None] & r_mask[None, :], other=0.0)
         b = dot_operand(b, dt, INTERPRET)
@@ -191,24 +194,75 @@ def launch_nf4_moe_gemm(
     dummy = absmax  # placeholder pointer for unused arguments
     rp = r_pad(r)
     xa = None
+    training = gu is not None or xa_out is not None or not write_out
+    if not training and rows <= gemv_max_rows():
+        return _launch_gemv(x, w, lora_a if has_lora else None, lora_b, scaling, sorted_pair_ids, expert_offsets,
+                            top_k_weights, out, n=n, top_k=top_k, gated=gated, act=act, launcher=launcher)
     if xa_pre is None:  # NF4MOE_XA_PRE=0: accumulate X·Aᵀ inside the K loop (for comparison)
         xa_pre = os.environ.get("NF4MOE_XA_PRE", "1") == "1"
     if has_lora and (xa_pre or xa_out is not None):
         xa = launch_lora_xa(x, lora_a, sorted_pair_ids, expert_offsets, top_k=top_k, gather=gated, r_pad=rp,
                             out=xa_out, launcher=launcher)
-    kern = launcher(nf4_moe_gemm_kernel) if launcher is not None else nf4_moe_gemm_kernel
-    kern[_grid(n, rows, num_experts)](
-        x, x.stride(0), x.stride(1),
-        *w.pointer_args(),
-        lora_a if has_lora else dummy, lora_b if has_lora else dummy, float(scaling),
-        xa if xa is not None else dummy, gu if gu is not None else dummy,
-        out, out.stride(0),
-        sorted_pair_ids, expert_offsets,
-        top_k_weights if top_k_weights is not None else dummy,
-        n, k_dim, n_total, num_experts, r, row_bucket(rows),
+    bucket = row_bucket(rows)
+    meta = dict(
         TOP_K=top_k, E_POW2=triton.next_power_of_2(num_experts), R_PAD=rp,
         GATED=gated, ACT=ACT_CODES[act], GATHER=gated, SCATTER=not gated,
         HAS_LORA=has_lora, NESTED=nested, BS=blocksize, BS2=blocksize2, INTERPRET=interpreting(),
         LUT=use_lut(x.dtype), XA_PRE=xa is not None, WRITE_GU=gu is not None, WRITE_OUT=write_out,
+    )
+    key = ("gemm", n, k_dim, bucket, x.dtype, out.dtype, absmax.dtype, lora_b.dtype if has_lora else None,
+           *meta.values())
+    launch_tuned(
+        nf4_moe_gemm_kernel, _grid(n, rows, num_experts), key, launcher,
+        x, x.stride(0), x.stride(1),
+        *w.pointer_args(),
+        lora_a if has_lora else dummy, lora_b if has_lora else dummy, float(scaling),
+        xa if xa is not None else dummy, xa.shape[0] if xa is not None and xa.dim() == 3 else 1,
+        gu if gu is not None else dummy,
+        out, out.stride(0),
+        sorted_pair_ids, expert_offsets,
+        top_k_weights if top_k_weights is not None else dummy,
+        n, k_dim, n_total, num_experts, r, rows, bucket,
+        **meta,
+    )
+    return out
+
+
+def gemv_max_rows() -> int:
+    """Routed rows up to which the inference projections run the GEMV kernel (grouped_gemv.py) instead
+    of the MMA GEMM; ``NF4MOE_GEMV_ROWS`` sets it.  Off (0) by default: on an H100 (Qwen3-30B-A3B, T=1)
+    it measured 36.9 us against the GEMM's 37.6 us, and 286 against 215 us at T=16 (bench/NOTES.md)."""
+    return int(os.environ.get("NF4MOE_GEMV_ROWS", "0"))
+
+
+def _launch_gemv(x, w: NF4Operand, lora_a, lora_b, scaling, sorted_pair_ids, expert_offsets, top_k_weights, out, *,
+                 n, top_k, gated, act, launcher):
+    num_experts, n_total, half_k = w.packed.shape
+    rows = sorted_pair_ids.numel()
+    dummy = w.absmax
+    r = lora_a.shape[1] if lora_a is not None else 0
+    rp = r_pad(r)
+    xa = None
+    if lora_a is not None:
+        xa = launch_lora_xa(x, lora_a, sorted_pair_ids, expert_offsets, top_k=top_k, gather=gated, r_pad=rp,
+                            launcher=launcher)
+    bucket = 8 if rows <= 8 else 64
+    meta = dict(
+        TOP_K=top_k, E_POW2=triton.next_power_of_2(num_experts), R_PAD=rp,
+        GATED=gated, ACT=ACT_CODES[act], GATHER=gated, SCATTER=not gated,
+        HAS_LORA=lora_a is not None, NESTED=w.nested, BS=w.blocksize, BS2=w.blocksize2, LUT=use_lut(x.dtype),
+    )
+    key = ("gemv", n, 2 * half_k, bucket, x.dtype, out.dtype, w.absmax.dtype,
+           lora_b.dtype if lora_a is not None else None, *meta.values())
+    launch_tuned(
+        nf4_moe_gemv_kernel, _grid(n, rows, num_experts), key, launcher,
+        x, x.stride(0), x.stride(1),
+        *w.pointer_args(),
+        lora_b if lora_a is not None else dummy, float(scaling),
+        xa if xa is not None else dummy, xa.shape[0] if xa is not None else 1,
+        out, out.stride(0),
+        sorted_pair_ids, expert_offsets, top_k_weights if top_k_weights is not None else dummy,
+        n, 2 * half_k, n_total, num_experts, r, rows, bucket,
+        **meta,
     )
     return out

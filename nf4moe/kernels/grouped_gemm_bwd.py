@@ -86,7 +86,7 @@ def nf4_moe_gemm_t_kernel(
     TOP_K: tl.constexpr, E_POW2: tl.constexpr, R_PAD: tl.constexpr, DOWN: tl.constexpr, ACT: tl.constexpr,
     HAS_LORA: tl.constexpr, NESTED: tl.constexpr, BS: tl.constexpr, BS2: tl.constexpr,
     NEED_DY: tl.constexpr, NEED_OUT: tl.constexpr, NEED_DW: tl.constexpr, NEED_XA: tl.constexpr,
-    NEED_DZB: tl.constexpr, INTERPRET: tl.constexpr,
+    NEED_DZB: tl.constexpr, INTERPRET: tl.constexpr, LUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Grid: (cdiv(N, BLOCK_N), cdiv(P, BLOCK_M) + min(E, P)); acc is (BLOCK_M, BLOCK_N).
@@ -129,7 +129,7 @@ def nf4_moe_gemm_t_kernel(
             if NEED_DY:
                 # rows = KR indices of W[e], columns n0:n0+BLOCK_N: the transposed read of the same bytes
                 w = dequant_operand(w_ptr, am_ptr, am2_ptr, code2_ptr, offset, w_rows, k_mask, pid_n * BLOCK_N, N,
-                                    BS, BS2, NESTED, BLOCK_N, dt, False, INTERPRET)
+                                    BS, BS2, NESTED, BLOCK_N, dt, LUT, INTERPRET)
                 acc = tl.dot(dy, w, acc)
             if HAS_LORA:
                 b = tl.load(lb_ptr + w_rows[:, None] * R + offs_r[None, :], mask=k_mask[:, None] & r_mask[None, :],
@@ -210,7 +210,7 @@ def launch_nf4_moe_gemm_t(
     (cdiv(I, block_n), P) zero-filled, xa_part (cdiv(I, block_n), P, R_PAD); up: dy = dgu (P, 2I),
     out = dx per pair (P, H).  dzb (P, R_PAD) fp32 in both.
     """
-    from .grouped_gemm import ACT_CODES
+    from .grouped_gemm import ACT_CODES, use_lut
     from .operands import r_pad
 
     packed, absmax, nested = w.packed, w.absmax, w.nested
@@ -244,5 +244,5 @@ def launch_nf4_moe_gemm_t(
         TOP_K=top_k, E_POW2=triton.next_power_of_2(num_experts), R_PAD=r_pad(r), DOWN=down,
         ACT=ACT_CODES[act], HAS_LORA=has_lora, NESTED=nested, BS=blocksize, BS2=blocksize2,
         NEED_DY=need_dy, NEED_OUT=need_out, NEED_DW=need_dw, NEED_XA=need_xa, NEED_DZB=need_dzb,
-        INTERPRET=interpreting(), BLOCK_N=bn,
+        INTERPRET=interpreting(), LUT=use_lut(dy.dtype), BLOCK_N=bn,
     )

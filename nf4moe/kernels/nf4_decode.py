@@ -62,6 +62,21 @@ def block_scale(am_ptr, am2_ptr, code2_ptr, offset, blk, mask, NESTED: tl.conste
 
 
 @triton.jit
+def _tile_bytes_and_scales(w_ptr, am_ptr, am2_ptr, code2_ptr, offset, rows, row_mask, k0, K_DIM,
+                           BS: tl.constexpr, BS2: tl.constexpr, NESTED: tl.constexpr, BK: tl.constexpr):
+    """Packed bytes of W[rows, k0:k0+BK] as (R, NB, HB) (NB NF4 blocks of HB bytes each, or one chunk of
+    BK/2 bytes when BK <= BS) and their fp32 absmax (R, NB, 1)."""
+    CH: tl.constexpr = BK if BK < BS else BS
+    NB: tl.constexpr = BK // CH
+    HB: tl.constexpr = CH // 2
+    j = tl.arange(0, NB)[None, :, None] * HB + tl.arange(0, HB)[None, None, :]
+    packed = tl.load(w_ptr + rows[:, None, None] * (K_DIM // 2) + k0 // 2 + j, mask=row_mask[:, None, None], other=0)
+    blk = rows[:, None] * (K_DIM // BS) + (k0 + tl.arange(0, NB)[None, :] * CH) // BS
+    s = block_scale(am_ptr, am2_ptr, code2_ptr, offset, blk, row_mask[:, None], NESTED, BS2)
+    return packed, s[:, :, None]
+
+
+@triton.jit
 def dequant_rows(
     w_ptr, am_ptr, am2_ptr, code2_ptr, offset,
     rows, row_mask, k0, K_DIM,
@@ -69,16 +84,25 @@ def dequant_rows(
 ):
     """fp32 tile W[rows, k0:k0+BK] of a packed NF4 matrix with K_DIM columns per row.
 
-    ``rows`` are global row indices into the (E*out, in) view.  BK divides the blocksize BS, so each
-    row of the tile has one absmax.  The even column sits in the high nibble (bitsandbytes order).
+    ``rows`` are global row indices into the (E*out, in) view.  BK divides the blocksize BS (one absmax
+    per tile row) or is a multiple of it (one absmax per block of the row).  The even column sits in the
+    high nibble (bitsandbytes order).
     """
-    kb = k0 // 2 + tl.arange(0, BK // 2)
-    packed = tl.load(w_ptr + rows[:, None] * (K_DIM // 2) + kb[None, :], mask=row_mask[:, None], other=0)
-    packed = packed.to(tl.int32)
-    s = block_scale(am_ptr, am2_ptr, code2_ptr, offset, rows * (K_DIM // BS) + k0 // BS, row_mask, NESTED, BS2)
-    hi = nf4_value(packed >> 4) * s[:, None]
-    lo = nf4_value(packed & 15) * s[:, None]
-    return tl.reshape(tl.join(hi, lo), (hi.shape[0], BK))
+    if BK <= BS:
+        kb = k0 // 2 + tl.arange(0, BK // 2)
+        packed = tl.load(w_ptr + rows[:, None] * (K_DIM // 2) + kb[None, :], mask=row_mask[:, None], other=0)
+        packed = packed.to(tl.int32)
+        s = block_scale(am_ptr, am2_ptr, code2_ptr, offset, rows * (K_DIM // BS) + k0 // BS, row_mask, NESTED, BS2)
+        hi = nf4_value(packed >> 4) * s[:, None]
+        lo = nf4_value(packed & 15) * s[:, None]
+        return tl.reshape(tl.join(hi, lo), (hi.shape[0], BK))
+    else:
+        packed, s = _tile_bytes_and_scales(w_ptr, am_ptr, am2_ptr, code2_ptr, offset, rows, row_mask, k0, K_DIM,
+                                           BS, BS2, NESTED, BK)
+        packed = packed.to(tl.int32)
+        hi = nf4_value(packed >> 4) * s
+        lo = nf4_value(packed & 15) * s
+        return tl.reshape(tl.join(hi, lo), (hi.shape[0], BK))
 
 
 def _lut_words(dtype) -> tuple[list[int], list[int]]:
@@ -101,7 +125,8 @@ def _lut_asm(dtype, fma: str) -> str:
     by the code's top bit with a third permute, interleave low/high bytes into two f16x2/bf16x2
     registers and multiply by the scales: about 4.5 instructions per weight, against ~25 for the
     select tree in fp32.  $0,$1: high nibbles (even columns), $2,$3: low nibbles (odd columns),
-    $4: the 4 bytes, $5,$6: the 4 per-byte scales (x2 each).
+    $4: the 4 bytes, $5,$6: the 4 per-byte scales (x2 each).  ``fma=None``: the table values alone
+    (no scale operands), for kernels that apply the absmax after their reduction.
     """
     lo, hi = _lut_words(dtype)
     consts = "".join(f"mov.b32 tl{i}, {lo[i]:#010x};\n mov.b32 th{i}, {hi[i]:#010x};\n" for i in range(4))
@@ -113,7 +138,7 @@ def _lut_asm(dtype, fma: str) -> str:
             "prmt.b32 a, tl0, tl1, s7;\n prmt.b32 b, tl2, tl3, s7;\n prmt.b32 lo, a, b, s2;\n"
             "prmt.b32 a, th0, th1, s7;\n prmt.b32 b, th2, th3, s7;\n prmt.b32 hi, a, b, s2;\n"
             f"prmt.b32 {out0}, lo, hi, 0x5140;\n prmt.b32 {out1}, lo, hi, 0x7362;\n"
-            f"{fma} {out0}, {out0}, {s0}, z;\n {fma} {out1}, {out1}, {s1}, z;\n"
+            + (f"{fma} {out0}, {out0}, {s0}, z;\n {fma} {out1}, {out1}, {s1}, z;\n" if fma else "")
         )
 
     asm = (
@@ -131,6 +156,19 @@ def _lut_asm(dtype, fma: str) -> str:
 
 _BF16_ASM: tl.constexpr = tl.constexpr(_lut_asm(__import__("torch").bfloat16, "fma.rn.bf16x2"))
 _FP16_ASM: tl.constexpr = tl.constexpr(_lut_asm(__import__("torch").float16, "fma.rn.f16x2"))
+_FP16_RAW_ASM: tl.constexpr = tl.constexpr(_lut_asm(__import__("torch").float16, None))
+
+
+@triton.jit
+def _lut_decode(packed, s, DT: tl.constexpr):
+    """(even, odd) DT values of uint8 ``packed`` scaled by ``s`` (broadcast to packed's shape) in PTX."""
+    s = tl.broadcast_to(s.to(DT), packed.shape)
+    if DT == tl.bfloat16:
+        return tl.inline_asm_elementwise(_BF16_ASM, "=r,=r,=r,=r,r,r,r", [packed, s],
+                                         dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+    else:
+        return tl.inline_asm_elementwise(_FP16_ASM, "=r,=r,=r,=r,r,r,r", [packed, s],
+                                         dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
 
 
 @triton.jit
@@ -144,16 +182,15 @@ def dequant_rows_lut(
     rounded to DT before the multiply, so results differ from bitsandbytes' fp32 product by <= 1 ulp of
     DT per weight (the reference comparison bounds this).  ``w_ptr`` is the uint8 packed tensor.
     """
-    kb = k0 // 2 + tl.arange(0, BK // 2)
-    packed = tl.load(w_ptr + rows[:, None] * (K_DIM // 2) + kb[None, :], mask=row_mask[:, None], other=0)
-    s = block_scale(am_ptr, am2_ptr, code2_ptr, offset, rows * (K_DIM // BS) + k0 // BS, row_mask, NESTED, BS2)
-    s = tl.broadcast_to(s.to(DT)[:, None], packed.shape)
-    if DT == tl.bfloat16:
-        even, odd = tl.inline_asm_elementwise(_BF16_ASM, "=r,=r,=r,=r,r,r,r", [packed, s],
-                                              dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
-    else:
-        even, odd = tl.inline_asm_elementwise(_FP16_ASM, "=r,=r,=r,=r,r,r,r", [packed, s],
-                                              dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+    if BK <= BS:
+        kb = k0 // 2 + tl.arange(0, BK // 2)
+        packed = tl.load(w_ptr + rows[:, None] * (K_DIM // 2) + kb[None, :], mask=row_mask[:, None], other=0)
+        s = block_scale(am_ptr, am2_ptr, code2_ptr, offset, rows * (K_DIM // BS) + k0 // BS, row_mask, NESTED, BS2)
+        even, odd = _lut_decode(packed, s[:, None], DT)
+    else:  # several NF4 blocks per row in one K step
+        packed, s = _tile_bytes_and_scales(w_ptr, am_ptr, am2_ptr, code2_ptr, offset, rows, row_mask, k0, K_DIM,
+                                           BS, BS2, NESTED, BK)
+        even, odd = _lut_decode(packed, s, DT)
     return tl.reshape(tl.join(even, odd), (packed.shape[0], BK))
 
 
@@ -175,3 +212,22 @@ def dequant_operand(
             return w
         else:
             return w.to(DT)
+
+
+@triton.jit
+def nf4_code_pairs(w_ptr, rows, row_mask, k0, K_DIM, NB: tl.constexpr, HB: tl.constexpr, LUT: tl.constexpr):
+    """Unscaled NF4 values of W[rows, k0 : k0 + 2*NB*HB] as two fp32 (R, NB, HB) tensors: the even and
+    the odd columns, chunk ``c`` holding columns k0 + 2*HB*c ...  No interleave (no layout change): a
+    GEMV multiplies them by the matching even / odd activations and applies the absmax per chunk after
+    its reduction.  LUT: the PTX table (fp16 values, exact to 11 bits) in compiled code; else the fp32
+    select tree.
+    """
+    j = tl.arange(0, NB)[None, :, None] * HB + tl.arange(0, HB)[None, None, :]
+    packed = tl.load(w_ptr + rows[:, None, None] * (K_DIM // 2) + k0 // 2 + j, mask=row_mask[:, None, None], other=0)
+    if LUT:
+        even, odd = tl.inline_asm_elementwise(_FP16_RAW_ASM, "=r,=r,=r,=r,r", [packed],
+                                              dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+        return even.to(tl.float32), odd.to(tl.float32)
+    else:
+        q = packed.to(tl.int32)
+        return nf4_value(q >> 4), nf4_value(q & 15)

@@ -25,8 +25,8 @@ import triton.language as tl
 from ..reference.routing import Routing
 from .configs import interpreting
 
-# One program sorts at most this many pairs (keys in registers; see build_routing for why 8192).
-TRITON_MAX_PAIRS = 8192
+# One program sorts at most this many pairs (keys in registers; see build_routing for why 1024).
+TRITON_MAX_PAIRS = 1024
 # Smallest sorted width: one compiled variant covers every P up to it, and a 128-key sort is free.
 _MIN_P_POW2 = 128
 _INTERPRET = interpreting()
@@ -103,11 +103,10 @@ def _torch_routing(top_k_index: torch.Tensor, num_experts: int) -> tuple[torch.T
 def build_routing(top_k_index: torch.Tensor, num_experts: int) -> Routing:
     """Sort the (token, slot) pairs of ``top_k_index`` (T, K) by expert id; see the module docstring.
 
-    The Triton path takes P = T*K <= ``TRITON_MAX_PAIRS`` (8192).  Why 8192: one program holds the P_POW2
-    keys in registers (16 per thread with 16 warps) and its bitonic sort costs log2(P)^2 / 2 compare-swap
-    stages on one SM (91 at 8192), a few microseconds, while the layer above it is host-bound; beyond a
-    few thousand pairs the expert GEMMs dominate, torch's radix sort over the whole GPU is faster, and the
-    sort's compile time (it grows with log2(P)^2) stops paying.  Eagerly it launches the kernel directly
+    The Triton path takes P = T*K <= ``TRITON_MAX_PAIRS`` (1024).  Why 1024, measured on an H100 (Qwen3-30B-A3B
+    layer, bench.profile_layer): the one-program bitonic sort took 2.1 us at P=8 and 8 us at P=1024 (the torch
+    path: radix sort alone 18 us there), but 189 us at P=8192, where torch's radix sort over the whole GPU
+    takes ~30 us.  Eagerly it launches the kernel directly
     (the cheapest host path); under torch.compile it goes through the registered op ``nf4moe::routing``.
     """
     p = top_k_index.numel()

@@ -103,30 +103,38 @@ def _backward(ctx, dout, _dgu, _dxa):
         return tuple(grads)
     w_flat = w.reshape(-1)
     if not m["saved"]:  # recompute mode: one up pass rebuilds the pre-activation (and x·A_upᵀ)
-        gu, xa_u = ops.moe_up_preact(x, *gu5, la_u, lb_u, s, sorted_ids, eoff, k, bs, m["gu_bs2"], act, n_lb_u)
+        gu, xa_u = ops.run("moe_up_preact", x, *gu5, la_u, lb_u, s, sorted_ids, eoff, k, bs, m["gu_bs2"], act, n_lb_u)
 
-    dgu, dw, dzb_d, xa_d = ops.moe_down_bwd(
-        dout, gu, w_flat, *dn5, la_d, lb_d, s, sorted_ids, eoff, k, bs, m["dn_bs2"], act,
+    dgu, dw, dzb_d, xa_d = ops.run(
+        "moe_down_bwd", dout, gu, w_flat, *dn5, la_d, lb_d, s, sorted_ids, eoff, k, bs, m["dn_bs2"], act,
         need_dgu, n_w, n_lb_d, n_la_d,
     )
     if n_w:
         grads[_W] = dw.view(t, k).to(w.dtype)
     if n_lb_d:  # d B_d = s · Σ (w·dout[t])ᵀ ⊗ (h A_dᵀ)
-        grads[_LB_D] = ops.lora_grad(dout, xa_d, sorted_ids, eoff, w_flat, num_experts, lb_d.shape[1], lb_d.shape[2],
-                                     s, k, False, True, False, False, act, lb_d.dtype)
+        grads[_LB_D] = ops.run(
+            "lora_grad", dout, xa_d, sorted_ids, eoff, w_flat, num_experts, lb_d.shape[1], lb_d.shape[2],
+            s, k, False, True, False, False, act, lb_d.dtype,
+        )
     if n_la_d:  # d A_d = s · Σ (w·dout B_d)ᵀ ⊗ h, h = act(g)·u re-derived from gu
-        grads[_LA_D] = ops.lora_grad(dzb_d, gu, sorted_ids, eoff, None, num_experts, la_d.shape[1], la_d.shape[2],
-                                     s, k, True, False, False, True, act, la_d.dtype)
+        grads[_LA_D] = ops.run(
+            "lora_grad", dzb_d, gu, sorted_ids, eoff, None, num_experts, la_d.shape[1], la_d.shape[2],
+            s, k, True, False, False, True, act, la_d.dtype,
+        )
     if n_x or n_la_u:
-        dxp, dzb_u = ops.moe_up_bwd(dgu, *gu5, la_u, lb_u, s, sorted_ids, eoff, bs, m["gu_bs2"], n_x, n_la_u)
+        dxp, dzb_u = ops.run("moe_up_bwd", dgu, *gu5, la_u, lb_u, s, sorted_ids, eoff, bs, m["gu_bs2"], n_x, n_la_u)
         if n_x:
-            grads[_X] = ops.combine(dxp, idx, num_experts)
+            grads[_X] = ops.run("combine", dxp, idx, num_experts)
         if n_la_u:  # d A_u = s · Σ (dgu B_u)ᵀ ⊗ x[t]
-            grads[_LA_U] = ops.lora_grad(dzb_u, x, sorted_ids, eoff, None, num_experts, la_u.shape[1], la_u.shape[2],
-                                         s, k, True, False, True, False, act, la_u.dtype)
+            grads[_LA_U] = ops.run(
+                "lora_grad", dzb_u, x, sorted_ids, eoff, None, num_experts, la_u.shape[1], la_u.shape[2],
+                s, k, True, False, True, False, act, la_u.dtype,
+            )
     if n_lb_u:  # d B_u = s · Σ dguᵀ ⊗ (x A_uᵀ)
-        grads[_LB_U] = ops.lora_grad(dgu, xa_u, sorted_ids, eoff, None, num_experts, lb_u.shape[1], lb_u.shape[2],
-                                     s, k, False, False, False, False, act, lb_u.dtype)
+        grads[_LB_U] = ops.run(
+            "lora_grad", dgu, xa_u, sorted_ids, eoff, None, num_experts, lb_u.shape[1], lb_u.shape[2],
+            s, k, False, False, False, False, act, lb_u.dtype,
+        )
     return tuple(grads)
 
 

@@ -61,12 +61,12 @@ def triton_forward(mod, hidden_states: torch.Tensor, top_k_index: torch.Tensor, 
             gu.blocksize, gu.blocksize2, dn.blocksize2, not recompute_enabled(mod),
         )
         return out
-    h = ops.moe_up(
-        hidden_states, *_nf4_args(gu), la, lb, mod.scaling, routing.sorted_pair_ids, routing.expert_offsets,
+    h = ops.run(
+        "moe_up", hidden_states, *_nf4_args(gu), la, lb, mod.scaling, routing.sorted_pair_ids, routing.expert_offsets,
         routing.top_k, gu.blocksize, gu.blocksize2, mod.act,
     )
-    y = ops.moe_down(
-        h, *_nf4_args(dn), da, db, mod.scaling, routing.sorted_pair_ids, routing.expert_offsets,
+    y = ops.run(
+        "moe_down", h, *_nf4_args(dn), da, db, mod.scaling, routing.sorted_pair_ids, routing.expert_offsets,
         top_k_weights.reshape(-1), dn.blocksize, dn.blocksize2,
     )
-    return ops.combine(y, top_k_index.contiguous(), e)
+    return ops.run("combine", y, top_k_index.contiguous(), e)

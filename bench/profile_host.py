@@ -1,0 +1,85 @@
+"""Where the host (Python) time of one eager nf4moe layer call goes, on the GPU: enqueue time per call
+(no synchronisation, GPU idle enough not to back-pressure), the GPU time of the same call under a CUDA
+graph, and the cProfile functions that cost the most.  Used to write bench/NOTES.md.
+
+    python -m bench.profile_host --shape qwen3 --tokens 1,128
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import sys
+import time
+
+import torch
+
+
+def host_us(fn, iters: int = 200) -> float:
+    """Mean wall time of enqueueing one call, synchronising only every 20 calls."""
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    total = 0.0
+    for i in range(0, iters, 20):
+        t0 = time.perf_counter()
+        for _ in range(20):
+            fn()
+        total += time.perf_counter() - t0
+        torch.cuda.synchronize()
+    return 1e6 * total / iters
+
+
+def graph_us(fn, iters: int = 50) -> float:
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    g.replay()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        g.replay()
+    torch.cuda.synchronize()
+    return 1e6 * (time.perf_counter() - t0) / iters
+
+
+def main(argv=None) -> int:
+    from .bench_layer import SHAPES, build_peers, routing
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="qwen3")
+    ap.add_argument("--tokens", default="1,128")
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--top", type=int, default=30)
+    args = ap.parse_args(argv)
+    e, h, i, k = SHAPES[args.shape]
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    _, bf16, ours = build_peers(e, h, i, k, args.rank, gen)
+    for t in [int(x) for x in args.tokens.split(",")]:
+        x = torch.randn(t, h, device="cuda", dtype=torch.bfloat16, generator=gen)
+        idx, w = routing(t, e, k, gen)
+        with torch.no_grad():
+            for name, fn in (("nf4moe", lambda: ours(x, idx, w)), ("bf16 grouped_mm", lambda: bf16(x, idx, w))):
+                print(f"T={t} {name}: host {host_us(fn):.1f} us/call, CUDA graph {graph_us(fn):.1f} us/call",
+                      flush=True)
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(100):
+                ours(x, idx, w)
+            prof.disable()
+            torch.cuda.synchronize()
+            buf = io.StringIO()
+            pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(args.top)
+            print(buf.getvalue(), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
