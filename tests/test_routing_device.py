@@ -105,7 +105,7 @@ TRITON_CASES = [
     (1, 2, 1, "mixed"),           # E = 1
     (64, 2, 2, "valid"),          # P = 128 = the smallest sorted width exactly
     (65, 2, 7, "mixed"),          # P = 130: the next width
-    (300, 8, 256, "mixed"),       # P = 2400
+    (120, 8, 256, "mixed"),       # P = 960, near the threshold (1024)
     (97, 6, 512, "valid"),        # E = 512
 ]
 
