@@ -4,8 +4,8 @@ For a projection y = x Wᵀ + s (x Aᵀ) Bᵀ with W[e] (KR, N) stored NF4 (rows
 N = in), the input gradient is dx = dy W + s (dy B) A: a grouped GEMM reducing over KR.  Each
 program owns BLOCK_M sorted rows of one expert and BLOCK_N columns of N; the K loop walks KR in
 BLOCK_K steps and dequantizes the (BLOCK_K, BLOCK_N) tile W[e][k0:k0+BLOCK_K, n0:n0+BLOCK_N] with
-``dequant_rows`` (rows = KR indices, columns = one aligned slice of an NF4 block: BLOCK_N divides the
-blocksize).  The tile is already (K, N), the right operand of acc (BLOCK_M, BLOCK_N) = dy @ W: the
+``dequant_operand`` (rows = KR indices, columns = one aligned slice of an NF4 block: BLOCK_N divides the
+blocksize; the forward's PTX table decode in compiled 16-bit code, the fp32 select tree otherwise).  The tile is already (K, N), the right operand of acc (BLOCK_M, BLOCK_N) = dy @ W: the
 transposed access costs nothing, and no copy of W is made.  dy·B (BLOCK_M, R) is accumulated in the
 same loop; the epilogue adds s·(dy B)·A.
 
