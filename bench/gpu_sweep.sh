@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# One GPU session's correctness + benchmark sweep, in parts that each fit a 10-minute command
+# (times measured on an H100, 2026-11-25).  Writes everything under $OUT (default bench/results/sweep).
+#
+#   bash bench/gpu_sweep.sh tests      # GPU test suite, one pinned kernel config (~5 min)
+#   bash bench/gpu_sweep.sh qwen3      # forward all T + fwd+bwd T=8192/16384, Qwen3-30B-A3B (~3 min)
+#   bash bench/gpu_sweep.sh wide       # forward GLM-4.5-Air all T, DeepSeek-V3 T <= 1024 (~2.5 min)
+#   bash bench/gpu_sweep.sh dsv3big    # forward DeepSeek-V3 T = 8192, 16384 (~1 min)
+#   bash bench/gpu_sweep.sh e2e        # end-to-end: reduced (4 layers) and the 48-layer memory figure (~4 min)
+#   bash bench/gpu_sweep.sh profile    # per-kernel and host-time profiles at small and large T (~3 min)
+set -euo pipefail
+OUT=${OUT:-bench/results/sweep}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+py=${PYTHON:-python3}
+case "${1:-}" in
+  tests)
+    # Autotuning every test shape over every config would take most of an hour: pin one config.
+    NF4MOE_CONFIG=BLOCK_M=16,BLOCK_N=32,BLOCK_K=64,num_warps=4,num_stages=3 \
+      $py -m pytest -q -p no:cacheprovider tests/test_triton_forward.py tests/test_routing_device.py \
+      tests/test_triton_backward.py tests/test_module.py 2>&1 | tee "$OUT/gpu_tests.log" ;;
+  qwen3)
+    mkdir -p "$OUT/qwen3"
+    $py -m nf4moe bench --mode fwd --shapes qwen3 --out "$OUT/qwen3" 2>&1 | tee "$OUT/qwen3_fwd.log"
+    $py -m nf4moe bench --mode fwdbwd --shapes qwen3 --tokens 8192,16384 --out "$OUT/qwen3" 2>&1 \
+      | tee "$OUT/qwen3_fwdbwd.log" ;;
+  wide)
+    mkdir -p "$OUT/glm" "$OUT/dsv3"
+    $py -m nf4moe bench --mode fwd --shapes glm45air --out "$OUT/glm" 2>&1 | tee "$OUT/glm_fwd.log"
+    $py -m nf4moe bench --mode fwd --shapes dsv3 --tokens 1,16,128,1024 --out "$OUT/dsv3" 2>&1 \
+      | tee "$OUT/dsv3_fwd.log" ;;
+  dsv3big)
+    mkdir -p "$OUT/dsv3big"
+    $py -m nf4moe bench --mode fwd --shapes dsv3 --tokens 8192,16384 --no-check --out "$OUT/dsv3big" 2>&1 \
+      | tee "$OUT/dsv3big_fwd.log" ;;
+  e2e)
+    $py bench/bench_e2e.py --part reduced --out "$OUT" 2>&1 | tee "$OUT/e2e_reduced.log"
+    $py bench/bench_e2e.py --part full --quick --out "$OUT" 2>&1 | tee "$OUT/e2e_full.log" ;;
+  profile)
+    $py -m bench.profile_layer --tokens 1,16,128 --variants lut,gemv 2>&1 | tee "$OUT/profile_small.log"
+    $py -m bench.profile_layer --tokens 1024,8192 --variants lut 2>&1 | tee "$OUT/profile_large.log"
+    $py -m bench.profile_host --tokens 1,128 2>&1 | tee "$OUT/host.log" ;;
+  *)
+    sed -n '2,9p' "$0"; exit 2 ;;
+esac
