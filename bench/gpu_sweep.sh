@@ -41,5 +41,5 @@ case "${1:-}" in
     $py -m bench.profile_layer --tokens 1024,8192 --variants lut 2>&1 | tee "$OUT/profile_large.log"
     $py -m bench.profile_host --tokens 1,128 2>&1 | tee "$OUT/host.log" ;;
   *)
-    sed -n '2,9p' "$0"; exit 2 ;;
+    sed -n '2,10p' "$0"; exit 2 ;;
 esac
