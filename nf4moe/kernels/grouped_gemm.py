@@ -14,6 +14,12 @@ and BLOCK_M (rows of one expert) may be as small as 16 for decode.
 Grid: (cdiv(N, BLOCK_N), cdiv(P, BLOCK_M) + min(E, P)).  Program (n, m) finds its expert and row tile
 from ``expert_offsets`` (tiles are padded per expert to BLOCK_M); programs past the last tile exit.
 No host synchronisation is needed to size the grid.
+
+A K step (BLOCK_K) either divides the NF4 blocksize (one absmax per tile row) or spans several whole
+blocks (one absmax per block, nf4_decode); the autotuner picks K=128 on most Qwen3-30B-A3B buckets.
+LoRA X·Aᵀ comes precomputed per row (lora_xa.py, split over K at small P).  The launcher sends
+inference calls up to ``NF4MOE_GEMV_ROWS`` routed rows to the decode GEMV (grouped_gemv.py; off by
+default), and eager launches reuse the autotuner's choice (configs.launch_tuned).
 """
 from __future__ import annotations
 
