@@ -106,6 +106,21 @@ def build_peers(e: int, h: int, i: int, k: int, rank: int, gen: torch.Generator)
     return cfg, bf16, ours
 
 
+def profile_cases(shape: str, tokens: str, rank: int):
+    """For the profiling scripts: (bf16 peer, nf4moe layer) of ``shape`` with seeded random weights, and an
+    iterator of (T, x, top_k_index, top_k_weights) on the GPU for each T of the comma-separated ``tokens``."""
+    e, h, i, k = SHAPES[shape]
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    _, bf16, ours = build_peers(e, h, i, k, rank, gen)
+
+    def inputs():
+        for t in [int(v) for v in tokens.split(",")]:
+            x = torch.randn(t, h, device="cuda", dtype=torch.bfloat16, generator=gen)
+            yield (t, x, *routing(t, e, k, gen))
+
+    return bf16, ours, inputs()
+
+
 def dequant_peer(bf16_mod, ours):
     """The dequantize-whole-weight path: bitsandbytes dequantize_4bit then transformers grouped_mm.
 

@@ -51,7 +51,7 @@ def graph_us(fn, iters: int = 50) -> float:
 
 
 def main(argv=None) -> int:
-    from .bench_layer import SHAPES, build_peers, routing
+    from .bench_layer import profile_cases
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="qwen3")
@@ -59,12 +59,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--top", type=int, default=30)
     args = ap.parse_args(argv)
-    e, h, i, k = SHAPES[args.shape]
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    _, bf16, ours = build_peers(e, h, i, k, args.rank, gen)
-    for t in [int(x) for x in args.tokens.split(",")]:
-        x = torch.randn(t, h, device="cuda", dtype=torch.bfloat16, generator=gen)
-        idx, w = routing(t, e, k, gen)
+    bf16, ours, cases = profile_cases(args.shape, args.tokens, args.rank)
+    for t, x, idx, w in cases:
         with torch.no_grad():
             for name, fn in (("nf4moe", lambda: ours(x, idx, w)), ("bf16 grouped_mm", lambda: bf16(x, idx, w))):
                 print(f"T={t} {name}: host {host_us(fn):.1f} us/call, CUDA graph {graph_us(fn):.1f} us/call",

@@ -32,7 +32,7 @@ def kernel_times(fn, iters: int = 20) -> dict[str, float]:
 
 
 def main(argv=None) -> int:
-    from .bench_layer import SHAPES, _bench, build_peers, routing
+    from .bench_layer import _bench, profile_cases
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="qwen3")
@@ -40,15 +40,11 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", default="lut,select")
     ap.add_argument("--rank", type=int, default=16)
     args = ap.parse_args(argv)
-    e, h, i, k = SHAPES[args.shape]
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    _, bf16, ours = build_peers(e, h, i, k, args.rank, gen)
+    _, ours, cases = profile_cases(args.shape, args.tokens, args.rank)
     from nf4moe.kernels.grouped_gemm import nf4_moe_gemm_kernel
     from nf4moe.kernels.grouped_gemv import nf4_moe_gemv_kernel
 
-    for t in [int(x) for x in args.tokens.split(",")]:
-        x = torch.randn(t, h, device="cuda", dtype=torch.bfloat16, generator=gen)
-        idx, w = routing(t, e, k, gen)
+    for t, x, idx, w in cases:
         for var in args.variants.split(","):
             os.environ["NF4MOE_LUT"] = "0" if var == "select" else "1"
             os.environ["NF4MOE_XA_PRE"] = "0" if var == "xaloop" else "1"

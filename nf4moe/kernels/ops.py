@@ -69,6 +69,31 @@ def _register(name: str):
     return deco
 
 
+def _up(x, w: NF4Operand, lora_a, lora_b, scaling, sorted_pair_ids, expert_offsets, top_k, act, gu=None, xa_out=None):
+    """The gated up projection into a new (P, I) buffer (sorted order); ``gu``/``xa_out``: training stores."""
+    inter = w.packed.shape[1] // 2
+    out = x.new_empty(sorted_pair_ids.numel(), inter)
+    return launch_nf4_moe_gemm(
+        x, w, lora_a, lora_b, scaling, sorted_pair_ids, expert_offsets, None, out, n=inter, top_k=top_k, gated=True,
+        act=act, gu=gu, xa_out=xa_out, launcher=_launcher(),
+    )
+
+
+def _down(h, w: NF4Operand, lora_a, lora_b, scaling, sorted_pair_ids, expert_offsets, top_k_weights):
+    """The down projection times the routing weight into a new (P, H) buffer indexed by pair id."""
+    hidden = w.packed.shape[1]
+    out = h.new_empty(sorted_pair_ids.numel(), hidden)
+    return launch_nf4_moe_gemm(
+        h, w, lora_a, lora_b, scaling, sorted_pair_ids, expert_offsets, top_k_weights, out, n=hidden, top_k=1,
+        gated=False, launcher=_launcher(),
+    )
+
+
+def _combine(y, top_k_index, num_experts):
+    out = y.new_empty(top_k_index.shape[0], y.shape[1])
+    return launch_combine(y, top_k_index, out, num_experts, launcher=_launcher())
+
+
 @_register("moe_up")
 def moe_up(
     x: Tensor, packed: Tensor, absmax: Tensor, absmax2: Optional[Tensor], code2: Optional[Tensor],
@@ -76,13 +101,8 @@ def moe_up(
     sorted_pair_ids: Tensor, expert_offsets: Tensor, top_k: int, blocksize: int, blocksize2: int, act: str,
 ) -> Tensor:
     """act(x W_gateᵀ + LoRA) * (x W_upᵀ + LoRA) for every routed pair, (T*K, I) in sorted order."""
-    inter = packed.shape[1] // 2
-    out = x.new_empty(sorted_pair_ids.numel(), inter)
-    return launch_nf4_moe_gemm(
-        x, NF4Operand(packed, absmax, absmax2, code2, offset, blocksize, blocksize2), lora_a, lora_b, scaling,
-        sorted_pair_ids, expert_offsets, None, out, n=inter, top_k=top_k, gated=True, act=act,
-        launcher=_launcher(),
-    )
+    return _up(x, NF4Operand(packed, absmax, absmax2, code2, offset, blocksize, blocksize2), lora_a, lora_b, scaling,
+               sorted_pair_ids, expert_offsets, top_k, act)
 
 
 @_register("moe_down")
@@ -92,21 +112,14 @@ def moe_down(
     sorted_pair_ids: Tensor, expert_offsets: Tensor, top_k_weights: Tensor, blocksize: int, blocksize2: int,
 ) -> Tensor:
     """w[p] * (h W_downᵀ + LoRA) per pair, (T*K, H) indexed by pair id (dropped pairs unwritten)."""
-    hidden = packed.shape[1]
-    out = h.new_empty(sorted_pair_ids.numel(), hidden)
-    return launch_nf4_moe_gemm(
-        h, NF4Operand(packed, absmax, absmax2, code2, offset, blocksize, blocksize2), lora_a, lora_b, scaling,
-        sorted_pair_ids, expert_offsets, top_k_weights, out, n=hidden, top_k=1, gated=False,
-        launcher=_launcher(),
-    )
+    return _down(h, NF4Operand(packed, absmax, absmax2, code2, offset, blocksize, blocksize2), lora_a, lora_b, scaling,
+                 sorted_pair_ids, expert_offsets, top_k_weights)
 
 
 @_register("combine")
 def combine(y: Tensor, top_k_index: Tensor, num_experts: int) -> Tensor:
     """(T, H): sum over each token's K slots of y, in slot order, fp32 accumulation."""
-    t = top_k_index.shape[0]
-    out = y.new_empty(t, y.shape[1])
-    return launch_combine(y, top_k_index, out, num_experts, launcher=_launcher())
+    return _combine(y, top_k_index, num_experts)
 
 
 if _INTERPRET:
@@ -152,36 +165,22 @@ def moe_experts(
     save_preact=False (inference or recompute mode): gu and xa are empty (0 rows) and the up projection
     is the inference kernel; True: one up pass writes h for the down GEMM and gu, xa for the backward.
     """
-    t, k = top_k_index.shape
+    k = top_k_index.shape[1]
     p = sorted_pair_ids.numel()
     inter = gu_packed.shape[1] // 2
-    hidden = dn_packed.shape[1]
     rp = r_pad(lora_a_up.shape[1] if lora_a_up is not None else 0)
-    gu_w = NF4Operand(gu_packed, gu_absmax, gu_absmax2, gu_code2, gu_offset, blocksize, gu_blocksize2)
-    h = x.new_empty(p, inter)
     if save_preact:
         gu = x.new_empty(p, 2 * inter)
         xa = x.new_empty(p, rp, dtype=torch.float32) if lora_a_up is not None else _empty_rows(x, rp, torch.float32)
-        launch_nf4_moe_gemm(
-            x, gu_w, lora_a_up, lora_b_up, scaling, sorted_pair_ids, expert_offsets, None, h, n=inter, top_k=k,
-            gated=True, act=act, gu=gu, xa_out=xa if lora_a_up is not None else None, launcher=_launcher(),
-        )
     else:
         gu = _empty_rows(x, 2 * inter)
         xa = _empty_rows(x, rp, torch.float32)
-        launch_nf4_moe_gemm(
-            x, gu_w, lora_a_up, lora_b_up, scaling, sorted_pair_ids, expert_offsets, None, h, n=inter, top_k=k,
-            gated=True, act=act, launcher=_launcher(),
-        )
-    y = x.new_empty(p, hidden)
-    launch_nf4_moe_gemm(
-        h, NF4Operand(dn_packed, dn_absmax, dn_absmax2, dn_code2, dn_offset, blocksize, dn_blocksize2), lora_a_down,
-        lora_b_down, scaling, sorted_pair_ids, expert_offsets, top_k_weights.reshape(-1), y, n=hidden, top_k=1,
-        gated=False, launcher=_launcher(),
-    )
-    out = x.new_empty(t, hidden)
-    launch_combine(y, top_k_index, out, gu_packed.shape[0], launcher=_launcher())
-    return out, gu, xa
+    h = _up(x, NF4Operand(gu_packed, gu_absmax, gu_absmax2, gu_code2, gu_offset, blocksize, gu_blocksize2), lora_a_up,
+            lora_b_up, scaling, sorted_pair_ids, expert_offsets, k, act, gu=gu if save_preact else None,
+            xa_out=xa if save_preact and lora_a_up is not None else None)
+    y = _down(h, NF4Operand(dn_packed, dn_absmax, dn_absmax2, dn_code2, dn_offset, blocksize, dn_blocksize2),
+              lora_a_down, lora_b_down, scaling, sorted_pair_ids, expert_offsets, top_k_weights.reshape(-1))
+    return _combine(y, top_k_index, gu_packed.shape[0]), gu, xa
 
 
 @_register("moe_up_preact")
