@@ -1,0 +1,94 @@
+"""Compile nf4moe's Triton kernels for an H100 (sm_90) without a GPU and report facts about the PTX.
+
+Run as a script with TRITON_INTERPRET unset (tests/test_gpu_compile.py does it in a subprocess): the
+kernels are then real JIT functions, and Triton's compiler with its bundled ptxas lowers them for a target
+given by hand.  Integer arguments are specialised the way a GPU launch specialises them (a multiple of 16
+gets the divisibility hint, stride 1 becomes a constant), so the layouts, vector widths and software
+pipelining are the ones a launch on the GPU would get from the same Triton version.
+
+Prints one JSON object: kernel variant -> facts(ptx).
+"""
+from __future__ import annotations
+
+import collections
+import json
+import re
+import sys
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+TARGET = GPUTarget("cuda", 90, 32)
+
+
+def compile_kernel(kernel, ptr_types: dict, ints: dict, constexprs: dict, num_warps: int, num_stages: int) -> str:
+    """PTX of ``kernel`` (an autotuned or plain JIT function) for TARGET."""
+    fn = kernel.fn if hasattr(kernel, "configs") else kernel
+    names = fn.arg_names
+    sig, cx, attrs = {}, {}, {}
+    for idx, name in enumerate(names):
+        if name in constexprs:
+            sig[name] = "constexpr"
+            cx[(idx,)] = constexprs[name]
+        elif name.endswith("_ptr"):
+            sig[name] = ptr_types.get(name, "*fp32")
+            attrs[(idx,)] = [["tt.divisibility", 16]]
+        elif name == "scaling":
+            sig[name] = "fp32"
+        elif ints.get(name, 1024) == 1:  # a launch specialises an int equal to 1 as a constant
+            sig[name] = "constexpr"
+            cx[(idx,)] = 1
+        else:
+            sig[name] = "i32"
+            if ints.get(name, 1024) % 16 == 0:
+                attrs[(idx,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn=fn, signature=sig, constexprs=cx, attrs=attrs)
+    return triton.compile(src, target=TARGET, options={"num_warps": num_warps, "num_stages": num_stages}).asm["ptx"]
+
+
+def facts(ptx: str) -> dict:
+    """Opcode counts of the compiler's own PTX lines, the cp.async sizes (software-pipelined loads), and how
+    often the NF4 table decode's inline PTX (nf4_decode._lut_asm, one line per instance) was emitted."""
+    ops = collections.Counter(m.group(1) for m in re.finditer(r"^\s+([a-z][\w.]*)", ptx, re.M))
+    cp = sorted({int(m.group(1), 16) for m in re.finditer(r"cp\.async\.c[ag]\.shared\.global[^\n]*?, (0x[0-9a-f]+)", ptx)})
+    return {"ptx_ops": dict(ops), "cp_async_bytes": cp,
+            "wgmma": sum(c for op, c in ops.items() if op.startswith("wgmma.mma_async")),
+            "lut_decodes": ptx.count("prmt.b32 a, tl0, tl1"), "lut_scaled": "fma.rn." in ptx and "x2 " in ptx}
+
+
+def main() -> int:
+    from nf4moe.kernels.grouped_gemm import nf4_moe_gemm_kernel
+    from nf4moe.kernels.grouped_gemm_bwd import nf4_moe_gemm_t_kernel
+    from nf4moe.kernels.grouped_gemv import nf4_moe_gemv_kernel
+    from nf4moe.kernels.routing import routing_kernel
+
+    bf16_ptrs = {n: "*bf16" for n in ("x_ptr", "dy_ptr", "out_ptr", "gu_ptr", "la_ptr", "lb_ptr", "topw_ptr")}
+    ptrs = {**bf16_ptrs, "w_ptr": "*u8", "pair_ptr": "*i32", "eoff_ptr": "*i32", "idx_ptr": "*i64",
+            "pairs_ptr": "*i32"}
+    # Qwen3-30B-A3B up projection: N = I = 768, K = H = 2048, 1024 routed rows, LoRA r=16, bf16
+    ints = dict(stride_xm=2048, stride_xk=1, N=768, K_DIM=2048, N_TOTAL=1536, E=128, R=16, P=1024, ROW_BUCKET=1024,
+                stride_om=768, XA_SPLIT=1, stride_dm=2048, stride_dk=1, KR=2048)
+    common = dict(TOP_K=8, E_POW2=128, R_PAD=16, ACT=0, HAS_LORA=True, NESTED=True, BS=64, BS2=256)
+    out = {}
+    up = dict(common, GATED=True, GATHER=True, SCATTER=False, INTERPRET=False, LUT=True, XA_PRE=True,
+              WRITE_GU=False, WRITE_OUT=True)
+    out["gemm_up_bk128"] = facts(compile_kernel(nf4_moe_gemm_kernel, ptrs, ints,
+                                                dict(up, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128), 4, 3))
+    out["gemm_up_bk64"] = facts(compile_kernel(nf4_moe_gemm_kernel, ptrs, ints,
+                                               dict(up, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64), 4, 3))
+    gemv = {k: v for k, v in up.items() if k not in ("INTERPRET", "XA_PRE", "WRITE_GU", "WRITE_OUT")}
+    out["gemv_up"] = facts(compile_kernel(nf4_moe_gemv_kernel, ptrs, ints,
+                                          dict(gemv, BLOCK_M=2, BLOCK_N=32, BLOCK_K=256), 4, 3))
+    bwd = dict(common, DOWN=False, NEED_DY=True, NEED_OUT=True, NEED_DW=False, NEED_XA=False, NEED_DZB=True,
+               INTERPRET=False, LUT=True)
+    out["bwd_up_dx"] = facts(compile_kernel(nf4_moe_gemm_t_kernel, ptrs, dict(ints, N=2048, KR=1536),
+                                            dict(bwd, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64), 4, 3))
+    out["routing_1024"] = facts(compile_kernel(routing_kernel, ptrs, dict(P=8, E=128), dict(P_POW2=1024, NUM_BINS=256),
+                                               8, 1))
+    json.dump(out, sys.stdout)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
