@@ -31,7 +31,7 @@ import triton.language as tl
 
 from .operands import NF4Operand, r_pad
 from .configs import gemm_configs, interpreting, launch_tuned, prune_configs, row_bucket
-from .grouped_gemv import nf4_moe_gemv_kernel
+from .grouped_gemv import gemv_max_rows, launch_nf4_moe_gemv
 from .lora_xa import launch_lora_xa
 from .nf4_decode import dequant_operand
 from .common import act_fwd, dot_operand, expert_row_tile, nested_offset
@@ -159,7 +159,7 @@ def use_lut(dtype: torch.dtype) -> bool:
             and os.environ.get("NF4MOE_LUT", "1") == "1")
 
 
-def _grid(n: int, rows: int, num_experts: int):
+def grid(n: int, rows: int, num_experts: int):
     return lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(rows, meta["BLOCK_M"]) + min(num_experts, rows))
 
 
@@ -202,8 +202,9 @@ def launch_nf4_moe_gemm(
     xa = None
     training = gu is not None or xa_out is not None or not write_out
     if not training and rows <= gemv_max_rows():
-        return _launch_gemv(x, w, lora_a if has_lora else None, lora_b, scaling, sorted_pair_ids, expert_offsets,
-                            top_k_weights, out, n=n, top_k=top_k, gated=gated, act=act, launcher=launcher)
+        return launch_nf4_moe_gemv(x, w, lora_a if has_lora else None, lora_b, scaling, sorted_pair_ids,
+                                   expert_offsets, top_k_weights, out, n=n, top_k=top_k, gated=gated, act=act,
+                                   launcher=launcher)
     if xa_pre is None:  # NF4MOE_XA_PRE=0: accumulate X·Aᵀ inside the K loop (for comparison)
         xa_pre = os.environ.get("NF4MOE_XA_PRE", "1") == "1"
     if has_lora and (xa_pre or xa_out is not None):
@@ -219,7 +220,7 @@ def launch_nf4_moe_gemm(
     key = ("gemm", n, k_dim, bucket, x.dtype, out.dtype, absmax.dtype, lora_b.dtype if has_lora else None,
            *meta.values())
     launch_tuned(
-        nf4_moe_gemm_kernel, _grid(n, rows, num_experts), key, launcher,
+        nf4_moe_gemm_kernel, grid(n, rows, num_experts), key, launcher,
         x, x.stride(0), x.stride(1),
         *w.pointer_args(),
         lora_a if has_lora else dummy, lora_b if has_lora else dummy, float(scaling),
@@ -233,42 +234,3 @@ def launch_nf4_moe_gemm(
     )
     return out
 
-
-def gemv_max_rows() -> int:
-    """Routed rows up to which the inference projections run the GEMV kernel (grouped_gemv.py) instead
-    of the MMA GEMM; ``NF4MOE_GEMV_ROWS`` sets it.  Off (0) by default: on an H100 (Qwen3-30B-A3B, T=1)
-    it measured 36.9 us against the GEMM's 37.6 us, and 286 against 215 us at T=16 (bench/NOTES.md)."""
-    return int(os.environ.get("NF4MOE_GEMV_ROWS", "0"))
-
-
-def _launch_gemv(x, w: NF4Operand, lora_a, lora_b, scaling, sorted_pair_ids, expert_offsets, top_k_weights, out, *,
-                 n, top_k, gated, act, launcher):
-    num_experts, n_total, half_k = w.packed.shape
-    rows = sorted_pair_ids.numel()
-    dummy = w.absmax
-    r = lora_a.shape[1] if lora_a is not None else 0
-    rp = r_pad(r)
-    xa = None
-    if lora_a is not None:
-        xa = launch_lora_xa(x, lora_a, sorted_pair_ids, expert_offsets, top_k=top_k, gather=gated, r_pad=rp,
-                            launcher=launcher)
-    bucket = 8 if rows <= 8 else 64
-    meta = dict(
-        TOP_K=top_k, E_POW2=triton.next_power_of_2(num_experts), R_PAD=rp,
-        GATED=gated, ACT=ACT_CODES[act], GATHER=gated, SCATTER=not gated,
-        HAS_LORA=lora_a is not None, NESTED=w.nested, BS=w.blocksize, BS2=w.blocksize2, LUT=use_lut(x.dtype),
-    )
-    key = ("gemv", n, 2 * half_k, bucket, x.dtype, out.dtype, w.absmax.dtype,
-           lora_b.dtype if lora_a is not None else None, *meta.values())
-    launch_tuned(
-        nf4_moe_gemv_kernel, _grid(n, rows, num_experts), key, launcher,
-        x, x.stride(0), x.stride(1),
-        *w.pointer_args(),
-        lora_b if lora_a is not None else dummy, float(scaling),
-        xa if xa is not None else dummy, xa.shape[0] if xa is not None else 1,
-        out, out.stride(0),
-        sorted_pair_ids, expert_offsets, top_k_weights if top_k_weights is not None else dummy,
-        n, 2 * half_k, n_total, num_experts, r, rows, bucket,
-        **meta,
-    )
-    return out

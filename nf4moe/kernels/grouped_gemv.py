@@ -24,12 +24,16 @@ Next for it: prefetch the next step's bytes by hand before decoding the current 
 """
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
 
 from .common import act_fwd, expert_row_tile, nested_offset
-from .configs import _pinned, interpreting
+from .configs import _pinned, interpreting, launch_tuned
+from .lora_xa import launch_lora_xa
 from .nf4_decode import block_scale, nf4_code_pairs
+from .operands import NF4Operand, r_pad
 
 
 def gemv_configs() -> list[triton.Config]:
@@ -166,3 +170,45 @@ def nf4_moe_gemv_kernel(
         out_rows = offs_m.to(tl.int64)
     tl.store(out_ptr + out_rows[None, :] * stride_om + offs_n[:, None], acc.to(out_ptr.dtype.element_ty),
              mask=n_mask[:, None] & m_mask[None, :])
+
+
+def gemv_max_rows() -> int:
+    """Routed rows up to which the inference projections run the GEMV kernel (grouped_gemv.py) instead
+    of the MMA GEMM; ``NF4MOE_GEMV_ROWS`` sets it.  Off (0) by default: on an H100 (Qwen3-30B-A3B, T=1)
+    it measured 36.9 us against the GEMM's 37.6 us, and 286 against 215 us at T=16 (bench/NOTES.md)."""
+    return int(os.environ.get("NF4MOE_GEMV_ROWS", "0"))
+
+
+def launch_nf4_moe_gemv(x, w: NF4Operand, lora_a, lora_b, scaling, sorted_pair_ids, expert_offsets, top_k_weights,
+                        out, *, n, top_k, gated, act, launcher=None):
+    """The inference projection of grouped_gemm.launch_nf4_moe_gemm (same arguments, no training stores)."""
+    from .grouped_gemm import ACT_CODES, grid, use_lut  # grouped_gemm imports this module
+    num_experts, n_total, half_k = w.packed.shape
+    rows = sorted_pair_ids.numel()
+    dummy = w.absmax
+    r = lora_a.shape[1] if lora_a is not None else 0
+    rp = r_pad(r)
+    xa = None
+    if lora_a is not None:
+        xa = launch_lora_xa(x, lora_a, sorted_pair_ids, expert_offsets, top_k=top_k, gather=gated, r_pad=rp,
+                            launcher=launcher)
+    bucket = 8 if rows <= 8 else 64
+    meta = dict(
+        TOP_K=top_k, E_POW2=triton.next_power_of_2(num_experts), R_PAD=rp,
+        GATED=gated, ACT=ACT_CODES[act], GATHER=gated, SCATTER=not gated,
+        HAS_LORA=lora_a is not None, NESTED=w.nested, BS=w.blocksize, BS2=w.blocksize2, LUT=use_lut(x.dtype),
+    )
+    key = ("gemv", n, 2 * half_k, bucket, x.dtype, out.dtype, w.absmax.dtype,
+           lora_b.dtype if lora_a is not None else None, *meta.values())
+    launch_tuned(
+        nf4_moe_gemv_kernel, grid(n, rows, num_experts), key, launcher,
+        x, x.stride(0), x.stride(1),
+        *w.pointer_args(),
+        lora_b if lora_a is not None else dummy, float(scaling),
+        xa if xa is not None else dummy, xa.shape[0] if xa is not None else 1,
+        out, out.stride(0),
+        sorted_pair_ids, expert_offsets, top_k_weights if top_k_weights is not None else dummy,
+        n, 2 * half_k, n_total, num_experts, r, rows, bucket,
+        **meta,
+    )
+    return out
