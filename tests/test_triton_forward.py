@@ -190,3 +190,27 @@ def test_opcheck():
     torch.library.opcheck(ops.moe_down, dargs, test_utils=("test_schema", "test_faketensor"))
     y = ops.moe_down(*dargs)
     torch.library.opcheck(ops.combine, (y, idx, 4), test_utils=("test_schema", "test_faketensor"))
+
+
+def test_lora_xa_split_partials_sum_to_the_whole(nan_new_empty):
+    """At small P the X·Aᵀ precompute splits K into slices (partials summed by the consumer); their sum
+    equals the one-slice result and x[row]·A[e]ᵀ computed directly."""
+    from nf4moe.kernels.lora_xa import launch_lora_xa, xa_split
+    from nf4moe.kernels.routing import build_routing
+
+    t, e, k, r, kdim = 6, 4, 2, 8, 512
+    g = torch.Generator().manual_seed(21)
+    x = torch.randn(t, kdim, generator=g).to(DEV)
+    a = (torch.randn(e, r, kdim, generator=g) * 0.1).to(DEV)
+    idx, _ = routing(t, e, k, seed=22)
+    rt = build_routing(idx, e)
+    assert xa_split(kdim, t * k, 64) == 4
+    parts = launch_lora_xa(x, a, rt.sorted_pair_ids, rt.expert_offsets, top_k=k, gather=True, r_pad=16)
+    whole = launch_lora_xa(x, a, rt.sorted_pair_ids, rt.expert_offsets, top_k=k, gather=True, r_pad=16,
+                           out=torch.full((t * k, 16), float("nan"), device=DEV))
+    assert parts.shape == (4, t * k, 16)
+    pairs = rt.sorted_pair_ids.long()
+    want = torch.einsum("pk,prk->pr", x[pairs // k].double(), a[idx.reshape(-1)[pairs]].double())
+    tol = 1e-4 if INTERP else 5e-3  # exact fp32 in the interpreter; tf32 dot operands on the GPU
+    torch.testing.assert_close(parts.sum(0)[:, :r].double(), want, rtol=tol, atol=tol)
+    torch.testing.assert_close(whole[:, :r].double(), want, rtol=tol, atol=tol)
