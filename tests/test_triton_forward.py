@@ -214,3 +214,22 @@ def test_lora_xa_split_partials_sum_to_the_whole(nan_new_empty):
     tol = 1e-4 if INTERP else 5e-3  # exact fp32 in the interpreter; tf32 dot operands on the GPU
     torch.testing.assert_close(parts.sum(0)[:, :r].double(), want, rtol=tol, atol=tol)
     torch.testing.assert_close(whole[:, :r].double(), want, rtol=tol, atol=tol)
+
+
+def test_second_launch_skips_the_autotuner(monkeypatch):
+    """configs.launch_tuned: once a launch key has its config, eager launches call the JIT function with it
+    directly (the autotuner's per-call key building is host time at small T); results are unchanged."""
+    from nf4moe.kernels.grouped_gemm import nf4_moe_gemm_kernel
+
+    monkeypatch.setenv("NF4MOE_GEMV_ROWS", "0")
+    m = make_layer(4, 128, 64, rank=8, seed=31)
+    x = torch.randn(5, 128, device=DEV, dtype=torch.bfloat16)
+    idx, w = routing(5, 4, 2, seed=32)
+    with torch.no_grad():
+        first = m(x, idx, w)
+
+        def autotuner_again(*args, **kwargs):
+            raise AssertionError("the autotuner ran for a key that already has its config")
+
+        monkeypatch.setattr(nf4_moe_gemm_kernel, "run", autotuner_again)
+        assert torch.equal(m(x, idx, w), first)
