@@ -366,3 +366,16 @@ def test_t_zero_keeps_lora_in_the_graph():
 def test_recompute_constructor_argument():
     m = nf4moe.QuantGroupedExperts(4, 128, 64, lora_rank=8, recompute=True)
     assert m.recompute is True
+
+
+def test_double_backward_is_refused_not_silently_dropped():
+    """The layer has no second derivative: a backward under create_graph=True must not hand back
+    gradients detached from the graph (a penalty on them would silently add nothing); the ops it runs are
+    recorded by autograd, which refuses to differentiate them."""
+    m = make_layer(4, 128, 64, rank=8, seed=51)
+    x = torch.randn(7, 128, device=DEV, dtype=torch.float32, requires_grad=True)
+    idx, w = routing(7, 4, 2, seed=52)
+    out = m(x, idx, w)
+    (g,) = torch.autograd.grad((out ** 2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="autograd"):
+        (g ** 2).sum().backward()

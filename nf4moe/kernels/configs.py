@@ -8,6 +8,7 @@ Under the Triton interpreter a single small config is used (the interpreter cann
 from __future__ import annotations
 
 import os
+import threading
 
 import triton
 
@@ -100,6 +101,9 @@ def prune_configs(configs, named_args, **kwargs):
 
 
 _TUNED: dict = {}  # launch key -> the config the autotuner chose for it
+# The autotuner reports its choice in one attribute (best_config) shared by all its keys and set before it
+# compiles and launches (which can release the GIL): first launches hold this lock until it is read.
+_TUNE_LOCK = threading.Lock()
 
 
 def launch_tuned(kernel, grid, key: tuple, launcher, *args, **kwargs) -> None:
@@ -116,7 +120,8 @@ def launch_tuned(kernel, grid, key: tuple, launcher, *args, **kwargs) -> None:
         return
     cfg = _TUNED.get(key)
     if cfg is None:
-        kernel[grid](*args, **kwargs)
-        _TUNED[key] = kernel.best_config
+        with _TUNE_LOCK:
+            kernel[grid](*args, **kwargs)
+            _TUNED[key] = kernel.best_config
         return
     kernel.fn[grid](*args, **kwargs, **cfg.all_kwargs())

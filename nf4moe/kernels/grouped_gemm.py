@@ -201,7 +201,7 @@ def launch_nf4_moe_gemm(
     rp = r_pad(r)
     xa = None
     training = gu is not None or xa_out is not None or not write_out
-    if not training and rows <= gemv_max_rows():
+    if not training and 0 < rows <= gemv_max_rows():
         return launch_nf4_moe_gemv(x, w, lora_a if has_lora else None, lora_b, scaling, sorted_pair_ids,
                                    expert_offsets, top_k_weights, out, n=n, top_k=top_k, gated=gated, act=act,
                                    launcher=launcher)

@@ -39,14 +39,23 @@ def _launcher():
     return None if getattr(_direct, "on", False) else _LAUNCHER
 
 
+def _direct_ok(args) -> bool:
+    """Plain eager call: not traced, no dispatch mode, plain tensors, and no autograd graph to build (an
+    input that requires grad with grad mode on, e.g. a backward under ``create_graph=True``)."""
+    if torch.compiler.is_compiling() or _current_mode() is not None:
+        return False
+    grad = torch.is_grad_enabled()
+    return all(type(a) in _PLAIN and not (grad and a.requires_grad) for a in args if isinstance(a, torch.Tensor))
+
+
 def run(name: str, *args):
     """Call op ``nf4moe::<name>``.  Eagerly on plain tensors its Python body runs directly with plain
     Triton launches: the dispatcher's custom-op wrapper alone cost ~0.1 ms per op call (cProfile on an
-    H200, T=1, where the whole layer is host-bound).  Under torch.compile, or with fake / functional /
-    subclass tensors, or under a dispatch mode, the registered op runs, so tracing, the meta functions and
-    the mode see it."""
-    if (not torch.compiler.is_compiling() and _current_mode() is None
-            and all(type(a) in _PLAIN for a in args if isinstance(a, torch.Tensor))):
+    H200, T=1, where the whole layer is host-bound).  Under torch.compile, with fake / functional /
+    subclass tensors, under a dispatch mode, or when autograd would record the call, the registered op
+    runs, so tracing, the meta functions, the mode and autograd (which refuses: these ops have no
+    derivative of their own) see it."""
+    if _direct_ok(args):
         _direct.on = True
         try:
             return _BODIES[name](*args)
@@ -329,7 +338,7 @@ from .routing import launch_routing  # noqa: E402
 def routing(top_k_index: Tensor, num_experts: int) -> tuple[Tensor, Tensor]:
     """(sorted_pair_ids (T*K,) int32, expert_offsets (E+1,) int32) of top_k_index (T, K), one launch;
     only for sizes ``routing.triton_fits`` accepts (build_routing takes the torch path otherwise)."""
-    return launch_routing(top_k_index, num_experts, launcher=_LAUNCHER)
+    return launch_routing(top_k_index, num_experts, launcher=_launcher())
 
 
 if _INTERPRET:

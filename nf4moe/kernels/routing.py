@@ -106,18 +106,15 @@ def build_routing(top_k_index: torch.Tensor, num_experts: int) -> Routing:
     The Triton path takes P = T*K <= ``TRITON_MAX_PAIRS`` (1024).  Why 1024, measured on an H100 (Qwen3-30B-A3B
     layer, bench.profile_layer): the one-program bitonic sort took 2.1 us at P=8 and 8 us at P=1024 (the torch
     path: radix sort alone 18 us there), but 189 us at P=8192, where torch's radix sort over the whole GPU
-    takes ~30 us.  Eagerly it launches the kernel directly
-    (the cheapest host path); under torch.compile it goes through the registered op ``nf4moe::routing``.
+    takes ~30 us.  It goes through ``ops.run``: a direct launch eagerly (the cheapest host path), the
+    registered op ``nf4moe::routing`` under torch.compile, fake tensors or a dispatch mode.
     """
     p = top_k_index.numel()
     on_triton = (top_k_index.is_cuda or _INTERPRET) and top_k_index.dtype in (torch.int32, torch.int64)
     if on_triton and triton_fits(p, num_experts):
-        if torch.compiler.is_compiling():
-            from . import ops  # ops imports this module's launcher
+        from . import ops  # ops imports this module's launcher
 
-            pairs, offsets = ops.routing(top_k_index, num_experts)
-        else:
-            pairs, offsets = launch_routing(top_k_index, num_experts)
+        pairs, offsets = ops.run("routing", top_k_index, num_experts)
     else:
         pairs, offsets = _torch_routing(top_k_index, num_experts)
     return Routing(sorted_pair_ids=pairs, expert_offsets=offsets, num_experts=num_experts, top_k=top_k_index.shape[1])
