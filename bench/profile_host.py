@@ -31,27 +31,8 @@ def host_us(fn, iters: int = 200) -> float:
     return 1e6 * total / iters
 
 
-def graph_us(fn, iters: int = 50) -> float:
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    g.replay()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        g.replay()
-    torch.cuda.synchronize()
-    return 1e6 * (time.perf_counter() - t0) / iters
-
-
 def main(argv=None) -> int:
-    from .bench_layer import profile_cases
+    from .bench_layer import graph_ms, profile_cases
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="qwen3")
@@ -62,9 +43,10 @@ def main(argv=None) -> int:
     bf16, ours, cases = profile_cases(args.shape, args.tokens, args.rank)
     for t, x, idx, w in cases:
         with torch.no_grad():
-            for name, fn in (("nf4moe", lambda: ours(x, idx, w)), ("bf16 grouped_mm", lambda: bf16(x, idx, w))):
-                print(f"T={t} {name}: host {host_us(fn):.1f} us/call, CUDA graph {graph_us(fn):.1f} us/call",
-                      flush=True)
+            for name, layer in (("nf4moe", ours), ("bf16 grouped_mm", bf16)):
+                host = host_us(lambda: layer(x, idx, w))
+                graph = 1e3 * graph_ms(layer, [(x, idx, w)])
+                print(f"T={t} {name}: host {host:.1f} us/call, CUDA graph {graph:.1f} us/call", flush=True)
             prof = cProfile.Profile()
             prof.enable()
             for _ in range(100):
