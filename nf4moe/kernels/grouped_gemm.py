@@ -159,6 +159,23 @@ def use_lut(dtype: torch.dtype) -> bool:
             and os.environ.get("NF4MOE_LUT", "1") == "1")
 
 
+def projection_meta(x: torch.Tensor, w: NF4Operand, *, top_k: int, r_pad: int, gated: bool, act: str,
+                    has_lora: bool) -> dict:
+    """The constexprs the GEMM and the GEMV kernels share for one projection."""
+    return dict(
+        TOP_K=top_k, E_POW2=triton.next_power_of_2(w.packed.shape[0]), R_PAD=r_pad,
+        GATED=gated, ACT=ACT_CODES[act], GATHER=gated, SCATTER=not gated,
+        HAS_LORA=has_lora, NESTED=w.nested, BS=w.blocksize, BS2=w.blocksize2, LUT=use_lut(x.dtype),
+    )
+
+
+def launch_key(kind: str, n: int, bucket: int, x: torch.Tensor, w: NF4Operand, out: torch.Tensor,
+               lora_b: torch.Tensor | None, meta: dict) -> tuple:
+    """configs.launch_tuned's key: every value the kernel's autotuner keys on or prunes by, and more."""
+    return (kind, n, 2 * w.packed.shape[2], bucket, x.dtype, out.dtype, w.absmax.dtype,
+            lora_b.dtype if lora_b is not None else None, *meta.values())
+
+
 def grid(n: int, rows: int, num_experts: int):
     return lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(rows, meta["BLOCK_M"]) + min(num_experts, rows))
 
@@ -190,8 +207,7 @@ def launch_nf4_moe_gemm(
     ``xa_out`` (P, R_PAD) fp32 the LoRA X·Aᵀ the epilogue used; ``write_out=False`` skips ``out``
     (recompute mode needs only the pre-activations).
     """
-    packed, absmax, nested = w.packed, w.absmax, w.nested
-    blocksize, blocksize2 = w.blocksize, w.blocksize2
+    packed, absmax = w.packed, w.absmax
     num_experts, n_total, half_k = packed.shape
     k_dim = 2 * half_k
     rows = sorted_pair_ids.numel()
@@ -211,14 +227,9 @@ def launch_nf4_moe_gemm(
         xa = launch_lora_xa(x, lora_a, sorted_pair_ids, expert_offsets, top_k=top_k, gather=gated, r_pad=rp,
                             out=xa_out, launcher=launcher)
     bucket = row_bucket(rows)
-    meta = dict(
-        TOP_K=top_k, E_POW2=triton.next_power_of_2(num_experts), R_PAD=rp,
-        GATED=gated, ACT=ACT_CODES[act], GATHER=gated, SCATTER=not gated,
-        HAS_LORA=has_lora, NESTED=nested, BS=blocksize, BS2=blocksize2, INTERPRET=interpreting(),
-        LUT=use_lut(x.dtype), XA_PRE=xa is not None, WRITE_GU=gu is not None, WRITE_OUT=write_out,
-    )
-    key = ("gemm", n, k_dim, bucket, x.dtype, out.dtype, absmax.dtype, lora_b.dtype if has_lora else None,
-           *meta.values())
+    meta = dict(projection_meta(x, w, top_k=top_k, r_pad=rp, gated=gated, act=act, has_lora=has_lora),
+                INTERPRET=interpreting(), XA_PRE=xa is not None, WRITE_GU=gu is not None, WRITE_OUT=write_out)
+    key = launch_key("gemm", n, bucket, x, w, out, lora_b if has_lora else None, meta)
     launch_tuned(
         nf4_moe_gemm_kernel, grid(n, rows, num_experts), key, launcher,
         x, x.stride(0), x.stride(1),

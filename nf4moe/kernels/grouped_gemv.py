@@ -182,7 +182,7 @@ def gemv_max_rows() -> int:
 def launch_nf4_moe_gemv(x, w: NF4Operand, lora_a, lora_b, scaling, sorted_pair_ids, expert_offsets, top_k_weights,
                         out, *, n, top_k, gated, act, launcher=None):
     """The inference projection of grouped_gemm.launch_nf4_moe_gemm (same arguments, no training stores)."""
-    from .grouped_gemm import ACT_CODES, grid, use_lut  # grouped_gemm imports this module
+    from .grouped_gemm import grid, launch_key, projection_meta  # grouped_gemm imports this module
     num_experts, n_total, half_k = w.packed.shape
     rows = sorted_pair_ids.numel()
     dummy = w.absmax
@@ -193,13 +193,8 @@ def launch_nf4_moe_gemv(x, w: NF4Operand, lora_a, lora_b, scaling, sorted_pair_i
         xa = launch_lora_xa(x, lora_a, sorted_pair_ids, expert_offsets, top_k=top_k, gather=gated, r_pad=rp,
                             launcher=launcher)
     bucket = 8 if rows <= 8 else 64
-    meta = dict(
-        TOP_K=top_k, E_POW2=triton.next_power_of_2(num_experts), R_PAD=rp,
-        GATED=gated, ACT=ACT_CODES[act], GATHER=gated, SCATTER=not gated,
-        HAS_LORA=lora_a is not None, NESTED=w.nested, BS=w.blocksize, BS2=w.blocksize2, LUT=use_lut(x.dtype),
-    )
-    key = ("gemv", n, 2 * half_k, bucket, x.dtype, out.dtype, w.absmax.dtype,
-           lora_b.dtype if lora_a is not None else None, *meta.values())
+    meta = projection_meta(x, w, top_k=top_k, r_pad=rp, gated=gated, act=act, has_lora=lora_a is not None)
+    key = launch_key("gemv", n, bucket, x, w, out, lora_b if lora_a is not None else None, meta)
     launch_tuned(
         nf4_moe_gemv_kernel, grid(n, rows, num_experts), key, launcher,
         x, x.stride(0), x.stride(1),
