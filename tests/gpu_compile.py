@@ -54,7 +54,8 @@ def facts(ptx: str) -> dict:
     cp = sorted({int(m.group(1), 16) for m in re.finditer(r"cp\.async\.c[ag]\.shared\.global[^\n]*?, (0x[0-9a-f]+)", ptx)})
     return {"ptx_ops": dict(ops), "cp_async_bytes": cp,
             "wgmma": sum(c for op, c in ops.items() if op.startswith("wgmma.mma_async")),
-            "lut_decodes": ptx.count("prmt.b32 a, tl0, tl1"), "lut_scaled": "fma.rn." in ptx and "x2 " in ptx}
+            "lut_decodes": ptx.count("prmt.b32 a, tl0, tl1"), "lut_scaled": "fma.rn." in ptx and "x2 " in ptx,
+            "lut_pairs": ptx.count("lo, hi, 0x4051"), "smem_byte_loads": ops.get("ld.shared.b8", 0) + ops.get("ld.shared.u8", 0)}
 
 
 def main() -> int:
@@ -72,12 +73,14 @@ def main() -> int:
     common = dict(TOP_K=8, E_POW2=128, R_PAD=16, ACT=0, HAS_LORA=True, NESTED=True, BS=64, BS2=256)
     out = {}
     up = dict(common, GATED=True, GATHER=True, SCATTER=False, INTERPRET=False, LUT=True, XA_PRE=True,
-              WRITE_GU=False, WRITE_OUT=True)
+              WRITE_GU=False, WRITE_OUT=True, KPERM=True)
     out["gemm_up_bk128"] = facts(compile_kernel(nf4_moe_gemm_kernel, ptrs, ints,
                                                 dict(up, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128), 4, 3))
     out["gemm_up_bk64"] = facts(compile_kernel(nf4_moe_gemm_kernel, ptrs, ints,
                                                dict(up, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64), 4, 3))
-    gemv = {k: v for k, v in up.items() if k not in ("INTERPRET", "XA_PRE", "WRITE_GU", "WRITE_OUT")}
+    out["gemm_up_bk128_natural_k"] = facts(compile_kernel(nf4_moe_gemm_kernel, ptrs, ints,
+                                                          dict(up, KPERM=False, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128), 4, 3))
+    gemv = {k: v for k, v in up.items() if k not in ("INTERPRET", "XA_PRE", "WRITE_GU", "WRITE_OUT", "KPERM")}
     out["gemv_up"] = facts(compile_kernel(nf4_moe_gemv_kernel, ptrs, ints,
                                           dict(gemv, BLOCK_M=2, BLOCK_N=32, BLOCK_K=256), 4, 3))
     bwd = dict(common, DOWN=False, NEED_DY=True, NEED_OUT=True, NEED_DW=False, NEED_XA=False, NEED_DZB=True,

@@ -6,6 +6,7 @@ in a subprocess without TRITON_INTERPRET (tests/gpu_compile.py), through Triton'
 What it checks, per kernel variant:
 - the forward GEMM (both K-step kinds) and the backward's transposed GEMM issue Hopper wgmma and stage
   their loads with cp.async (the software pipeline), and decode NF4 with the scaled PTX table;
+- the forward GEMM in MMA k order reads the staged weight bytes as words (the natural order byte by byte);
 - the decode GEMV uses the unscaled table and no tensor cores; the routing kernel compiles at 1024 keys.
 """
 from __future__ import annotations
@@ -36,12 +37,21 @@ def compiled():
     return json.loads(proc.stdout)
 
 
-@pytest.mark.parametrize("variant", ["gemm_up_bk128", "gemm_up_bk64", "bwd_up_dx"])
+@pytest.mark.parametrize("variant", ["gemm_up_bk128", "gemm_up_bk64", "gemm_up_bk128_natural_k", "bwd_up_dx"])
 def test_gemms_use_wgmma_pipelined_loads_and_the_table_decode(compiled, variant):
     f = compiled[variant]
     assert f["wgmma"] > 0, "no Hopper tensor-core instruction"
     assert f["cp_async_bytes"], "loads are not software-pipelined (no cp.async)"
     assert f["lut_decodes"] > 0 and f["lut_scaled"], "NF4 decode is not the scaled PTX table"
+
+
+@pytest.mark.parametrize("variant", ["gemm_up_bk128", "gemm_up_bk64"])
+def test_mma_k_order_loads_weight_words_and_decodes_pairs(compiled, variant):
+    """K steps in MMA k order (nf4_decode.mma_k_order): the staged weight bytes are read as words, not one
+    byte at a time, and decoded straight into (even, odd) operand pairs; the natural order reads bytes."""
+    f = compiled[variant]
+    assert f["smem_byte_loads"] == 0 and f["lut_pairs"] > 0, f
+    assert compiled["gemm_up_bk128_natural_k"]["smem_byte_loads"] > 0
 
 
 def test_gemv_uses_the_unscaled_table_without_tensor_cores(compiled):

@@ -10,7 +10,7 @@ import random
 import pytest
 import torch
 
-from nf4moe.kernels.nf4_decode import _lut_asm
+from nf4moe.kernels.nf4_decode import _lut_asm, _lut_pairs_asm
 from nf4moe.reference.nf4 import NF4_CODE
 
 M32 = 0xFFFFFFFF
@@ -68,6 +68,10 @@ def run(asm: str, regs: dict, dtype) -> dict:
             env[d] = src[0] | src[1]
         elif op == "shr.u32":
             env[d] = src[0] >> src[1]
+        elif op == "shl.b32":
+            env[d] = (src[0] << src[1]) & M32
+        elif op == "not.b32":
+            env[d] = ~src[0] & M32
         elif op == "prmt.b32":
             env[d] = prmt(*src)
         elif op.startswith("fma.rn."):
@@ -110,3 +114,23 @@ def test_raw_lut_asm_gives_the_fp16_table():
         for j, v in enumerate(bs):
             assert even[j] == to16(torch.float16, NF4_CODE[v >> 4])
             assert odd[j] == to16(torch.float16, NF4_CODE[v & 15])
+
+
+@pytest.mark.parametrize("dtype,fma", [(torch.bfloat16, "fma.rn.bf16x2"), (torch.float16, "fma.rn.f16x2")])
+def test_lut_pairs_asm_gives_each_bytes_even_odd_pair(dtype, fma):
+    """The MMA-order variant: register j holds byte j's (high nibble, low nibble) values times its scale."""
+    asm = _lut_pairs_asm(dtype, fma)
+    assert "\n" not in asm
+    rng = random.Random(1)
+    cases = [[b, (b + 1) % 256, (b + 7) % 256, (255 - b)] for b in range(256)]
+    cases += [[rng.randrange(256) for _ in range(4)] for _ in range(100)]
+    for bs in cases:
+        s16 = [to16(dtype, rng.uniform(1e-3, 4.0)) for _ in range(4)]
+        regs = {"$4": sum(b << (8 * i) for i, b in enumerate(bs))}
+        regs.update({f"${5 + j}": s16[j] | s16[j] << 16 for j in range(4)})
+        env = run(asm, regs, dtype)
+        for j, b in enumerate(bs):
+            s = from16(dtype, s16[j])
+            for got, code in ((env[f"${j}"] & 0xFFFF, b >> 4), (env[f"${j}"] >> 16, b & 15)):
+                want = torch.tensor(NF4_CODE[code]).to(dtype).double() * s
+                assert from16(dtype, got) == torch.tensor(want.item()).to(dtype).float().item(), (bs, j, code)

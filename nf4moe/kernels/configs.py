@@ -55,8 +55,10 @@ def gemm_configs() -> list[triton.Config]:
         out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64}, num_warps=w, num_stages=st))
     # K steps spanning two NF4 blocks (of 64): twice the bytes in flight per program, half the loop trips
     for bm, bn, w, st in ((16, 32, 4, 4), (16, 64, 4, 3), (32, 64, 4, 3), (64, 64, 4, 3), (64, 128, 8, 3),
-                          (128, 128, 8, 3)):
+                          (128, 128, 8, 3), (128, 64, 8, 3), (256, 64, 8, 3)):
         out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 128}, num_warps=w, num_stages=st))
+    # prefill: 256 rows per weight tile halve the decode per FLOP of 128-row tiles (natural K order there)
+    out.append(triton.Config({"BLOCK_M": 256, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=8, num_stages=3))
     return out + [_fallback()]
 
 

@@ -33,7 +33,7 @@ from .operands import NF4Operand, r_pad
 from .configs import gemm_configs, interpreting, launch_tuned, prune_configs, row_bucket
 from .grouped_gemv import gemv_max_rows, launch_nf4_moe_gemv
 from .lora_xa import launch_lora_xa
-from .nf4_decode import dequant_operand
+from .nf4_decode import dequant_operand, dequant_rows_mma, mma_k_order
 from .common import act_fwd, dot_operand, expert_row_tile, nested_offset
 
 ACT_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
@@ -69,7 +69,7 @@ def nf4_moe_gemm_kernel(
     GATED: tl.constexpr, ACT: tl.constexpr, GATHER: tl.constexpr, SCATTER: tl.constexpr,
     HAS_LORA: tl.constexpr, NESTED: tl.constexpr, BS: tl.constexpr, BS2: tl.constexpr,
     INTERPRET: tl.constexpr, LUT: tl.constexpr, XA_PRE: tl.constexpr, WRITE_GU: tl.constexpr,
-    WRITE_OUT: tl.constexpr,
+    WRITE_OUT: tl.constexpr, KPERM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Grid: (cdiv(N, BLOCK_N), cdiv(P, BLOCK_M) + min(E, P))."""
@@ -101,17 +101,28 @@ def nf4_moe_gemm_kernel(
     offs_r = tl.arange(0, R_PAD)
     r_mask = offs_r < R
     for k0 in range(0, K_DIM, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
+        # KPERM: K step columns in wgmma k order (nf4_decode.mma_k_order): whole-word weight byte loads and no
+        # operand repacking, but 2-element activation runs (their loads cost more with many rows per tile)
+        if KPERM and BLOCK_M <= 128:
+            offs_k = k0 + mma_k_order(BLOCK_K)
+            wg = dequant_rows_mma(w_ptr, am_ptr, am2_ptr, code2_ptr, offset, w_rows, n_mask, k0, K_DIM, BS, BS2,
+                                  NESTED, BLOCK_K, dt, LUT, INTERPRET)
+        else:
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            # compiled 16-bit activations: PTX table decode (nf4_decode._lut_asm); else the fp32 select tree
+            wg = dequant_operand(w_ptr, am_ptr, am2_ptr, code2_ptr, offset, w_rows, n_mask, k0, K_DIM, BS, BS2,
+                                 NESTED, BLOCK_K, dt, LUT, INTERPRET)
         xt = tl.load(x_ptr + x_rows[None, :] * stride_xm + offs_k[:, None] * stride_xk, mask=m_mask[None, :], other=0.0)
-        # compiled 16-bit activations: PTX table decode (nf4_decode._lut_asm); else the fp32 select tree
-        wg = dequant_operand(w_ptr, am_ptr, am2_ptr, code2_ptr, offset, w_rows, n_mask, k0, K_DIM, BS, BS2, NESTED,
-                             BLOCK_K, dt, LUT, INTERPRET)
         if INTERPRET:  # the interpreter's bf16 dot is wrong: fp32 operands there only
             xt = xt.to(tl.float32)
         acc = tl.dot(wg, xt, acc)
         if GATED:
-            wu = dequant_operand(w_ptr, am_ptr, am2_ptr, code2_ptr, offset, w_rows + N, n_mask, k0, K_DIM, BS, BS2,
-                                 NESTED, BLOCK_K, dt, LUT, INTERPRET)
+            if KPERM and BLOCK_M <= 128:
+                wu = dequant_rows_mma(w_ptr, am_ptr, am2_ptr, code2_ptr, offset, w_rows + N, n_mask, k0, K_DIM, BS,
+                                      BS2, NESTED, BLOCK_K, dt, LUT, INTERPRET)
+            else:
+                wu = dequant_operand(w_ptr, am_ptr, am2_ptr, code2_ptr, offset, w_rows + N, n_mask, k0, K_DIM, BS,
+                                     BS2, NESTED, BLOCK_K, dt, LUT, INTERPRET)
             acc_up = tl.dot(wu, xt, acc_up)
         if HAS_LORA and not XA_PRE:
             a = tl.load(la_ptr + (e64 * R + offs_r[:, None]) * K_DIM + offs_k[None, :], mask=r_mask[:, None], other=0.0)
@@ -150,6 +161,11 @@ def nf4_moe_gemm_kernel(
         out_rows = offs_m.to(tl.int64)
     out_ptrs = out_ptr + out_rows[None, :] * stride_om + offs_n[:, None]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=n_mask[:, None] & m_mask[None, :])
+
+
+def use_kperm() -> bool:
+    """Weight tiles decoded in MMA k order (``NF4MOE_KPERM=0``: natural order, for comparison)."""
+    return os.environ.get("NF4MOE_KPERM", "1") == "1"
 
 
 def use_lut(dtype: torch.dtype) -> bool:
@@ -228,7 +244,8 @@ def launch_nf4_moe_gemm(
                             out=xa_out, launcher=launcher)
     bucket = row_bucket(rows)
     meta = dict(projection_meta(x, w, top_k=top_k, r_pad=rp, gated=gated, act=act, has_lora=has_lora),
-                INTERPRET=interpreting(), XA_PRE=xa is not None, WRITE_GU=gu is not None, WRITE_OUT=write_out)
+                INTERPRET=interpreting(), XA_PRE=xa is not None, WRITE_GU=gu is not None, WRITE_OUT=write_out,
+                KPERM=use_kperm())
     key = launch_key("gemm", n, bucket, x, w, out, lora_b if has_lora else None, meta)
     launch_tuned(
         nf4_moe_gemm_kernel, grid(n, rows, num_experts), key, launcher,

@@ -154,8 +154,46 @@ def _lut_asm(dtype, fma: str) -> str:
     return " ".join(asm.split())
 
 
+def _lut_pairs_asm(dtype, fma: str) -> str:
+    """PTX decoding 4 packed bytes to 4 registers, register j holding byte j's two weights as a
+    (even column, odd column) f16x2/bf16x2 pair times its absmax pair: the order a 16-bit MMA operand
+    keeps k pairs in, so no repacking follows.  The raw bytes are the byte-permute selectors (a selector
+    uses its low 16 bits, i.e. the 4 nibbles of 2 bytes, low nibble first), so no nibble shuffling
+    precedes the lookups either: ~3.4 instructions per weight.  $0-$3: out, $4: the 4 bytes, $5-$8:
+    the (absmax, absmax) pair of each byte.
+    """
+    lo, hi = _lut_words(dtype)
+    consts = "".join(f"mov.b32 tl{i}, {lo[i]:#010x};\n mov.b32 th{i}, {hi[i]:#010x};\n" for i in range(4))
+
+    def two_bytes(sel: str, outs: tuple[str, str], scales: tuple[str, str]) -> str:
+        # m: byte i = 0xFF where code i >= 8 (its bit 3 moved to a byte's sign bit, then sign-replicated)
+        body = (
+            f"and.b32 s7, {sel}, 0x7777;\n shl.b32 x, {sel}, 4;\n prmt.b32 m, {sel}, x, 0x9D8C;\n"
+            "prmt.b32 a, tl0, tl1, s7;\n prmt.b32 b, tl2, tl3, s7;\n"
+            "and.b32 b, b, m;\n not.b32 m, m;\n and.b32 a, a, m;\n or.b32 lo, a, b;\n not.b32 m, m;\n"
+            "prmt.b32 a, th0, th1, s7;\n prmt.b32 b, th2, th3, s7;\n"
+            "and.b32 b, b, m;\n not.b32 m, m;\n and.b32 a, a, m;\n or.b32 hi, a, b;\n"
+            # lo/hi bytes: [odd0, even0, odd1, even1]; out = [lo(even), hi(even), lo(odd), hi(odd)]
+            f"prmt.b32 {outs[0]}, lo, hi, 0x4051;\n prmt.b32 {outs[1]}, lo, hi, 0x6273;\n"
+        )
+        return body + "".join(f"{fma} {o}, {o}, {s}, z;\n" for o, s in zip(outs, scales))
+
+    asm = (
+        "{\n .reg .b32 tl0, tl1, tl2, tl3, th0, th1, th2, th3, a, b, s7, x, m, lo, hi, w2, z;\n"
+        + consts
+        + "mov.b32 z, 0x80008000;\n shr.u32 w2, $4, 16;\n"
+        + two_bytes("$4", ("$0", "$1"), ("$5", "$6"))
+        + two_bytes("w2", ("$2", "$3"), ("$7", "$8"))
+        + "}"
+    )
+    return " ".join(asm.split())
+
+
 _BF16_ASM: tl.constexpr = tl.constexpr(_lut_asm(__import__("torch").bfloat16, "fma.rn.bf16x2"))
 _FP16_ASM: tl.constexpr = tl.constexpr(_lut_asm(__import__("torch").float16, "fma.rn.f16x2"))
+_BF16_PAIRS_ASM: tl.constexpr = tl.constexpr(_lut_pairs_asm(__import__("torch").bfloat16, "fma.rn.bf16x2"))
+_FP16_PAIRS_ASM: tl.constexpr = tl.constexpr(_lut_pairs_asm(__import__("torch").float16, "fma.rn.f16x2"))
+
 _FP16_RAW_ASM: tl.constexpr = tl.constexpr(_lut_asm(__import__("torch").float16, None))
 
 
@@ -231,3 +269,66 @@ def nf4_code_pairs(w_ptr, rows, row_mask, k0, K_DIM, NB: tl.constexpr, HB: tl.co
     else:
         q = packed.to(tl.int32)
         return nf4_value(q >> 4), nf4_value(q & 15)
+
+
+@triton.jit
+def _lut_decode_pairs(packed, s, DT: tl.constexpr):
+    """(even, odd) DT values of uint8 ``packed`` times ``s`` (broadcast to packed's shape): the PTX of
+    ``_lut_pairs_asm``, whose int32 results are each byte's (even, odd) pair, split here by bit casts
+    (the halves of one register, so the split costs no instruction in the MMA operand)."""
+    s16 = s.to(DT).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    s2 = tl.broadcast_to(s16 | (s16 << 16), packed.shape)
+    if DT == tl.bfloat16:
+        pairs = tl.inline_asm_elementwise(_BF16_PAIRS_ASM, "=r,=r,=r,=r,r,r,r,r,r", [packed, s2], dtype=tl.int32,
+                                          is_pure=True, pack=4)
+    else:
+        pairs = tl.inline_asm_elementwise(_FP16_PAIRS_ASM, "=r,=r,=r,=r,r,r,r,r,r", [packed, s2], dtype=tl.int32,
+                                          is_pure=True, pack=4)
+    even = (pairs & 0xFFFF).to(tl.int16).to(DT, bitcast=True)
+    odd = (pairs >> 16).to(tl.int16).to(DT, bitcast=True)
+    return even, odd
+
+
+@triton.jit
+def mma_k_order(BK: tl.constexpr):
+    """Physical column (within a K step of BK) of each MMA k position, for ``dequant_rows_mma``.
+
+    A Hopper wgmma register A operand gives lane q (= lane % 4) of each row the k positions 16b + 8h +
+    2q + t (b < BK/16, h, t < 2) of a K step.  Assigning those positions the physical columns
+    q*BK/4 + 4b + 2h + t hands every lane one contiguous run of BK/8 packed bytes per row, so the bytes
+    arrive as whole words (one vector load) instead of one byte at a time.  The activations are read in the
+    same order (this table), and the dot product, a sum over k, is unchanged.
+    """
+    c = tl.arange(0, BK)
+    return (c // 2 % 4) * (BK // 4) + (c // 16) * 4 + (c // 8 % 2) * 2 + c % 2
+
+
+@triton.jit
+def dequant_rows_mma(
+    w_ptr, am_ptr, am2_ptr, code2_ptr, offset,
+    rows, row_mask, k0, K_DIM,
+    BS: tl.constexpr, BS2: tl.constexpr, NESTED: tl.constexpr, BK: tl.constexpr,
+    DT: tl.constexpr, LUT: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """The (R, BK) weight tile W[rows, k0 + mma_k_order(BK)]: columns in MMA k order (see mma_k_order).
+
+    Loads the bytes as (R, 4, BK/8), one contiguous run per lane group q; each run lies in one NF4 block
+    (BK/4 columns, BK <= 4 * BS), so it needs one absmax.  Decode: the PTX table when LUT, else the fp32
+    select tree (kept fp32 under the interpreter, whose bf16 dot is wrong).
+    """
+    J: tl.constexpr = BK // 8
+    j = tl.arange(0, 4)[None, :, None] * J + tl.arange(0, J)[None, None, :]
+    packed = tl.load(w_ptr + rows[:, None, None] * (K_DIM // 2) + k0 // 2 + j, mask=row_mask[:, None, None], other=0)
+    blk = rows[:, None] * (K_DIM // BS) + (k0 + tl.arange(0, 4)[None, :] * (BK // 4)) // BS
+    s = block_scale(am_ptr, am2_ptr, code2_ptr, offset, blk, row_mask[:, None], NESTED, BS2)[:, :, None]
+    if LUT:
+        even, odd = _lut_decode_pairs(packed, s, DT)
+    else:
+        q = packed.to(tl.int32)
+        even = nf4_value(q >> 4) * s
+        odd = nf4_value(q & 15) * s
+        if not INTERPRET:
+            even = even.to(DT)
+            odd = odd.to(DT)
+    w = tl.reshape(tl.join(even, odd), (packed.shape[0], 4, BK // 16, 2, 2))  # (row, q, b, h, t)
+    return tl.reshape(tl.permute(w, (0, 2, 3, 1, 4)), (packed.shape[0], BK))  # column 16b + 8h + 2q + t
