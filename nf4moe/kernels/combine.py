@@ -9,6 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import launch
+
 
 @triton.jit
 def combine_kernel(
@@ -34,6 +36,6 @@ def launch_combine(y: torch.Tensor, top_k_index: torch.Tensor, out: torch.Tensor
     t, k = top_k_index.shape
     h = out.shape[1]
     block_h = min(1024, triton.next_power_of_2(h))
-    kern = launcher(combine_kernel) if launcher is not None else combine_kernel
-    kern[(t, triton.cdiv(h, block_h))](y, top_k_index, out, h, num_experts, TOP_K=k, BLOCK_H=block_h)
+    launch(combine_kernel, (t, triton.cdiv(h, block_h)), launcher, y, top_k_index, out, h, num_experts, TOP_K=k,
+           BLOCK_H=block_h)
     return out

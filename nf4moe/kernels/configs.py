@@ -126,4 +126,6 @@ def launch_tuned(kernel, grid, key: tuple, launcher, *args, **kwargs) -> None:
             kernel[grid](*args, **kwargs)
             _TUNED[key] = kernel.best_config
         return
-    kernel.fn[grid](*args, **kwargs, **cfg.all_kwargs())
+    from .launch import launch  # launch imports this module
+
+    launch(kernel.fn, grid, None, *args, **kwargs, **cfg.all_kwargs())

@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from .configs import interpreting
+from .launch import launch
 from .common import dot_operand, expert_row_tile
 
 
@@ -76,8 +77,8 @@ def launch_lora_xa(x: torch.Tensor, lora_a: torch.Tensor, sorted_pair_ids: torch
     split = 1 if out is not None else xa_split(k_dim, rows, block_k)
     if out is None:
         out = x.new_empty(split, rows, r_pad, dtype=torch.float32)  # new_empty: the tests poison it with NaN
-    kern = launcher(lora_xa_kernel) if launcher is not None else lora_xa_kernel
-    kern[(triton.cdiv(rows, block_m) + min(num_experts, rows), split)](
+    launch(
+        lora_xa_kernel, (triton.cdiv(rows, block_m) + min(num_experts, rows), split), launcher,
         x, x.stride(0), x.stride(1), lora_a.contiguous(), out, sorted_pair_ids, expert_offsets,
         k_dim, num_experts, r, rows, k_dim // split,
         TOP_K=top_k, E_POW2=triton.next_power_of_2(num_experts), R_PAD=r_pad, GATHER=gather,

@@ -24,6 +24,7 @@ import triton.language as tl
 
 from ..reference.routing import Routing
 from .configs import interpreting
+from .launch import launch
 
 # One program sorts at most this many pairs (keys in registers; see build_routing for why 1024).
 TRITON_MAX_PAIRS = 1024
@@ -79,10 +80,9 @@ def launch_routing(top_k_index: torch.Tensor, num_experts: int, sorted_pair_ids:
     if expert_offsets is None:
         expert_offsets = torch.empty(num_experts + 1, device=dev, dtype=torch.int32)
     p_pow2 = max(_MIN_P_POW2, triton.next_power_of_2(p))
-    kern = launcher(routing_kernel) if launcher is not None else routing_kernel
     # 16 keys per thread at the threshold (8192 / (16 warps * 32 lanes)): no register spills.
-    kern[(1,)](
-        top_k_index.contiguous(), sorted_pair_ids, expert_offsets, p, num_experts,
+    launch(
+        routing_kernel, (1,), launcher, top_k_index.contiguous(), sorted_pair_ids, expert_offsets, p, num_experts,
         P_POW2=p_pow2, NUM_BINS=triton.next_power_of_2(num_experts + 2), num_warps=min(16, max(4, p_pow2 // 512)),
     )
     return sorted_pair_ids, expert_offsets

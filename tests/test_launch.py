@@ -1,0 +1,103 @@
+"""launch.launch's compiled-kernel cache, with a stand-in kernel (the CPU has no compiled Triton kernels).
+
+The first launch of a specialisation goes through ``kernel[grid]`` (Triton compiles and returns the
+kernel); later launches with the same specialisation call the compiled kernel with every parameter in
+signature order; any change Triton specialises on (dtype, 16-byte alignment, an int equal to 1 or a
+multiple of 16 or beyond int32, a constexpr, an option) goes through Triton again.  The GPU suite runs the
+real path (every eager layer call uses it).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nf4moe.kernels import launch as L
+
+
+class FakeCompiled:
+    def __init__(self, log):
+        self.log = log
+
+    def __getitem__(self, grid):
+        return lambda *args: self.log.append(("compiled", grid, args))
+
+
+class FakeKernel:
+    arg_names = ["x_ptr", "n", "scale", "BLOCK"]
+
+    def __init__(self):
+        self.log = []
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            self.log.append(("triton", grid, args, kwargs))
+            return FakeCompiled(self.log)
+
+        return run
+
+
+@pytest.fixture
+def direct(monkeypatch):
+    monkeypatch.setattr(L, "interpreting", lambda: False)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(L, "_COMPILED", {})
+
+
+def test_second_launch_calls_the_compiled_kernel_with_every_parameter(direct):
+    k = FakeKernel()
+    x = torch.zeros(64)
+    grid = lambda meta: (3, meta["BLOCK"])  # noqa: E731
+    L.launch(k, grid, None, x, 7, 0.5, BLOCK=32, num_warps=4)
+    L.launch(k, grid, None, x, 7, 0.5, BLOCK=32, num_warps=4)
+    assert [e[0] for e in k.log] == ["triton", "compiled"]
+    assert k.log[1][1] == (3, 32, 1)  # the grid function sees the keyword arguments; padded to 3 dims
+    assert k.log[1][2] == (x, 7, 0.5, 32)  # options (num_warps) are not parameters
+
+
+@pytest.mark.parametrize("change", ["dtype", "misaligned", "int_one", "int_div16", "int64", "constexpr", "option"])
+def test_every_specialisation_change_goes_through_triton(direct, change):
+    k = FakeKernel()
+    base = torch.zeros(64)
+    args, kw = [base, 7, 0.5], dict(BLOCK=32, num_warps=4)
+    L.launch(k, (1,), None, *args, **kw)
+    if change == "dtype":
+        args[0] = torch.zeros(64, dtype=torch.float16)
+    elif change == "misaligned":
+        args[0] = torch.zeros(65)[1:]  # 4-byte offset: not a multiple of 16
+    elif change == "int_one":
+        args[1] = 1
+    elif change == "int_div16":
+        args[1] = 32
+    elif change == "int64":
+        args[1] = 1 << 33
+    elif change == "constexpr":
+        kw["BLOCK"] = 64
+    else:
+        kw["num_warps"] = 8
+    L.launch(k, (1,), None, *args, **kw)
+    assert [e[0] for e in k.log] == ["triton", "triton"]
+    L.launch(k, (1,), None, *args, **kw)  # and that new specialisation is cached in turn
+    assert k.log[-1][0] == "compiled"
+
+
+def test_same_specialisation_other_values_reuse_the_kernel(direct):
+    k = FakeKernel()
+    L.launch(k, (1,), None, torch.zeros(64), 7, 0.5, BLOCK=32)
+    L.launch(k, (1,), None, torch.ones(128), 9, 2.0, BLOCK=32)  # aligned, n not 1 nor a multiple of 16
+    assert [e[0] for e in k.log] == ["triton", "compiled"]
+
+
+def test_traced_and_interpreted_launches_bypass_the_cache(monkeypatch):
+    k = FakeKernel()
+    wrapped = []
+    L.launch(k, (1,), lambda kern: wrapped.append(kern) or kern, torch.zeros(4), 7, 0.5, BLOCK=32)
+    assert wrapped == [k] and k.log[0][0] == "triton"
+    monkeypatch.setattr(L, "interpreting", lambda: True)
+    monkeypatch.setattr(L, "_COMPILED", {})
+    L.launch(k, (1,), None, torch.zeros(4), 7, 0.5, BLOCK=32)
+    assert L._COMPILED == {}
+
+
+def test_unknown_argument_type_is_refused(direct):
+    with pytest.raises(TypeError, match="no specialisation rule"):
+        L.launch(FakeKernel(), (1,), None, torch.zeros(4), "seven", 0.5, BLOCK=32)
