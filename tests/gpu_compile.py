@@ -78,6 +78,8 @@ def main() -> int:
                                                 dict(up, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128), 4, 3))
     out["gemm_up_bk64"] = facts(compile_kernel(nf4_moe_gemm_kernel, ptrs, ints,
                                                dict(up, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64), 4, 3))
+    out["gemm_up_bk64_bm16"] = facts(compile_kernel(nf4_moe_gemm_kernel, ptrs, ints,
+                                                    dict(up, BLOCK_M=16, BLOCK_N=64, BLOCK_K=64), 4, 4))
     out["gemm_up_bk128_natural_k"] = facts(compile_kernel(nf4_moe_gemm_kernel, ptrs, ints,
                                                           dict(up, KPERM=False, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128), 4, 3))
     gemv = {k: v for k, v in up.items() if k not in ("INTERPRET", "XA_PRE", "WRITE_GU", "WRITE_OUT", "KPERM")}

@@ -45,13 +45,14 @@ def test_gemms_use_wgmma_pipelined_loads_and_the_table_decode(compiled, variant)
     assert f["lut_decodes"] > 0 and f["lut_scaled"], "NF4 decode is not the scaled PTX table"
 
 
-@pytest.mark.parametrize("variant", ["gemm_up_bk128", "gemm_up_bk64"])
+@pytest.mark.parametrize("variant", ["gemm_up_bk128", "gemm_up_bk64_bm16"])
 def test_mma_k_order_loads_weight_words_and_decodes_pairs(compiled, variant):
     """K steps in MMA k order (nf4_decode.mma_k_order): the staged weight bytes are read as words, not one
     byte at a time, and decoded straight into (even, odd) operand pairs; the natural order reads bytes."""
     f = compiled[variant]
     assert f["smem_byte_loads"] == 0 and f["lut_pairs"] > 0, f
     assert compiled["gemm_up_bk128_natural_k"]["smem_byte_loads"] > 0
+    assert compiled["gemm_up_bk64"]["lut_pairs"] == 0  # 64-row tiles keep the natural order
 
 
 def test_gemv_uses_the_unscaled_table_without_tensor_cores(compiled):

@@ -101,3 +101,14 @@ def test_traced_and_interpreted_launches_bypass_the_cache(monkeypatch):
 def test_unknown_argument_type_is_refused(direct):
     with pytest.raises(TypeError, match="no specialisation rule"):
         L.launch(FakeKernel(), (1,), None, torch.zeros(4), "seven", 0.5, BLOCK=32)
+
+
+def test_host_integer_helpers_match_triton():
+    import triton
+
+    from nf4moe.kernels.configs import cdiv, pow2
+
+    for n in list(range(70)) + [1023, 1024, 1025, (1 << 20) + 1]:
+        assert pow2(n) == triton.next_power_of_2(n)
+        for b in (1, 3, 16, 64):
+            assert cdiv(n, b) == triton.cdiv(n, b)

@@ -9,6 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .configs import cdiv, pow2
+
 from .launch import launch
 
 
@@ -35,7 +37,7 @@ def combine_kernel(
 def launch_combine(y: torch.Tensor, top_k_index: torch.Tensor, out: torch.Tensor, num_experts: int, launcher=None):
     t, k = top_k_index.shape
     h = out.shape[1]
-    block_h = min(1024, triton.next_power_of_2(h))
-    launch(combine_kernel, (t, triton.cdiv(h, block_h)), launcher, y, top_k_index, out, h, num_experts, TOP_K=k,
+    block_h = min(1024, pow2(h))
+    launch(combine_kernel, (t, cdiv(h, block_h)), launcher, y, top_k_index, out, h, num_experts, TOP_K=k,
            BLOCK_H=block_h)
     return out

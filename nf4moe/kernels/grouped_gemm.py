@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from .operands import NF4Operand, r_pad
-from .configs import gemm_configs, interpreting, launch_tuned, prune_configs, row_bucket
+from .configs import cdiv, gemm_configs, interpreting, launch_tuned, pow2, prune_configs, row_bucket
 from .grouped_gemv import gemv_max_rows, launch_nf4_moe_gemv
 from .lora_xa import launch_lora_xa
 from .nf4_decode import dequant_operand, dequant_rows_mma, mma_k_order
@@ -41,7 +41,7 @@ ACT_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
 
 @triton.autotune(
     configs=gemm_configs(),
-    key=["N", "K_DIM", "ROW_BUCKET", "GATED", "HAS_LORA", "BS"],
+    key=["N", "K_DIM", "ROW_BUCKET", "GATED", "HAS_LORA", "BS", "KPERM"],
     prune_configs_by={"early_config_prune": prune_configs},
 )
 @triton.jit
@@ -102,8 +102,9 @@ def nf4_moe_gemm_kernel(
     r_mask = offs_r < R
     for k0 in range(0, K_DIM, BLOCK_K):
         # KPERM: K step columns in wgmma k order (nf4_decode.mma_k_order): whole-word weight byte loads and no
-        # operand repacking, but 2-element activation runs (their loads cost more with many rows per tile)
-        if KPERM and BLOCK_M <= 128:
+        # operand repacking, but activations read in 2-element runs: at 128 rows per tile that cost more than
+        # it saved (H100, Qwen3 T=1024: 0.78 against 0.63 ms), so tiles of up to 32 rows only
+        if KPERM and BLOCK_M <= 32:
             offs_k = k0 + mma_k_order(BLOCK_K)
             wg = dequant_rows_mma(w_ptr, am_ptr, am2_ptr, code2_ptr, offset, w_rows, n_mask, k0, K_DIM, BS, BS2,
                                   NESTED, BLOCK_K, dt, LUT, INTERPRET)
@@ -117,7 +118,7 @@ def nf4_moe_gemm_kernel(
             xt = xt.to(tl.float32)
         acc = tl.dot(wg, xt, acc)
         if GATED:
-            if KPERM and BLOCK_M <= 128:
+            if KPERM and BLOCK_M <= 32:
                 wu = dequant_rows_mma(w_ptr, am_ptr, am2_ptr, code2_ptr, offset, w_rows + N, n_mask, k0, K_DIM, BS,
                                       BS2, NESTED, BLOCK_K, dt, LUT, INTERPRET)
             else:
@@ -179,7 +180,7 @@ def projection_meta(x: torch.Tensor, w: NF4Operand, *, top_k: int, r_pad: int, g
                     has_lora: bool) -> dict:
     """The constexprs the GEMM and the GEMV kernels share for one projection."""
     return dict(
-        TOP_K=top_k, E_POW2=triton.next_power_of_2(w.packed.shape[0]), R_PAD=r_pad,
+        TOP_K=top_k, E_POW2=pow2(w.packed.shape[0]), R_PAD=r_pad,
         GATED=gated, ACT=ACT_CODES[act], GATHER=gated, SCATTER=not gated,
         HAS_LORA=has_lora, NESTED=w.nested, BS=w.blocksize, BS2=w.blocksize2, LUT=use_lut(x.dtype),
     )
@@ -193,7 +194,7 @@ def launch_key(kind: str, n: int, bucket: int, x: torch.Tensor, w: NF4Operand, o
 
 
 def grid(n: int, rows: int, num_experts: int):
-    return lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(rows, meta["BLOCK_M"]) + min(num_experts, rows))
+    return lambda meta: (cdiv(n, meta["BLOCK_N"]), cdiv(rows, meta["BLOCK_M"]) + min(num_experts, rows))
 
 
 def launch_nf4_moe_gemm(

@@ -33,7 +33,7 @@ import triton.language as tl
 
 from .common import act_and_grad, dot_operand, expert_row_tile, nested_offset
 from .operands import NF4Operand
-from .configs import interpreting, row_bucket
+from .configs import cdiv, interpreting, pow2, row_bucket
 from .nf4_decode import dequant_operand
 
 
@@ -231,8 +231,8 @@ def launch_nf4_moe_gemm_t(
     dummy = absmax
     kern = launcher(nf4_moe_gemm_t_kernel) if launcher is not None else nf4_moe_gemm_t_kernel
     # Without the NF4 GEMM only column tile 0 has work (dzb), unless the h·Aᵀ partials need every tile.
-    n_tiles = triton.cdiv(n, bn) if (need_dy or need_xa) else 1
-    grid = lambda meta: (n_tiles, triton.cdiv(rows, meta["BLOCK_M"]) + min(num_experts, rows))
+    n_tiles = cdiv(n, bn) if (need_dy or need_xa) else 1
+    grid = lambda meta: (n_tiles, cdiv(rows, meta["BLOCK_M"]) + min(num_experts, rows))
     kern[grid](
         dy, dy.stride(0), dy.stride(1),
         *w.pointer_args(),
@@ -241,7 +241,7 @@ def launch_nf4_moe_gemm_t(
         dzb if need_dzb else dummy, dw_part if need_dw else dummy, xa_part if need_xa else dummy,
         sorted_pair_ids, expert_offsets, top_k_weights if down else dummy,
         n, kr, num_experts, r, rows, row_bucket(rows),
-        TOP_K=top_k, E_POW2=triton.next_power_of_2(num_experts), R_PAD=r_pad(r), DOWN=down,
+        TOP_K=top_k, E_POW2=pow2(num_experts), R_PAD=r_pad(r), DOWN=down,
         ACT=ACT_CODES[act], HAS_LORA=has_lora, NESTED=nested, BS=blocksize, BS2=blocksize2,
         NEED_DY=need_dy, NEED_OUT=need_out, NEED_DW=need_dw, NEED_XA=need_xa, NEED_DZB=need_dzb,
         INTERPRET=interpreting(), LUT=use_lut(dy.dtype), BLOCK_N=bn,

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from .common import act_fwd, expert_row_tile, nested_offset
-from .configs import _pinned, interpreting, launch_tuned
+from .configs import _pinned, interpreting, launch_tuned, pow2
 from .lora_xa import launch_lora_xa
 from .nf4_decode import block_scale, nf4_code_pairs
 from .operands import NF4Operand, r_pad
@@ -60,7 +60,7 @@ def prune_gemv(configs, named_args, **kwargs):
 
     k_dim, bucket, n = arg("K_DIM"), arg("ROW_BUCKET"), arg("N")
     kept = [c for c in configs if k_dim % c.kwargs["BLOCK_K"] == 0 and c.kwargs["BLOCK_M"] <= max(1, bucket)
-            and c.kwargs["BLOCK_N"] <= max(16, triton.next_power_of_2(n))]
+            and c.kwargs["BLOCK_N"] <= max(16, pow2(n))]
     if interpreting() or _pinned():
         return kept[:1] or configs[-1:]
     return kept or configs[-1:]

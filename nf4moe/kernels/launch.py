@@ -24,18 +24,27 @@ from .configs import interpreting
 _COMPILED: dict = {}  # (kernel, device, argument specialisation, keyword arguments) -> compiled kernel
 
 
-def _spec(v):
-    if isinstance(v, torch.Tensor):
-        return v.dtype, v.data_ptr() % 16 == 0
-    if isinstance(v, bool):
-        return "b"
-    if isinstance(v, int):
-        return v == 1, v % 16 == 0, -(1 << 31) <= v < (1 << 31)
-    if isinstance(v, float):
-        return "f"
-    if v is None:
-        return None
-    raise TypeError(f"nf4moe.kernels.launch: no specialisation rule for a {type(v).__name__} argument")
+_I32 = range(-(1 << 31), 1 << 31)
+
+
+def _spec(args) -> tuple:
+    """Triton's specialisation of positional ``args`` (module docstring); one loop, no call per argument."""
+    out = []
+    for v in args:
+        t = type(v)
+        if t is int:
+            out.append((v == 1, v % 16 == 0, v in _I32))
+        elif t is float:
+            out.append("f")
+        elif isinstance(v, torch.Tensor):
+            out.append((v.dtype, v.data_ptr() % 16 == 0))
+        elif t is bool:
+            out.append("b")
+        elif v is None:
+            out.append(None)
+        else:
+            raise TypeError(f"nf4moe.kernels.launch: no specialisation rule for a {t.__name__} argument")
+    return tuple(out)
 
 
 def launch(kernel, grid, launcher, *args, **kwargs) -> None:
@@ -49,7 +58,7 @@ def launch(kernel, grid, launcher, *args, **kwargs) -> None:
     if interpreting():
         kernel[grid](*args, **kwargs)
         return
-    key = (kernel, torch.cuda.current_device(), tuple(_spec(a) for a in args), tuple(kwargs.items()))
+    key = (kernel, torch.cuda.current_device(), _spec(args), tuple(kwargs.items()))
     compiled = _COMPILED.get(key)
     if compiled is None:
         _COMPILED[key] = kernel[grid](*args, **kwargs)

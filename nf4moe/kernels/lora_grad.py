@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from .common import act_fwd
-from .configs import interpreting
+from .configs import cdiv, interpreting
 
 
 def _configs():
@@ -120,7 +120,7 @@ def launch_lora_grad(
     num_experts, da, db = out.shape
     rank, d = (da, db) if lhs_is_rank else (db, da)
     kern = launcher(lora_grad_kernel) if launcher is not None else lora_grad_kernel
-    grid = lambda meta: (num_experts, triton.cdiv(d, meta["BLOCK_D"]))
+    grid = lambda meta: (num_experts, cdiv(d, meta["BLOCK_D"]))
     dummy = expert_offsets
     kern[grid](
         lhs, lhs.stride(0), lhs.stride(1),

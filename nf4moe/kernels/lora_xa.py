@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import interpreting
+from .configs import cdiv, interpreting, pow2
 from .launch import launch
 from .common import dot_operand, expert_row_tile
 
@@ -78,10 +78,10 @@ def launch_lora_xa(x: torch.Tensor, lora_a: torch.Tensor, sorted_pair_ids: torch
     if out is None:
         out = x.new_empty(split, rows, r_pad, dtype=torch.float32)  # new_empty: the tests poison it with NaN
     launch(
-        lora_xa_kernel, (triton.cdiv(rows, block_m) + min(num_experts, rows), split), launcher,
+        lora_xa_kernel, (cdiv(rows, block_m) + min(num_experts, rows), split), launcher,
         x, x.stride(0), x.stride(1), lora_a.contiguous(), out, sorted_pair_ids, expert_offsets,
         k_dim, num_experts, r, rows, k_dim // split,
-        TOP_K=top_k, E_POW2=triton.next_power_of_2(num_experts), R_PAD=r_pad, GATHER=gather,
+        TOP_K=top_k, E_POW2=pow2(num_experts), R_PAD=r_pad, GATHER=gather,
         INTERPRET=interpreting(), BLOCK_M=block_m, BLOCK_K=block_k, num_warps=4,
     )
     return out

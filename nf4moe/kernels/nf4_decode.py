@@ -319,8 +319,10 @@ def dequant_rows_mma(
     J: tl.constexpr = BK // 8
     j = tl.arange(0, 4)[None, :, None] * J + tl.arange(0, J)[None, None, :]
     packed = tl.load(w_ptr + rows[:, None, None] * (K_DIM // 2) + k0 // 2 + j, mask=row_mask[:, None, None], other=0)
-    blk = rows[:, None] * (K_DIM // BS) + (k0 + tl.arange(0, 4)[None, :] * (BK // 4)) // BS
-    s = block_scale(am_ptr, am2_ptr, code2_ptr, offset, blk, row_mask[:, None], NESTED, BS2)[:, :, None]
+    NB: tl.constexpr = BK // BS if BK > BS else 1  # NF4 blocks in the K step; lane group q reads block q // (4 / NB)
+    blk = rows[:, None] * (K_DIM // BS) + k0 // BS + tl.arange(0, NB)[None, :]
+    s = block_scale(am_ptr, am2_ptr, code2_ptr, offset, blk, row_mask[:, None], NESTED, BS2)  # (R, NB): one load each
+    s = tl.reshape(tl.broadcast_to(s[:, :, None], (s.shape[0], NB, 4 // NB)), (s.shape[0], 4))[:, :, None]
     if LUT:
         even, odd = _lut_decode_pairs(packed, s, DT)
     else:

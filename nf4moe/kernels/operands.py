@@ -4,12 +4,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import triton
+from .configs import pow2
 
 
 def r_pad(r: int) -> int:
     """LoRA rank padded for tl.dot (every dot dim >= 16, a power of two)."""
-    return max(16, triton.next_power_of_2(max(r, 1)))
+    return max(16, pow2(max(r, 1)))
 
 
 @dataclass

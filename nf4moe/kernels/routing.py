@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from ..reference.routing import Routing
-from .configs import interpreting
+from .configs import interpreting, pow2
 from .launch import launch
 
 # One program sorts at most this many pairs (keys in registers; see build_routing for why 1024).
@@ -61,7 +61,7 @@ def routing_kernel(
 
 def triton_fits(num_pairs: int, num_experts: int) -> bool:
     """Whether the one-program kernel takes this size: P within the threshold and int32 keys that fit."""
-    p_pow2 = max(_MIN_P_POW2, triton.next_power_of_2(max(num_pairs, 1)))
+    p_pow2 = max(_MIN_P_POW2, pow2(max(num_pairs, 1)))
     return 0 < num_pairs <= TRITON_MAX_PAIRS and (num_experts + 2) * p_pow2 <= 2**31
 
 
@@ -79,11 +79,11 @@ def launch_routing(top_k_index: torch.Tensor, num_experts: int, sorted_pair_ids:
         sorted_pair_ids = torch.empty(p, device=dev, dtype=torch.int32)
     if expert_offsets is None:
         expert_offsets = torch.empty(num_experts + 1, device=dev, dtype=torch.int32)
-    p_pow2 = max(_MIN_P_POW2, triton.next_power_of_2(p))
+    p_pow2 = max(_MIN_P_POW2, pow2(p))
     # 16 keys per thread at the threshold (8192 / (16 warps * 32 lanes)): no register spills.
     launch(
         routing_kernel, (1,), launcher, top_k_index.contiguous(), sorted_pair_ids, expert_offsets, p, num_experts,
-        P_POW2=p_pow2, NUM_BINS=triton.next_power_of_2(num_experts + 2), num_warps=min(16, max(4, p_pow2 // 512)),
+        P_POW2=p_pow2, NUM_BINS=pow2(num_experts + 2), num_warps=min(16, max(4, p_pow2 // 512)),
     )
     return sorted_pair_ids, expert_offsets
 
