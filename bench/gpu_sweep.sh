@@ -2,9 +2,11 @@
 # One GPU session's correctness + benchmark sweep, in parts that each fit a 10-minute command
 # (times measured on an H100, 2026-11-25).  Writes everything under $OUT (default bench/results/sweep).
 #
-#   bash bench/gpu_sweep.sh tests      # GPU test suite, one pinned kernel config (~5 min)
+#   bash bench/gpu_sweep.sh tests      # GPU test suite, one pinned kernel config (~9 min: run the two halves below)
+#   bash bench/gpu_sweep.sh tests_fwd  # forward kernels + routing (~5 min)
+#   bash bench/gpu_sweep.sh tests_bwd  # backward kernels + the module (~4 min)
 #   bash bench/gpu_sweep.sh qwen3      # forward all T + fwd+bwd T=8192/16384, Qwen3-30B-A3B (~3 min)
-#   bash bench/gpu_sweep.sh wide       # forward GLM-4.5-Air all T, DeepSeek-V3 T <= 1024 (~2.5 min)
+#   bash bench/gpu_sweep.sh wide       # forward GLM-4.5-Air all T, DeepSeek-V3 T <= 1024 (~5 min)
 #   bash bench/gpu_sweep.sh dsv3big    # forward DeepSeek-V3 T = 8192, 16384 (~1 min)
 #   bash bench/gpu_sweep.sh e2e        # end-to-end: reduced (4 layers) and the 48-layer memory figure (~4 min)
 #   bash bench/gpu_sweep.sh profile    # per-kernel and host-time profiles at small and large T (~3 min)
@@ -14,11 +16,13 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
 case "${1:-}" in
-  tests)
+  tests|tests_fwd|tests_bwd)
     # Autotuning every test shape over every config would take most of an hour: pin one config.
+    files="tests/test_triton_forward.py tests/test_routing_device.py tests/test_launch.py"
+    [ "$1" = tests_bwd ] && files="tests/test_triton_backward.py tests/test_module.py"
+    [ "$1" = tests ] && files="$files tests/test_triton_backward.py tests/test_module.py"
     NF4MOE_CONFIG=BLOCK_M=16,BLOCK_N=32,BLOCK_K=64,num_warps=4,num_stages=3 \
-      $py -m pytest -q -p no:cacheprovider tests/test_triton_forward.py tests/test_routing_device.py \
-      tests/test_triton_backward.py tests/test_module.py 2>&1 | tee "$OUT/gpu_tests.log" ;;
+      $py -m pytest -q -p no:cacheprovider $files 2>&1 | tee "$OUT/gpu_$1.log" ;;
   qwen3)
     mkdir -p "$OUT/qwen3"
     $py -m nf4moe bench --mode fwd --shapes qwen3 --out "$OUT/qwen3" 2>&1 | tee "$OUT/qwen3_fwd.log"
