@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     for t, x, idx, w in cases:
         for var in args.variants.split(","):
             os.environ["NF4MOE_LUT"] = "0" if var == "select" else "1"
-            os.environ["NF4MOE_XA_PRE"] = "0" if var == "xaloop" else "1"
+            os.environ["NF4MOE_XA_PRE"] = {"xaloop": "0", "xapre": "1"}.get(var, "auto")
             os.environ["NF4MOE_KPERM"] = "0" if var == "natk" else "1"  # natk: K steps in natural column order
             # gemv / gemm: force the decode GEMV or the MMA GEMM at every size; other variants: the default
             os.environ["NF4MOE_GEMV_ROWS"] = {"gemv": str(1 << 30), "gemm": "0"}.get(var, "64")

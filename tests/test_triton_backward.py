@@ -156,7 +156,12 @@ def test_activations(act):
     m = make_layer(4, 128, 64, rank=8, act=act, seed=16)
     x = torch.randn(9, 128, generator=torch.Generator().manual_seed(17)).to(DEV)
     idx, w = routing(9, 4, 2, seed=18)
-    check(m, x, idx, w, seed=19)
+    # ReLU's derivative jumps at 0.  On a GPU fp32 activations run TF32 dots (the 2e-2 bound), so a gate
+    # pre-activation within TF32 rounding of 0 can land on the other side of 0 than in the fp64 reference and
+    # flip that (pair, column) term of every gradient: dx rel err 0.041 on an H100 (one or two of 1152 terms)
+    # once the forward summed K in MMA order.  A wrong gradient is off by O(1), far above 0.08.
+    tf32_relu = act == "relu" and DEV == "cuda"
+    check(m, x, idx, w, seed=19, bound=0.08 if tf32_relu else None)
 
 
 @pytest.mark.parametrize("blocksize,nested", [(32, True), (128, False)])

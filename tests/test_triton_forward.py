@@ -235,3 +235,16 @@ def test_second_launch_skips_the_autotuner(monkeypatch):
 
         monkeypatch.setattr(nf4_moe_gemm_kernel, "run", autotuner_again)
         assert torch.equal(m(x, idx, w), first)
+
+
+@pytest.mark.parametrize("xa_mode", ["0", "1", "auto"])
+@pytest.mark.parametrize("t", [3, 40])  # 6 and 80 routed rows: either side of the automatic switch at 64
+def test_lora_xa_in_loop_and_precomputed(monkeypatch, xa_mode, t):
+    """LoRA X·Aᵀ accumulated in the GEMM's K loop (NF4MOE_XA_PRE=0, the default up to 64 rows) and by
+    the lora_xa kernel beforehand (=1, the default above) both match the reference, MMA K order included."""
+    monkeypatch.setenv("NF4MOE_XA_PRE", xa_mode)
+    m = make_layer(4, 128, 64, rank=16, seed=31)
+    x = torch.randn(t, 128, device=DEV)
+    idx, w = routing(t, 4, 2, seed=32)
+    with torch.no_grad():
+        assert rel_err(m(x, idx, w), reference(m, x, idx, w)) < BOUND[torch.float32]

@@ -169,6 +169,15 @@ def use_kperm() -> bool:
     return os.environ.get("NF4MOE_KPERM", "1") == "1"
 
 
+def lora_precompute(rows: int) -> bool:
+    """LoRA X·Aᵀ by its own kernel (lora_xa.py) before the GEMM, or inside the GEMM's K loop.  Precomputed
+    above 64 routed rows (once per row instead of once per N tile: -12% GEMM time at T=128, NOTES.md v5);
+    in the loop at decode sizes, where the GEMM time was the same (T=1: 56 against 57 us) and the extra
+    launch costs host time.  ``NF4MOE_XA_PRE=1`` / ``0`` forces one form."""
+    mode = os.environ.get("NF4MOE_XA_PRE", "auto")
+    return rows > 64 if mode == "auto" else mode == "1"
+
+
 def use_lut(dtype: torch.dtype) -> bool:
     """PTX table decode for compiled code with 16-bit activations; ``NF4MOE_LUT=0`` selects the fp32
     select tree instead (bit-exact weights, slower)."""
@@ -238,8 +247,8 @@ def launch_nf4_moe_gemm(
         return launch_nf4_moe_gemv(x, w, lora_a if has_lora else None, lora_b, scaling, sorted_pair_ids,
                                    expert_offsets, top_k_weights, out, n=n, top_k=top_k, gated=gated, act=act,
                                    launcher=launcher)
-    if xa_pre is None:  # NF4MOE_XA_PRE=0: accumulate X·Aᵀ inside the K loop (for comparison)
-        xa_pre = os.environ.get("NF4MOE_XA_PRE", "1") == "1"
+    if xa_pre is None:
+        xa_pre = lora_precompute(rows)
     if has_lora and (xa_pre or xa_out is not None):
         xa = launch_lora_xa(x, lora_a, sorted_pair_ids, expert_offsets, top_k=top_k, gather=gated, r_pad=rp,
                             out=xa_out, launcher=launcher)
