@@ -316,6 +316,7 @@ def dequant_rows_mma(
     (BK/4 columns, BK <= 4 * BS), so it needs one absmax.  Decode: the PTX table when LUT, else the fp32
     select tree (kept fp32 under the interpreter, whose bf16 dot is wrong).
     """
+    tl.static_assert(BK % 16 == 0 and BK <= 4 * BS, "MMA k order needs BK % 16 == 0 and BK / 4 <= the NF4 blocksize")
     J: tl.constexpr = BK // 8
     j = tl.arange(0, 4)[None, :, None] * J + tl.arange(0, J)[None, None, :]
     packed = tl.load(w_ptr + rows[:, None, None] * (K_DIM // 2) + k0 // 2 + j, mask=row_mask[:, None, None], other=0)
