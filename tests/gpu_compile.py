@@ -73,16 +73,18 @@ def main() -> int:
     common = dict(TOP_K=8, E_POW2=128, R_PAD=16, ACT=0, HAS_LORA=True, NESTED=True, BS=64, BS2=256)
     out = {}
     up = dict(common, GATED=True, GATHER=True, SCATTER=False, INTERPRET=False, LUT=True, XA_PRE=True,
-              WRITE_GU=False, WRITE_OUT=True, KPERM=True)
+              WRITE_GU=False, WRITE_OUT=True, KPERM=True, K_HINT=False)
     out["gemm_up_bk128"] = facts(compile_kernel(nf4_moe_gemm_kernel, ptrs, ints,
                                                 dict(up, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128), 4, 3))
     out["gemm_up_bk64"] = facts(compile_kernel(nf4_moe_gemm_kernel, ptrs, ints,
                                                dict(up, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64), 4, 3))
     out["gemm_up_bk64_bm16"] = facts(compile_kernel(nf4_moe_gemm_kernel, ptrs, ints,
                                                     dict(up, BLOCK_M=16, BLOCK_N=64, BLOCK_K=64), 4, 4))
+    out["gemm_up_bk128_k_hint"] = facts(compile_kernel(nf4_moe_gemm_kernel, ptrs, ints,
+                                                       dict(up, K_HINT=True, BLOCK_M=128, BLOCK_N=128, BLOCK_K=128), 8, 3))
     out["gemm_up_bk128_natural_k"] = facts(compile_kernel(nf4_moe_gemm_kernel, ptrs, ints,
                                                           dict(up, KPERM=False, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128), 4, 3))
-    gemv = {k: v for k, v in up.items() if k not in ("INTERPRET", "XA_PRE", "WRITE_GU", "WRITE_OUT", "KPERM")}
+    gemv = {k: v for k, v in up.items() if k not in ("INTERPRET", "XA_PRE", "WRITE_GU", "WRITE_OUT", "KPERM", "K_HINT")}
     out["gemv_up"] = facts(compile_kernel(nf4_moe_gemv_kernel, ptrs, ints,
                                           dict(gemv, BLOCK_M=2, BLOCK_N=32, BLOCK_K=256), 4, 3))
     bwd = dict(common, DOWN=False, NEED_DY=True, NEED_OUT=True, NEED_DW=False, NEED_XA=False, NEED_DZB=True,

@@ -37,7 +37,8 @@ def compiled():
     return json.loads(proc.stdout)
 
 
-@pytest.mark.parametrize("variant", ["gemm_up_bk128", "gemm_up_bk64", "gemm_up_bk128_natural_k", "bwd_up_dx"])
+@pytest.mark.parametrize("variant", ["gemm_up_bk128", "gemm_up_bk64", "gemm_up_bk128_natural_k", "gemm_up_bk128_k_hint",
+                                     "bwd_up_dx"])
 def test_gemms_use_wgmma_pipelined_loads_and_the_table_decode(compiled, variant):
     f = compiled[variant]
     assert f["wgmma"] > 0, "no Hopper tensor-core instruction"

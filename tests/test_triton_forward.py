@@ -39,9 +39,11 @@ def rel_err(out, ref):
 def kernel_path(request, monkeypatch):
     """Both inference kernels: the decode GEMV (grouped_gemv.py, opt-in through NF4MOE_GEMV_ROWS) and the
     MMA GEMM (the default at every size), the GEMM both with its K steps in MMA k order (the default,
-    nf4_decode.mma_k_order) and in natural order (NF4MOE_KPERM=0)."""
+    nf4_decode.mma_k_order) and in natural order (NF4MOE_KPERM=0); the natural-order run also carries the
+    opt-in K-loop hint (NF4MOE_WGMMA_PIPE=1)."""
     monkeypatch.setenv("NF4MOE_GEMV_ROWS", str(1 << 30) if request.param == "gemv" else "0")
     monkeypatch.setenv("NF4MOE_KPERM", "0" if request.param == "gemm_natural_k" else "1")
+    monkeypatch.setenv("NF4MOE_WGMMA_PIPE", "1" if request.param == "gemm_natural_k" else "0")
     return request.param
 
 

@@ -41,7 +41,7 @@ ACT_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
 
 @triton.autotune(
     configs=gemm_configs(),
-    key=["N", "K_DIM", "ROW_BUCKET", "GATED", "HAS_LORA", "BS", "KPERM"],
+    key=["N", "K_DIM", "ROW_BUCKET", "GATED", "HAS_LORA", "BS", "KPERM", "K_HINT"],
     prune_configs_by={"early_config_prune": prune_configs},
 )
 @triton.jit
@@ -69,7 +69,7 @@ def nf4_moe_gemm_kernel(
     GATED: tl.constexpr, ACT: tl.constexpr, GATHER: tl.constexpr, SCATTER: tl.constexpr,
     HAS_LORA: tl.constexpr, NESTED: tl.constexpr, BS: tl.constexpr, BS2: tl.constexpr,
     INTERPRET: tl.constexpr, LUT: tl.constexpr, XA_PRE: tl.constexpr, WRITE_GU: tl.constexpr,
-    WRITE_OUT: tl.constexpr, KPERM: tl.constexpr,
+    WRITE_OUT: tl.constexpr, KPERM: tl.constexpr, K_HINT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Grid: (cdiv(N, BLOCK_N), cdiv(P, BLOCK_M) + min(E, P))."""
@@ -100,6 +100,8 @@ def nf4_moe_gemm_kernel(
     acc_xa = tl.zeros((R_PAD, BLOCK_M), dtype=tl.float32)
     offs_r = tl.arange(0, R_PAD)
     r_mask = offs_r < R
+    if K_HINT:  # no zero-trip path around the K loop: ptxas then keeps the wgmmas asynchronous (see use_k_hint)
+        tl.assume(K_DIM >= BLOCK_K)
     for k0 in range(0, K_DIM, BLOCK_K):
         # KPERM: K step columns in wgmma k order (nf4_decode.mma_k_order): whole-word weight byte loads and no
         # operand repacking, but activations read in 2-element runs: at 128 rows per tile that cost more than
@@ -167,6 +169,16 @@ def nf4_moe_gemm_kernel(
 def use_kperm() -> bool:
     """Weight tiles decoded in MMA k order (``NF4MOE_KPERM=0``: natural order, for comparison)."""
     return os.environ.get("NF4MOE_KPERM", "1") == "1"
+
+
+def use_k_hint() -> bool:
+    """``NF4MOE_WGMMA_PIPE=1`` tells the compiler the K loop runs at least once (the pruner guarantees it).
+    Without the hint LLVM keeps a path that skips the loop and zero-fills the accumulators, and ptxas (seen
+    with ptxas 13.4 for sm_90a, on SASS compiled on the CPU) then serializes every wgmma of most configs
+    (``C7515: wgmma.mma_async instructions are serialized``: each HGMMA waited on at once, so the decode
+    never overlaps the tensor cores).  With it no config is serialized, some spill a little.  Opt-in until
+    measured on a GPU (bench/NOTES.md, next steps)."""
+    return os.environ.get("NF4MOE_WGMMA_PIPE", "0") == "1"
 
 
 def lora_precompute(rows: int) -> bool:
@@ -255,7 +267,7 @@ def launch_nf4_moe_gemm(
     bucket = row_bucket(rows)
     meta = dict(projection_meta(x, w, top_k=top_k, r_pad=rp, gated=gated, act=act, has_lora=has_lora),
                 INTERPRET=interpreting(), XA_PRE=xa is not None, WRITE_GU=gu is not None, WRITE_OUT=write_out,
-                KPERM=use_kperm())
+                KPERM=use_kperm(), K_HINT=use_k_hint())
     key = launch_key("gemm", n, bucket, x, w, out, lora_b if has_lora else None, meta)
     launch_tuned(
         nf4_moe_gemm_kernel, grid(n, rows, num_experts), key, launcher,
