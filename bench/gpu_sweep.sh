@@ -10,6 +10,7 @@
 #   bash bench/gpu_sweep.sh dsv3big    # forward DeepSeek-V3 T = 8192, 16384 (~1 min)
 #   bash bench/gpu_sweep.sh e2e        # end-to-end: reduced (4 layers) and the 48-layer memory figure (~4 min)
 #   bash bench/gpu_sweep.sh profile    # per-kernel and host-time profiles at small and large T (~3 min)
+#   bash bench/gpu_sweep.sh pipe       # the opt-in K-loop hint against the default, Qwen3, DeepSeek-V3 (not run yet)
 set -euo pipefail
 OUT=${OUT:-bench/results/sweep}
 mkdir -p "$OUT"
@@ -44,6 +45,9 @@ case "${1:-}" in
     $py -m bench.profile_layer --tokens 1,16,128 --variants lut,gemv 2>&1 | tee "$OUT/profile_small.log"
     $py -m bench.profile_layer --tokens 1024,8192 --variants lut 2>&1 | tee "$OUT/profile_large.log"
     $py -m bench.profile_host --tokens 1,128 2>&1 | tee "$OUT/host.log" ;;
+  pipe)
+    $py -m bench.profile_layer --tokens 128,1024,8192 --variants gemm,pipe 2>&1 | tee "$OUT/profile_pipe_qwen3.log"
+    $py -m bench.profile_layer --shape dsv3 --tokens 8192 --variants gemm,pipe 2>&1 | tee "$OUT/profile_pipe_dsv3.log" ;;
   *)
-    sed -n '2,10p' "$0"; exit 2 ;;
+    sed -n '2,13p' "$0"; exit 2 ;;
 esac

@@ -4,6 +4,7 @@ variant, plus the autotuner's chosen configs.  GPU only; used to write bench/NOT
     python -m bench.profile_layer --shape qwen3 --tokens 1,128,8192 --variants lut,select
     python -m bench.profile_layer --tokens 1,2,16 --variants gemv,gemm   # the decode kernel against the GEMM
     python -m bench.profile_layer --tokens 128,8192 --variants lut,natk  # MMA k order against natural order
+    python -m bench.profile_layer --tokens 1024,8192 --variants gemm,pipe  # the K-loop hint (NOTES.md v14)
 """
 from __future__ import annotations
 
@@ -50,6 +51,7 @@ def main(argv=None) -> int:
             os.environ["NF4MOE_LUT"] = "0" if var == "select" else "1"
             os.environ["NF4MOE_XA_PRE"] = {"xaloop": "0", "xapre": "1"}.get(var, "auto")
             os.environ["NF4MOE_KPERM"] = "0" if var == "natk" else "1"  # natk: K steps in natural column order
+            os.environ["NF4MOE_WGMMA_PIPE"] = "1" if var == "pipe" else "0"  # pipe: the K-loop hint (NOTES v14)
             # gemv / gemm: force the decode GEMV or the MMA GEMM at every size; other variants: the default
             os.environ["NF4MOE_GEMV_ROWS"] = {"gemv": str(1 << 30), "gemm": "0"}.get(var, "64")
             with torch.no_grad():
