@@ -17,9 +17,12 @@ No host synchronisation is needed to size the grid.
 
 A K step (BLOCK_K) either divides the NF4 blocksize (one absmax per tile row) or spans several whole
 blocks (one absmax per block, nf4_decode); the autotuner picks K=128 on most Qwen3-30B-A3B buckets.
-LoRA X·Aᵀ comes precomputed per row (lora_xa.py, split over K at small P).  The launcher sends
-inference calls up to ``NF4MOE_GEMV_ROWS`` routed rows to the decode GEMV (grouped_gemv.py; off by
-default), and eager launches reuse the autotuner's choice (configs.launch_tuned).
+Tiles of up to 32 rows take each K step's columns in wgmma k order (nf4_decode.mma_k_order: the weight
+bytes arrive as words and decode straight into operand pairs; the activations are read in the same
+order).  LoRA X·Aᵀ is accumulated in the K loop up to 64 routed rows and precomputed per row above
+(lora_xa.py, split over K at small P).  The launcher sends inference calls up to ``NF4MOE_GEMV_ROWS``
+routed rows to the decode GEMV (grouped_gemv.py; off by default); eager launches reuse the autotuner's
+choice (configs.launch_tuned) and the compiled kernel (launch.launch).
 """
 from __future__ import annotations
 
