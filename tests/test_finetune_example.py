@@ -122,7 +122,7 @@ def test_example_trains_saves_merges(example, tiny_checkpoint, tmp_path, capsys)
     assert sorted(cfg["target_modules"]) == ["k_proj", "o_proj", "q_proj", "v_proj"]
     assert len(cfg["target_parameters"]) == 4 and cfg["r"] == 16
 
-    ids = torch.randint(0, 256, (2, 40))
+    ids = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(0))
     ours = nf4moe_with_adapter(tiny_checkpoint, adapter)
     ours_logits = logits(ours, ids)
     base_logits = logits(transformers.AutoModelForCausalLM.from_pretrained(tiny_checkpoint), ids)
@@ -131,12 +131,14 @@ def test_example_trains_saves_merges(example, tiny_checkpoint, tmp_path, capsys)
     # The same adapter directory loads into PEFT on the original model class (experts via target_parameters,
     # attention via target_modules): with the dequantized NF4 weights there, PEFT reproduces nf4moe.
     peft = pytest.importorskip("peft")
+    # fp32 against fp32 in other summation orders through two trained layers: 1e-6 to 1.3e-5 seen across CI
+    # runs (the ids were unseeded then); a wrong key, transpose or scaling is off by > 1e-3 (the check above).
     twin = peft.PeftModel.from_pretrained(dequantized_twin(tiny_checkpoint, ours), adapter)
-    assert rel(logits(twin, ids), ours_logits) < 1e-5
+    assert rel(logits(twin, ids), ours_logits) < 5e-5
 
     merged = transformers.AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
     assert not any(isinstance(m, nf4moe.QuantGroupedExperts) for m in merged.modules())
-    assert rel(logits(merged, ids), ours_logits) < 1e-5
+    assert rel(logits(merged, ids), ours_logits) < 5e-5
 
 
 def test_example_falls_back_without_bnb_and_reads_jsonl(example, tiny_checkpoint, tmp_path, capsys, monkeypatch):
