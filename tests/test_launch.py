@@ -22,8 +22,15 @@ class FakeCompiled:
         return lambda *args: self.log.append(("compiled", grid, args))
 
 
+class _Param:
+    def __init__(self, name):
+        self.name, self.is_constexpr = name, name.isupper()
+
+
 class FakeKernel:
     arg_names = ["x_ptr", "n", "scale", "BLOCK"]
+    params = [_Param(n) for n in arg_names]
+    __name__ = "fake_kernel"
 
     def __init__(self):
         self.log = []
@@ -41,6 +48,7 @@ def direct(monkeypatch):
     monkeypatch.setattr(L, "interpreting", lambda: False)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(L, "_COMPILED", {})
+    monkeypatch.setattr(L, "_FLAGS", {})
 
 
 def test_second_launch_calls_the_compiled_kernel_with_every_parameter(direct):
@@ -54,7 +62,8 @@ def test_second_launch_calls_the_compiled_kernel_with_every_parameter(direct):
     assert k.log[1][2] == (x, 7, 0.5, 32)  # options (num_warps) are not parameters
 
 
-@pytest.mark.parametrize("change", ["dtype", "misaligned", "int_one", "int_div16", "int64", "constexpr", "option"])
+@pytest.mark.parametrize("change", ["dtype", "misaligned", "int_one", "int_div16", "int64", "uint64", "constexpr",
+                                    "option"])
 def test_every_specialisation_change_goes_through_triton(direct, change):
     k = FakeKernel()
     base = torch.zeros(64)
@@ -70,6 +79,10 @@ def test_every_specialisation_change_goes_through_triton(direct, change):
         args[1] = 32
     elif change == "int64":
         args[1] = 1 << 33
+    elif change == "uint64":  # Triton: u64, not i64
+        args[1], base_big = (1 << 63) + 7, (1 << 33) + 7
+        L.launch(k, (1,), None, base, base_big, 0.5, **kw)  # an i64 key first
+        k.log.pop()
     elif change == "constexpr":
         kw["BLOCK"] = 64
     else:
@@ -112,3 +125,39 @@ def test_host_integer_helpers_match_triton():
         assert pow2(n) == triton.next_power_of_2(n)
         for b in (1, 3, 16, 64):
             assert cdiv(n, b) == triton.cdiv(n, b)
+
+
+def test_calls_the_key_cannot_tell_apart_are_refused(direct):
+    """Checked on the first launch of a key: a constexpr passed positionally (it would be keyed as a runtime
+    value), a tensor keyword, a missing parameter, and a flag passed as bool here and int elsewhere."""
+    x = torch.zeros(4)
+    with pytest.raises(TypeError, match="constexpr 'BLOCK'.*positionally"):
+        L.launch(FakeKernel(), (1,), None, x, 7, 0.5, 32)
+    with pytest.raises(TypeError, match="keyword argument 'BLOCK' is a Tensor"):
+        L.launch(FakeKernel(), (1,), None, x, 7, 0.5, BLOCK=torch.ones(1))
+    with pytest.raises(TypeError, match=r"needs \['BLOCK'\]"):
+        L.launch(FakeKernel(), (1,), None, x, 7, 0.5)
+    k = FakeKernel()
+    L.launch(k, (1,), None, x, 7, 0.5, BLOCK=True)
+    with pytest.raises(TypeError, match="True and 1 share a key"):
+        L.launch(k, (1,), None, x, 7, 0.5, BLOCK=2)
+
+
+def test_key_is_as_fine_as_tritons_own_specialisation():
+    """Over ints, bools, floats, None and tensors (dtypes, alignment, empty): wherever Triton's own
+    specialisation of an argument differs, so does launch's key (so a cached kernel is never reused where
+    Triton would compile another).  Uses this Triton's native specialiser (the GPU runs another version)."""
+    libtriton = pytest.importorskip("triton._C.libtriton")
+    native = getattr(libtriton, "native_specialize_impl", None)
+    if native is None:
+        pytest.skip("this Triton has no native_specialize_impl")
+    from triton.backends.nvidia.compiler import CUDABackend
+
+    base = torch.zeros(64, dtype=torch.float32)
+    values = [0, 1, -1, 2, 15, 16, 17, -16, 32, (1 << 31) - 1, 1 << 31, -(1 << 31), -(1 << 31) - 1, (1 << 63) - 1,
+              1 << 63, (1 << 64) - 1, True, False, 0.5, 1.0, None, base, base[1:], base[4:], base.half(),
+              base.to(torch.bfloat16), torch.zeros(0), torch.zeros(8, dtype=torch.uint8)]
+    theirs_by_ours: dict = {}
+    for v in values:  # native(backend, value, is_const, specialize_value, align)
+        theirs_by_ours.setdefault(L._spec([v]), set()).add(str(native(CUDABackend, v, False, True, True)))
+    assert all(len(t) == 1 for t in theirs_by_ours.values()), theirs_by_ours

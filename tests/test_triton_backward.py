@@ -74,12 +74,13 @@ def rel_err(out, ref):
     return float((out - ref).norm() / ref.norm())
 
 
-def check(m, x, idx, w, wants=ALL, *, seed=0, bound=None):
+def check(m, x, idx, w, wants=ALL, *, seed=0, bound=None, grad_bound=None):
     g = torch.Generator().manual_seed(seed)
     dout = torch.randn(x.shape[0], m.hidden_size, generator=g).to(device=DEV, dtype=x.dtype)
     out, grads = run_layer(m, x, idx, w, dout, wants)
     ref_out, ref = fp64_grads(m, x, idx, w, dout)
     bound = bound or BOUND[x.dtype]
+    grad_bound = grad_bound or bound
     assert rel_err(out, ref_out) < bound
     for name in ALL:
         if name in wants and (name in ("x", "w") or m.lora_rank):
@@ -87,7 +88,7 @@ def check(m, x, idx, w, wants=ALL, *, seed=0, bound=None):
             assert grads[name].dtype == (x.dtype if name == "x" else w.dtype if name == "w" else torch.float32)
             assert torch.isfinite(grads[name]).all(), name
             err = rel_err(grads[name], ref[name])
-            assert err < bound, f"d{name}: rel err {err:.3g} >= {bound}"
+            assert err < grad_bound, f"d{name}: rel err {err:.3g} >= {grad_bound}"
         else:
             assert grads.get(name) is None, f"d{name} computed but not asked for"
     return grads
@@ -159,9 +160,10 @@ def test_activations(act):
     # ReLU's derivative jumps at 0.  On a GPU fp32 activations run TF32 dots (the 2e-2 bound), so a gate
     # pre-activation within TF32 rounding of 0 can land on the other side of 0 than in the fp64 reference and
     # flip that (pair, column) term of every gradient: dx rel err 0.041 on an H100 (one or two of 1152 terms)
-    # once the forward summed K in MMA order.  A wrong gradient is off by O(1), far above 0.08.
+    # once the forward summed K in MMA order.  A wrong gradient is off by O(1), far above 0.08.  The forward
+    # output is continuous there and keeps the fp32 bound.
     tf32_relu = act == "relu" and DEV == "cuda"
-    check(m, x, idx, w, seed=19, bound=0.08 if tf32_relu else None)
+    check(m, x, idx, w, seed=19, grad_bound=0.08 if tf32_relu else None)
 
 
 @pytest.mark.parametrize("blocksize,nested", [(32, True), (128, False)])

@@ -244,9 +244,16 @@ def test_second_launch_skips_the_autotuner(monkeypatch):
 def test_lora_xa_in_loop_and_precomputed(monkeypatch, xa_mode, t):
     """LoRA X·Aᵀ accumulated in the GEMM's K loop (NF4MOE_XA_PRE=0, the default up to 64 rows) and by
     the lora_xa kernel beforehand (=1, the default above) both match the reference, MMA K order included."""
+    import nf4moe.kernels.grouped_gemm as gg
+
     monkeypatch.setenv("NF4MOE_XA_PRE", xa_mode)
+    calls = []
+    real = gg.launch_lora_xa
+    monkeypatch.setattr(gg, "launch_lora_xa", lambda *a, **k: calls.append(1) or real(*a, **k))
     m = make_layer(4, 128, 64, rank=16, seed=31)
     x = torch.randn(t, 128, device=DEV)
     idx, w = routing(t, 4, 2, seed=32)
     with torch.no_grad():
         assert rel_err(m(x, idx, w), reference(m, x, idx, w)) < BOUND[torch.float32]
+    precomputed = xa_mode == "1" or (xa_mode == "auto" and 2 * t > 64)
+    assert len(calls) == (2 if precomputed else 0)  # one X·Aᵀ launch per projection, or none

@@ -91,6 +91,7 @@ def prune_configs(configs, named_args, **kwargs):
         return named_args[name] if name in named_args else kwargs[name]
 
     k_dim, bs, bucket, n = arg("K_DIM"), arg("BS"), arg("ROW_BUCKET"), arg("N")
+    has_lora, xa_pre, r_pad = arg("HAS_LORA"), arg("XA_PRE"), arg("R_PAD")
     valid = [c for c in configs if (bs % c.kwargs["BLOCK_K"] == 0 or c.kwargs["BLOCK_K"] % bs == 0)
              and k_dim % c.kwargs["BLOCK_K"] == 0]
     if _pinned() or interpreting():
@@ -111,6 +112,8 @@ def prune_configs(configs, named_args, **kwargs):
         if bn > max(32, pow2(n)):
             continue
         smem = c.num_stages * (bm * bk * 2 + 2 * bn * bk // 2)  # X tile + gate/up packed tiles
+        if has_lora and not xa_pre:  # LoRA A tile in the K loop
+            smem += c.num_stages * r_pad * bk * 2
         if smem > _SMEM_BYTES:
             continue
         kept.append(c)

@@ -44,7 +44,7 @@ ACT_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
 
 @triton.autotune(
     configs=gemm_configs(),
-    key=["N", "K_DIM", "ROW_BUCKET", "GATED", "HAS_LORA", "BS", "KPERM", "K_HINT"],
+    key=["N", "K_DIM", "ROW_BUCKET", "GATED", "HAS_LORA", "BS", "KPERM", "K_HINT", "XA_PRE"],
     prune_configs_by={"early_config_prune": prune_configs},
 )
 @triton.jit
@@ -276,7 +276,7 @@ def launch_nf4_moe_gemm(
         nf4_moe_gemm_kernel, grid(n, rows, num_experts), key, launcher,
         x, x.stride(0), x.stride(1),
         *w.pointer_args(),
-        lora_a if has_lora else dummy, lora_b if has_lora else dummy, float(scaling),
+        lora_a.contiguous() if has_lora else dummy, lora_b if has_lora else dummy, float(scaling),
         xa if xa is not None else dummy, xa.shape[0] if xa is not None and xa.dim() == 3 else 1,
         gu if gu is not None else dummy,
         out, out.stride(0),

@@ -25,6 +25,7 @@ _COMPILED: dict = {}  # (kernel, device, argument specialisation, keyword argume
 
 
 _I32 = range(-(1 << 31), 1 << 31)
+_U64 = 1 << 63  # Triton types ints in [2**63, 2**64) as u64, other ints beyond int32 as i64
 
 
 def _spec(args) -> tuple:
@@ -33,7 +34,7 @@ def _spec(args) -> tuple:
     for v in args:
         t = type(v)
         if t is int:
-            out.append((v == 1, v % 16 == 0, v in _I32))
+            out.append((v == 1, v % 16 == 0, v in _I32, v >= _U64))
         elif t is float:
             out.append("f")
         elif isinstance(v, torch.Tensor):
@@ -47,11 +48,38 @@ def _spec(args) -> tuple:
     return tuple(out)
 
 
+def _check_call(kernel, args, kwargs) -> None:
+    """What the key relies on (checked once per key, off the hot path): constexprs arrive by keyword (a
+    positional one would be keyed as a runtime value), keyword values are plain scalars keyed by value (bool
+    and int kept apart), and every parameter is given (later launches list them from ``kwargs``)."""
+    names = kernel.arg_names
+    constexprs = {p.name for p in kernel.params if p.is_constexpr}
+    for name in names[:len(args)]:
+        if name in constexprs:
+            raise TypeError(f"nf4moe.kernels.launch: constexpr {name!r} of {kernel.__name__} passed positionally; "
+                            "pass constexprs by keyword")
+    for name, v in kwargs.items():
+        if not (v is None or type(v) in (bool, int, float, str)):
+            raise TypeError(f"nf4moe.kernels.launch: keyword argument {name!r} is a {type(v).__name__}; "
+                            "keyword arguments must be constexpr scalars or compile options")
+    missing = [n for n in names[len(args):] if n not in kwargs]
+    if missing:
+        raise TypeError(f"nf4moe.kernels.launch: {kernel.__name__} needs {missing} (defaults are not used)")
+    flags = {n for n, v in kwargs.items() if type(v) is bool}
+    if _FLAGS.setdefault(kernel, flags) != flags:
+        raise TypeError(f"nf4moe.kernels.launch: {kernel.__name__} gets bool keyword arguments {sorted(flags)} here "
+                        f"and {sorted(_FLAGS[kernel])} elsewhere (True and 1 share a key)")
+
+
+_FLAGS: dict = {}  # kernel -> the keyword arguments it gets as bools (checked consistent across keys)
+
+
 def launch(kernel, grid, launcher, *args, **kwargs) -> None:
     """``kernel[grid](*args, **kwargs)``: through ``launcher`` (``wrap_triton``) when traced, plainly under
     the interpreter, else from the compiled-kernel cache.  ``kernel`` is a plain ``triton.jit`` function
-    (not an autotuner: configs.launch_tuned resolves the config first); ``grid`` a tuple or a function of
-    the keyword arguments (Triton's meta dict)."""
+    (not an autotuner: configs.launch_tuned resolves the config first); runtime arguments come positionally,
+    every constexpr and option by keyword (``_check_call``); ``grid`` is a tuple or a function of the keyword
+    arguments only (not Triton's full meta dict)."""
     if launcher is not None:
         launcher(kernel)[grid](*args, **kwargs)
         return
@@ -61,6 +89,7 @@ def launch(kernel, grid, launcher, *args, **kwargs) -> None:
     key = (kernel, torch.cuda.current_device(), _spec(args), tuple(kwargs.items()))
     compiled = _COMPILED.get(key)
     if compiled is None:
+        _check_call(kernel, args, kwargs)
         _COMPILED[key] = kernel[grid](*args, **kwargs)
         return
     names = kernel.arg_names
