@@ -36,7 +36,7 @@ from .operands import NF4Operand, r_pad
 from .configs import cdiv, gemm_configs, interpreting, launch_tuned, pow2, prune_configs, row_bucket
 from .grouped_gemv import gemv_max_rows, launch_nf4_moe_gemv
 from .lora_xa import launch_lora_xa
-from .nf4_decode import dequant_operand, dequant_rows_mma, mma_k_order
+from .nf4_decode import dequant_operand, mma_k_order
 from .common import act_fwd, dot_operand, expert_row_tile, nested_offset
 
 ACT_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
@@ -105,30 +105,26 @@ def nf4_moe_gemm_kernel(
     r_mask = offs_r < R
     if K_HINT:  # no zero-trip path around the K loop: ptxas then keeps the wgmmas asynchronous (see use_k_hint)
         tl.assume(K_DIM >= BLOCK_K)
+    # KPERM: K step columns in wgmma k order (nf4_decode.mma_k_order): whole-word weight byte loads and no
+    # operand repacking, but activations read in 2-element runs: at 128 rows per tile that cost more than it
+    # saved (H100, Qwen3 T=1024: 0.78 against 0.63 ms), so tiles of up to 32 rows only
+    MMA_ORDER: tl.constexpr = KPERM and BLOCK_M <= 32
     for k0 in range(0, K_DIM, BLOCK_K):
-        # KPERM: K step columns in wgmma k order (nf4_decode.mma_k_order): whole-word weight byte loads and no
-        # operand repacking, but activations read in 2-element runs: at 128 rows per tile that cost more than
-        # it saved (H100, Qwen3 T=1024: 0.78 against 0.63 ms), so tiles of up to 32 rows only
-        if KPERM and BLOCK_M <= 32:
+        if MMA_ORDER:
             offs_k = k0 + mma_k_order(BLOCK_K)
-            wg = dequant_rows_mma(w_ptr, am_ptr, am2_ptr, code2_ptr, offset, w_rows, n_mask, k0, K_DIM, BS, BS2,
-                                  NESTED, BLOCK_K, dt, LUT, INTERPRET)
         else:
             offs_k = k0 + tl.arange(0, BLOCK_K)
-            # compiled 16-bit activations: PTX table decode (nf4_decode._lut_asm); else the fp32 select tree
-            wg = dequant_operand(w_ptr, am_ptr, am2_ptr, code2_ptr, offset, w_rows, n_mask, k0, K_DIM, BS, BS2,
-                                 NESTED, BLOCK_K, dt, LUT, INTERPRET)
+        # compiled 16-bit activations: PTX table decode (nf4_decode._lut_asm / _lut_pairs_asm); else the fp32
+        # select tree
+        wg = dequant_operand(w_ptr, am_ptr, am2_ptr, code2_ptr, offset, w_rows, n_mask, k0, K_DIM, BS, BS2, NESTED,
+                             BLOCK_K, dt, LUT, INTERPRET, MMA_ORDER)
         xt = tl.load(x_ptr + x_rows[None, :] * stride_xm + offs_k[:, None] * stride_xk, mask=m_mask[None, :], other=0.0)
         if INTERPRET:  # the interpreter's bf16 dot is wrong: fp32 operands there only
             xt = xt.to(tl.float32)
         acc = tl.dot(wg, xt, acc)
         if GATED:
-            if KPERM and BLOCK_M <= 32:
-                wu = dequant_rows_mma(w_ptr, am_ptr, am2_ptr, code2_ptr, offset, w_rows + N, n_mask, k0, K_DIM, BS,
-                                      BS2, NESTED, BLOCK_K, dt, LUT, INTERPRET)
-            else:
-                wu = dequant_operand(w_ptr, am_ptr, am2_ptr, code2_ptr, offset, w_rows + N, n_mask, k0, K_DIM, BS,
-                                     BS2, NESTED, BLOCK_K, dt, LUT, INTERPRET)
+            wu = dequant_operand(w_ptr, am_ptr, am2_ptr, code2_ptr, offset, w_rows + N, n_mask, k0, K_DIM, BS, BS2,
+                                 NESTED, BLOCK_K, dt, LUT, INTERPRET, MMA_ORDER)
             acc_up = tl.dot(wu, xt, acc_up)
         if HAS_LORA and not XA_PRE:
             a = tl.load(la_ptr + (e64 * R + offs_r[:, None]) * K_DIM + offs_k[None, :], mask=r_mask[:, None], other=0.0)

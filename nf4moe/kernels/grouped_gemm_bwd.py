@@ -129,7 +129,7 @@ def nf4_moe_gemm_t_kernel(
             if NEED_DY:
                 # rows = KR indices of W[e], columns n0:n0+BLOCK_N: the transposed read of the same bytes
                 w = dequant_operand(w_ptr, am_ptr, am2_ptr, code2_ptr, offset, w_rows, k_mask, pid_n * BLOCK_N, N,
-                                    BS, BS2, NESTED, BLOCK_N, dt, LUT, INTERPRET)
+                                    BS, BS2, NESTED, BLOCK_N, dt, LUT, INTERPRET, False)
                 acc = tl.dot(dy, w, acc)
             if HAS_LORA:
                 b = tl.load(lb_ptr + w_rows[:, None] * R + offs_r[None, :], mask=k_mask[:, None] & r_mask[None, :],

@@ -237,11 +237,15 @@ def dequant_operand(
     w_ptr, am_ptr, am2_ptr, code2_ptr, offset,
     rows, row_mask, k0, K_DIM,
     BS: tl.constexpr, BS2: tl.constexpr, NESTED: tl.constexpr, BK: tl.constexpr,
-    DT: tl.constexpr, LUT: tl.constexpr, INTERPRET: tl.constexpr,
+    DT: tl.constexpr, LUT: tl.constexpr, INTERPRET: tl.constexpr, MMA_ORDER: tl.constexpr,
 ):
     """The (R, BK) weight tile ready for tl.dot: the PTX table decode in DT when LUT, else the fp32
-    select tree cast to DT (kept fp32 under the interpreter, whose bf16 dot is wrong)."""
-    if LUT:
+    select tree cast to DT (kept fp32 under the interpreter, whose bf16 dot is wrong).  MMA_ORDER: the
+    K step's columns in wgmma k order (``dequant_rows_mma``; the caller reads activations in the same order)."""
+    if MMA_ORDER:
+        return dequant_rows_mma(w_ptr, am_ptr, am2_ptr, code2_ptr, offset, rows, row_mask, k0, K_DIM, BS, BS2,
+                                NESTED, BK, DT, LUT, INTERPRET)
+    elif LUT:
         return dequant_rows_lut(w_ptr, am_ptr, am2_ptr, code2_ptr, offset, rows, row_mask, k0, K_DIM, BS, BS2,
                                 NESTED, BK, DT)
     else:
