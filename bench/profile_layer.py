@@ -5,6 +5,10 @@ variant, plus the autotuner's chosen configs.  GPU only; used to write bench/NOT
     python -m bench.profile_layer --tokens 1,2,16 --variants gemv,gemm   # the decode kernel against the GEMM
     python -m bench.profile_layer --tokens 128,8192 --variants lut,natk  # MMA k order against natural order
     python -m bench.profile_layer --tokens 1024,8192 --variants gemm,pipe  # the K-loop hint (NOTES.md v14)
+    python -m bench.profile_layer --tokens 1024,8192 --variants gemm --check --timings
+
+``--check`` compares every variant's output with the fp32 reference backend (relative error printed);
+``--timings`` prints every config the GEMM autotuner benchmarks, with its time.
 """
 from __future__ import annotations
 
@@ -41,24 +45,46 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", default="1,128,8192")
     ap.add_argument("--variants", default="lut,select")
     ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--check", action="store_true", help="relative error of each variant against the reference")
+    ap.add_argument("--timings", action="store_true", help="every config the autotuner benchmarks, with its time")
     args = ap.parse_args(argv)
     _, ours, cases = profile_cases(args.shape, args.tokens, args.rank)
     from nf4moe.kernels.grouped_gemm import nf4_moe_gemm_kernel
     from nf4moe.kernels.grouped_gemv import nf4_moe_gemv_kernel
 
+    if args.timings:  # report each benchmarked config (the autotuner keeps only the last key's timings)
+        bench = nf4_moe_gemm_kernel._bench
+
+        def bench_and_print(*a, config, **kw):
+            ms = bench(*a, config=config, **kw)
+            print(f"   bench {'up  ' if kw.get('GATED') else 'down'} bucket={a[-1] if a else '?'} {config}: {ms[0]:.4f} ms",
+                  flush=True)
+            return ms
+
+        nf4_moe_gemm_kernel._bench = bench_and_print
+
     for t, x, idx, w in cases:
+        ref = None
+        if args.check:
+            with torch.no_grad():
+                ours.backend = "reference"
+                ref = ours(x, idx, w).float()
+                ours.backend = "triton"
         for var in args.variants.split(","):
             os.environ["NF4MOE_LUT"] = "0" if var == "select" else "1"
             os.environ["NF4MOE_XA_PRE"] = {"xaloop": "0", "xapre": "1"}.get(var, "auto")
             os.environ["NF4MOE_KPERM"] = "0" if var == "natk" else "1"  # natk: K steps in natural column order
             os.environ["NF4MOE_WGMMA_PIPE"] = "1" if var == "pipe" else "0"  # pipe: the K-loop hint (NOTES v14)
             # gemv / gemm: force the decode GEMV or the MMA GEMM at every size; other variants: the default
-            os.environ["NF4MOE_GEMV_ROWS"] = {"gemv": str(1 << 30), "gemm": "0"}.get(var, "64")
+            os.environ["NF4MOE_GEMV_ROWS"] = {"gemv": str(1 << 30)}.get(var, "0")
             with torch.no_grad():
                 ms = _bench(lambda: ours(x, idx, w))
                 kt = kernel_times(lambda: ours(x, idx, w))
+                err = ""
+                if ref is not None:
+                    err = f"rel err {((ours(x, idx, w).float() - ref).norm() / ref.norm()).item():.2e} "
             top = sorted(kt.items(), key=lambda kv: -kv[1])[:8]
-            print(f"T={t:6d} variant={var:9s} total {ms:.4f} ms | " + " | ".join(f"{n[:38]} {v:.4f}" for n, v in top),
+            print(f"T={t:6d} variant={var:9s} total {ms:.4f} ms {err}| " + " | ".join(f"{n[:38]} {v:.4f}" for n, v in top),
                   flush=True)
         for kern in (nf4_moe_gemm_kernel, nf4_moe_gemv_kernel):
             for key, cfg in getattr(kern, "cache", {}).items():

@@ -114,7 +114,7 @@ def nf4_moe_gemm_kernel(
             offs_k = k0 + mma_k_order(BLOCK_K)
         else:
             offs_k = k0 + tl.arange(0, BLOCK_K)
-        # compiled 16-bit activations: PTX table decode (nf4_decode._lut_asm / _lut_pairs_asm); else the fp32
+        # compiled 16-bit activations: PTX table decode (nf4_decode._lut_pairs_asm); else the fp32
         # select tree
         wg = dequant_operand(w_ptr, am_ptr, am2_ptr, code2_ptr, offset, w_rows, n_mask, k0, K_DIM, BS, BS2, NESTED,
                              BLOCK_K, dt, LUT, INTERPRET, MMA_ORDER)
