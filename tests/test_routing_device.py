@@ -1,6 +1,7 @@
 """The device routing (kernels.routing.build_routing, no host sync) against the reference routing, on
-arbitrary id tensors including sentinels and negative ids; and its two paths (the one-launch Triton kernel
-up to TRITON_MAX_PAIRS pairs, torch's stable sort + searchsorted above) against each other, bit for bit."""
+arbitrary id tensors including sentinels and negative ids; and its three paths (the one-launch Triton kernel
+up to TRITON_MAX_PAIRS pairs, the chunked counting sort up to CHUNKED_MAX_PAIRS, torch's stable sort +
+searchsorted above) against each other, bit for bit."""
 from __future__ import annotations
 
 import os
@@ -69,6 +70,7 @@ def _ids(t, k, e, dtype, mode, seed):
 def _torch_path(idx, e, monkeypatch):
     with monkeypatch.context() as m:
         m.setattr(R, "TRITON_MAX_PAIRS", 0)
+        m.setattr(R, "CHUNKED_MAX_PAIRS", 0)
         return R.build_routing(idx, e)
 
 
@@ -120,21 +122,79 @@ def test_triton_path_matches_torch_path(t, k, e, mode, dtype, monkeypatch):
 
 @needs_triton
 def test_triton_path_at_the_threshold(monkeypatch):
-    """P == TRITON_MAX_PAIRS (the largest sort one program does) takes the kernel; P + 1 the torch path."""
+    """P == TRITON_MAX_PAIRS (the largest sort one program does) takes the one-program kernel; P + 1 the
+    chunked counting sort (two launches), with the same results as torch."""
     t, k, e = R.TRITON_MAX_PAIRS // 8, 8, 384
     idx = _ids(t, k, e, torch.int64, "mixed", seed=5)
     _assert_same(_triton_path(idx, e, monkeypatch), _torch_path(idx, e, monkeypatch))
     over = _ids(t + 1, k, e, torch.int64, "mixed", seed=6)
-    assert not R.triton_fits(over.numel(), e)
+    assert R.triton_fits(over.numel(), e)
+    launched = _count_launches(monkeypatch)
     _assert_same(R.build_routing(over, e), route_like_torch(over, e))
+    assert launched == ["routing_count_kernel", "routing_scatter_kernel"]
 
+
+def _count_launches(monkeypatch) -> list:
+    """Names of the routing kernels launched from now on (R.launch is the one launch path)."""
+    names = []
+    real = R.launch
+    monkeypatch.setattr(R, "launch", lambda kernel, *a, **kw: names.append(kernel.__name__) or real(kernel, *a, **kw))
+    return names
+
+
+# Chunked path with small chunks, so several chunks (and the prefix over earlier chunks, read in blocks of
+# CB chunks) are exercised at interpreter-friendly sizes: (T, K, E, mode, chunk).
+CHUNKED_CASES = [
+    (20, 3, 5, "mixed", 16),          # 4 chunks, the last one partial (padding)
+    (64, 2, 7, "mixed", 32),          # 4 full chunks
+    (33, 4, 4, "one_expert", 16),     # every pair to one expert: ranks run across chunks
+    (40, 2, 6, "all_sentinels", 16),  # every pair dropped
+    (150, 4, 3, "mixed", 16),         # 38 chunks: the histogram prefix spans several CB blocks
+    (90, 8, 256, "valid", 64),        # E = 256 (512 bins)
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
+@pytest.mark.parametrize("t,k,e,mode,chunk", CHUNKED_CASES)
+def test_chunked_path_matches_torch_path(t, k, e, mode, chunk, dtype, monkeypatch):
+    monkeypatch.setattr(R, "TRITON_MAX_PAIRS", 8)
+    monkeypatch.setattr(R, "CHUNK", chunk)
+    idx = _ids(t, k, e, dtype, mode, seed=t * 13 + k + e)
+    launched = _count_launches(monkeypatch)
+    _assert_same(_triton_path(idx, e, monkeypatch), _torch_path(idx, e, monkeypatch))
+    assert launched == ["routing_count_kernel", "routing_scatter_kernel"]
+
+
+@needs_triton
+def test_chunked_path_at_its_size_limit(monkeypatch):
+    """CHUNKED_MAX_PAIRS pairs take the chunked kernels, one more the torch path; same results."""
+    monkeypatch.setattr(R, "TRITON_MAX_PAIRS", 8)
+    monkeypatch.setattr(R, "CHUNK", 16)
+    monkeypatch.setattr(R, "CHUNKED_MAX_PAIRS", 96)
+    idx = _ids(48, 2, 9, torch.int32, "mixed", seed=1)
+    launched = _count_launches(monkeypatch)
+    _assert_same(R.build_routing(idx, 9), route_like_torch(idx, 9))
+    assert len(launched) == 2
+    over = _ids(97, 1, 9, torch.int32, "mixed", seed=2)
+    assert not R.triton_fits(97, 9)
+    _assert_same(R.build_routing(over, 9), route_like_torch(over, 9))
+    assert len(launched) == 2
+
+
+@needs_triton
+def test_chunked_path_at_full_chunk_size():
+    """The shipped CHUNK (1024) over two chunks, as a prefill call of 129 tokens x top-8 runs it."""
+    idx = _ids(129, 8, 128, torch.int64, "mixed", seed=9)
+    _assert_same(R.build_routing(idx, 128), route_like_torch(idx, 128))
 
 
 @needs_triton
 @pytest.mark.parametrize("p", [48, 49])
 def test_lowered_threshold_dispatch(p, monkeypatch):
-    """With the threshold moved to 48: P = 48 runs the kernel, P = 49 the torch path, same results."""
+    """With both thresholds moved to 48: P = 48 runs a kernel, P = 49 the torch path, same results."""
     monkeypatch.setattr(R, "TRITON_MAX_PAIRS", 48)
+    monkeypatch.setattr(R, "CHUNKED_MAX_PAIRS", 48)
     idx = _ids(p, 1, 10, torch.int32, "mixed", seed=p)
     from nf4moe.kernels import ops  # build_routing launches through ops.run, whose body calls this name
 
@@ -147,8 +207,12 @@ def test_lowered_threshold_dispatch(p, monkeypatch):
 
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
-def test_launcher_writes_every_output_element(dtype):
+@pytest.mark.parametrize("path", ["one_program", "chunked"])
+def test_launcher_writes_every_output_element(dtype, path, monkeypatch):
     """Outputs poisoned before the launch: an element the kernel forgets shows up as the poison value."""
+    if path == "chunked":
+        monkeypatch.setattr(R, "TRITON_MAX_PAIRS", 8)
+        monkeypatch.setattr(R, "CHUNK", 16)
     t, k, e = 37, 3, 11
     idx = _ids(t, k, e, dtype, "mixed", seed=77)
     pairs = torch.full((t * k,), -7777, dtype=torch.int32, device=DEV)
@@ -169,14 +233,17 @@ def test_triton_fits_keeps_int32_keys_from_overflowing():
     # Largest key (E + 2) * P_POW2 - 1 must stay <= 2**31 - 1.
     assert R.triton_fits(R.TRITON_MAX_PAIRS, 2**31 // R.TRITON_MAX_PAIRS - 2)
     assert not R.triton_fits(R.TRITON_MAX_PAIRS, 2**31 // R.TRITON_MAX_PAIRS - 1)
-    assert not R.triton_fits(0, 4) and not R.triton_fits(R.TRITON_MAX_PAIRS + 1, 4)
+    assert not R.triton_fits(0, 4)
+    # the chunked sort: up to CHUNKED_MAX_PAIRS, its histogram bins in registers
+    assert R.triton_fits(R.TRITON_MAX_PAIRS + 1, 4) and R.triton_fits(R.CHUNKED_MAX_PAIRS, 4094)
+    assert not R.triton_fits(R.CHUNKED_MAX_PAIRS + 1, 4) and not R.triton_fits(R.TRITON_MAX_PAIRS + 1, 4095)
 
 
 def test_launcher_rejects_what_it_cannot_take():
     with pytest.raises(TypeError, match="int32 or int64"):
         R.launch_routing(torch.zeros(2, 2, dtype=torch.int16), 4)
     with pytest.raises(ValueError, match="pairs"):
-        R.launch_routing(torch.zeros(R.TRITON_MAX_PAIRS + 1, 1, dtype=torch.int64), 4)
+        R.launch_routing(torch.zeros(R.CHUNKED_MAX_PAIRS + 1, 1, dtype=torch.int64), 4)
 
 
 @needs_triton

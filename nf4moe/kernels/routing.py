@@ -5,12 +5,17 @@ Pairs p = t*K + k are sorted by expert id with one stable sort of clamped ids: i
 ``expert_offsets[e]`` is the number of pairs whose clamped id is below e.  Every shape depends only on T,
 K and E, so the call can be captured in a CUDA graph and traced by torch.compile.
 
-Two paths give bit-identical results:
+Three paths give bit-identical results:
 
 - up to ``TRITON_MAX_PAIRS`` pairs, one Triton program (``routing_kernel``) does it all in one launch.  At
   small T the layer is host-bound and the torch path below costs about seven op dispatches (reshape,
   clamp, cast, sort, arange, searchsorted, cast), more host time than the whole GPU work of routing.
-- above it, torch's stable sort + searchsorted, which spread a large sort over the whole GPU.
+- up to ``CHUNKED_MAX_PAIRS``, a counting sort over chunks of ``CHUNK`` pairs in two launches: per chunk a
+  histogram of expert ids (``routing_count_kernel``), then per chunk the prefix over earlier chunks and a
+  bitonic sort of the chunk's keys, which gives each pair its stable position (``routing_scatter_kernel``).
+  Two launches instead of the torch path's seven dispatches plus the radix sort's own (prefill sizes,
+  T = 128 ... 16384 for top-8, where an eager call is still host-bound on slow hosts).
+- above it, torch's stable sort + searchsorted.
 
 The Triton path sorts unique int32 keys ``(clamped_id + 1) * P_POW2 + p`` (unique, so the bitonic
 ``tl.sort``, which is not stable, gives the stable order) and counts ids per expert with
@@ -28,6 +33,10 @@ from .launch import launch
 
 # One program sorts at most this many pairs (keys in registers; see build_routing for why 1024).
 TRITON_MAX_PAIRS = 1024
+# The chunked counting sort: pairs per chunk (one program each) and the most pairs it takes (every program
+# reads all chunks' histograms, so its work grows with the square of the chunk count).
+CHUNK = 1024
+CHUNKED_MAX_PAIRS = 256 * CHUNK
 # Smallest sorted width: one compiled variant covers every P up to it, and a 128-key sort is free.
 _MIN_P_POW2 = 128
 _INTERPRET = interpreting()
@@ -59,26 +68,105 @@ def routing_kernel(
     tl.store(eoff_ptr + bins, below, mask=bins <= E)
 
 
+@triton.jit
+def _buckets(idx_ptr, offs, P, E):
+    """Bucket of each pair: 0 for a negative id, id + 1, E + 1 for a sentinel (and for padding past P)."""
+    valid = offs < P
+    ids = tl.load(idx_ptr + offs, mask=valid, other=0)
+    bucket = (tl.minimum(tl.maximum(ids, -1), E) + 1).to(tl.int32)  # clamp in the input dtype (see above)
+    return tl.where(valid, bucket, E + 1)
+
+
+@triton.jit
+def routing_count_kernel(
+    idx_ptr,    # (P,) expert ids, int32 or int64, contiguous
+    cnt_ptr,    # (C, NUM_BINS) int32 out: per chunk, pairs per bucket (padding counted as sentinels)
+    P, E,
+    CH: tl.constexpr, NUM_BINS: tl.constexpr,
+):
+    """Grid: (C,) = (cdiv(P, CH),).  Histogram of one chunk's buckets."""
+    c = tl.program_id(0)
+    bucket = _buckets(idx_ptr, c * CH + tl.arange(0, CH), P, E)
+    tl.store(cnt_ptr + c * NUM_BINS + tl.arange(0, NUM_BINS), tl.histogram(bucket, NUM_BINS))
+
+
+@triton.jit
+def routing_scatter_kernel(
+    idx_ptr,    # (P,) expert ids, int32 or int64, contiguous
+    cnt_ptr,    # (C, NUM_BINS) int32: routing_count_kernel's histograms
+    base_ptr,   # (C, NUM_BINS) int32 scratch: per chunk and bucket, output position minus sorted index
+    pairs_ptr,  # (P,) int32 out: pair ids sorted by clamped expert id, stable
+    eoff_ptr,   # (E + 1,) int32 out: eoff[e] = number of pairs with clamped id < e
+    P, E, C,
+    CH: tl.constexpr, NUM_BINS: tl.constexpr, CB: tl.constexpr,
+):
+    """Grid: (C,).  Chunk c's pairs go to start[b] (pairs of smaller buckets) + earlier chunks' pairs of b +
+    their rank among the chunk's pairs of b, which the chunk's sorted unique keys give in pair order."""
+    c = tl.program_id(0)
+    bins = tl.arange(0, NUM_BINS)
+    total = tl.zeros((NUM_BINS,), dtype=tl.int32)
+    before = tl.zeros((NUM_BINS,), dtype=tl.int32)
+    for c0 in range(0, C, CB):
+        rows = c0 + tl.arange(0, CB)
+        h = tl.load(cnt_ptr + rows[:, None] * NUM_BINS + bins[None, :], mask=rows[:, None] < C, other=0)
+        total += tl.sum(h, 0)
+        before += tl.sum(tl.where(rows[:, None] < c, h, 0), 0)
+    mine = tl.load(cnt_ptr + c * NUM_BINS + bins)
+    below = tl.cumsum(total, 0)  # pairs with bucket <= b, over all chunks
+    base = below - total + before - (tl.cumsum(mine, 0) - mine)
+    tl.store(base_ptr + c * NUM_BINS + bins, base)
+    if c == 0:
+        tl.store(eoff_ptr + bins, below, mask=bins <= E)
+    tl.debug_barrier()  # base is read back below by other threads of this program
+    offs = tl.arange(0, CH)
+    bucket = _buckets(idx_ptr, c * CH + offs, P, E)
+    keys = tl.sort(bucket * CH + offs)
+    local = keys % CH
+    pos = tl.load(base_ptr + c * NUM_BINS + keys // CH) + offs
+    tl.store(pairs_ptr + pos, c * CH + local, mask=c * CH + local < P)
+
+
+def _launch_chunked(top_k_index, num_experts, sorted_pair_ids, expert_offsets, launcher) -> None:
+    p = top_k_index.numel()
+    chunks = -(-p // CHUNK)
+    bins = pow2(num_experts + 2)
+    scratch = torch.empty(2, chunks, bins, device=top_k_index.device, dtype=torch.int32)
+    ids = top_k_index.contiguous()
+    launch(routing_count_kernel, (chunks,), launcher, ids, scratch[0], p, num_experts, CH=CHUNK, NUM_BINS=bins,
+           num_warps=4)
+    launch(routing_scatter_kernel, (chunks,), launcher, ids, scratch[0], scratch[1], sorted_pair_ids, expert_offsets,
+           p, num_experts, chunks, CH=CHUNK, NUM_BINS=bins, CB=max(1, min(pow2(chunks), 8192 // bins)),
+           num_warps=4)
+
+
 def triton_fits(num_pairs: int, num_experts: int) -> bool:
-    """Whether the one-program kernel takes this size: P within the threshold and int32 keys that fit."""
-    p_pow2 = max(_MIN_P_POW2, pow2(max(num_pairs, 1)))
-    return 0 < num_pairs <= TRITON_MAX_PAIRS and (num_experts + 2) * p_pow2 <= 2**31
+    """Whether the Triton kernels take this size: the one-program kernel up to TRITON_MAX_PAIRS pairs (int32
+    keys (E + 2) * P_POW2), the chunked counting sort up to CHUNKED_MAX_PAIRS ((E + 2) * CHUNK keys)."""
+    if num_pairs <= 0:
+        return False
+    if num_pairs <= TRITON_MAX_PAIRS:
+        return (num_experts + 2) * max(_MIN_P_POW2, pow2(num_pairs)) <= 2**31
+    return num_pairs <= CHUNKED_MAX_PAIRS and (num_experts + 2) * CHUNK <= 2**31 and num_experts + 2 <= 4096
 
 
 def launch_routing(top_k_index: torch.Tensor, num_experts: int, sorted_pair_ids: torch.Tensor | None = None,
                    expert_offsets: torch.Tensor | None = None, launcher=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fill ``sorted_pair_ids`` (P,) and ``expert_offsets`` (E+1,) int32 (allocated when None); one launch."""
+    """Fill ``sorted_pair_ids`` (P,) and ``expert_offsets`` (E+1,) int32 (allocated when None); one launch up
+    to TRITON_MAX_PAIRS pairs, two above (the chunked counting sort)."""
     if top_k_index.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"top_k_index must be int32 or int64, got {top_k_index.dtype}")
     p = top_k_index.numel()
     if not triton_fits(p, num_experts):
-        raise ValueError(f"routing kernel takes 1..{TRITON_MAX_PAIRS} pairs with (E + 2) * P_POW2 <= 2**31; "
+        raise ValueError(f"routing kernels take 1..{CHUNKED_MAX_PAIRS} pairs with int32 keys (routing.triton_fits); "
                          f"got P={p}, E={num_experts}")
     dev = top_k_index.device
     if sorted_pair_ids is None:
         sorted_pair_ids = torch.empty(p, device=dev, dtype=torch.int32)
     if expert_offsets is None:
         expert_offsets = torch.empty(num_experts + 1, device=dev, dtype=torch.int32)
+    if p > TRITON_MAX_PAIRS:
+        _launch_chunked(top_k_index, num_experts, sorted_pair_ids, expert_offsets, launcher)
+        return sorted_pair_ids, expert_offsets
     p_pow2 = max(_MIN_P_POW2, pow2(p))
     # 16 keys per thread at the threshold (8192 / (16 warps * 32 lanes)): no register spills.
     launch(
@@ -103,10 +191,11 @@ def _torch_routing(top_k_index: torch.Tensor, num_experts: int) -> tuple[torch.T
 def build_routing(top_k_index: torch.Tensor, num_experts: int) -> Routing:
     """Sort the (token, slot) pairs of ``top_k_index`` (T, K) by expert id; see the module docstring.
 
-    The Triton path takes P = T*K <= ``TRITON_MAX_PAIRS`` (1024).  Why 1024, measured on an H100 (Qwen3-30B-A3B
-    layer, bench.profile_layer): the one-program bitonic sort took 2.1 us at P=8 and 8 us at P=1024 (the torch
-    path: radix sort alone 18 us there), but 189 us at P=8192, where torch's radix sort over the whole GPU
-    takes ~30 us.  It goes through ``ops.run``: a direct launch eagerly (the cheapest host path), the
+    The one-program kernel takes P = T*K <= ``TRITON_MAX_PAIRS`` (1024).  Why 1024, measured on an H100
+    (Qwen3-30B-A3B layer, bench.profile_layer): the one-program bitonic sort took 2.1 us at P=8 and 8 us at
+    P=1024 (the torch path: radix sort alone 18 us there), but 189 us at P=8192, where torch's radix sort over
+    the whole GPU takes ~30 us.  Above it, up to ``CHUNKED_MAX_PAIRS``, the chunked counting sort (one
+    program per 1024 pairs, so each sort stays at the 1024-key size).  Both go through ``ops.run``: a direct launch eagerly (the cheapest host path), the
     registered op ``nf4moe::routing`` under torch.compile, fake tensors or a dispatch mode.
     """
     p = top_k_index.numel()
