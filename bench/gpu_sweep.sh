@@ -10,7 +10,7 @@
 #   bash bench/gpu_sweep.sh dsv3big    # forward DeepSeek-V3 T = 8192, 16384 (~1 min)
 #   bash bench/gpu_sweep.sh e2e        # end-to-end: reduced (4 layers) and the 48-layer memory figure (~4 min)
 #   bash bench/gpu_sweep.sh profile    # per-kernel and host-time profiles at small and large T (~3 min)
-#   bash bench/gpu_sweep.sh pipe       # the opt-in K-loop hint against the default, Qwen3, DeepSeek-V3 (not run yet)
+#   bash bench/gpu_sweep.sh pipe       # the opt-in K-loop hint against the default, Qwen3, DeepSeek-V3 (~5 min; NOTES v16)
 set -euo pipefail
 OUT=${OUT:-bench/results/sweep}
 mkdir -p "$OUT"
