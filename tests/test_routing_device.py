@@ -256,9 +256,14 @@ def test_opcheck_routing_op():
 
 @needs_triton
 @pytest.mark.parametrize("dynamic", [False, True])
-def test_torch_compile_fullgraph_goes_through_the_op(dynamic):
-    """Traced by dynamo (as inside triton_forward), build_routing must reach the kernel through the
-    registered op nf4moe::routing, in one graph, with the eager results."""
+@pytest.mark.parametrize("path", ["one_program", "chunked"])
+def test_torch_compile_fullgraph_goes_through_the_op(dynamic, path, monkeypatch):
+    """Traced by dynamo (as inside triton_forward), build_routing must reach the kernels through the
+    registered op nf4moe::routing, in one graph, with the eager results (the chunked path: small chunks)."""
+    if path == "chunked":
+        monkeypatch.setattr(R, "TRITON_MAX_PAIRS", 4)
+        monkeypatch.setattr(R, "CHUNK", 16)
+    torch._dynamo.reset()  # one code object across the parametrization: start each case with no cached guards
     graphs = []
 
     def backend(gm, example_inputs):

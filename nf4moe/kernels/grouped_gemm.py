@@ -175,8 +175,9 @@ def use_k_hint() -> bool:
     Without the hint LLVM keeps a path that skips the loop and zero-fills the accumulators, and ptxas (seen
     with ptxas 13.4 for sm_90a, on SASS compiled on the CPU) then serializes every wgmma of most configs
     (``C7515: wgmma.mma_async instructions are serialized``: each HGMMA waited on at once, so the decode
-    never overlaps the tensor cores).  With it no config is serialized, some spill a little.  Opt-in until
-    measured on a GPU (bench/NOTES.md, next steps)."""
+    never overlaps the tensor cores).  With it no config is serialized, some spill a little.  Measured on an
+    H100 (bench/NOTES.md v16): no faster (GEMMs T=8192 -1%, DeepSeek-V3 +3%): the wgmmas were not the wait
+    (v17), so it stays opt-in."""
     return os.environ.get("NF4MOE_WGMMA_PIPE", "0") == "1"
 
 
