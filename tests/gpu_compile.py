@@ -49,7 +49,8 @@ def compile_kernel(kernel, ptr_types: dict, ints: dict, constexprs: dict, num_wa
 
 def facts(ptx: str) -> dict:
     """Opcode counts of the compiler's own PTX lines, the cp.async sizes (software-pipelined loads), and how
-    often the NF4 table decode's inline PTX (nf4_decode._lut_asm, one line per instance) was emitted."""
+    often the NF4 table decodes' inline PTX (nf4_decode._lut_pairs_asm / _lut_asm share the table lookup line
+counted by lut_decodes; lut_pairs counts the pair decode alone) was emitted."""
     ops = collections.Counter(m.group(1) for m in re.finditer(r"^\s+([a-z][\w.]*)", ptx, re.M))
     cp = sorted({int(m.group(1), 16) for m in re.finditer(r"cp\.async\.c[ag]\.shared\.global[^\n]*?, (0x[0-9a-f]+)", ptx)})
     return {"ptx_ops": dict(ops), "cp_async_bytes": cp,

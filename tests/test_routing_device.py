@@ -149,8 +149,9 @@ CHUNKED_CASES = [
     (64, 2, 7, "mixed", 32),          # 4 full chunks
     (33, 4, 4, "one_expert", 16),     # every pair to one expert: ranks run across chunks
     (40, 2, 6, "all_sentinels", 16),  # every pair dropped
-    (150, 4, 3, "mixed", 16),         # 38 chunks: the histogram prefix spans several CB blocks
+    (150, 4, 3, "mixed", 16),         # 38 chunks
     (90, 8, 256, "valid", 64),        # E = 256 (512 bins)
+    (150, 4, 254, "mixed", 4),        # 150 chunks of 256 bins: the prefix read runs 5 blocks of CB = 32 chunks
 ]
 
 
@@ -161,6 +162,9 @@ def test_chunked_path_matches_torch_path(t, k, e, mode, chunk, dtype, monkeypatc
     monkeypatch.setattr(R, "TRITON_MAX_PAIRS", 8)
     monkeypatch.setattr(R, "CHUNK", chunk)
     idx = _ids(t, k, e, dtype, mode, seed=t * 13 + k + e)
+    chunks, bins = -(-t * k // chunk), R.pow2(e + 2)
+    if (t, k, e) == (150, 4, 254):  # the case meant to run the scatter kernel's prefix loop more than once
+        assert chunks > 8192 // bins
     launched = _count_launches(monkeypatch)
     _assert_same(_triton_path(idx, e, monkeypatch), _torch_path(idx, e, monkeypatch))
     assert launched == ["routing_count_kernel", "routing_scatter_kernel"]
@@ -183,10 +187,12 @@ def test_chunked_path_at_its_size_limit(monkeypatch):
 
 
 @needs_triton
-def test_chunked_path_at_full_chunk_size():
+def test_chunked_path_at_full_chunk_size(monkeypatch):
     """The shipped CHUNK (1024) over two chunks, as a prefill call of 129 tokens x top-8 runs it."""
     idx = _ids(129, 8, 128, torch.int64, "mixed", seed=9)
+    launched = _count_launches(monkeypatch)
     _assert_same(R.build_routing(idx, 128), route_like_torch(idx, 128))
+    assert launched == ["routing_count_kernel", "routing_scatter_kernel"]
 
 
 @needs_triton
@@ -235,8 +241,10 @@ def test_triton_fits_keeps_int32_keys_from_overflowing():
     assert not R.triton_fits(R.TRITON_MAX_PAIRS, 2**31 // R.TRITON_MAX_PAIRS - 1)
     assert not R.triton_fits(0, 4)
     # the chunked sort: up to CHUNKED_MAX_PAIRS, its histogram bins in registers
-    assert R.triton_fits(R.TRITON_MAX_PAIRS + 1, 4) and R.triton_fits(R.CHUNKED_MAX_PAIRS, 4094)
+    assert R.triton_fits(R.TRITON_MAX_PAIRS + 1, 4) and R.triton_fits(R.CHUNKED_MAX_PAIRS, 254)
     assert not R.triton_fits(R.CHUNKED_MAX_PAIRS + 1, 4) and not R.triton_fits(R.TRITON_MAX_PAIRS + 1, 4095)
+    # many experts lower the chunked sort's pair limit (every program reads all chunks' histograms)
+    assert R.triton_fits(64 * R.CHUNK, 4094) and not R.triton_fits(65 * R.CHUNK, 4094)
 
 
 def test_launcher_rejects_what_it_cannot_take():

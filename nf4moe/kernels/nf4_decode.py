@@ -117,36 +117,34 @@ def _lut_words(dtype) -> tuple[list[int], list[int]]:
     return words([b & 0xFF for b in bits]), words([b >> 8 for b in bits])
 
 
-def _lut_asm(dtype, fma: str) -> str:
-    """PTX decoding 4 packed bytes (8 NF4 codes) to 8 16-bit floats scaled by their block's absmax.
+def _lut_asm(dtype) -> str:
+    """PTX decoding 4 packed bytes (8 NF4 codes) to the 8 unscaled table values in ``dtype`` (16-bit), for
+    kernels that apply the absmax after their reduction (the decode GEMV).
 
-    Per nibble set: compact the 4 codes into one 16-bit PRMT selector, look the low and the high
-    bytes of the 16-entry table up with two byte-permutes each (entries 0-7 and 8-15), pick per byte
-    by the code's top bit with a third permute, interleave low/high bytes into two f16x2/bf16x2
-    registers and multiply by the scales: about 4.5 instructions per weight, against ~25 for the
-    select tree in fp32.  $0,$1: high nibbles (even columns), $2,$3: low nibbles (odd columns),
-    $4: the 4 bytes, $5,$6: the 4 per-byte scales (x2 each).  ``fma=None``: the table values alone
-    (no scale operands), for kernels that apply the absmax after their reduction.
+    Per nibble set: compact the 4 codes into one 16-bit PRMT selector, look the low and the high bytes of the
+    16-entry table up with two byte-permutes each (entries 0-7 and 8-15), pick per byte by the code's top
+    bit with a third permute, and interleave low/high bytes into two f16x2/bf16x2 registers.  $0,$1: high
+    nibbles (even columns), $2,$3: low nibbles (odd columns), $4: the 4 bytes.  (The GEMMs use
+    ``_lut_pairs_asm``, which needs no nibble compaction and writes operand pairs.)
     """
     lo, hi = _lut_words(dtype)
     consts = "".join(f"mov.b32 tl{i}, {lo[i]:#010x};\n mov.b32 th{i}, {hi[i]:#010x};\n" for i in range(4))
 
-    def half(src: str, out0: str, out1: str, s0: str, s1: str) -> str:
+    def half(src: str, out0: str, out1: str) -> str:
         return (
             f"and.b32 t, {src}, 0x0F0F0F0F;\n shr.u32 a, t, 4;\n or.b32 t, t, a;\n prmt.b32 sel, t, 0, 0x0020;\n"
             "and.b32 s7, sel, 0x7777;\n shr.u32 s2, sel, 1;\n and.b32 s2, s2, 0x4444;\n or.b32 s2, s2, 0x3210;\n"
             "prmt.b32 a, tl0, tl1, s7;\n prmt.b32 b, tl2, tl3, s7;\n prmt.b32 lo, a, b, s2;\n"
             "prmt.b32 a, th0, th1, s7;\n prmt.b32 b, th2, th3, s7;\n prmt.b32 hi, a, b, s2;\n"
             f"prmt.b32 {out0}, lo, hi, 0x5140;\n prmt.b32 {out1}, lo, hi, 0x7362;\n"
-            + (f"{fma} {out0}, {out0}, {s0}, z;\n {fma} {out1}, {out1}, {s1}, z;\n" if fma else "")
         )
 
     asm = (
-        "{\n .reg .b32 tl0, tl1, tl2, tl3, th0, th1, th2, th3, t, a, b, sel, s7, s2, lo, hi, w4, z;\n"
+        "{\n .reg .b32 tl0, tl1, tl2, tl3, th0, th1, th2, th3, t, a, b, sel, s7, s2, lo, hi, w4;\n"
         + consts
-        + "mov.b32 z, 0x80008000;\n shr.u32 w4, $4, 4;\n"
-        + half("w4", "$0", "$1", "$5", "$6")
-        + half("$4", "$2", "$3", "$5", "$6")
+        + "shr.u32 w4, $4, 4;\n"
+        + half("w4", "$0", "$1")
+        + half("$4", "$2", "$3")
         + "}"
     )
     # One line: the string is a module-level constexpr that torch.compile's Inductor copies into the
@@ -192,7 +190,7 @@ def _lut_pairs_asm(dtype, fma: str) -> str:
 _BF16_PAIRS_ASM: tl.constexpr = tl.constexpr(_lut_pairs_asm(__import__("torch").bfloat16, "fma.rn.bf16x2"))
 _FP16_PAIRS_ASM: tl.constexpr = tl.constexpr(_lut_pairs_asm(__import__("torch").float16, "fma.rn.f16x2"))
 
-_FP16_RAW_ASM: tl.constexpr = tl.constexpr(_lut_asm(__import__("torch").float16, None))
+_FP16_RAW_ASM: tl.constexpr = tl.constexpr(_lut_asm(__import__("torch").float16))
 
 
 @triton.jit

@@ -329,14 +329,14 @@ if _INTERPRET:
 
 
 # ---------------------------------------------------------------------------------------------- routing
-# The one-launch routing kernel as an op, for kernels.routing.build_routing under torch.compile (eagerly
-# build_routing launches it directly).  Imported here, not at the top, to keep this section self-contained.
+# The routing kernels (one launch, or two for the chunked sort) as an op, for kernels.routing.build_routing
+# under torch.compile (eagerly build_routing launches them directly).  Imported here, not at the top, to keep this section self-contained.
 from .routing import launch_routing  # noqa: E402
 
 
 @_register("routing")
 def routing(top_k_index: Tensor, num_experts: int) -> tuple[Tensor, Tensor]:
-    """(sorted_pair_ids (T*K,) int32, expert_offsets (E+1,) int32) of top_k_index (T, K), one launch;
+    """(sorted_pair_ids (T*K,) int32, expert_offsets (E+1,) int32) of top_k_index (T, K), one or two launches;
     only for sizes ``routing.triton_fits`` accepts (build_routing takes the torch path otherwise)."""
     return launch_routing(top_k_index, num_experts, launcher=_launcher())
 

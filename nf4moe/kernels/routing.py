@@ -19,7 +19,9 @@ Three paths give bit-identical results:
 
 The Triton path sorts unique int32 keys ``(clamped_id + 1) * P_POW2 + p`` (unique, so the bitonic
 ``tl.sort``, which is not stable, gives the stable order) and counts ids per expert with
-``tl.histogram`` + ``cumsum``.  Memory: no buffer beyond the two outputs; the keys live in registers.
+``tl.histogram`` + ``cumsum``.  Memory: the one-program kernel needs no buffer beyond the two outputs (the keys
+live in registers); the chunked sort two (chunks, bins) int32 scratch tensors (2 * 256 * 256 * 4 bytes at most
+for 128 experts).
 """
 from __future__ import annotations
 
@@ -37,6 +39,8 @@ TRITON_MAX_PAIRS = 1024
 # reads all chunks' histograms, so its work grows with the square of the chunk count).
 CHUNK = 1024
 CHUNKED_MAX_PAIRS = 256 * CHUNK
+_MAX_BINS = 4096
+_MAX_PREFIX_READS = 1 << 24  # int32 histogram entries all programs read together (64 MiB, mostly from L2)
 # Smallest sorted width: one compiled variant covers every P up to it, and a 128-key sort is free.
 _MIN_P_POW2 = 128
 _INTERPRET = interpreting()
@@ -130,23 +134,28 @@ def _launch_chunked(top_k_index, num_experts, sorted_pair_ids, expert_offsets, l
     p = top_k_index.numel()
     chunks = -(-p // CHUNK)
     bins = pow2(num_experts + 2)
-    scratch = torch.empty(2, chunks, bins, device=top_k_index.device, dtype=torch.int32)
+    # two tensors, not views of one: the first kernel writes counts, the second reads it and writes base
+    counts = torch.empty(chunks, bins, device=top_k_index.device, dtype=torch.int32)
+    base = torch.empty(chunks, bins, device=top_k_index.device, dtype=torch.int32)
     ids = top_k_index.contiguous()
-    launch(routing_count_kernel, (chunks,), launcher, ids, scratch[0], p, num_experts, CH=CHUNK, NUM_BINS=bins,
+    launch(routing_count_kernel, (chunks,), launcher, ids, counts, p, num_experts, CH=CHUNK, NUM_BINS=bins,
            num_warps=4)
-    launch(routing_scatter_kernel, (chunks,), launcher, ids, scratch[0], scratch[1], sorted_pair_ids, expert_offsets,
+    launch(routing_scatter_kernel, (chunks,), launcher, ids, counts, base, sorted_pair_ids, expert_offsets,
            p, num_experts, chunks, CH=CHUNK, NUM_BINS=bins, CB=max(1, min(pow2(chunks), 8192 // bins)),
            num_warps=4)
 
 
 def triton_fits(num_pairs: int, num_experts: int) -> bool:
     """Whether the Triton kernels take this size: the one-program kernel up to TRITON_MAX_PAIRS pairs (int32
-    keys (E + 2) * P_POW2), the chunked counting sort up to CHUNKED_MAX_PAIRS ((E + 2) * CHUNK keys)."""
+    keys (E + 2) * P_POW2 must fit); the chunked counting sort up to CHUNKED_MAX_PAIRS pairs with at most
+    _MAX_BINS buckets (its histograms live in registers) and a bounded prefix read (every program reads all
+    chunks' histograms: chunks**2 * bins <= _MAX_PREFIX_READS, so many experts lower the pair limit)."""
     if num_pairs <= 0:
         return False
     if num_pairs <= TRITON_MAX_PAIRS:
         return (num_experts + 2) * max(_MIN_P_POW2, pow2(num_pairs)) <= 2**31
-    return num_pairs <= CHUNKED_MAX_PAIRS and (num_experts + 2) * CHUNK <= 2**31 and num_experts + 2 <= 4096
+    chunks, bins = -(-num_pairs // CHUNK), pow2(num_experts + 2)
+    return num_pairs <= CHUNKED_MAX_PAIRS and bins <= _MAX_BINS and chunks * chunks * bins <= _MAX_PREFIX_READS
 
 
 def launch_routing(top_k_index: torch.Tensor, num_experts: int, sorted_pair_ids: torch.Tensor | None = None,
@@ -157,8 +166,9 @@ def launch_routing(top_k_index: torch.Tensor, num_experts: int, sorted_pair_ids:
         raise TypeError(f"top_k_index must be int32 or int64, got {top_k_index.dtype}")
     p = top_k_index.numel()
     if not triton_fits(p, num_experts):
-        raise ValueError(f"routing kernels take 1..{CHUNKED_MAX_PAIRS} pairs with int32 keys (routing.triton_fits); "
-                         f"got P={p}, E={num_experts}")
+        raise ValueError(f"routing kernels take 1..{CHUNKED_MAX_PAIRS} pairs, int32 keys and above "
+                         f"{TRITON_MAX_PAIRS} pairs at most {_MAX_BINS - 2} experts and a bounded prefix read "
+                         f"(routing.triton_fits); got P={p}, E={num_experts}")
     dev = top_k_index.device
     if sorted_pair_ids is None:
         sorted_pair_ids = torch.empty(p, device=dev, dtype=torch.int32)
@@ -195,8 +205,9 @@ def build_routing(top_k_index: torch.Tensor, num_experts: int) -> Routing:
     (Qwen3-30B-A3B layer, bench.profile_layer): the one-program bitonic sort took 2.1 us at P=8 and 8 us at
     P=1024 (the torch path: radix sort alone 18 us there), but 189 us at P=8192, where torch's radix sort over
     the whole GPU takes ~30 us.  Above it, up to ``CHUNKED_MAX_PAIRS``, the chunked counting sort (one
-    program per 1024 pairs, so each sort stays at the 1024-key size).  Both go through ``ops.run``: a direct launch eagerly (the cheapest host path), the
-    registered op ``nf4moe::routing`` under torch.compile, fake tensors or a dispatch mode.
+    program per 1024 pairs, so each sort stays at the 1024-key size).  Both go through ``ops.run``: a direct
+    launch eagerly (the cheapest host path), the registered op ``nf4moe::routing`` under torch.compile, fake
+    tensors or a dispatch mode.
     """
     p = top_k_index.numel()
     on_triton = (top_k_index.is_cuda or _INTERPRET) and top_k_index.dtype in (torch.int32, torch.int64)
