@@ -11,6 +11,8 @@
 #   bash bench/gpu_sweep.sh e2e        # end-to-end: reduced (4 layers) and the 48-layer memory figure (~4 min)
 #   bash bench/gpu_sweep.sh profile    # per-kernel and host-time profiles at small and large T (~3 min)
 #   bash bench/gpu_sweep.sh pipe       # the opt-in K-loop hint against the default, Qwen3, DeepSeek-V3 (~5 min; NOTES v16)
+#   bash bench/gpu_sweep.sh splitk     # the opt-in split-K at decode sizes: its GPU tests, then against the default
+#                                      # at T=1..8, Qwen3 and DeepSeek-V3, with CUDA-graph times (not run yet; NOTES v20)
 set -euo pipefail
 OUT=${OUT:-bench/results/sweep}
 mkdir -p "$OUT"
@@ -48,6 +50,14 @@ case "${1:-}" in
   pipe)
     $py -m bench.profile_layer --tokens 128,1024,8192 --variants gemm,pipe 2>&1 | tee "$OUT/profile_pipe_qwen3.log"
     $py -m bench.profile_layer --shape dsv3 --tokens 8192 --variants gemm,pipe 2>&1 | tee "$OUT/profile_pipe_dsv3.log" ;;
+  splitk)
+    NF4MOE_CONFIG=BLOCK_M=16,BLOCK_N=32,BLOCK_K=64,num_warps=4,num_stages=3 \
+      $py -m pytest -q -p no:cacheprovider tests/test_triton_forward.py -k split_k 2>&1 | tee "$OUT/gpu_split_k.log"
+    $py -m bench.profile_layer --tokens 1,2,8 --variants gemm,split2,split4 --check 2>&1 | tee "$OUT/profile_split_k.log"
+    $py -m bench.profile_layer --shape dsv3 --tokens 1,8 --variants gemm,split2,split4 --check 2>&1 \
+      | tee "$OUT/profile_split_k_dsv3.log"
+    for s in 1 2 4; do mkdir -p "$OUT/split_k_$s"; NF4MOE_SPLIT_K=$s $py -m nf4moe bench --mode fwd --shapes qwen3 --tokens 1 --no-check \
+      --out "$OUT/split_k_$s" 2>&1 | grep "nf4moe" | tee -a "$OUT/bench_split_k.log"; done ;;
   *)
-    sed -n '2,13p' "$0"; exit 2 ;;
+    sed -n '2,15p' "$0"; exit 2 ;;
 esac

@@ -6,6 +6,7 @@ variant, plus the autotuner's chosen configs.  GPU only; used to write bench/NOT
     python -m bench.profile_layer --tokens 128,8192 --variants lut,natk  # MMA k order against natural order
     python -m bench.profile_layer --tokens 1024,8192 --variants gemm,pipe  # the K-loop hint (NOTES.md v14)
     python -m bench.profile_layer --tokens 1024,8192 --variants gemm --check --timings
+    python -m bench.profile_layer --tokens 1,2,4 --variants gemm,split2,split4 --check  # opt-in split-K (NOTES v20)
 
 ``--check`` compares every variant's output with the fp32 reference backend (relative error printed);
 ``--timings`` prints every config the GEMM autotuner benchmarks, with its time.
@@ -75,6 +76,7 @@ def main(argv=None) -> int:
             os.environ["NF4MOE_XA_PRE"] = {"xaloop": "0", "xapre": "1"}.get(var, "auto")
             os.environ["NF4MOE_KPERM"] = "0" if var == "natk" else "1"  # natk: K steps in natural column order
             os.environ["NF4MOE_WGMMA_PIPE"] = "1" if var == "pipe" else "0"  # pipe: the K-loop hint (NOTES v14)
+            os.environ["NF4MOE_SPLIT_K"] = var[5:] if var.startswith("split") else "1"  # split2 / split4: split-K
             # gemv / gemm: force the decode GEMV or the MMA GEMM at every size; other variants: the default
             os.environ["NF4MOE_GEMV_ROWS"] = {"gemv": str(1 << 30)}.get(var, "0")
             with torch.no_grad():

@@ -56,7 +56,9 @@ counted by lut_decodes; lut_pairs counts the pair decode alone) was emitted."""
     return {"ptx_ops": dict(ops), "cp_async_bytes": cp,
             "wgmma": sum(c for op, c in ops.items() if op.startswith("wgmma.mma_async")),
             "lut_decodes": ptx.count("prmt.b32 a, tl0, tl1"), "lut_scaled": "fma.rn." in ptx and "x2 " in ptx,
-            "lut_pairs": ptx.count("lo, hi, 0x4051"), "smem_byte_loads": ops.get("ld.shared.b8", 0) + ops.get("ld.shared.u8", 0)}
+            "lut_pairs": ptx.count("lo, hi, 0x4051"), "smem_byte_loads": ops.get("ld.shared.b8", 0) + ops.get("ld.shared.u8", 0),
+            "acq_rel_counter": len(re.findall(r"atom\.global\.gpu\.acq_rel\.add\.u32", ptx)),
+            "l2_loads": len(re.findall(r"ld\.global\.cg\.", ptx))}  # predicated loads sit in inline-asm lines
 
 
 def main() -> int:
@@ -67,14 +69,14 @@ def main() -> int:
 
     bf16_ptrs = {n: "*bf16" for n in ("x_ptr", "dy_ptr", "out_ptr", "gu_ptr", "la_ptr", "lb_ptr", "topw_ptr")}
     ptrs = {**bf16_ptrs, "w_ptr": "*u8", "pair_ptr": "*i32", "eoff_ptr": "*i32", "idx_ptr": "*i64",
-            "pairs_ptr": "*i32"}
+            "pairs_ptr": "*i32", "cnt_ptr": "*i32"}
     # Qwen3-30B-A3B up projection: N = I = 768, K = H = 2048, 1024 routed rows, LoRA r=16, bf16
     ints = dict(stride_xm=2048, stride_xk=1, N=768, K_DIM=2048, N_TOTAL=1536, E=128, R=16, P=1024, ROW_BUCKET=1024,
                 stride_om=768, XA_SPLIT=1, stride_dm=2048, stride_dk=1, KR=2048)
     common = dict(TOP_K=8, E_POW2=128, R_PAD=16, ACT=0, HAS_LORA=True, NESTED=True, BS=64, BS2=256)
     out = {}
     up = dict(common, GATED=True, GATHER=True, SCATTER=False, INTERPRET=False, LUT=True, XA_PRE=True,
-              WRITE_GU=False, WRITE_OUT=True, KPERM=True, K_HINT=False)
+              WRITE_GU=False, WRITE_OUT=True, KPERM=True, K_HINT=False, SPLIT_K=1)
     out["gemm_up_bk128"] = facts(compile_kernel(nf4_moe_gemm_kernel, ptrs, ints,
                                                 dict(up, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128), 4, 3))
     out["gemm_up_bk64"] = facts(compile_kernel(nf4_moe_gemm_kernel, ptrs, ints,
@@ -83,9 +85,12 @@ def main() -> int:
                                                     dict(up, BLOCK_M=16, BLOCK_N=64, BLOCK_K=64), 4, 4))
     out["gemm_up_bk128_k_hint"] = facts(compile_kernel(nf4_moe_gemm_kernel, ptrs, ints,
                                                        dict(up, K_HINT=True, BLOCK_M=128, BLOCK_N=128, BLOCK_K=128), 8, 3))
+    out["gemm_up_split_k"] = facts(compile_kernel(nf4_moe_gemm_kernel, ptrs, ints,
+                                                  dict(up, XA_PRE=False, SPLIT_K=4, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128),
+                                                  4, 3))
     out["gemm_up_bk128_natural_k"] = facts(compile_kernel(nf4_moe_gemm_kernel, ptrs, ints,
                                                           dict(up, KPERM=False, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128), 4, 3))
-    gemv = {k: v for k, v in up.items() if k not in ("INTERPRET", "XA_PRE", "WRITE_GU", "WRITE_OUT", "KPERM", "K_HINT")}
+    gemv = {k: v for k, v in up.items() if k not in ("INTERPRET", "XA_PRE", "WRITE_GU", "WRITE_OUT", "KPERM", "K_HINT", "SPLIT_K")}
     out["gemv_up"] = facts(compile_kernel(nf4_moe_gemv_kernel, ptrs, ints,
                                           dict(gemv, BLOCK_M=2, BLOCK_N=32, BLOCK_K=256), 4, 3))
     bwd = dict(common, DOWN=False, NEED_DY=True, NEED_OUT=True, NEED_DW=False, NEED_XA=False, NEED_DZB=True,

@@ -7,7 +7,8 @@ What it checks, per kernel variant:
 - the forward GEMM (both K-step kinds) and the backward's transposed GEMM issue Hopper wgmma and stage
   their loads with cp.async (the software pipeline), and decode NF4 with the scaled PTX table;
 - the forward GEMM in MMA k order reads the staged weight bytes as words (the natural order byte by byte);
-- the decode GEMV uses the unscaled table and no tensor cores; the routing kernel compiles at 1024 keys.
+- the decode GEMV uses the unscaled table and no tensor cores; the routing kernel compiles at 1024 keys;
+- the opt-in split-K GEMM counts arrivals with one acq_rel atomic and reads the partials past L1.
 """
 from __future__ import annotations
 
@@ -63,3 +64,10 @@ def test_gemv_uses_the_unscaled_table_without_tensor_cores(compiled):
 
 def test_routing_kernel_compiles_at_the_threshold(compiled):
     assert "routing_1024" in compiled and compiled["routing_1024"]["ptx_ops"]
+
+
+def test_split_k_counts_arrivals_with_an_acq_rel_atomic(compiled):
+    f = compiled["gemm_up_split_k"]
+    assert f["wgmma"] > 0 and f["lut_pairs"] > 0
+    assert f["acq_rel_counter"] == 1, f  # one arrival per program (executed by one thread, then broadcast)
+    assert f["l2_loads"] > 0, f  # the last split reads the others' partials with ld.global.cg

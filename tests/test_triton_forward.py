@@ -257,3 +257,42 @@ def test_lora_xa_in_loop_and_precomputed(monkeypatch, xa_mode, t):
         assert rel_err(m(x, idx, w), reference(m, x, idx, w)) < BOUND[torch.float32]
     precomputed = xa_mode == "1" or (xa_mode == "auto" and 2 * t > 64)
     assert len(calls) == (2 if precomputed else 0)  # one X·Aᵀ launch per projection, or none
+
+
+@pytest.mark.parametrize("splits", [2, 4])
+@pytest.mark.parametrize("xa_mode", ["0", "1"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_split_k_matches_reference(monkeypatch, splits, xa_mode, dtype):
+    """NF4MOE_SPLIT_K (opt-in, <= 64 routed rows): every split stores fp32 partials, the last to arrive sums
+    them in split order and runs the epilogue.  Against the reference, bit-identical on a repeat (fixed order),
+    the GEMMs really launched split, and every arrival counter back at zero (CUDA-graph replays rely on it)."""
+    import nf4moe.kernels.grouped_gemm as gg
+
+    monkeypatch.setenv("NF4MOE_GEMV_ROWS", "0")
+    monkeypatch.setenv("NF4MOE_SPLIT_K", str(splits))
+    monkeypatch.setenv("NF4MOE_XA_PRE", xa_mode)  # the in-loop X·Aᵀ partials are split too
+    seen = []
+    real = gg.launch_tuned
+    monkeypatch.setattr(gg, "launch_tuned", lambda *a, **kw: seen.append(kw["SPLIT_K"]) or real(*a, **kw))
+    m = make_layer(6, 256, 128, rank=8, nested=True, seed=41)
+    x = torch.randn(7, 256, device=DEV, dtype=dtype)
+    idx, w = routing(7, 6, 3, seed=42)
+    with torch.no_grad():
+        out = m(x, idx, w.to(dtype))
+        assert rel_err(out, reference(m, x, idx, w.to(dtype))) < BOUND[dtype]
+        assert torch.equal(m(x, idx, w.to(dtype)), out)
+    assert seen and all(s == splits for s in seen), seen  # K = 256 and 128 both take 4 splits of 32
+    assert all(int(c.count_nonzero()) == 0 for c in gg._COUNTERS.values())
+
+
+def test_split_k_stays_off_where_it_does_not_apply(monkeypatch):
+    """Above 64 routed rows, in training and when traced, the GEMM does not split; a bad value is an error."""
+    from nf4moe.kernels.grouped_gemm import split_k
+
+    monkeypatch.setenv("NF4MOE_SPLIT_K", "4")
+    assert split_k(64, 2048, False, None) == 4 and split_k(65, 2048, False, None) == 1
+    assert split_k(8, 2048, True, None) == 1 and split_k(8, 2048, False, object()) == 1
+    assert split_k(8, 96, False, None) == 1  # K = 96: 96 / 2 = 48 is no multiple of the 32-column K step
+    monkeypatch.setenv("NF4MOE_SPLIT_K", "3")
+    with pytest.raises(ValueError, match="NF4MOE_SPLIT_K"):
+        split_k(8, 2048, False, None)

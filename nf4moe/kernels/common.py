@@ -82,3 +82,38 @@ def dot_operand(x, dt, INTERPRET: tl.constexpr):
         return x.to(tl.float32)
     else:
         return x.to(dt)
+
+
+@triton.jit
+def split_k_reduce(acc, acc_up, acc_xa, ws_ptr, cnt_ptr, split, tile, xa_col, offs_m, m_mask, offs_n, n_mask, offs_r,
+                   N, P, WS_W, GATED: tl.constexpr, XA: tl.constexpr, SPLIT_K: tl.constexpr):
+    """Split-K for one (row tile, N tile): every split stores its fp32 partials (acc and acc_up as (BLOCK_N,
+    BLOCK_M), the in-loop X·Aᵀ as (R_PAD, BLOCK_M) at column ``xa_col``) to row ``split`` of the workspace,
+    then counts its arrival on the tile's counter.  The split that arrives last resets the counter and sums
+    every split's partials in split order (so the result does not depend on which split came last) and
+    returns them with ``last`` = True; the others return ``last`` = False and exit.  Release / acquire: a
+    block barrier orders every thread's partial stores before the counter's acq_rel atomic, and the partials
+    are read back past L1 (``.cg``)."""
+    rows = (split * P + offs_m[None, :]).to(tl.int64) * WS_W
+    mask = n_mask[:, None] & m_mask[None, :]
+    tl.store(ws_ptr + rows + offs_n[:, None], acc, mask=mask)
+    if GATED:
+        tl.store(ws_ptr + rows + N + offs_n[:, None], acc_up, mask=mask)
+    if XA:
+        tl.store(ws_ptr + rows + xa_col + offs_r[:, None], acc_xa, mask=m_mask[None, :])
+    tl.debug_barrier()
+    last = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel") == SPLIT_K - 1
+    if last:
+        tl.atomic_xchg(cnt_ptr + tile, 0)  # zero again for the next launch (and CUDA-graph replays)
+        acc = tl.zeros_like(acc)
+        acc_up = tl.zeros_like(acc_up)
+        acc_xa = tl.zeros_like(acc_xa)
+        for s in tl.static_range(SPLIT_K):
+            r_s = (s * P + offs_m[None, :]).to(tl.int64) * WS_W
+            acc += tl.load(ws_ptr + r_s + offs_n[:, None], mask=mask, other=0.0, cache_modifier=".cg")
+            if GATED:
+                acc_up += tl.load(ws_ptr + r_s + N + offs_n[:, None], mask=mask, other=0.0, cache_modifier=".cg")
+            if XA:
+                acc_xa += tl.load(ws_ptr + r_s + xa_col + offs_r[:, None], mask=m_mask[None, :], other=0.0,
+                                  cache_modifier=".cg")
+    return acc, acc_up, acc_xa, last

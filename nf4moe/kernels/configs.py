@@ -43,7 +43,7 @@ def _pinned() -> list[triton.Config] | None:
     if not spec:
         return None
     kv = dict(item.split("=") for item in spec.split(","))
-    meta = {k: int(v) for k, v in kv.items() if k.startswith("BLOCK") or k == "SPLIT_K"}
+    meta = {k: int(v) for k, v in kv.items() if k.startswith("BLOCK")}
     return [triton.Config(meta, num_warps=int(kv.get("num_warps", 4)), num_stages=int(kv.get("num_stages", 3)))]
 
 
@@ -92,8 +92,9 @@ def prune_configs(configs, named_args, **kwargs):
 
     k_dim, bs, bucket, n = arg("K_DIM"), arg("BS"), arg("ROW_BUCKET"), arg("N")
     has_lora, xa_pre, r_pad = arg("HAS_LORA"), arg("XA_PRE"), arg("R_PAD")
+    splits = named_args.get("SPLIT_K", kwargs.get("SPLIT_K", 1))  # each split loops over K / splits
     valid = [c for c in configs if (bs % c.kwargs["BLOCK_K"] == 0 or c.kwargs["BLOCK_K"] % bs == 0)
-             and k_dim % c.kwargs["BLOCK_K"] == 0]
+             and k_dim % (c.kwargs["BLOCK_K"] * splits) == 0]
     if _pinned() or interpreting():
         return valid[:1]
     kept = []

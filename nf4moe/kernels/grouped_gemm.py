@@ -37,14 +37,14 @@ from .configs import cdiv, gemm_configs, interpreting, launch_tuned, pow2, prune
 from .grouped_gemv import gemv_max_rows, launch_nf4_moe_gemv
 from .lora_xa import launch_lora_xa
 from .nf4_decode import dequant_operand, mma_k_order
-from .common import act_fwd, dot_operand, expert_row_tile, nested_offset
+from .common import act_fwd, dot_operand, expert_row_tile, nested_offset, split_k_reduce
 
 ACT_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
 
 
 @triton.autotune(
     configs=gemm_configs(),
-    key=["N", "K_DIM", "ROW_BUCKET", "GATED", "HAS_LORA", "BS", "KPERM", "K_HINT", "XA_PRE"],
+    key=["N", "K_DIM", "ROW_BUCKET", "GATED", "HAS_LORA", "BS", "KPERM", "K_HINT", "XA_PRE", "SPLIT_K"],
     prune_configs_by={"early_config_prune": prune_configs},
 )
 @triton.jit
@@ -67,16 +67,20 @@ def nf4_moe_gemm_kernel(
     pair_ptr,         # (P,) int32 pair ids sorted by expert
     eoff_ptr,         # (E + 1,) int32 expert offsets into pair_ptr
     topw_ptr,         # (P,) routing weight per pair (down only)
+    ws_ptr,           # (SPLIT_K, P, WS_W) fp32 split-K partials: acc | acc_up | X·Aᵀ per N tile (SPLIT_K > 1 only)
+    cnt_ptr,          # (>= row tiles * cdiv(N, BLOCK_N),) int32 arrival counters, zero between calls (SPLIT_K > 1)
+    WS_W,             # row width of ws: 2N + cdiv(N, 16) * R_PAD
     N, K_DIM, N_TOTAL, E, R, P, ROW_BUCKET,
     TOP_K: tl.constexpr, E_POW2: tl.constexpr, R_PAD: tl.constexpr,
     GATED: tl.constexpr, ACT: tl.constexpr, GATHER: tl.constexpr, SCATTER: tl.constexpr,
     HAS_LORA: tl.constexpr, NESTED: tl.constexpr, BS: tl.constexpr, BS2: tl.constexpr,
     INTERPRET: tl.constexpr, LUT: tl.constexpr, XA_PRE: tl.constexpr, WRITE_GU: tl.constexpr,
-    WRITE_OUT: tl.constexpr, KPERM: tl.constexpr, K_HINT: tl.constexpr,
+    WRITE_OUT: tl.constexpr, KPERM: tl.constexpr, K_HINT: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Grid: (cdiv(N, BLOCK_N), cdiv(P, BLOCK_M) + min(E, P))."""
-    pid_n = tl.program_id(0)
+    """Grid: (cdiv(N, BLOCK_N) * SPLIT_K, cdiv(P, BLOCK_M) + min(E, P))."""
+    pid_n = tl.program_id(0) // SPLIT_K
+    split = tl.program_id(0) % SPLIT_K
     pid_m = tl.program_id(1)
 
     e, row_lo, row_hi = expert_row_tile(eoff_ptr, pid_m, E, E_POW2, BLOCK_M)
@@ -109,7 +113,8 @@ def nf4_moe_gemm_kernel(
     # operand repacking, but activations read in 2-element runs: at 128 rows per tile that cost more than it
     # saved (H100, Qwen3 T=1024: 0.78 against 0.63 ms), so tiles of up to 32 rows only
     MMA_ORDER: tl.constexpr = KPERM and BLOCK_M <= 32
-    for k0 in range(0, K_DIM, BLOCK_K):
+    k_len = K_DIM // SPLIT_K  # the pruner keeps configs with BLOCK_K dividing it
+    for k0 in range(split * k_len, split * k_len + k_len, BLOCK_K):
         if MMA_ORDER:
             offs_k = k0 + mma_k_order(BLOCK_K)
         else:
@@ -130,6 +135,13 @@ def nf4_moe_gemm_kernel(
             a = tl.load(la_ptr + (e64 * R + offs_r[:, None]) * K_DIM + offs_k[None, :], mask=r_mask[:, None], other=0.0)
             a = dot_operand(a, dt, INTERPRET)
             acc_xa = tl.dot(a, xt, acc_xa)
+
+    if SPLIT_K > 1:  # the last split of this tile to arrive sums all partials in split order, then the epilogue
+        acc, acc_up, acc_xa, last = split_k_reduce(
+            acc, acc_up, acc_xa, ws_ptr, cnt_ptr, split, pid_m * tl.cdiv(N, BLOCK_N) + pid_n, 2 * N + pid_n * R_PAD,
+            offs_m, m_mask, offs_n, n_mask, offs_r, N, P, WS_W, GATED, HAS_LORA and not XA_PRE, SPLIT_K)
+        if not last:
+            return
 
     if HAS_LORA:
         if XA_PRE:  # X·Aᵀ precomputed once per row (lora_xa.py), not per N tile; partials summed in order
@@ -190,6 +202,36 @@ def lora_precompute(rows: int) -> bool:
     return rows > 64 if mode == "auto" else mode == "1"
 
 
+def split_k(rows: int, k_dim: int, training: bool, launcher) -> int:
+    """K splits of the GEMM: ``NF4MOE_SPLIT_K`` (default 1: none) for inference calls of up to 64 routed rows,
+    eager or under CUDA graphs (not traced: the arrival counters are state kept across launches), reduced
+    until the K step of 32 (the fallback config's) divides K / splits.  At T=1 the up projection runs 96
+    programs of 16 K steps on 132 SMs (Qwen3-30B-A3B); splitting K gives 2-4x the programs with a fixed-order
+    reduction.  Opt-in until measured on a GPU (bench/NOTES.md, next steps)."""
+    s = int(os.environ.get("NF4MOE_SPLIT_K", "1"))
+    if s < 1 or s & (s - 1):
+        raise ValueError(f"NF4MOE_SPLIT_K must be a power of two >= 1, got {s}")
+    if training or launcher is not None or not 0 < rows <= 64:
+        return 1
+    while s > 1 and k_dim % (32 * s):
+        s //= 2
+    return s
+
+
+_COUNTERS: dict = {}  # device -> int32 arrival counters for split-K (zero between launches)
+
+
+def split_k_counters(device: torch.device, size: int) -> torch.Tensor:
+    """Zeroed int32 arrival counters, at least ``size``.  Kept per device (every launch leaves them zero);
+    while a CUDA graph is being captured, a fresh zeroed buffer owned by that graph."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return torch.zeros(size, device=device, dtype=torch.int32)
+    buf = _COUNTERS.get(device)
+    if buf is None or buf.numel() < size:
+        buf = _COUNTERS[device] = torch.zeros(max(size, 4096), device=device, dtype=torch.int32)
+    return buf
+
+
 def use_lut(dtype: torch.dtype) -> bool:
     """PTX table decode for compiled code with 16-bit activations; ``NF4MOE_LUT=0`` selects the fp32
     select tree instead (bit-exact weights, slower)."""
@@ -215,7 +257,9 @@ def launch_key(kind: str, n: int, bucket: int, x: torch.Tensor, w: NF4Operand, o
 
 
 def grid(n: int, rows: int, num_experts: int):
-    return lambda meta: (cdiv(n, meta["BLOCK_N"]), cdiv(rows, meta["BLOCK_M"]) + min(num_experts, rows))
+    """GEMM and GEMV grid (the GEMV has no SPLIT_K)."""
+    return lambda meta: (cdiv(n, meta["BLOCK_N"]) * meta.get("SPLIT_K", 1),
+                         cdiv(rows, meta["BLOCK_M"]) + min(num_experts, rows))
 
 
 def launch_nf4_moe_gemm(
@@ -265,9 +309,15 @@ def launch_nf4_moe_gemm(
         xa = launch_lora_xa(x, lora_a, sorted_pair_ids, expert_offsets, top_k=top_k, gather=gated, r_pad=rp,
                             out=xa_out, launcher=launcher)
     bucket = row_bucket(rows)
+    splits = split_k(rows, k_dim, training, launcher)
+    ws = cnt = dummy
+    ws_w = 2 * n + cdiv(n, 16) * rp  # gate | up | one X·Aᵀ slot per N tile (BLOCK_N >= 16)
+    if splits > 1:
+        ws = torch.empty(splits, rows, ws_w, device=x.device, dtype=torch.float32)
+        cnt = split_k_counters(x.device, (cdiv(rows, 16) + min(num_experts, rows)) * cdiv(n, 16))
     meta = dict(projection_meta(x, w, top_k=top_k, r_pad=rp, gated=gated, act=act, has_lora=has_lora),
                 INTERPRET=interpreting(), XA_PRE=xa is not None, WRITE_GU=gu is not None, WRITE_OUT=write_out,
-                KPERM=use_kperm(), K_HINT=use_k_hint())
+                KPERM=use_kperm(), K_HINT=use_k_hint(), SPLIT_K=splits)
     key = launch_key("gemm", n, bucket, x, w, out, lora_b if has_lora else None, meta)
     launch_tuned(
         nf4_moe_gemm_kernel, grid(n, rows, num_experts), key, launcher,
@@ -279,6 +329,7 @@ def launch_nf4_moe_gemm(
         out, out.stride(0),
         sorted_pair_ids, expert_offsets,
         top_k_weights if top_k_weights is not None else dummy,
+        ws, cnt, ws_w,
         n, k_dim, n_total, num_experts, r, rows, bucket,
         **meta,
     )
