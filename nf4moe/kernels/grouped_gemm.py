@@ -218,17 +218,21 @@ def split_k(rows: int, k_dim: int, training: bool, launcher) -> int:
     return s
 
 
-_COUNTERS: dict = {}  # device -> int32 arrival counters for split-K (zero between launches)
+_COUNTERS: dict = {}  # (device, stream) -> int32 arrival counters for split-K (zero between launches)
 
 
 def split_k_counters(device: torch.device, size: int) -> torch.Tensor:
-    """Zeroed int32 arrival counters, at least ``size``.  Kept per device (every launch leaves them zero);
-    while a CUDA graph is being captured, a fresh zeroed buffer owned by that graph."""
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return torch.zeros(size, device=device, dtype=torch.int32)
-    buf = _COUNTERS.get(device)
+    """Zeroed int32 arrival counters, at least ``size``.  Kept per device and stream (launches on one stream
+    run one after another and each leaves them zero; two streams must not share them); while a CUDA graph
+    is being captured, a fresh zeroed buffer owned by that graph."""
+    stream = None
+    if device.type == "cuda":
+        if torch.cuda.is_current_stream_capturing():
+            return torch.zeros(size, device=device, dtype=torch.int32)
+        stream = torch.cuda.current_stream(device).cuda_stream
+    buf = _COUNTERS.get((device, stream))
     if buf is None or buf.numel() < size:
-        buf = _COUNTERS[device] = torch.zeros(max(size, 4096), device=device, dtype=torch.int32)
+        buf = _COUNTERS[(device, stream)] = torch.zeros(max(size, 4096), device=device, dtype=torch.int32)
     return buf
 
 
