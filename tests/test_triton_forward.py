@@ -259,9 +259,8 @@ def test_lora_xa_in_loop_and_precomputed(monkeypatch, xa_mode, t):
     assert len(calls) == (2 if precomputed else 0)  # one X·Aᵀ launch per projection, or none
 
 
-@pytest.mark.parametrize("splits", [2, 4])
-@pytest.mark.parametrize("xa_mode", ["0", "1"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("splits,xa_mode,dtype", [(2, "0", torch.float32), (4, "0", torch.bfloat16),
+                                                  (4, "1", torch.float32)])
 def test_split_k_matches_reference(monkeypatch, splits, xa_mode, dtype):
     """NF4MOE_SPLIT_K (opt-in, <= 64 routed rows): every split stores fp32 partials, the last to arrive sums
     them in split order and runs the epilogue.  Against the reference, bit-identical on a repeat (fixed order),
@@ -285,6 +284,41 @@ def test_split_k_matches_reference(monkeypatch, splits, xa_mode, dtype):
     assert all(int(c.count_nonzero()) == 0 for c in gg._COUNTERS.values())
 
 
+@pytest.mark.skipif(not INTERP, reason="reorders the interpreter's programs")
+def test_split_k_does_not_depend_on_program_order(monkeypatch):
+    """On a GPU the splits of a tile arrive in any order; the interpreter runs programs in grid order, where
+    the last split is always the last one.  Here every launch runs its programs in a fresh random order
+    (several row tiles per expert, several N tiles): the result must equal the in-order one bit for bit."""
+    import random
+
+    import triton.runtime.interpreter as interp
+
+    monkeypatch.setenv("NF4MOE_GEMV_ROWS", "0")
+    monkeypatch.setenv("NF4MOE_SPLIT_K", "4")
+    monkeypatch.setenv("NF4MOE_XA_PRE", "0")
+    m = make_layer(2, 256, 128, rank=8, nested=True, seed=43)
+    x = torch.randn(30, 256, device=DEV)
+    idx, w = routing(30, 2, 2, seed=44)  # 30 rows per expert: two row tiles each
+    with torch.no_grad():
+        in_order = m(x, idx, w)
+        builder = type(interp.interpreter_builder)
+        real = builder.set_grid_idx
+        rng, perm = random.Random(5), {}
+
+        def shuffled(self, x_, y_, z_):
+            nx, ny, nz = self.grid_dim
+            i = x_ + nx * (y_ + ny * z_)
+            if i == 0:  # the interpreter starts each launch at program (0, 0, 0): a new order
+                perm["p"] = rng.sample(range(nx * ny * nz), nx * ny * nz)
+            j = perm["p"][i]
+            real(self, j % nx, j // nx % ny, j // (nx * ny))
+
+        monkeypatch.setattr(builder, "set_grid_idx", shuffled)
+        for _ in range(2):
+            assert torch.equal(m(x, idx, w), in_order)
+    assert rel_err(in_order, reference(m, x, idx, w)) < BOUND[torch.float32]
+
+
 def test_split_k_stays_off_where_it_does_not_apply(monkeypatch):
     """Above 64 routed rows, in training and when traced, the GEMM does not split; a bad value is an error."""
     from nf4moe.kernels.grouped_gemm import split_k
@@ -293,6 +327,7 @@ def test_split_k_stays_off_where_it_does_not_apply(monkeypatch):
     assert split_k(64, 2048, False, None) == 4 and split_k(65, 2048, False, None) == 1
     assert split_k(8, 2048, True, None) == 1 and split_k(8, 2048, False, object()) == 1
     assert split_k(8, 96, False, None) == 1  # K = 96: 96 / 2 = 48 is no multiple of the 32-column K step
-    monkeypatch.setenv("NF4MOE_SPLIT_K", "3")
-    with pytest.raises(ValueError, match="NF4MOE_SPLIT_K"):
-        split_k(8, 2048, False, None)
+    for bad in ("3", "0", "two", ""):
+        monkeypatch.setenv("NF4MOE_SPLIT_K", bad)
+        with pytest.raises(ValueError, match="NF4MOE_SPLIT_K"):
+            split_k(8, 2048, False, None)

@@ -91,9 +91,11 @@ def split_k_reduce(acc, acc_up, acc_xa, ws_ptr, cnt_ptr, split, tile, xa_col, of
     BLOCK_M), the in-loop X·Aᵀ as (R_PAD, BLOCK_M) at column ``xa_col``) to row ``split`` of the workspace,
     then counts its arrival on the tile's counter.  The split that arrives last resets the counter and sums
     every split's partials in split order (so the result does not depend on which split came last) and
-    returns them with ``last`` = True; the others return ``last`` = False and exit.  Release / acquire: a
-    block barrier orders every thread's partial stores before the counter's acq_rel atomic, and the partials
-    are read back past L1 (``.cg``)."""
+    returns them with ``last`` = True; the others return ``last`` = False and exit.  Ordering: a block
+    barrier puts every thread's partial stores before the one thread's release (the acq_rel atomic); on the
+    last split its acquire, then the block barrier that broadcasts the count, put the read-back after every
+    split's stores (the barrier-then-atomic pattern of CUTLASS's semaphore).  The read-back also bypasses L1
+    (``.cg``), which costs nothing here and keeps no stale line in play."""
     rows = (split * P + offs_m[None, :]).to(tl.int64) * WS_W
     mask = n_mask[:, None] & m_mask[None, :]
     tl.store(ws_ptr + rows + offs_n[:, None], acc, mask=mask)

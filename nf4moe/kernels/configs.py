@@ -78,15 +78,16 @@ def gemm_configs() -> list[triton.Config]:
 
 
 def _fallback() -> triton.Config:
-    """Valid for every shape: a K step of 32 divides any NF4 blocksize (>= 32) and so any K."""
+    """Valid for every shape: a K step of 32 divides any NF4 blocksize (>= 32) and so any K (and K / SPLIT_K:
+    grouped_gemm.split_k only splits where it does)."""
     return triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4,
                          num_stages=1 if interpreting() else 3)
 
 
 def prune_configs(configs, named_args, **kwargs):
-    """Keep configs suited to the row bucket and shape: the K step must divide K and either divide the
-    NF4 blocksize (one absmax per tile row) or be a multiple of it (one per block); drop those over the
-    shared-memory limit."""
+    """Keep configs suited to the row bucket and shape: the K step must divide K / SPLIT_K (each split's K
+    range) and either divide the NF4 blocksize (one absmax per tile row) or be a multiple of it (one per
+    block); drop those over the shared-memory limit."""
     def arg(name):
         return named_args[name] if name in named_args else kwargs[name]
 

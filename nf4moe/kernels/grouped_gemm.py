@@ -11,8 +11,10 @@ The product is computed transposed (swap-AB): acc (BLOCK_N, BLOCK_M) = W_tile (B
 X_tileᵀ (BLOCK_K, BLOCK_M).  The dequantized weight is the left operand, so it can stay in registers,
 and BLOCK_M (rows of one expert) may be as small as 16 for decode.
 
-Grid: (cdiv(N, BLOCK_N), cdiv(P, BLOCK_M) + min(E, P)).  Program (n, m) finds its expert and row tile
-from ``expert_offsets`` (tiles are padded per expert to BLOCK_M); programs past the last tile exit.
+Grid: (cdiv(N, BLOCK_N) * SPLIT_K, cdiv(P, BLOCK_M) + min(E, P)).  Program (n, m) finds its expert and row
+tile from ``expert_offsets`` (tiles are padded per expert to BLOCK_M); programs past the last tile exit.
+With the opt-in split-K (``NF4MOE_SPLIT_K``, decode sizes) each tile's K range is split over SPLIT_K
+programs whose fp32 partials the last to arrive sums in split order (common.split_k_reduce).
 No host synchronisation is needed to size the grid.
 
 A K step (BLOCK_K) either divides the NF4 blocksize (one absmax per tile row) or spans several whole
@@ -208,9 +210,10 @@ def split_k(rows: int, k_dim: int, training: bool, launcher) -> int:
     until the K step of 32 (the fallback config's) divides K / splits.  At T=1 the up projection runs 96
     programs of 16 K steps on 132 SMs (Qwen3-30B-A3B); splitting K gives 2-4x the programs with a fixed-order
     reduction.  Opt-in until measured on a GPU (bench/NOTES.md, next steps)."""
-    s = int(os.environ.get("NF4MOE_SPLIT_K", "1"))
+    raw = os.environ.get("NF4MOE_SPLIT_K", "1")
+    s = int(raw) if raw.strip().isdigit() else 0
     if s < 1 or s & (s - 1):
-        raise ValueError(f"NF4MOE_SPLIT_K must be a power of two >= 1, got {s}")
+        raise ValueError(f"NF4MOE_SPLIT_K must be a power of two >= 1 (1: no split), got {raw!r}")
     if training or launcher is not None or not 0 < rows <= 64:
         return 1
     while s > 1 and k_dim % (32 * s):
