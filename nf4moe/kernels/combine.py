@@ -10,7 +10,6 @@ import triton
 import triton.language as tl
 
 from .configs import cdiv, pow2
-
 from .launch import launch
 
 

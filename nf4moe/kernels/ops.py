@@ -330,7 +330,8 @@ if _INTERPRET:
 
 # ---------------------------------------------------------------------------------------------- routing
 # The routing kernels (one launch, or two for the chunked sort) as an op, for kernels.routing.build_routing
-# under torch.compile (eagerly build_routing launches them directly).  Imported here, not at the top, to keep this section self-contained.
+# under torch.compile (eagerly build_routing launches them directly).  Imported here, not at the top, to keep
+# this section self-contained.
 from .routing import launch_routing  # noqa: E402
 
 

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from ..reference.routing import Routing
-from .configs import interpreting, pow2
+from .configs import cdiv, interpreting, pow2
 from .launch import launch
 
 # One program sorts at most this many pairs (keys in registers; see build_routing for why 1024).
@@ -47,6 +47,17 @@ _INTERPRET = interpreting()
 
 
 @triton.jit
+def _buckets(idx_ptr, offs, P, E):
+    """Bucket of each pair: 0 for a negative id, id + 1, E + 1 for a sentinel and for padding past P (whose
+    pair index >= P then sorts it after every real sentinel)."""
+    valid = offs < P
+    ids = tl.load(idx_ptr + offs, mask=valid, other=0)
+    # Clamp in the input dtype: narrowing a huge int64 sentinel first would wrap it into range.
+    bucket = (tl.minimum(tl.maximum(ids, -1), E) + 1).to(tl.int32)
+    return tl.where(valid, bucket, E + 1)
+
+
+@triton.jit
 def routing_kernel(
     idx_ptr,    # (P,) expert ids, int32 or int64, contiguous (the flattened (T, K) top_k_index)
     pairs_ptr,  # (P,) int32 out: pair ids sorted by clamped expert id, stable
@@ -56,29 +67,15 @@ def routing_kernel(
 ):
     """Grid: (1,).  One program: P <= P_POW2 keys in registers, NUM_BINS = next_pow2(E + 2) > E + 1."""
     offs = tl.arange(0, P_POW2)
-    valid = offs < P
-    ids = tl.load(idx_ptr + offs, mask=valid, other=0)
-    # Clamp in the input dtype: narrowing a huge int64 sentinel first would wrap it into range.
-    bucket = (tl.minimum(tl.maximum(ids, -1), E) + 1).to(tl.int32)  # 0: negative id, E + 1: sentinel
-    # Padding shares the sentinels' bucket; its pair index >= P puts it after every real sentinel.
-    bucket = tl.where(valid, bucket, E + 1)
+    bucket = _buckets(idx_ptr, offs, P, E)
     # Unique keys, so the (unstable) bitonic sort gives pairs of one expert in pair order.
     keys = tl.sort(bucket * P_POW2 + offs)
-    tl.store(pairs_ptr + offs, keys & (P_POW2 - 1), mask=valid)
+    tl.store(pairs_ptr + offs, keys & (P_POW2 - 1), mask=offs < P)
     # Every bucket is in [0, NUM_BINS): no mask needed (older Triton has no histogram mask, and the warp
     # ballot histogram would alias an out-of-range value onto a bin).
     below = tl.cumsum(tl.histogram(bucket, NUM_BINS), 0)  # below[b] = pairs with bucket <= b
     bins = tl.arange(0, NUM_BINS)
     tl.store(eoff_ptr + bins, below, mask=bins <= E)
-
-
-@triton.jit
-def _buckets(idx_ptr, offs, P, E):
-    """Bucket of each pair: 0 for a negative id, id + 1, E + 1 for a sentinel (and for padding past P)."""
-    valid = offs < P
-    ids = tl.load(idx_ptr + offs, mask=valid, other=0)
-    bucket = (tl.minimum(tl.maximum(ids, -1), E) + 1).to(tl.int32)  # clamp in the input dtype (see above)
-    return tl.where(valid, bucket, E + 1)
 
 
 @triton.jit
@@ -132,7 +129,7 @@ def routing_scatter_kernel(
 
 def _launch_chunked(top_k_index, num_experts, sorted_pair_ids, expert_offsets, launcher) -> None:
     p = top_k_index.numel()
-    chunks = -(-p // CHUNK)
+    chunks = cdiv(p, CHUNK)
     bins = pow2(num_experts + 2)
     # two tensors, not views of one: the first kernel writes counts, the second reads it and writes base
     counts = torch.empty(chunks, bins, device=top_k_index.device, dtype=torch.int32)
@@ -154,7 +151,7 @@ def triton_fits(num_pairs: int, num_experts: int) -> bool:
         return False
     if num_pairs <= TRITON_MAX_PAIRS:
         return (num_experts + 2) * max(_MIN_P_POW2, pow2(num_pairs)) <= 2**31
-    chunks, bins = -(-num_pairs // CHUNK), pow2(num_experts + 2)
+    chunks, bins = cdiv(num_pairs, CHUNK), pow2(num_experts + 2)
     return num_pairs <= CHUNKED_MAX_PAIRS and bins <= _MAX_BINS and chunks * chunks * bins <= _MAX_PREFIX_READS
 
 
