@@ -3,8 +3,11 @@ machine, a Gluon kernel whose producer warps decode a weight tile (a uint8 stand
 NVMMA-swizzled shared-memory buffer and whose consumer warp group runs an asynchronous wgmma on it, the two
 partitions handing over through an mbarrier (``gl.warp_specialize``).  No GPU needed; prints PTX facts.
 
-    python bench/probe_gluon_ws.py     # Triton >= 3.6 (the GPU image's 3.6.0 and the CPU's 3.9.0 both compile it)
+    python bench/probe_gluon_ws.py        # Triton >= 3.6 (the GPU image's 3.6.0 and the CPU's 3.9.0 both compile it)
+    python bench/probe_gluon_ws.py --run  # on a GPU: launch it and compare with torch
 """
+import sys
+
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.experimental import gluon
@@ -64,5 +67,18 @@ def main() -> None:
           f"mbarrier {ptx.count('mbarrier')}, setmaxnreg {ptx.count('setmaxnreg')} (register split per partition)")
 
 
+def run() -> None:
+    import torch
+
+    x = torch.randn(BM, BK, device="cuda", dtype=torch.bfloat16)
+    w = torch.randint(0, 16, (BN, BK), device="cuda", dtype=torch.uint8)
+    out = torch.full((BM, BN), float("nan"), device="cuda")
+    ws_mma_kernel[(1,)](x, w, out, BM, BN, BK, num_warps=4)
+    ref = x.float() @ (w.float() * 0.125 - 1.0).t()
+    err = ((out - ref).norm() / ref.norm()).item()
+    print(f"triton {triton.__version__}: warp-specialised wgmma on {torch.cuda.get_device_name()}: rel err {err:.2e}")
+    assert err < 1e-2, err
+
+
 if __name__ == "__main__":
-    main()
+    run() if "--run" in sys.argv else main()
