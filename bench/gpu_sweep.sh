@@ -13,6 +13,7 @@
 #   bash bench/gpu_sweep.sh pipe       # the opt-in K-loop hint against the default, Qwen3, DeepSeek-V3 (~5 min; NOTES v16)
 #   bash bench/gpu_sweep.sh splitk     # the opt-in split-K at decode sizes: its GPU tests, then against the default
 #                                      # at T=1..8, Qwen3 and DeepSeek-V3, with CUDA-graph times (not run yet; NOTES v20)
+#   bash bench/gpu_sweep.sh wgmma      # the Gluon GEMM: its GPU tests, then against the Triton GEMM at T >= 512 (~5 min)
 #   bash bench/gpu_sweep.sh largeprof  # GEMM times of every autotuner candidate at T=8192, Qwen3 and DeepSeek-V3 (~2 min)
 set -euo pipefail
 OUT=${OUT:-bench/results/sweep}
@@ -59,9 +60,14 @@ case "${1:-}" in
       | tee "$OUT/profile_split_k_dsv3.log"
     for s in 1 2 4; do mkdir -p "$OUT/split_k_$s"; NF4MOE_SPLIT_K=$s $py -m nf4moe bench --mode fwd --shapes qwen3 --tokens 1 --no-check \
       --out "$OUT/split_k_$s" 2>&1 | grep "nf4moe" | tee -a "$OUT/bench_split_k.log"; done ;;
+  wgmma)
+    $py -m pytest -q -p no:cacheprovider tests/test_triton_forward.py -k wgmma 2>&1 | tee "$OUT/gpu_wgmma.log"
+    $py -m bench.profile_layer --tokens 512,1024,4096,8192 --variants triton,wgmma --check 2>&1 | tee "$OUT/profile_wgmma_qwen3.log"
+    $py -m bench.profile_layer --shape glm45air --tokens 8192 --variants triton,wgmma --check 2>&1 | tee "$OUT/profile_wgmma_glm.log"
+    $py -m bench.profile_layer --shape dsv3 --tokens 1024,8192 --variants triton,wgmma 2>&1 | tee "$OUT/profile_wgmma_dsv3.log" ;;
   largeprof)
     $py -m bench.profile_layer --tokens 8192 --variants gemm --timings 2>&1 | tee "$OUT/profile_large_qwen3.log"
     $py -m bench.profile_layer --shape dsv3 --tokens 8192 --variants gemm --timings 2>&1 | tee "$OUT/profile_large_dsv3.log" ;;
   *)
-    sed -n '2,16p' "$0"; exit 2 ;;
+    sed -n '2,17p' "$0"; exit 2 ;;
 esac

@@ -7,6 +7,7 @@ variant, plus the autotuner's chosen configs.  GPU only; used to write bench/NOT
     python -m bench.profile_layer --tokens 1024,8192 --variants gemm,pipe  # the K-loop hint (NOTES.md v14)
     python -m bench.profile_layer --tokens 1024,8192 --variants gemm --check --timings
     python -m bench.profile_layer --tokens 1,2,4 --variants gemm,split2,split4 --check  # opt-in split-K (NOTES v20)
+    python -m bench.profile_layer --tokens 1024,8192 --variants triton,wgmma --check  # the Gluon GEMM (NOTES v23)
 
 ``--check`` compares every variant's output with the fp32 reference backend (relative error printed);
 ``--timings`` prints every config the GEMM autotuner benchmarks, with its time.
@@ -79,6 +80,8 @@ def main(argv=None) -> int:
             os.environ["NF4MOE_SPLIT_K"] = var[5:] if var.startswith("split") else "1"  # split2 / split4: split-K
             # gemv / gemm: force the decode GEMV or the MMA GEMM at every size; other variants: the default
             os.environ["NF4MOE_GEMV_ROWS"] = {"gemv": str(1 << 30)}.get(var, "0")
+            # wgmma: the Gluon GEMM (grouped_gemm_wgmma.py) at every size; triton: the Triton GEMM at every size
+            os.environ["NF4MOE_WGMMA_ROWS"] = {"wgmma": "1", "triton": "0"}.get(var, "4096")
             with torch.no_grad():
                 ms = _bench(lambda: ours(x, idx, w))
                 kt = kernel_times(lambda: ours(x, idx, w))

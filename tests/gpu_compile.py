@@ -22,8 +22,9 @@ from triton.compiler import ASTSource
 TARGET = GPUTarget("cuda", 90, 32)
 
 
-def compile_kernel(kernel, ptr_types: dict, ints: dict, constexprs: dict, num_warps: int, num_stages: int) -> str:
-    """PTX of ``kernel`` (an autotuned or plain JIT function) for TARGET."""
+def compile_kernel(kernel, ptr_types: dict, ints: dict, constexprs: dict, num_warps: int, num_stages: int,
+                   gluon: bool = False) -> str:
+    """PTX of ``kernel`` (an autotuned or plain JIT function, or a Gluon kernel) for TARGET."""
     fn = kernel.fn if hasattr(kernel, "configs") else kernel
     names = fn.arg_names
     sig, cx, attrs = {}, {}, {}
@@ -43,7 +44,12 @@ def compile_kernel(kernel, ptr_types: dict, ints: dict, constexprs: dict, num_wa
             sig[name] = "i32"
             if ints.get(name, 1024) % 16 == 0:
                 attrs[(idx,)] = [["tt.divisibility", 16]]
-    src = ASTSource(fn=fn, signature=sig, constexprs=cx, attrs=attrs)
+    if gluon:
+        from triton.experimental.gluon._runtime import GluonASTSource
+
+        src = GluonASTSource(fn=fn, signature=sig, constexprs=cx, attrs=attrs)
+    else:
+        src = ASTSource(fn=fn, signature=sig, constexprs=cx, attrs=attrs)
     return triton.compile(src, target=TARGET, options={"num_warps": num_warps, "num_stages": num_stages}).asm["ptx"]
 
 
@@ -58,7 +64,8 @@ counted by lut_decodes; lut_pairs counts the pair decode alone) was emitted."""
             "lut_decodes": ptx.count("prmt.b32 a, tl0, tl1"), "lut_scaled": "fma.rn." in ptx and "x2 " in ptx,
             "lut_pairs": ptx.count("lo, hi, 0x4051"), "smem_byte_loads": ops.get("ld.shared.b8", 0) + ops.get("ld.shared.u8", 0),
             "acq_rel_counter": len(re.findall(r"atom\.global\.gpu\.acq_rel\.add\.u32", ptx)),
-            "l2_loads": len(re.findall(r"ld\.global\.cg\.", ptx))}  # predicated loads sit in inline-asm lines
+            "l2_loads": len(re.findall(r"ld\.global\.cg\.", ptx)),  # predicated loads sit in inline-asm lines
+            "global_v4_loads": len(re.findall(r"ld\.global(?:\.[\w:]+)*\.v4\.b32", ptx))}
 
 
 def main() -> int:
@@ -99,6 +106,19 @@ def main() -> int:
                                             dict(bwd, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64), 4, 3))
     out["routing_1024"] = facts(compile_kernel(routing_kernel, ptrs, dict(P=8, E=128), dict(P_POW2=1024, NUM_BINS=256),
                                                8, 1))
+    from nf4moe.kernels.grouped_gemm import gluon_available
+
+    if gluon_available():  # the Gluon GEMM for many rows (grouped_gemm_wgmma.py), up and down, nested absmax
+        from nf4moe.kernels.grouped_gemm_wgmma import nf4_moe_gemm_wgmma_kernel
+
+        wg_ptrs = dict(ptrs, am_ptr="*u8", xa_ptr="*fp32", tile_ptr="*i32")
+        wg_ints = dict(ints, K_HALF=1024, P=65536)
+        wg = dict(TOP_K=8, R_PAD=16, ACT=0, HAS_LORA=True, NESTED=True, BS=64, BS2=256, WRITE_GU=False, WRITE_OUT=True)
+        out["wgmma_up"] = facts(compile_kernel(nf4_moe_gemm_wgmma_kernel, wg_ptrs, wg_ints,
+                                               dict(wg, GATED=True, BLOCK_N=128), 8, 1, gluon=True))
+        out["wgmma_down"] = facts(compile_kernel(nf4_moe_gemm_wgmma_kernel, wg_ptrs,
+                                                 dict(wg_ints, N=2048, K_DIM=768, K_HALF=384, N_TOTAL=2048),
+                                                 dict(wg, TOP_K=1, GATED=False, BLOCK_N=256), 8, 1, gluon=True))
     json.dump(out, sys.stdout)
     return 0
 

@@ -8,7 +8,9 @@ What it checks, per kernel variant:
   their loads with cp.async (the software pipeline), and decode NF4 with the scaled PTX table;
 - the forward GEMM in MMA k order reads the staged weight bytes as words (the natural order byte by byte);
 - the decode GEMV uses the unscaled table and no tensor cores; the routing kernel compiles at 1024 keys;
-- the opt-in split-K GEMM counts arrivals with one acq_rel atomic and reads the partials past L1.
+- the opt-in split-K GEMM counts arrivals with one acq_rel atomic and reads the partials past L1;
+- the Gluon GEMM for many rows (grouped_gemm_wgmma.py) issues asynchronous wgmma from shared memory fed by
+  cp.async (activations) and 16-byte weight-byte loads decoded by the pair PTX, with no local memory.
 """
 from __future__ import annotations
 
@@ -71,3 +73,17 @@ def test_split_k_counts_arrivals_with_an_acq_rel_atomic(compiled):
     assert f["wgmma"] > 0 and f["lut_pairs"] > 0
     assert f["acq_rel_counter"] == 1, f  # one arrival per program (executed by one thread, then broadcast)
     assert f["l2_loads"] > 0, f  # the last split reads the others' partials with ld.global.cg
+
+
+@pytest.mark.parametrize("variant", ["wgmma_up", "wgmma_down"])
+def test_wgmma_gemm_decodes_into_shared_memory_for_async_wgmma(compiled, variant):
+    if variant not in compiled:
+        pytest.skip("this Triton has no Gluon Hopper API")
+    f = compiled[variant]
+    ops = f["ptx_ops"]
+    assert f["wgmma"] > 0 and ops.get("wgmma.wait_group.sync.aligned", 0) > 0, "no asynchronous wgmma"
+    assert 16 in f["cp_async_bytes"], "activation rows not copied with 16-byte cp.async"
+    assert f["global_v4_loads"] > 0, "weight bytes not loaded 16 bytes at a time"
+    assert f["lut_pairs"] > 0, "NF4 not decoded by the pair PTX"
+    assert any(op.startswith("fence.proxy.async") for op in ops), "decoded tiles not fenced for the async proxy"
+    assert not any("local" in op for op in ops), "registers spilled to local memory"

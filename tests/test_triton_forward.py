@@ -331,3 +331,70 @@ def test_split_k_stays_off_where_it_does_not_apply(monkeypatch):
         monkeypatch.setenv("NF4MOE_SPLIT_K", bad)
         with pytest.raises(ValueError, match="NF4MOE_SPLIT_K"):
             split_k(8, 2048, False, None)
+
+
+WGMMA_CASES = [
+    # (T, E, H, I, K, mode): N not a multiple of the tile (I = 192 < 2 x 128, H = 192 < 256), an expert with
+    # more than one 128-row tile, experts with none, sentinels, K = E
+    (300, 8, 256, 192, 4, "random"),
+    (200, 4, 128, 320, 2, "one_expert"),
+    (150, 8, 192, 128, 3, "sentinels"),
+    (70, 4, 320, 64, 4, "random"),
+]
+
+
+@pytest.fixture
+def wgmma_counted(monkeypatch):
+    """Force the Gluon GEMM (grouped_gemm_wgmma.py) at every row count and count its launches."""
+    if DEV != "cuda" or INTERP or torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Gluon GEMM runs on Hopper only")
+    import nf4moe.kernels.grouped_gemm_wgmma as wg
+
+    monkeypatch.setenv("NF4MOE_WGMMA_ROWS", "1")
+    calls = []
+    real = wg.launch_nf4_moe_gemm_wgmma
+
+    def counted(*a, **kw):
+        calls.append(kw["gated"])
+        return real(*a, **kw)
+
+    monkeypatch.setattr(wg, "launch_nf4_moe_gemm_wgmma", counted)
+    return calls
+
+
+@pytest.mark.parametrize("t,e,h,i,k,mode", WGMMA_CASES)
+@pytest.mark.parametrize("rank", [0, 16])
+@pytest.mark.parametrize("dtype,nested,act", [(torch.bfloat16, True, "silu"), (torch.float16, False, "gelu_tanh")])
+def test_wgmma_gemm_matches_reference(wgmma_counted, nan_new_empty, t, e, h, i, k, mode, rank, dtype, nested, act):
+    m = make_layer(e, h, i, rank=rank, nested=nested, act=act, seed=t + rank)
+    x = torch.randn(t, h, device=DEV, dtype=dtype)
+    idx, w = routing(t, e, k, seed=t * 5 + rank, mode=mode)
+    with torch.no_grad():
+        out = m(x, idx, w.to(dtype))
+        ref = reference(m, x, idx, w.to(dtype))
+    assert sorted(wgmma_counted) == [False, True], "the Gluon GEMM did not run for both projections"
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    assert rel_err(out, ref) < BOUND[dtype]
+
+
+def test_wgmma_gemm_training_forward_and_grads(wgmma_counted, monkeypatch):
+    """The training forward through the Gluon GEMM (pre-activations and X·Aᵀ saved) gives the Triton GEMM's
+    gradients within bf16 rounding."""
+    m = make_layer(8, 256, 192, rank=16, seed=4)
+    x0 = torch.randn(300, 256, device=DEV, dtype=torch.bfloat16)
+    idx, w = routing(300, 8, 4, seed=9)
+
+    def grads():
+        m.zero_grad()
+        x = x0.clone().requires_grad_(True)
+        ww = w.to(torch.bfloat16).clone().requires_grad_(True)
+        out = m(x, idx, ww)
+        out.float().square().sum().backward()
+        return [out, x.grad, ww.grad] + [p.grad.clone() for p in (*m.lora_A.values(), *m.lora_B.values())]
+
+    fast = grads()
+    assert True in wgmma_counted
+    monkeypatch.setenv("NF4MOE_WGMMA_ROWS", "0")
+    slow = grads()
+    for a, b in zip(fast, slow):
+        assert rel_err(a, b.float()) < 2e-2

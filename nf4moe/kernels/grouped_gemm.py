@@ -195,6 +195,36 @@ def use_k_hint() -> bool:
     return os.environ.get("NF4MOE_WGMMA_PIPE", "0") == "1"
 
 
+def wgmma_min_rows() -> int:
+    """Routed rows from which the Gluon GEMM (grouped_gemm_wgmma.py) runs instead of this kernel, where it
+    applies (``NF4MOE_WGMMA_ROWS``; 0 turns it off)."""
+    raw = os.environ.get("NF4MOE_WGMMA_ROWS", "4096")
+    if not raw.strip().isdigit():
+        raise ValueError(f"NF4MOE_WGMMA_ROWS must be a row count >= 0 (0: off), got {raw!r}")
+    return int(raw)
+
+
+def use_wgmma(x: torch.Tensor, w: NF4Operand, rows: int, launcher) -> bool:
+    """The Gluon GEMM takes eager launches on Hopper with 16-bit activations through the PTX table decode,
+    unit-stride 16-byte-aligned activation rows, K a multiple of 64 and a blocksize that 64 divides, from
+    ``wgmma_min_rows()`` routed rows on; traced launches (torch.compile) and everything else take this
+    kernel."""
+    min_rows = wgmma_min_rows()
+    if not min_rows or rows < min_rows or launcher is not None or not x.is_cuda or not use_lut(x.dtype):
+        return False
+    if torch.cuda.get_device_capability(x.device) != (9, 0) or not gluon_available():
+        return False
+    return (x.stride(1) == 1 and x.stride(0) % 8 == 0 and x.data_ptr() % 16 == 0
+            and w.packed.shape[2] % 32 == 0 and w.blocksize % 64 == 0)
+
+
+def gluon_available() -> bool:
+    """Triton ships Gluon's Hopper API (3.6 and later)."""
+    import importlib.util
+
+    return importlib.util.find_spec("triton.experimental.gluon.language.nvidia.hopper") is not None
+
+
 def lora_precompute(rows: int) -> bool:
     """LoRA X·Aᵀ by its own kernel (lora_xa.py) before the GEMM, or inside the GEMM's K loop.  Precomputed
     above 64 routed rows (once per row instead of once per N tile: -12% GEMM time at T=128, NOTES.md v5);
@@ -310,6 +340,19 @@ def launch_nf4_moe_gemm(
         return launch_nf4_moe_gemv(x, w, lora_a if has_lora else None, lora_b, scaling, sorted_pair_ids,
                                    expert_offsets, top_k_weights, out, n=n, top_k=top_k, gated=gated, act=act,
                                    launcher=launcher)
+    if use_wgmma(x, w, rows, launcher):
+        from .grouped_gemm_wgmma import BLOCK_M as WG_BM, launch_nf4_moe_gemm_wgmma
+        from .tile_table import launch_tile_table
+
+        if has_lora:
+            xa = launch_lora_xa(x, lora_a, sorted_pair_ids, expert_offsets, top_k=top_k, gather=gated, r_pad=rp,
+                                out=xa_out, launcher=None)
+            if xa.dim() == 2:
+                xa = xa.unsqueeze(0)
+        return launch_nf4_moe_gemm_wgmma(
+            x, w, lora_b, scaling, xa, sorted_pair_ids, launch_tile_table(expert_offsets, rows, WG_BM),
+            top_k_weights, out, n=n, top_k=top_k, gated=gated, act_code=ACT_CODES[act], r=r, r_pad=rp, gu=gu,
+            write_out=write_out)
     if xa_pre is None:
         xa_pre = lora_precompute(rows)
     if has_lora and (xa_pre or xa_out is not None):

@@ -1,0 +1,305 @@
+"""NF4 grouped GEMM for many rows per expert (prefill / training), in Gluon: decode into shared memory,
+asynchronous wgmma from it, so the NF4 decode of step i+1 runs while the tensor cores multiply step i.
+
+Why a second GEMM: the Triton kernel (grouped_gemm.py) decodes each weight tile into registers as the
+wgmma A operand, and Triton's software pipeline puts a block barrier and a wgmma wait in every K step, so
+decode and MMA alternate (Nsight Compute at T=8192: 2 warps per scheduler, 1.34 IPC, 35% of the bf16 rate;
+bench/NOTES.md v17-v18).  Here every K step is:
+
+    1. decode the packed bytes of step i (loaded into registers one step earlier) with the PTX table
+       (nf4_decode's pair decode: each byte's two weights as one bf16x2/f16x2 word, already in memory
+       order) and store them to a shared-memory ring of 3 weight tiles (NVMMA 128-byte swizzle);
+    2. load the bytes and absmax codes of step i+1 into registers (plain 16-byte loads, in flight during
+       the rest of the step);
+    3. wait for this thread's cp.async of the activation rows of step i, fence, block barrier;
+    4. issue cp.async of the activation rows of step i+2 (gathered by pair // K, no permuted copy) into a
+       ring of 4 tiles; then the asynchronous wgmma(s) of step i, and wait until only they are in flight.
+
+The block barrier of step i comes after every warp finished step i-1's wait, so every warp group's
+wgmma of step i-2 is complete: the activation slot written after it (step i+2 = i-2 mod 4) and the weight
+slot written before it (step i = i-3 mod 3) are free.  Each weight is decoded once per 128-row tile (as in
+the Triton GEMM); the tensor cores run while the warps decode.
+
+Shapes: BLOCK_M = 128 rows (two warp groups of 64), BLOCK_K = 64 (one NF4 block of 64, or a part of a
+larger one, per row and step); up: gate and up tiles of BLOCK_N = 128 features each; down: one tile of 256.
+Epilogue: LoRA as one more wgmma (scaling·X·Aᵀ, precomputed by lora_xa.py and rounded to the activation
+dtype once, times Bᵀ) into the same accumulators, then SwiGLU (up) or the routing weight and the scatter to
+pair rows (down).  Used for compiled 16-bit activations with >= 4096 routed rows on Hopper
+(grouped_gemm.launch_nf4_moe_gemm decides); everything else takes the Triton kernel.  Memory: the same
+output buffers as the Triton kernel plus a (tiles, 3) int32 table (tile_table.py).
+"""
+from __future__ import annotations
+
+import torch
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (async_copy, fence_async_shared, warpgroup_mma,
+                                                               warpgroup_mma_wait)
+
+from .configs import cdiv
+from .nf4_decode import _BF16_PAIRS_ASM, _FP16_PAIRS_ASM
+
+BLOCK_M = 128
+NUM_WARPS = 8
+# cp.async of a pointer tensor into shared memory: async_load from Triton 3.7 on, the older name before
+_cp_async = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
+_block_barrier = getattr(gl, "barrier", None) or gl.thread_barrier  # bar.sync of the CTA (renamed in 3.7)
+
+
+if hasattr(gl.shared_memory_descriptor, "reinterpret"):  # Triton >= 3.7 (3.6: _reinterpret)
+    @gluon.jit
+    def _as_16bit(buf, DT: gl.constexpr, layout: gl.constexpr):
+        """The (S, R, C) int32 buffer ``buf`` seen as (S, R, 2C) 16-bit values (the same bytes)."""
+        return buf.reinterpret(DT, [buf.shape[0], buf.shape[1], 2 * buf.shape[2]], layout)
+else:
+    @gluon.jit
+    def _as_16bit(buf, DT: gl.constexpr, layout: gl.constexpr):
+        """The (S, R, C) int32 buffer ``buf`` seen as (S, R, 2C) 16-bit values (the same bytes)."""
+        return buf._reinterpret(DT, [buf.shape[0], buf.shape[1], 2 * buf.shape[2]], layout)
+
+
+@gluon.jit
+def _act(g, ACT: gl.constexpr):
+    """act(g) in fp32 (common.act_fwd's definitions): 0 silu, 1 gelu (erf), 2 gelu (tanh), 3 relu."""
+    if ACT == 0:
+        return g / (1.0 + gl.exp(-g))
+    elif ACT == 1:
+        return 0.5 * g * (1.0 + gl.erf(g * 0.7071067811865476))
+    elif ACT == 2:
+        inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+        return g / (1.0 + gl.exp(-2.0 * inner))
+    else:
+        return gl.maximum(g, 0.0)
+
+
+@gluon.jit
+def _load_step(w_ptr, am_ptr, am2_ptr, w_rows, n_mask, cols, k0, K_DIM, K_HALF, NESTED: gl.constexpr,
+               BS: gl.constexpr, BS2: gl.constexpr):
+    """Packed bytes (R, BLOCK_K/2) of one weight tile and K step, its per-row absmax code (nested) or
+    value, and the per-row nested second-level absmax (0.0 without nesting)."""
+    packed = gl.load(w_ptr + w_rows[:, None] * K_HALF + (k0 // 2 + cols)[None, :], mask=n_mask[:, None], other=0)
+    blk = w_rows * (K_DIM // BS) + k0 // BS
+    am = gl.load(am_ptr + blk, mask=n_mask, other=0)
+    if NESTED:
+        am2 = gl.load(am2_ptr + blk // BS2, mask=n_mask, other=0.0)
+    else:
+        am2 = gl.zeros_like(blk).to(gl.float32)
+    return packed, am, am2
+
+
+@gluon.jit
+def _decode_store(packed, am, am2, code2_ptr, offset, dst, NESTED: gl.constexpr, DT: gl.constexpr):
+    """Decode a (R, BLOCK_K/2) byte tile into (R, BLOCK_K) DT weights in ``dst`` (a (R, BLOCK_K/2) int32
+    view of the tile: one (even, odd) pair per word, which is the tile's memory order)."""
+    if NESTED:
+        s = gl.load(code2_ptr + am.to(gl.int32)) * am2 + offset
+    else:
+        s = am
+    s16 = s.to(DT).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
+    s2 = gl.zeros_like(packed).to(gl.int32) + (s16 | (s16 << 16))[:, None]
+    if DT == gl.bfloat16:
+        pairs = gl.inline_asm_elementwise(_BF16_PAIRS_ASM, "=r,=r,=r,=r,r,r,r,r,r", [packed, s2], dtype=gl.int32,
+                                          is_pure=True, pack=4)
+    else:
+        pairs = gl.inline_asm_elementwise(_FP16_PAIRS_ASM, "=r,=r,=r,=r,r,r,r,r,r", [packed, s2], dtype=gl.int32,
+                                          is_pure=True, pack=4)
+    dst.store(pairs)
+
+
+@gluon.jit
+def nf4_moe_gemm_wgmma_kernel(
+    x_ptr,            # up: hidden_states (T, K_DIM); down: intermediate (P, K_DIM) sorted; fp16/bf16, unit K stride
+    stride_xm,
+    w_ptr,            # (E, N_TOTAL, K_HALF = K_DIM // 2) uint8 packed NF4 (K_HALF a multiple of 16: 16-byte loads)
+    am_ptr,           # (E, N_TOTAL, K_DIM // BS) fp32 absmax, or uint8 codes when NESTED
+    am2_ptr,          # (ceil(blocks / BS2),) fp32 nested absmax (unused unless NESTED)
+    code2_ptr,        # (256,) fp32 nested code (unused unless NESTED)
+    off_ptr,          # () fp32 nested offset (unused unless NESTED)
+    lb_ptr,           # (E, N_TOTAL, R) LoRA B (unused unless HAS_LORA)
+    scaling,          # float: lora_alpha / r
+    xa_ptr,           # (XA_SPLIT, P, R_PAD) fp32 X·Aᵀ partials in sorted order (unused unless HAS_LORA)
+    XA_SPLIT,
+    gu_ptr,           # (P, 2N) pre-activation gate|up in sorted order, for the backward (WRITE_GU only)
+    out_ptr,          # up: (P, N) sorted order; down: (P, N) indexed by pair id
+    stride_om,
+    pair_ptr,         # (P,) int32 pair ids sorted by expert
+    tile_ptr,         # (row tiles, 3) int32: expert, first row, end row (tile_table.py)
+    topw_ptr,         # (P,) routing weight per pair (down only)
+    N, K_DIM, K_HALF, N_TOTAL, E, R, P,
+    TOP_K: gl.constexpr, R_PAD: gl.constexpr, GATED: gl.constexpr, ACT: gl.constexpr, HAS_LORA: gl.constexpr,
+    NESTED: gl.constexpr, BS: gl.constexpr, BS2: gl.constexpr, WRITE_GU: gl.constexpr, WRITE_OUT: gl.constexpr,
+    BLOCK_N: gl.constexpr,
+):
+    """Grid: (cdiv(N, BLOCK_N), row tiles); 8 warps.  Program (n, m): row tile m of the table, features
+    n*BLOCK_N ... of gate and up (GATED) or of the output (down)."""
+    BM: gl.constexpr = 128
+    BK: gl.constexpr = 64
+    XS: gl.constexpr = 4
+    WS: gl.constexpr = 3
+    DT: gl.constexpr = x_ptr.dtype.element_ty
+    pid_n = gl.program_id(0)
+    pid_m = gl.program_id(1)
+    e = gl.load(tile_ptr + 3 * pid_m)
+    if e >= E:
+        return
+    row_lo = gl.load(tile_ptr + 3 * pid_m + 1)
+    row_hi = gl.load(tile_ptr + 3 * pid_m + 2)
+
+    # layouts: activation rows for cp.async (16 bytes a thread), packed weight bytes (16 a thread), the
+    # wgmma accumulator (two warp groups of 64 rows), the epilogue's stores (16 bytes a thread)
+    XL: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [8, 1], [1, 0])
+    WL: gl.constexpr = gl.BlockedLayout([1, 16], [16, 2], [8, 1], [1, 0])
+    ACC: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[8, 1], instr_shape=[16, BLOCK_N, 16])
+    TN: gl.constexpr = BLOCK_N // 8 if BLOCK_N < 256 else 32
+    OL: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TN, TN], [8, 1], [1, 0])
+    LL: gl.constexpr = gl.BlockedLayout([1, 4], [8, 4], [8, 1], [1, 0])
+    X_SL: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+    W32_SL: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=2)
+
+    x_s = gl.allocate_shared_memory(DT, [XS, BM, BK], X_SL)
+    wg32 = gl.allocate_shared_memory(gl.int32, [WS, BLOCK_N, BK // 2], W32_SL)
+    wg_s = _as_16bit(wg32, DT, X_SL)
+    if GATED:
+        wu32 = gl.allocate_shared_memory(gl.int32, [WS, BLOCK_N, BK // 2], W32_SL)
+        wu_s = _as_16bit(wu32, DT, X_SL)
+
+    # activation rows of this tile (gathered by token for the up projection)
+    offs_xm = row_lo + gl.arange(0, BM, layout=gl.SliceLayout(1, XL))
+    xm_mask = offs_xm < row_hi
+    if GATED:
+        pair_x = gl.load(pair_ptr + offs_xm, mask=xm_mask, other=0)
+        x_rows = (pair_x // TOP_K).to(gl.int64)
+    else:
+        x_rows = offs_xm.to(gl.int64)
+    x_base = x_ptr + x_rows[:, None] * stride_xm + gl.arange(0, BK, layout=gl.SliceLayout(0, XL))[None, :]
+    x_mask = xm_mask[:, None]
+
+    # weight rows of this program
+    offs_wn = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, WL))
+    wn_mask = offs_wn < N
+    w_rows = e.to(gl.int64) * N_TOTAL + offs_wn
+    cols = gl.arange(0, BK // 2, layout=gl.SliceLayout(0, WL))
+    if NESTED:
+        offset = gl.load(off_ptr)
+    else:
+        offset = 0.0
+
+    n_k = K_DIM // BK
+    # prologue: activations of steps 0 and 1 in flight, weight bytes of step 0 in registers
+    for s in gl.static_range(2):
+        _cp_async(x_s.index(s), x_base + s * BK, mask=x_mask & (s < n_k))
+        async_copy.commit_group()
+    pg, ag, a2g = _load_step(w_ptr, am_ptr, am2_ptr, w_rows, wn_mask, cols, 0, K_DIM, K_HALF, NESTED, BS, BS2)
+    if GATED:
+        pu, au, a2u = _load_step(w_ptr, am_ptr, am2_ptr, w_rows + N, wn_mask, cols, 0, K_DIM, K_HALF, NESTED, BS, BS2)
+
+    acc = gl.zeros([BM, BLOCK_N], gl.float32, ACC)
+    acc_u = gl.zeros([BM, BLOCK_N], gl.float32, ACC)
+    for i in range(n_k):
+        ws = i % WS
+        xs = i % XS
+        # 1. decode step i into the weight ring
+        _decode_store(pg, ag, a2g, code2_ptr, offset, wg32.index(ws), NESTED, DT)
+        if GATED:
+            _decode_store(pu, au, a2u, code2_ptr, offset, wu32.index(ws), NESTED, DT)
+        # 2. bytes of step i+1 (the last step re-reads its own: no branch, no out-of-range address)
+        k1 = gl.minimum(i + 1, n_k - 1) * BK
+        pg, ag, a2g = _load_step(w_ptr, am_ptr, am2_ptr, w_rows, wn_mask, cols, k1, K_DIM, K_HALF, NESTED, BS, BS2)
+        if GATED:
+            pu, au, a2u = _load_step(w_ptr, am_ptr, am2_ptr, w_rows + N, wn_mask, cols, k1, K_DIM, K_HALF, NESTED, BS, BS2)
+        # 3. this thread's activations of step i have landed; every thread's stores visible to the wgmma
+        async_copy.wait_group(1)
+        fence_async_shared()
+        _block_barrier()
+        # 4. activations of step i+2 (slot of step i-2, whose wgmmas every warp group has waited for)
+        _cp_async(x_s.index((i + 2) % XS), x_base + (i + 2) * BK, mask=x_mask & (i + 2 < n_k))
+        async_copy.commit_group()
+        acc = warpgroup_mma(x_s.index(xs), wg_s.index(ws).permute((1, 0)), acc, is_async=True)
+        if GATED:
+            acc_u = warpgroup_mma(x_s.index(xs), wu_s.index(ws).permute((1, 0)), acc_u, is_async=True)
+            acc, acc_u = warpgroup_mma_wait(2, deps=[acc, acc_u])
+        else:
+            acc = warpgroup_mma_wait(1, deps=[acc])
+    if GATED:
+        acc, acc_u = warpgroup_mma_wait(0, deps=[acc, acc_u])
+    else:
+        acc = warpgroup_mma_wait(0, deps=[acc])
+    async_copy.wait_group(0)
+
+    if HAS_LORA:  # + (scaling·X·Aᵀ) Bᵀ: one more wgmma per accumulator, K = R_PAD
+        R_SL: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BM, R_PAD], DT)
+        offs_lm = row_lo + gl.arange(0, BM, layout=gl.SliceLayout(1, LL))
+        offs_r = gl.arange(0, R_PAD, layout=gl.SliceLayout(0, LL))
+        lm_mask = (offs_lm < row_hi)[:, None]
+        xa = gl.zeros([BM, R_PAD], gl.float32, LL)
+        for s in range(XA_SPLIT):  # partials summed in order, as the Triton kernel does
+            xa += gl.load(xa_ptr + (s * P + offs_lm[:, None].to(gl.int64)) * R_PAD + offs_r[None, :], mask=lm_mask,
+                          other=0.0)
+        xa_s = gl.allocate_shared_memory(DT, [BM, R_PAD], R_SL, (xa * scaling).to(DT))
+        offs_ln = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, LL))
+        b_mask = (offs_ln < N)[:, None] & (offs_r < R)[None, :]
+        b_rows = e.to(gl.int64) * N_TOTAL + offs_ln
+        B_SL: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, R_PAD], DT)
+        b = gl.load(lb_ptr + b_rows[:, None] * R + offs_r[None, :], mask=b_mask, other=0.0).to(DT)
+        b_s = gl.allocate_shared_memory(DT, [BLOCK_N, R_PAD], B_SL, b)
+        if GATED:
+            bu = gl.load(lb_ptr + (b_rows + N)[:, None] * R + offs_r[None, :], mask=b_mask, other=0.0).to(DT)
+            bu_s = gl.allocate_shared_memory(DT, [BLOCK_N, R_PAD], B_SL, bu)
+        fence_async_shared()
+        _block_barrier()
+        acc = warpgroup_mma(xa_s, b_s.permute((1, 0)), acc)
+        if GATED:
+            acc_u = warpgroup_mma(xa_s, bu_s.permute((1, 0)), acc_u)
+
+    offs_om = row_lo + gl.arange(0, BM, layout=gl.SliceLayout(1, ACC))
+    om_mask = offs_om < row_hi
+    offs_on = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, OL))
+    store_rows = gl.convert_layout(om_mask, gl.SliceLayout(1, OL))[:, None] & (offs_on < N)[None, :]
+    if WRITE_GU:  # training: the backward's SwiGLU derivative needs the pre-activations
+        gu_rows = gl.convert_layout(offs_om.to(gl.int64), gl.SliceLayout(1, OL))
+        gu_ptrs = gu_ptr + gu_rows[:, None] * (2 * N) + offs_on[None, :]
+        gl.store(gu_ptrs, gl.convert_layout(acc.to(gu_ptr.dtype.element_ty), OL), mask=store_rows)
+        gl.store(gu_ptrs + N, gl.convert_layout(acc_u.to(gu_ptr.dtype.element_ty), OL), mask=store_rows)
+    if not WRITE_OUT:
+        return
+    if GATED:
+        h = _act(acc, ACT) * acc_u
+        out_rows = offs_om.to(gl.int64)
+    else:
+        pair = gl.load(pair_ptr + offs_om, mask=om_mask, other=0)
+        wt = gl.load(topw_ptr + pair, mask=om_mask, other=0.0).to(gl.float32)
+        h = acc * wt[:, None]
+        out_rows = pair.to(gl.int64)
+    h = h.to(out_ptr.dtype.element_ty)
+    out_rows = gl.convert_layout(out_rows, gl.SliceLayout(1, OL))
+    gl.store(out_ptr + out_rows[:, None] * stride_om + offs_on[None, :], gl.convert_layout(h, OL), mask=store_rows)
+
+
+def block_n(gated: bool) -> int:
+    """Features per program: gate and up tiles of 128 (two accumulators), or one down tile of 256."""
+    return 128 if gated else 256
+
+
+def launch_nf4_moe_gemm_wgmma(x, w, lora_b, scaling, xa, sorted_pair_ids, tile_table, top_k_weights, out, *,
+                              n: int, top_k: int, gated: bool, act_code: int, r: int, r_pad: int,
+                              gu: torch.Tensor | None = None, write_out: bool = True) -> torch.Tensor:
+    """Launch over the tiles of ``tile_table`` (tile_table.launch_tile_table with BLOCK_M = 128).  ``xa``:
+    (XA_SPLIT, P, R_PAD) fp32 X·Aᵀ partials (lora_xa.py) or None without LoRA; ``gu``/``write_out`` as in
+    grouped_gemm.launch_nf4_moe_gemm.  Eager launches only (torch.compile traces the Triton GEMM)."""
+    num_experts, n_total, half_k = w.packed.shape
+    bn = block_n(gated)
+    has_lora = xa is not None
+    dummy = w.absmax
+    grid = (cdiv(n, bn), tile_table.shape[0])
+    nf4_moe_gemm_wgmma_kernel[grid](
+        x, x.stride(0), *w.pointer_args(),
+        lora_b if has_lora else dummy, float(scaling),
+        xa if has_lora else dummy, xa.shape[0] if has_lora else 1,
+        gu if gu is not None else dummy, out, out.stride(0), sorted_pair_ids, tile_table,
+        top_k_weights if top_k_weights is not None else dummy,
+        n, 2 * half_k, half_k, n_total, num_experts, r, sorted_pair_ids.numel(),
+        TOP_K=top_k, R_PAD=r_pad, GATED=gated, ACT=act_code, HAS_LORA=has_lora, NESTED=w.nested,
+        BS=w.blocksize, BS2=w.blocksize2, WRITE_GU=gu is not None, WRITE_OUT=write_out, BLOCK_N=bn,
+        num_warps=NUM_WARPS,
+    )
+    return out
