@@ -33,6 +33,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_mode
 
 from .operands import NF4Operand, r_pad
 from .configs import cdiv, gemm_configs, interpreting, launch_tuned, pow2, prune_configs, row_bucket
@@ -205,12 +206,16 @@ def wgmma_min_rows() -> int:
 
 
 def use_wgmma(x: torch.Tensor, w: NF4Operand, rows: int, launcher) -> bool:
-    """The Gluon GEMM takes eager launches on Hopper with 16-bit activations through the PTX table decode,
-    unit-stride 16-byte-aligned activation rows, K a multiple of 64 and a blocksize that 64 divides, from
-    ``wgmma_min_rows()`` routed rows on; traced launches (torch.compile) and everything else take this
+    """The Gluon GEMM takes eager launches on Hopper (the direct path, or the registered op's body run eagerly,
+    e.g. under autograd) with 16-bit activations through the PTX table decode, unit-stride 16-byte-aligned
+    activation rows, K a multiple of 64 and a blocksize that 64 divides, from ``wgmma_min_rows()`` routed
+    rows on.  Traced launches (torch.compile, fake tensors, dispatch modes) and everything else take this
     kernel."""
     min_rows = wgmma_min_rows()
-    if not min_rows or rows < min_rows or launcher is not None or not x.is_cuda or not use_lut(x.dtype):
+    if not min_rows or rows < min_rows or not x.is_cuda or not use_lut(x.dtype):
+        return False
+    if launcher is not None and (torch.compiler.is_compiling() or type(x) is not torch.Tensor
+                                 or _current_mode() is not None):
         return False
     if torch.cuda.get_device_capability(x.device) != (9, 0) or not gluon_available():
         return False

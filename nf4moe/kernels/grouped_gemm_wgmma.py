@@ -21,10 +21,11 @@ slot written before it (step i = i-3 mod 3) are free.  Each weight is decoded on
 the Triton GEMM); the tensor cores run while the warps decode.
 
 Shapes: BLOCK_M = 128 rows (two warp groups of 64), BLOCK_K = 64 (one NF4 block of 64, or a part of a
-larger one, per row and step); up: gate and up tiles of BLOCK_N = 128 features each; down: one tile of 256.
+larger one, per row and step), one 256-row weight tile and one wgmma of N = 256 per step: up: 128 gate rows
+then the matching 128 up rows (so the activation tile is read once for both); down: 256 output rows.
 Epilogue: LoRA as one more wgmma (scaling·X·Aᵀ, precomputed by lora_xa.py and rounded to the activation
-dtype once, times Bᵀ) into the same accumulators, then SwiGLU (up) or the routing weight and the scatter to
-pair rows (down).  Used for compiled 16-bit activations with >= 4096 routed rows on Hopper
+dtype once, times Bᵀ) into the same accumulator, then SwiGLU of its two halves (up) or the routing weight
+and the scatter to pair rows (down).  Used for compiled 16-bit activations with >= 4096 routed rows on Hopper
 (grouped_gemm.launch_nf4_moe_gemm decides); everything else takes the Triton kernel.  Memory: the same
 output buffers as the Triton kernel plus a (tiles, 3) int32 table (tile_table.py).
 """
@@ -70,6 +71,21 @@ def _act(g, ACT: gl.constexpr):
         return g / (1.0 + gl.exp(-2.0 * inner))
     else:
         return gl.maximum(g, 0.0)
+
+
+@gluon.jit
+def _tile_rows(e, pid_n, N, N_TOTAL, layout: gl.constexpr, GATED: gl.constexpr, BLOCK_N: gl.constexpr,
+               TN: gl.constexpr):
+    """Global weight rows (E*N_TOTAL view) of the TN-row tile of program column ``pid_n``, and their mask:
+    gate rows then up rows (GATED: BLOCK_N = TN / 2 features of each), or TN output rows."""
+    j = gl.arange(0, TN, layout=layout)
+    if GATED:
+        feat = pid_n * BLOCK_N + j % BLOCK_N
+        rows = (j // BLOCK_N) * N + feat
+    else:
+        feat = pid_n * BLOCK_N + j
+        rows = feat
+    return e.to(gl.int64) * N_TOTAL + rows, feat < N
 
 
 @gluon.jit
@@ -149,19 +165,17 @@ def nf4_moe_gemm_wgmma_kernel(
     # wgmma accumulator (two warp groups of 64 rows), the epilogue's stores (16 bytes a thread)
     XL: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [8, 1], [1, 0])
     WL: gl.constexpr = gl.BlockedLayout([1, 16], [16, 2], [8, 1], [1, 0])
-    ACC: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[8, 1], instr_shape=[16, BLOCK_N, 16])
-    TN: gl.constexpr = BLOCK_N // 8 if BLOCK_N < 256 else 32
-    OL: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TN, TN], [8, 1], [1, 0])
+    TN: gl.constexpr = 256  # weight rows per tile: gate | up (GATED, BLOCK_N = 128 each) or 256 down rows
+    ACC: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[8, 1], instr_shape=[16, TN, 16])
+    ON: gl.constexpr = BLOCK_N // 8 if BLOCK_N < 256 else 32
+    OL: gl.constexpr = gl.BlockedLayout([1, 8], [32 // ON, ON], [8, 1], [1, 0])
     LL: gl.constexpr = gl.BlockedLayout([1, 4], [8, 4], [8, 1], [1, 0])
     X_SL: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
     W32_SL: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=2)
 
     x_s = gl.allocate_shared_memory(DT, [XS, BM, BK], X_SL)
-    wg32 = gl.allocate_shared_memory(gl.int32, [WS, BLOCK_N, BK // 2], W32_SL)
-    wg_s = _as_16bit(wg32, DT, X_SL)
-    if GATED:
-        wu32 = gl.allocate_shared_memory(gl.int32, [WS, BLOCK_N, BK // 2], W32_SL)
-        wu_s = _as_16bit(wu32, DT, X_SL)
+    w32 = gl.allocate_shared_memory(gl.int32, [WS, TN, BK // 2], W32_SL)
+    w_s = _as_16bit(w32, DT, X_SL)
 
     # activation rows of this tile (gathered by token for the up projection)
     offs_xm = row_lo + gl.arange(0, BM, layout=gl.SliceLayout(1, XL))
@@ -174,10 +188,8 @@ def nf4_moe_gemm_wgmma_kernel(
     x_base = x_ptr + x_rows[:, None] * stride_xm + gl.arange(0, BK, layout=gl.SliceLayout(0, XL))[None, :]
     x_mask = xm_mask[:, None]
 
-    # weight rows of this program
-    offs_wn = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, WL))
-    wn_mask = offs_wn < N
-    w_rows = e.to(gl.int64) * N_TOTAL + offs_wn
+    # weight rows of this program: one wgmma of N = 256 covers gate and up (the activations are read once)
+    w_rows, wn_mask = _tile_rows(e, pid_n, N, N_TOTAL, gl.SliceLayout(1, WL), GATED, BLOCK_N, TN)
     cols = gl.arange(0, BK // 2, layout=gl.SliceLayout(0, WL))
     if NESTED:
         offset = gl.load(off_ptr)
@@ -189,24 +201,16 @@ def nf4_moe_gemm_wgmma_kernel(
     for s in gl.static_range(2):
         _cp_async(x_s.index(s), x_base + s * BK, mask=x_mask & (s < n_k))
         async_copy.commit_group()
-    pg, ag, a2g = _load_step(w_ptr, am_ptr, am2_ptr, w_rows, wn_mask, cols, 0, K_DIM, K_HALF, NESTED, BS, BS2)
-    if GATED:
-        pu, au, a2u = _load_step(w_ptr, am_ptr, am2_ptr, w_rows + N, wn_mask, cols, 0, K_DIM, K_HALF, NESTED, BS, BS2)
+    pw, am, am2 = _load_step(w_ptr, am_ptr, am2_ptr, w_rows, wn_mask, cols, 0, K_DIM, K_HALF, NESTED, BS, BS2)
 
-    acc = gl.zeros([BM, BLOCK_N], gl.float32, ACC)
-    acc_u = gl.zeros([BM, BLOCK_N], gl.float32, ACC)
+    acc = gl.zeros([BM, TN], gl.float32, ACC)
     for i in range(n_k):
         ws = i % WS
-        xs = i % XS
         # 1. decode step i into the weight ring
-        _decode_store(pg, ag, a2g, code2_ptr, offset, wg32.index(ws), NESTED, DT)
-        if GATED:
-            _decode_store(pu, au, a2u, code2_ptr, offset, wu32.index(ws), NESTED, DT)
+        _decode_store(pw, am, am2, code2_ptr, offset, w32.index(ws), NESTED, DT)
         # 2. bytes of step i+1 (the last step re-reads its own: no branch, no out-of-range address)
         k1 = gl.minimum(i + 1, n_k - 1) * BK
-        pg, ag, a2g = _load_step(w_ptr, am_ptr, am2_ptr, w_rows, wn_mask, cols, k1, K_DIM, K_HALF, NESTED, BS, BS2)
-        if GATED:
-            pu, au, a2u = _load_step(w_ptr, am_ptr, am2_ptr, w_rows + N, wn_mask, cols, k1, K_DIM, K_HALF, NESTED, BS, BS2)
+        pw, am, am2 = _load_step(w_ptr, am_ptr, am2_ptr, w_rows, wn_mask, cols, k1, K_DIM, K_HALF, NESTED, BS, BS2)
         # 3. this thread's activations of step i have landed; every thread's stores visible to the wgmma
         async_copy.wait_group(1)
         fence_async_shared()
@@ -214,20 +218,14 @@ def nf4_moe_gemm_wgmma_kernel(
         # 4. activations of step i+2 (slot of step i-2, whose wgmmas every warp group has waited for)
         _cp_async(x_s.index((i + 2) % XS), x_base + (i + 2) * BK, mask=x_mask & (i + 2 < n_k))
         async_copy.commit_group()
-        acc = warpgroup_mma(x_s.index(xs), wg_s.index(ws).permute((1, 0)), acc, is_async=True)
-        if GATED:
-            acc_u = warpgroup_mma(x_s.index(xs), wu_s.index(ws).permute((1, 0)), acc_u, is_async=True)
-            acc, acc_u = warpgroup_mma_wait(2, deps=[acc, acc_u])
-        else:
-            acc = warpgroup_mma_wait(1, deps=[acc])
-    if GATED:
-        acc, acc_u = warpgroup_mma_wait(0, deps=[acc, acc_u])
-    else:
-        acc = warpgroup_mma_wait(0, deps=[acc])
+        acc = warpgroup_mma(x_s.index(i % XS), w_s.index(ws).permute((1, 0)), acc, is_async=True)
+        acc = warpgroup_mma_wait(1, deps=[acc])
+    acc = warpgroup_mma_wait(0, deps=[acc])
     async_copy.wait_group(0)
 
-    if HAS_LORA:  # + (scaling·X·Aᵀ) Bᵀ: one more wgmma per accumulator, K = R_PAD
+    if HAS_LORA:  # + (scaling·X·Aᵀ) Bᵀ: one more wgmma, K = R_PAD
         R_SL: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BM, R_PAD], DT)
+        B_SL: gl.constexpr = gl.NVMMASharedLayout.get_default_for([TN, R_PAD], DT)
         offs_lm = row_lo + gl.arange(0, BM, layout=gl.SliceLayout(1, LL))
         offs_r = gl.arange(0, R_PAD, layout=gl.SliceLayout(0, LL))
         lm_mask = (offs_lm < row_hi)[:, None]
@@ -236,47 +234,40 @@ def nf4_moe_gemm_wgmma_kernel(
             xa += gl.load(xa_ptr + (s * P + offs_lm[:, None].to(gl.int64)) * R_PAD + offs_r[None, :], mask=lm_mask,
                           other=0.0)
         xa_s = gl.allocate_shared_memory(DT, [BM, R_PAD], R_SL, (xa * scaling).to(DT))
-        offs_ln = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, LL))
-        b_mask = (offs_ln < N)[:, None] & (offs_r < R)[None, :]
-        b_rows = e.to(gl.int64) * N_TOTAL + offs_ln
-        B_SL: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, R_PAD], DT)
-        b = gl.load(lb_ptr + b_rows[:, None] * R + offs_r[None, :], mask=b_mask, other=0.0).to(DT)
-        b_s = gl.allocate_shared_memory(DT, [BLOCK_N, R_PAD], B_SL, b)
-        if GATED:
-            bu = gl.load(lb_ptr + (b_rows + N)[:, None] * R + offs_r[None, :], mask=b_mask, other=0.0).to(DT)
-            bu_s = gl.allocate_shared_memory(DT, [BLOCK_N, R_PAD], B_SL, bu)
+        b_rows, b_mask = _tile_rows(e, pid_n, N, N_TOTAL, gl.SliceLayout(1, LL), GATED, BLOCK_N, TN)
+        b = gl.load(lb_ptr + b_rows[:, None] * R + offs_r[None, :], mask=b_mask[:, None] & (offs_r < R)[None, :],
+                    other=0.0)
+        b_s = gl.allocate_shared_memory(DT, [TN, R_PAD], B_SL, b.to(DT))
         fence_async_shared()
         _block_barrier()
         acc = warpgroup_mma(xa_s, b_s.permute((1, 0)), acc)
-        if GATED:
-            acc_u = warpgroup_mma(xa_s, bu_s.permute((1, 0)), acc_u)
 
-    offs_om = row_lo + gl.arange(0, BM, layout=gl.SliceLayout(1, ACC))
+    offs_om = row_lo + gl.arange(0, BM, layout=gl.SliceLayout(1, OL))
     om_mask = offs_om < row_hi
     offs_on = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, OL))
-    store_rows = gl.convert_layout(om_mask, gl.SliceLayout(1, OL))[:, None] & (offs_on < N)[None, :]
-    if WRITE_GU:  # training: the backward's SwiGLU derivative needs the pre-activations
-        gu_rows = gl.convert_layout(offs_om.to(gl.int64), gl.SliceLayout(1, OL))
-        gu_ptrs = gu_ptr + gu_rows[:, None] * (2 * N) + offs_on[None, :]
-        gl.store(gu_ptrs, gl.convert_layout(acc.to(gu_ptr.dtype.element_ty), OL), mask=store_rows)
-        gl.store(gu_ptrs + N, gl.convert_layout(acc_u.to(gu_ptr.dtype.element_ty), OL), mask=store_rows)
-    if not WRITE_OUT:
-        return
+    store_mask = om_mask[:, None] & (offs_on < N)[None, :]
     if GATED:
-        h = _act(acc, ACT) * acc_u
-        out_rows = offs_om.to(gl.int64)
+        g, u = acc.reshape([BM, 2, BLOCK_N]).permute((0, 2, 1)).split()
+        g = gl.convert_layout(g, OL)
+        u = gl.convert_layout(u, OL)
+        if WRITE_GU:  # training: the backward's SwiGLU derivative needs the pre-activations
+            gu_ptrs = gu_ptr + offs_om.to(gl.int64)[:, None] * (2 * N) + offs_on[None, :]
+            gl.store(gu_ptrs, g.to(gu_ptr.dtype.element_ty), mask=store_mask)
+            gl.store(gu_ptrs + N, u.to(gu_ptr.dtype.element_ty), mask=store_mask)
+        if WRITE_OUT:
+            h = _act(g, ACT) * u
+            gl.store(out_ptr + offs_om.to(gl.int64)[:, None] * stride_om + offs_on[None, :],
+                     h.to(out_ptr.dtype.element_ty), mask=store_mask)
     else:
         pair = gl.load(pair_ptr + offs_om, mask=om_mask, other=0)
         wt = gl.load(topw_ptr + pair, mask=om_mask, other=0.0).to(gl.float32)
-        h = acc * wt[:, None]
-        out_rows = pair.to(gl.int64)
-    h = h.to(out_ptr.dtype.element_ty)
-    out_rows = gl.convert_layout(out_rows, gl.SliceLayout(1, OL))
-    gl.store(out_ptr + out_rows[:, None] * stride_om + offs_on[None, :], gl.convert_layout(h, OL), mask=store_rows)
+        h = gl.convert_layout(acc, OL) * wt[:, None]
+        gl.store(out_ptr + pair.to(gl.int64)[:, None] * stride_om + offs_on[None, :], h.to(out_ptr.dtype.element_ty),
+                 mask=store_mask)
 
 
 def block_n(gated: bool) -> int:
-    """Features per program: gate and up tiles of 128 (two accumulators), or one down tile of 256."""
+    """Features per program: 128 of gate and of up (one 256-row weight tile), or 256 down rows."""
     return 128 if gated else 256
 
 
