@@ -14,6 +14,7 @@
 #   bash bench/gpu_sweep.sh splitk     # the opt-in split-K at decode sizes: its GPU tests, then against the default
 #                                      # at T=1..8, Qwen3 and DeepSeek-V3, with CUDA-graph times (not run yet; NOTES v20)
 #   bash bench/gpu_sweep.sh wgmma      # the Gluon GEMM: its GPU tests, then against the Triton GEMM at T >= 512 (~5 min)
+#   bash bench/gpu_sweep.sh h200all    # forward, all three shapes, one process per shape, DeepSeek-V3 first (~8 min)
 #   bash bench/gpu_sweep.sh largeprof  # GEMM times of every autotuner candidate at T=8192, Qwen3 and DeepSeek-V3 (~2 min)
 set -euo pipefail
 OUT=${OUT:-bench/results/sweep}
@@ -65,9 +66,15 @@ case "${1:-}" in
     $py -m bench.profile_layer --tokens 512,1024,4096,8192 --variants triton,wgmma --check 2>&1 | tee "$OUT/profile_wgmma_qwen3.log"
     $py -m bench.profile_layer --shape glm45air --tokens 8192 --variants triton,wgmma --check 2>&1 | tee "$OUT/profile_wgmma_glm.log"
     $py -m bench.profile_layer --shape dsv3 --tokens 1024,8192 --variants triton,wgmma 2>&1 | tee "$OUT/profile_wgmma_dsv3.log" ;;
+  h200all)
+    mkdir -p "$OUT/dsv3" "$OUT/glm" "$OUT/qwen3"
+    timeout 200 $py -m nf4moe bench --mode fwd --shapes dsv3 --tokens 1,16,128,1024,8192 --out "$OUT/dsv3" 2>&1 \
+      | tee "$OUT/dsv3_fwd.log" || true
+    timeout 190 $py -m nf4moe bench --mode fwd --shapes glm45air --out "$OUT/glm" 2>&1 | tee "$OUT/glm_fwd.log" || true
+    timeout 160 $py -m nf4moe bench --mode fwd --shapes qwen3 --out "$OUT/qwen3" 2>&1 | tee "$OUT/qwen3_fwd.log" || true ;;
   largeprof)
     $py -m bench.profile_layer --tokens 8192 --variants gemm --timings 2>&1 | tee "$OUT/profile_large_qwen3.log"
     $py -m bench.profile_layer --shape dsv3 --tokens 8192 --variants gemm --timings 2>&1 | tee "$OUT/profile_large_dsv3.log" ;;
   *)
-    sed -n '2,17p' "$0"; exit 2 ;;
+    sed -n '2,18p' "$0"; exit 2 ;;
 esac
