@@ -69,9 +69,9 @@ case "${1:-}" in
   h200all)
     mkdir -p "$OUT/dsv3" "$OUT/glm" "$OUT/qwen3"
     timeout 200 $py -m nf4moe bench --mode fwd --shapes dsv3 --tokens 1,16,128,1024,8192 --out "$OUT/dsv3" 2>&1 \
-      | tee "$OUT/dsv3_fwd.log" || true
-    timeout 190 $py -m nf4moe bench --mode fwd --shapes glm45air --out "$OUT/glm" 2>&1 | tee "$OUT/glm_fwd.log" || true
-    timeout 160 $py -m nf4moe bench --mode fwd --shapes qwen3 --out "$OUT/qwen3" 2>&1 | tee "$OUT/qwen3_fwd.log" || true ;;
+      | tee -a "$OUT/h200all.log" || true
+    timeout 190 $py -m nf4moe bench --mode fwd --shapes glm45air --out "$OUT/glm" 2>&1 | tee -a "$OUT/h200all.log" || true
+    timeout 160 $py -m nf4moe bench --mode fwd --shapes qwen3 --out "$OUT/qwen3" 2>&1 | tee -a "$OUT/h200all.log" || true ;;
   largeprof)
     $py -m bench.profile_layer --tokens 8192 --variants gemm --timings 2>&1 | tee "$OUT/profile_large_qwen3.log"
     $py -m bench.profile_layer --shape dsv3 --tokens 8192 --variants gemm --timings 2>&1 | tee "$OUT/profile_large_dsv3.log" ;;
