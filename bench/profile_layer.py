@@ -8,6 +8,7 @@ variant, plus the autotuner's chosen configs.  GPU only; used to write bench/NOT
     python -m bench.profile_layer --tokens 1024,8192 --variants gemm --check --timings
     python -m bench.profile_layer --tokens 1,2,4 --variants gemm,split2,split4 --check  # opt-in split-K (NOTES v20)
     python -m bench.profile_layer --tokens 1024,8192 --variants triton,wgmma --check  # the Gluon GEMM (NOTES v23)
+    python -m bench.profile_layer --tokens 8192 --variants wgmma,wgmma_nodecode,wgmma_nomma  # where its time goes
 
 ``--check`` compares every variant's output with the fp32 reference backend (relative error printed);
 ``--timings`` prints every config the GEMM autotuner benchmarks, with its time.
@@ -81,7 +82,9 @@ def main(argv=None) -> int:
             # gemv / gemm: force the decode GEMV or the MMA GEMM at every size; other variants: the default
             os.environ["NF4MOE_GEMV_ROWS"] = {"gemv": str(1 << 30)}.get(var, "0")
             # wgmma: the Gluon GEMM (grouped_gemm_wgmma.py) at every size; triton: the Triton GEMM at every size
-            os.environ["NF4MOE_WGMMA_ROWS"] = {"wgmma": "1", "triton": "0"}.get(var, "4096")
+            os.environ["NF4MOE_WGMMA_ROWS"] = "1" if var.startswith("wgmma") else "0"
+            # wgmma_nodecode / wgmma_nomma: the Gluon GEMM without its NF4 decode / its wgmmas (timing only)
+            os.environ["NF4MOE_WGMMA_LEAVE_OUT"] = {"wgmma_nodecode": "1", "wgmma_nomma": "2"}.get(var, "0")
             with torch.no_grad():
                 ms = _bench(lambda: ours(x, idx, w))
                 kt = kernel_times(lambda: ours(x, idx, w))

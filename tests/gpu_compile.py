@@ -113,7 +113,8 @@ def main() -> int:
 
         wg_ptrs = dict(ptrs, am_ptr="*u8", xa_ptr="*fp32", tile_ptr="*i32")
         wg_ints = dict(ints, K_HALF=1024, P=65536)
-        wg = dict(TOP_K=8, R_PAD=16, ACT=0, HAS_LORA=True, NESTED=True, BS=64, BS2=256, WRITE_GU=False, WRITE_OUT=True)
+        wg = dict(TOP_K=8, R_PAD=16, ACT=0, HAS_LORA=True, NESTED=True, BS=64, BS2=256, WRITE_GU=False, WRITE_OUT=True,
+                  LEAVE_OUT=0)
         out["wgmma_up"] = facts(compile_kernel(nf4_moe_gemm_wgmma_kernel, wg_ptrs, wg_ints,
                                                dict(wg, GATED=True, BLOCK_N=128), 8, 1, gluon=True))
         out["wgmma_down"] = facts(compile_kernel(nf4_moe_gemm_wgmma_kernel, wg_ptrs,

@@ -31,6 +31,8 @@ output buffers as the Triton kernel plus a (tiles, 3) int32 table (tile_table.py
 """
 from __future__ import annotations
 
+import os
+
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -144,10 +146,11 @@ def nf4_moe_gemm_wgmma_kernel(
     N, K_DIM, K_HALF, N_TOTAL, E, R, P,
     TOP_K: gl.constexpr, R_PAD: gl.constexpr, GATED: gl.constexpr, ACT: gl.constexpr, HAS_LORA: gl.constexpr,
     NESTED: gl.constexpr, BS: gl.constexpr, BS2: gl.constexpr, WRITE_GU: gl.constexpr, WRITE_OUT: gl.constexpr,
-    BLOCK_N: gl.constexpr,
+    BLOCK_N: gl.constexpr, LEAVE_OUT: gl.constexpr,
 ):
     """Grid: (cdiv(N, BLOCK_N), row tiles); 8 warps.  Program (n, m): row tile m of the table, features
-    n*BLOCK_N ... of gate and up (GATED) or of the output (down)."""
+    n*BLOCK_N ... of gate and up (GATED) or of the output (down).  LEAVE_OUT (profiling only, wrong results):
+    1 skips the NF4 decode and its stores, 2 the wgmmas, so timings of the variants place the time."""
     BM: gl.constexpr = 128
     BK: gl.constexpr = 64
     XS: gl.constexpr = 4
@@ -207,7 +210,8 @@ def nf4_moe_gemm_wgmma_kernel(
     for i in range(n_k):
         ws = i % WS
         # 1. decode step i into the weight ring
-        _decode_store(pw, am, am2, code2_ptr, offset, w32.index(ws), NESTED, DT)
+        if LEAVE_OUT != 1:
+            _decode_store(pw, am, am2, code2_ptr, offset, w32.index(ws), NESTED, DT)
         # 2. bytes of step i+1 (the last step re-reads its own: no branch, no out-of-range address)
         k1 = gl.minimum(i + 1, n_k - 1) * BK
         pw, am, am2 = _load_step(w_ptr, am_ptr, am2_ptr, w_rows, wn_mask, cols, k1, K_DIM, K_HALF, NESTED, BS, BS2)
@@ -218,8 +222,9 @@ def nf4_moe_gemm_wgmma_kernel(
         # 4. activations of step i+2 (slot of step i-2, whose wgmmas every warp group has waited for)
         _cp_async(x_s.index((i + 2) % XS), x_base + (i + 2) * BK, mask=x_mask & (i + 2 < n_k))
         async_copy.commit_group()
-        acc = warpgroup_mma(x_s.index(i % XS), w_s.index(ws).permute((1, 0)), acc, is_async=True)
-        acc = warpgroup_mma_wait(1, deps=[acc])
+        if LEAVE_OUT != 2:
+            acc = warpgroup_mma(x_s.index(i % XS), w_s.index(ws).permute((1, 0)), acc, is_async=True)
+            acc = warpgroup_mma_wait(1, deps=[acc])
     acc = warpgroup_mma_wait(0, deps=[acc])
     async_copy.wait_group(0)
 
@@ -291,6 +296,6 @@ def launch_nf4_moe_gemm_wgmma(x, w, lora_b, scaling, xa, sorted_pair_ids, tile_t
         n, 2 * half_k, half_k, n_total, num_experts, r, sorted_pair_ids.numel(),
         TOP_K=top_k, R_PAD=r_pad, GATED=gated, ACT=act_code, HAS_LORA=has_lora, NESTED=w.nested,
         BS=w.blocksize, BS2=w.blocksize2, WRITE_GU=gu is not None, WRITE_OUT=write_out, BLOCK_N=bn,
-        num_warps=NUM_WARPS,
+        LEAVE_OUT=int(os.environ.get("NF4MOE_WGMMA_LEAVE_OUT", "0")), num_warps=NUM_WARPS,
     )
     return out
