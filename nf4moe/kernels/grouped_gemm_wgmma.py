@@ -91,18 +91,17 @@ def _tile_rows(e, pid_n, N, N_TOTAL, layout: gl.constexpr, GATED: gl.constexpr, 
 
 
 @gluon.jit
-def _load_step(w_ptr, am_ptr, am2_ptr, w_rows, n_mask, cols, k0, K_DIM, K_HALF, NESTED: gl.constexpr,
-               BS: gl.constexpr, BS2: gl.constexpr):
-    """Packed bytes (R, BLOCK_K/2) of one weight tile and K step, its per-row absmax code (nested) or
-    value, and the per-row nested second-level absmax (0.0 without nesting)."""
-    packed = gl.load(w_ptr + w_rows[:, None] * K_HALF + (k0 // 2 + cols)[None, :], mask=n_mask[:, None], other=0)
+def _load_scales(am_ptr, am2_ptr, w_rows, n_mask, k0, K_DIM, NESTED: gl.constexpr, BS: gl.constexpr,
+                 BS2: gl.constexpr):
+    """Per-row absmax code (nested) or value of one K step, and the per-row nested second-level absmax (0.0
+    without nesting)."""
     blk = w_rows * (K_DIM // BS) + k0 // BS
     am = gl.load(am_ptr + blk, mask=n_mask, other=0)
     if NESTED:
         am2 = gl.load(am2_ptr + blk // BS2, mask=n_mask, other=0.0)
     else:
         am2 = gl.zeros_like(blk).to(gl.float32)
-    return packed, am, am2
+    return am, am2
 
 
 @gluon.jit
@@ -178,6 +177,8 @@ def nf4_moe_gemm_wgmma_kernel(
 
     x_s = gl.allocate_shared_memory(DT, [XS, BM, BK], X_SL)
     w32 = gl.allocate_shared_memory(gl.int32, [WS, TN, BK // 2], W32_SL)
+    WB_SL: gl.constexpr = gl.SwizzledSharedLayout(vec=16, per_phase=1, max_phase=1, order=[1, 0])
+    wb_s = gl.allocate_shared_memory(gl.uint8, [XS, TN, BK // 2], WB_SL)  # packed bytes, 16 per thread
     w_s = _as_16bit(w32, DT, X_SL)
 
     # activation rows of this tile (gathered by token for the up projection)
@@ -200,27 +201,36 @@ def nf4_moe_gemm_wgmma_kernel(
         offset = 0.0
 
     n_k = K_DIM // BK
-    # prologue: activations of steps 0 and 1 in flight, weight bytes of step 0 in registers
+    wb_base = w_ptr + w_rows[:, None] * K_HALF + cols[None, :]
+    wb_mask = wn_mask[:, None]
+    # prologue: activation rows and weight bytes of steps 0 and 1 in flight (one cp.async group per step),
+    # absmax of steps 0 and 1 in registers
     for s in gl.static_range(2):
         _cp_async(x_s.index(s), x_base + s * BK, mask=x_mask & (s < n_k))
+        _cp_async(wb_s.index(s), wb_base + s * (BK // 2), mask=wb_mask & (s < n_k))
         async_copy.commit_group()
-    pw, am, am2 = _load_step(w_ptr, am_ptr, am2_ptr, w_rows, wn_mask, cols, 0, K_DIM, K_HALF, NESTED, BS, BS2)
+    am0, a20 = _load_scales(am_ptr, am2_ptr, w_rows, wn_mask, 0, K_DIM, NESTED, BS, BS2)
+    am1, a21 = _load_scales(am_ptr, am2_ptr, w_rows, wn_mask, gl.minimum(1, n_k - 1) * BK, K_DIM, NESTED, BS, BS2)
 
     acc = gl.zeros([BM, TN], gl.float32, ACC)
     for i in range(n_k):
         ws = i % WS
-        # 1. decode step i into the weight ring
-        if LEAVE_OUT != 1:
-            _decode_store(pw, am, am2, code2_ptr, offset, w32.index(ws), NESTED, DT)
-        # 2. bytes of step i+1 (the last step re-reads its own: no branch, no out-of-range address)
-        k1 = gl.minimum(i + 1, n_k - 1) * BK
-        pw, am, am2 = _load_step(w_ptr, am_ptr, am2_ptr, w_rows, wn_mask, cols, k1, K_DIM, K_HALF, NESTED, BS, BS2)
-        # 3. this thread's activations of step i have landed; every thread's stores visible to the wgmma
+        # 1. this thread's copies of step i have landed (each thread decodes the bytes it copied itself)
         async_copy.wait_group(1)
+        # 2. absmax of step i+2 (the last steps re-read their own: no branch, no out-of-range address)
+        am2n, a22 = _load_scales(am_ptr, am2_ptr, w_rows, wn_mask, gl.minimum(i + 2, n_k - 1) * BK, K_DIM, NESTED, BS,
+                                 BS2)
+        # 3. decode step i into the weight ring
+        if LEAVE_OUT != 1:
+            _decode_store(wb_s.index(i % XS).load(WL), am0, a20, code2_ptr, offset, w32.index(ws), NESTED, DT)
+        am0, a20, am1, a21 = am1, a21, am2n, a22
+        # 4. every thread's stores and copies of step i visible to the wgmma
         fence_async_shared()
         _block_barrier()
-        # 4. activations of step i+2 (slot of step i-2, whose wgmmas every warp group has waited for)
+        # 5. activations and bytes of step i+2 (the slots of step i-2, whose wgmmas and decode every warp has
+        #    finished), then the wgmma of step i
         _cp_async(x_s.index((i + 2) % XS), x_base + (i + 2) * BK, mask=x_mask & (i + 2 < n_k))
+        _cp_async(wb_s.index((i + 2) % XS), wb_base + (i + 2) * (BK // 2), mask=wb_mask & (i + 2 < n_k))
         async_copy.commit_group()
         if LEAVE_OUT != 2:
             acc = warpgroup_mma(x_s.index(i % XS), w_s.index(ws).permute((1, 0)), acc, is_async=True)
