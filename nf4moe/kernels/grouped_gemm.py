@@ -23,8 +23,10 @@ Tiles of up to 32 rows take each K step's columns in wgmma k order (nf4_decode.m
 bytes arrive as words and decode straight into operand pairs; the activations are read in the same
 order).  LoRA X·Aᵀ is accumulated in the K loop up to 64 routed rows and precomputed per row above
 (lora_xa.py, split over K at small P).  The launcher sends inference calls up to ``NF4MOE_GEMV_ROWS``
-routed rows to the decode GEMV (grouped_gemv.py; off by default); eager launches reuse the autotuner's
-choice (configs.launch_tuned) and the compiled kernel (launch.launch).
+routed rows to the decode GEMV (grouped_gemv.py; off by default), and eager launches from 8192 routed rows
+on Hopper to the Gluon GEMM (grouped_gemm_wgmma.py: decode into shared memory, asynchronous wgmma; 1.14-1.22x
+at T >= 1024 on an H200); eager launches reuse the autotuner's choice (configs.launch_tuned) and the compiled
+kernel (launch.launch).
 """
 from __future__ import annotations
 
@@ -198,9 +200,10 @@ def use_k_hint() -> bool:
 
 def wgmma_min_rows() -> int:
     """Routed rows from which the Gluon GEMM (grouped_gemm_wgmma.py) runs instead of this kernel, where it
-    applies (``NF4MOE_WGMMA_ROWS``; 0, the default, turns it off).  Opt-in: on an H200 it measured 2-3%
-    slower than this kernel at T = 1024 and 8192 on all three benchmark shapes (bench/NOTES.md v23)."""
-    raw = os.environ.get("NF4MOE_WGMMA_ROWS", "0")
+    applies (``NF4MOE_WGMMA_ROWS``, default 8192; 0 turns it off).  Measured on an H200 (bench/NOTES.md v23):
+    GEMMs 1.16x faster at 8192 routed rows (Qwen3-30B-A3B T=1024), 1.14x at 65536 (T=8192), DeepSeek-V3
+    T=8192 1.22x; fewer rows were not measured, so they keep this kernel."""
+    raw = os.environ.get("NF4MOE_WGMMA_ROWS", "8192")
     if not raw.strip().isdigit():
         raise ValueError(f"NF4MOE_WGMMA_ROWS must be a row count >= 0 (0: off), got {raw!r}")
     return int(raw)

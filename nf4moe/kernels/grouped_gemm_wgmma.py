@@ -4,30 +4,35 @@ asynchronous wgmma from it, so the NF4 decode of step i+1 runs while the tensor 
 Why a second GEMM: the Triton kernel (grouped_gemm.py) decodes each weight tile into registers as the
 wgmma A operand, and Triton's software pipeline puts a block barrier and a wgmma wait in every K step, so
 decode and MMA alternate (Nsight Compute at T=8192: 2 warps per scheduler, 1.34 IPC, 35% of the bf16 rate;
-bench/NOTES.md v17-v18).  Here every K step is:
+bench/NOTES.md v17-v18).  Here every K step i is:
 
-    1. decode the packed bytes of step i (loaded into registers one step earlier) with the PTX table
-       (nf4_decode's pair decode: each byte's two weights as one bf16x2/f16x2 word, already in memory
-       order) and store them to a shared-memory ring of 3 weight tiles (NVMMA 128-byte swizzle);
-    2. load the bytes and absmax codes of step i+1 into registers (plain 16-byte loads, in flight during
-       the rest of the step);
-    3. wait for this thread's cp.async of the activation rows of step i, fence, block barrier;
-    4. issue cp.async of the activation rows of step i+2 (gathered by pair // K, no permuted copy) into a
-       ring of 4 tiles; then the asynchronous wgmma(s) of step i, and wait until only they are in flight.
+    1. wait for this thread's cp.async group of step i (activation rows and packed weight bytes, issued two
+       steps earlier; each thread copies exactly the 16 weight bytes it decodes, so no barrier is needed
+       before the decode reads them);
+    2. load the absmax codes of step i+2 into registers (nested double-quant decoded in-kernel);
+    3. decode the weight bytes of step i with the PTX table (nf4_decode's pair decode: each byte's two weights
+       as one bf16x2/f16x2 word, which is already the tile's memory order) into a shared-memory ring of 3
+       weight tiles (NVMMA 128-byte swizzle, written as int32 and read as 16-bit through a reinterpreting view);
+    4. fence, block barrier;
+    5. cp.async of the activation rows (gathered by pair // K: no permuted copy) and the weight bytes of step
+       i+2 into rings of 4; then the asynchronous wgmma of step i, and wait until only it is in flight.
 
 The block barrier of step i comes after every warp finished step i-1's wait, so every warp group's
-wgmma of step i-2 is complete: the activation slot written after it (step i+2 = i-2 mod 4) and the weight
-slot written before it (step i = i-3 mod 3) are free.  Each weight is decoded once per 128-row tile (as in
-the Triton GEMM); the tensor cores run while the warps decode.
+wgmma of step i-2 is complete: the slots written after it (step i+2 = i-2 mod 4) and the weight slot written
+before it (step i = i-3 mod 3) are free.  Each weight is decoded once per 128-row tile (as in the Triton
+GEMM); the tensor cores run while the warps decode.  Measured (H200, NOTES.md v23): the version that loaded
+the weight bytes into registers one step ahead was latency-bound on those loads (no faster than the Triton
+GEMM); with the cp.async ring it is 1.14-1.22x faster at T >= 1024.
 
 Shapes: BLOCK_M = 128 rows (two warp groups of 64), BLOCK_K = 64 (one NF4 block of 64, or a part of a
 larger one, per row and step), one 256-row weight tile and one wgmma of N = 256 per step: up: 128 gate rows
 then the matching 128 up rows (so the activation tile is read once for both); down: 256 output rows.
 Epilogue: LoRA as one more wgmma (scaling·X·Aᵀ, precomputed by lora_xa.py and rounded to the activation
 dtype once, times Bᵀ) into the same accumulator, then SwiGLU of its two halves (up) or the routing weight
-and the scatter to pair rows (down).  Used for compiled 16-bit activations with >= 4096 routed rows on Hopper
-(grouped_gemm.launch_nf4_moe_gemm decides); everything else takes the Triton kernel.  Memory: the same
-output buffers as the Triton kernel plus a (tiles, 3) int32 table (tile_table.py).
+and the scatter to pair rows (down); training stores the pre-activations as the Triton GEMM does.  Used for
+eager launches with 16-bit activations from 8192 routed rows on Hopper (grouped_gemm.use_wgmma decides);
+torch.compile traces the Triton GEMM.  Memory: the same output buffers as the Triton kernel plus a
+(tiles, 3) int32 table (tile_table.py); 192 KB of shared memory per program (one program per SM).
 """
 from __future__ import annotations
 
