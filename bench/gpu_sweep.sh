@@ -12,7 +12,7 @@
 #   bash bench/gpu_sweep.sh profile    # per-kernel and host-time profiles at small and large T (~3 min)
 #   bash bench/gpu_sweep.sh pipe       # the opt-in K-loop hint against the default, Qwen3, DeepSeek-V3 (~5 min; NOTES v16)
 #   bash bench/gpu_sweep.sh splitk     # the opt-in split-K at decode sizes: its GPU tests, then against the default
-#                                      # at T=1..8, Qwen3 and DeepSeek-V3, with CUDA-graph times (not run yet; NOTES v20)
+#                                      # at T=1..8, Qwen3 and DeepSeek-V3, with CUDA-graph times (measured on an H200: slower, NOTES v22)
 #   bash bench/gpu_sweep.sh wgmma      # the Gluon GEMM: its GPU tests, then against the Triton GEMM at T >= 512 (~5 min)
 #   bash bench/gpu_sweep.sh h200all    # forward, all three shapes, one process per shape, DeepSeek-V3 first (~8 min)
 #   bash bench/gpu_sweep.sh largeprof  # GEMM times of every autotuner candidate at T=8192, Qwen3 and DeepSeek-V3 (~2 min)

@@ -398,3 +398,16 @@ def test_wgmma_gemm_training_forward_and_grads(wgmma_counted, monkeypatch):
     slow = grads()
     for a, b in zip(fast, slow):
         assert rel_err(a, b.float()) < 2e-2
+
+
+def test_wgmma_switch(monkeypatch):
+    """NF4MOE_WGMMA_ROWS: default 8192 routed rows, 0 off, anything else refused by name; never on CPU tensors."""
+    from nf4moe.kernels.grouped_gemm import use_wgmma, wgmma_min_rows
+
+    monkeypatch.delenv("NF4MOE_WGMMA_ROWS", raising=False)
+    assert wgmma_min_rows() == 8192
+    monkeypatch.setenv("NF4MOE_WGMMA_ROWS", "many")
+    with pytest.raises(ValueError, match="NF4MOE_WGMMA_ROWS"):
+        wgmma_min_rows()
+    monkeypatch.setenv("NF4MOE_WGMMA_ROWS", "1")
+    assert not use_wgmma(torch.randn(8, 128, dtype=torch.bfloat16), None, 1 << 20, None)  # a CPU tensor

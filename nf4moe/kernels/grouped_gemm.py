@@ -248,7 +248,8 @@ def split_k(rows: int, k_dim: int, training: bool, launcher) -> int:
     eager or under CUDA graphs (not traced: the arrival counters are state kept across launches), reduced
     until the K step of 32 (the fallback config's) divides K / splits.  At T=1 the up projection runs 96
     programs of 16 K steps on 132 SMs (Qwen3-30B-A3B); splitting K gives 2-4x the programs with a fixed-order
-    reduction.  Opt-in until measured on a GPU (bench/NOTES.md, next steps)."""
+    reduction.  Measured on an H200 (bench/NOTES.md v22): slower (T=1 GEMMs 44.7 us unsplit, 52.9 / 49.6 us
+    with 2 / 4 splits), so it stays opt-in."""
     raw = os.environ.get("NF4MOE_SPLIT_K", "1")
     s = int(raw) if raw.strip().isdigit() else 0
     if s < 1 or s & (s - 1):
