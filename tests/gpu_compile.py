@@ -115,11 +115,14 @@ def main() -> int:
         wg_ints = dict(ints, K_HALF=1024, P=65536)
         wg = dict(TOP_K=8, R_PAD=16, ACT=0, HAS_LORA=True, NESTED=True, BS=64, BS2=256, WRITE_GU=False, WRITE_OUT=True,
                   LEAVE_OUT=0)
-        out["wgmma_up"] = facts(compile_kernel(nf4_moe_gemm_wgmma_kernel, wg_ptrs, wg_ints,
-                                               dict(wg, GATED=True, BLOCK_N=128), 8, 1, gluon=True))
-        out["wgmma_down"] = facts(compile_kernel(nf4_moe_gemm_wgmma_kernel, wg_ptrs,
-                                                 dict(wg_ints, N=2048, K_DIM=768, K_HALF=384, N_TOTAL=2048),
-                                                 dict(wg, TOP_K=1, GATED=False, BLOCK_N=256), 8, 1, gluon=True))
+        down_ints = dict(wg_ints, N=2048, K_DIM=768, K_HALF=384, N_TOTAL=2048)
+        for name, bm, tn in (("", 128, 256), ("_256rows", 256, 128)):
+            tile = dict(wg, BLOCK_M=bm, TILE_N=tn)
+            out["wgmma_up" + name] = facts(compile_kernel(nf4_moe_gemm_wgmma_kernel, wg_ptrs, wg_ints,
+                                                          dict(tile, GATED=True, BLOCK_N=tn // 2), 8, 1, gluon=True))
+            out["wgmma_down" + name] = facts(compile_kernel(nf4_moe_gemm_wgmma_kernel, wg_ptrs, down_ints,
+                                                            dict(tile, TOP_K=1, GATED=False, BLOCK_N=tn), 8, 1,
+                                                            gluon=True))
     json.dump(out, sys.stdout)
     return 0
 

@@ -377,6 +377,20 @@ def test_wgmma_gemm_matches_reference(wgmma_counted, nan_new_empty, t, e, h, i, 
     assert rel_err(out, ref) < BOUND[dtype]
 
 
+@pytest.mark.parametrize("t,e,h,i,k,mode", WGMMA_CASES[:3])
+def test_wgmma_gemm_256_row_tiles(wgmma_counted, nan_new_empty, monkeypatch, t, e, h, i, k, mode):
+    """The (opt-in) 256-row tile: every weight decoded once per 256 rows."""
+    monkeypatch.setenv("NF4MOE_WGMMA_TILE", "256x128")
+    m = make_layer(e, h, i, rank=16, seed=t)
+    x = torch.randn(t, h, device=DEV, dtype=torch.bfloat16)
+    idx, w = routing(t, e, k, seed=t * 3, mode=mode)
+    with torch.no_grad():
+        out = m(x, idx, w.to(torch.bfloat16))
+        ref = reference(m, x, idx, w.to(torch.bfloat16))
+    assert sorted(wgmma_counted) == [False, True]
+    assert torch.isfinite(out).all() and rel_err(out, ref) < BOUND[torch.bfloat16]
+
+
 def test_wgmma_gemm_training_forward_and_grads(wgmma_counted, monkeypatch):
     """The training forward through the Gluon GEMM (pre-activations and X·Aᵀ saved) gives the Triton GEMM's
     gradients within bf16 rounding."""
@@ -411,3 +425,13 @@ def test_wgmma_switch(monkeypatch):
         wgmma_min_rows()
     monkeypatch.setenv("NF4MOE_WGMMA_ROWS", "1")
     assert not use_wgmma(torch.randn(8, 128, dtype=torch.bfloat16), None, 1 << 20, None)  # a CPU tensor
+    from nf4moe.kernels.grouped_gemm import gluon_available
+
+    if gluon_available():
+        from nf4moe.kernels.grouped_gemm_wgmma import tile_shape
+
+        monkeypatch.delenv("NF4MOE_WGMMA_TILE", raising=False)
+        assert tile_shape() == (128, 256)
+        monkeypatch.setenv("NF4MOE_WGMMA_TILE", "256x256")
+        with pytest.raises(ValueError, match="NF4MOE_WGMMA_TILE"):
+            tile_shape()

@@ -351,18 +351,19 @@ def launch_nf4_moe_gemm(
                                    expert_offsets, top_k_weights, out, n=n, top_k=top_k, gated=gated, act=act,
                                    launcher=launcher)
     if use_wgmma(x, w, rows, launcher):
-        from .grouped_gemm_wgmma import BLOCK_M as WG_BM, launch_nf4_moe_gemm_wgmma
+        from .grouped_gemm_wgmma import launch_nf4_moe_gemm_wgmma, tile_shape
         from .tile_table import launch_tile_table
 
+        block_m, tile_n = tile_shape()
         if has_lora:
             xa = launch_lora_xa(x, lora_a, sorted_pair_ids, expert_offsets, top_k=top_k, gather=gated, r_pad=rp,
                                 out=xa_out, launcher=None)
             if xa.dim() == 2:
                 xa = xa.unsqueeze(0)
         return launch_nf4_moe_gemm_wgmma(
-            x, w, lora_b, scaling, xa, sorted_pair_ids, launch_tile_table(expert_offsets, rows, WG_BM),
-            top_k_weights, out, n=n, top_k=top_k, gated=gated, act_code=ACT_CODES[act], r=r, r_pad=rp, gu=gu,
-            write_out=write_out)
+            x, w, lora_b, scaling, xa, sorted_pair_ids, launch_tile_table(expert_offsets, rows, block_m),
+            top_k_weights, out, n=n, top_k=top_k, gated=gated, act_code=ACT_CODES[act], r=r, r_pad=rp,
+            block_m=block_m, tile_n=tile_n, gu=gu, write_out=write_out)
     if xa_pre is None:
         xa_pre = lora_precompute(rows)
     if has_lora and (xa_pre or xa_out is not None):

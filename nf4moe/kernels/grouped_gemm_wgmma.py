@@ -47,8 +47,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (async_copy, fence_
 from .configs import cdiv
 from .nf4_decode import _BF16_PAIRS_ASM, _FP16_PAIRS_ASM
 
-BLOCK_M = 128
 NUM_WARPS = 8
+TILES = {"128x256": (128, 256), "256x128": (256, 128)}  # (rows, weight rows) per program: same MMA work per step
 # cp.async of a pointer tensor into shared memory: async_load from Triton 3.7 on, the older name before
 _cp_async = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
 _block_barrier = getattr(gl, "barrier", None) or gl.thread_barrier  # bar.sync of the CTA (renamed in 3.7)
@@ -150,12 +150,13 @@ def nf4_moe_gemm_wgmma_kernel(
     N, K_DIM, K_HALF, N_TOTAL, E, R, P,
     TOP_K: gl.constexpr, R_PAD: gl.constexpr, GATED: gl.constexpr, ACT: gl.constexpr, HAS_LORA: gl.constexpr,
     NESTED: gl.constexpr, BS: gl.constexpr, BS2: gl.constexpr, WRITE_GU: gl.constexpr, WRITE_OUT: gl.constexpr,
-    BLOCK_N: gl.constexpr, LEAVE_OUT: gl.constexpr,
+    BLOCK_M: gl.constexpr, TILE_N: gl.constexpr, BLOCK_N: gl.constexpr, LEAVE_OUT: gl.constexpr,
 ):
-    """Grid: (cdiv(N, BLOCK_N), row tiles); 8 warps.  Program (n, m): row tile m of the table, features
-    n*BLOCK_N ... of gate and up (GATED) or of the output (down).  LEAVE_OUT (profiling only, wrong results):
+    """Grid: (cdiv(N, BLOCK_N), row tiles); 8 warps.  Program (n, m): row tile m of the table (BLOCK_M rows),
+    features n*BLOCK_N ... of gate and up (GATED) or of the output (down); (BLOCK_M, TILE_N) is (128, 256) or
+    (256, 128) (``tile_shape``).  LEAVE_OUT (profiling only, wrong results):
     1 skips the NF4 decode and its stores, 2 the wgmmas, so timings of the variants place the time."""
-    BM: gl.constexpr = 128
+    BM: gl.constexpr = BLOCK_M
     BK: gl.constexpr = 64
     XS: gl.constexpr = 4
     WS: gl.constexpr = 3
@@ -172,7 +173,7 @@ def nf4_moe_gemm_wgmma_kernel(
     # wgmma accumulator (two warp groups of 64 rows), the epilogue's stores (16 bytes a thread)
     XL: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [8, 1], [1, 0])
     WL: gl.constexpr = gl.BlockedLayout([1, 16], [16, 2], [8, 1], [1, 0])
-    TN: gl.constexpr = 256  # weight rows per tile: gate | up (GATED, BLOCK_N = 128 each) or 256 down rows
+    TN: gl.constexpr = TILE_N  # weight rows per tile: gate | up (GATED, BLOCK_N = TN / 2 each) or TN down rows
     ACC: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[8, 1], instr_shape=[16, TN, 16])
     ON: gl.constexpr = BLOCK_N // 8 if BLOCK_N < 256 else 32
     OL: gl.constexpr = gl.BlockedLayout([1, 8], [32 // ON, ON], [8, 1], [1, 0])
@@ -286,19 +287,30 @@ def nf4_moe_gemm_wgmma_kernel(
                  mask=store_mask)
 
 
-def block_n(gated: bool) -> int:
-    """Features per program: 128 of gate and of up (one 256-row weight tile), or 256 down rows."""
-    return 128 if gated else 256
+def tile_shape() -> tuple[int, int]:
+    """(BLOCK_M, TILE_N) from ``NF4MOE_WGMMA_TILE`` (default 128x256, the measured one).  256x128 decodes each
+    weight once per 256 rows (half the decode per FLOP; the decode side bounds the 128x256 tile, NOTES.md
+    v23) at the cost of twice the activation tile per step; not yet measured on a GPU."""
+    raw = os.environ.get("NF4MOE_WGMMA_TILE", "128x256")
+    if raw not in TILES:
+        raise ValueError(f"NF4MOE_WGMMA_TILE must be one of {sorted(TILES)}, got {raw!r}")
+    return TILES[raw]
+
+
+def block_n(gated: bool, tile_n: int) -> int:
+    """Features per program: tile_n / 2 of gate and of up (one tile_n-row weight tile), or tile_n down rows."""
+    return tile_n // 2 if gated else tile_n
 
 
 def launch_nf4_moe_gemm_wgmma(x, w, lora_b, scaling, xa, sorted_pair_ids, tile_table, top_k_weights, out, *,
                               n: int, top_k: int, gated: bool, act_code: int, r: int, r_pad: int,
-                              gu: torch.Tensor | None = None, write_out: bool = True) -> torch.Tensor:
-    """Launch over the tiles of ``tile_table`` (tile_table.launch_tile_table with BLOCK_M = 128).  ``xa``:
+                              block_m: int, tile_n: int, gu: torch.Tensor | None = None,
+                              write_out: bool = True) -> torch.Tensor:
+    """Launch over the tiles of ``tile_table`` (tile_table.launch_tile_table with ``block_m``).  ``xa``:
     (XA_SPLIT, P, R_PAD) fp32 X·Aᵀ partials (lora_xa.py) or None without LoRA; ``gu``/``write_out`` as in
     grouped_gemm.launch_nf4_moe_gemm.  Eager launches only (torch.compile traces the Triton GEMM)."""
     num_experts, n_total, half_k = w.packed.shape
-    bn = block_n(gated)
+    bn = block_n(gated, tile_n)
     has_lora = xa is not None
     dummy = w.absmax
     grid = (cdiv(n, bn), tile_table.shape[0])
@@ -310,7 +322,8 @@ def launch_nf4_moe_gemm_wgmma(x, w, lora_b, scaling, xa, sorted_pair_ids, tile_t
         top_k_weights if top_k_weights is not None else dummy,
         n, 2 * half_k, half_k, n_total, num_experts, r, sorted_pair_ids.numel(),
         TOP_K=top_k, R_PAD=r_pad, GATED=gated, ACT=act_code, HAS_LORA=has_lora, NESTED=w.nested,
-        BS=w.blocksize, BS2=w.blocksize2, WRITE_GU=gu is not None, WRITE_OUT=write_out, BLOCK_N=bn,
+        BS=w.blocksize, BS2=w.blocksize2, WRITE_GU=gu is not None, WRITE_OUT=write_out, BLOCK_M=block_m,
+        TILE_N=tile_n, BLOCK_N=bn,
         LEAVE_OUT=int(os.environ.get("NF4MOE_WGMMA_LEAVE_OUT", "0")), num_warps=NUM_WARPS,
     )
     return out
