@@ -15,6 +15,7 @@
 #                                      # at T=1..8, Qwen3 and DeepSeek-V3, with CUDA-graph times (measured on an H200: slower, NOTES v22)
 #   bash bench/gpu_sweep.sh wgmma      # the Gluon GEMM: its GPU tests, then both tiles against the Triton GEMM (~6 min)
 #   bash bench/gpu_sweep.sh h200all    # forward, all three shapes, one process per shape, DeepSeek-V3 first (~8 min)
+#   bash bench/gpu_sweep.sh ncu_wgmma  # Nsight Compute on the Gluon GEMM's up projection, Qwen3 T=8192, both tiles (~3 min)
 #   bash bench/gpu_sweep.sh largeprof  # GEMM times of every autotuner candidate at T=8192, Qwen3 and DeepSeek-V3 (~2 min)
 set -euo pipefail
 OUT=${OUT:-bench/results/sweep}
@@ -75,9 +76,15 @@ case "${1:-}" in
       | tee -a "$OUT/h200all.log" || true
     timeout 190 $py -m nf4moe bench --mode fwd --shapes glm45air --out "$OUT/glm" 2>&1 | tee -a "$OUT/h200all.log" || true
     timeout 160 $py -m nf4moe bench --mode fwd --shapes qwen3 --out "$OUT/qwen3" 2>&1 | tee -a "$OUT/h200all.log" || true ;;
+  ncu_wgmma)
+    for tile in 128x256 256x128; do
+      NF4MOE_WGMMA_TILE=$tile ncu --clock-control none --kernel-name regex:nf4_moe_gemm_wgmma --launch-skip 2 \
+        --launch-count 1 --section SpeedOfLight --section WarpStateStats --section MemoryWorkloadAnalysis \
+        --section Occupancy $py -m bench.ncu_case --tokens 8192 --calls 2 2>&1 | tee "$OUT/ncu_wgmma_up_t8192_$tile.txt"
+    done ;;
   largeprof)
     $py -m bench.profile_layer --tokens 8192 --variants gemm --timings 2>&1 | tee "$OUT/profile_large_qwen3.log"
     $py -m bench.profile_layer --shape dsv3 --tokens 8192 --variants gemm --timings 2>&1 | tee "$OUT/profile_large_dsv3.log" ;;
   *)
-    sed -n '2,18p' "$0"; exit 2 ;;
+    sed -n '2,19p' "$0"; exit 2 ;;
 esac
