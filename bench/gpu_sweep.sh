@@ -13,8 +13,8 @@
 #   bash bench/gpu_sweep.sh pipe       # the opt-in K-loop hint against the default, Qwen3, DeepSeek-V3 (~5 min; NOTES v16)
 #   bash bench/gpu_sweep.sh splitk     # the opt-in split-K at decode sizes: its GPU tests, then against the default
 #                                      # at T=1..8, Qwen3 and DeepSeek-V3, with CUDA-graph times (measured on an H200: slower, NOTES v22)
-#   bash bench/gpu_sweep.sh wgmma      # the Gluon GEMM: its GPU tests, then both tiles against the Triton GEMM (~6 min)
-#   bash bench/gpu_sweep.sh h200all    # forward, all three shapes, one process per shape, DeepSeek-V3 first (~8 min)
+#   bash bench/gpu_sweep.sh wgmma      # the Gluon GEMM: its GPU tests, then its configs against the Triton GEMM (~7 min)
+#   bash bench/gpu_sweep.sh h200all    # forward, all three shapes, one process per shape, DeepSeek-V3 first (~4 min)
 #   bash bench/gpu_sweep.sh ncu_wgmma  # Nsight Compute on the Gluon GEMM's up projection, Qwen3 T=8192, both tiles (~3 min)
 #   bash bench/gpu_sweep.sh largeprof  # GEMM times of every autotuner candidate at T=8192, Qwen3 and DeepSeek-V3 (~2 min)
 set -euo pipefail
@@ -64,11 +64,11 @@ case "${1:-}" in
       --out "$OUT/split_k_$s" 2>&1 | grep "nf4moe" | tee -a "$OUT/bench_split_k.log"; done ;;
   wgmma)
     $py -m pytest -q -p no:cacheprovider tests/test_triton_forward.py -k wgmma 2>&1 | tee "$OUT/gpu_wgmma.log"
-    $py -m bench.profile_layer --tokens 128,512,1024,8192 --variants triton,wgmma,wgmma256 --check 2>&1 \
+    $py -m bench.profile_layer --tokens 128,512,1024,8192 --variants triton,wgmma,wgmma256,wgmma5 --check 2>&1 \
       | tee "$OUT/profile_wgmma_qwen3.log"
-    $py -m bench.profile_layer --shape glm45air --tokens 8192 --variants triton,wgmma,wgmma256 2>&1 \
+    $py -m bench.profile_layer --shape glm45air --tokens 8192 --variants triton,wgmma,wgmma256,wgmma5 2>&1 \
       | tee "$OUT/profile_wgmma_glm.log"
-    $py -m bench.profile_layer --shape dsv3 --tokens 8192 --variants triton,wgmma,wgmma256 2>&1 \
+    $py -m bench.profile_layer --shape dsv3 --tokens 8192 --variants triton,wgmma,wgmma256,wgmma5 2>&1 \
       | tee "$OUT/profile_wgmma_dsv3.log" ;;
   h200all)
     mkdir -p "$OUT/dsv3" "$OUT/glm" "$OUT/qwen3"

@@ -9,7 +9,7 @@ variant, plus the autotuner's chosen configs.  GPU only; used to write bench/NOT
     python -m bench.profile_layer --tokens 1,2,4 --variants gemm,split2,split4 --check  # opt-in split-K (NOTES v20)
     python -m bench.profile_layer --tokens 1024,8192 --variants triton,wgmma --check  # the Gluon GEMM (NOTES v23)
     python -m bench.profile_layer --tokens 8192 --variants wgmma,wgmma_nodecode,wgmma_nomma  # where its time goes
-    python -m bench.profile_layer --tokens 1024,8192 --variants wgmma,wgmma256 --check  # 256-row tiles
+    python -m bench.profile_layer --tokens 1024,8192 --variants wgmma,wgmma256,wgmma5 --check  # opt-in configs
 
 ``--check`` compares every variant's output with the fp32 reference backend (relative error printed);
 ``--timings`` prints every config the GEMM autotuner benchmarks, with its time.
@@ -88,6 +88,7 @@ def main(argv=None) -> int:
             os.environ["NF4MOE_WGMMA_LEAVE_OUT"] = {"wgmma_nodecode": "1", "wgmma_nomma": "2"}.get(var, "0")
             # wgmma256: the Gluon GEMM with 256-row tiles (each weight decoded once per 256 rows)
             os.environ["NF4MOE_WGMMA_TILE"] = "256x128" if var == "wgmma256" else "128x256"
+            os.environ["NF4MOE_WGMMA_STAGES"] = "5" if var == "wgmma5" else "4"  # wgmma5: copies 3 steps ahead
             with torch.no_grad():
                 ms = _bench(lambda: ours(x, idx, w))
                 kt = kernel_times(lambda: ours(x, idx, w))

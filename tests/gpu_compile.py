@@ -114,7 +114,7 @@ def main() -> int:
         wg_ptrs = dict(ptrs, am_ptr="*u8", xa_ptr="*fp32", tile_ptr="*i32")
         wg_ints = dict(ints, K_HALF=1024, P=65536)
         wg = dict(TOP_K=8, R_PAD=16, ACT=0, HAS_LORA=True, NESTED=True, BS=64, BS2=256, WRITE_GU=False, WRITE_OUT=True,
-                  LEAVE_OUT=0)
+                  LEAVE_OUT=0, STAGES=4)
         down_ints = dict(wg_ints, N=2048, K_DIM=768, K_HALF=384, N_TOTAL=2048)
         for name, bm, tn in (("", 128, 256), ("_256rows", 256, 128)):
             tile = dict(wg, BLOCK_M=bm, TILE_N=tn)

@@ -377,10 +377,13 @@ def test_wgmma_gemm_matches_reference(wgmma_counted, nan_new_empty, t, e, h, i, 
     assert rel_err(out, ref) < BOUND[dtype]
 
 
+@pytest.mark.parametrize("tile,stages", [("256x128", "4"), ("128x256", "5")])
 @pytest.mark.parametrize("t,e,h,i,k,mode", WGMMA_CASES[:3])
-def test_wgmma_gemm_256_row_tiles(wgmma_counted, nan_new_empty, monkeypatch, t, e, h, i, k, mode):
-    """The (opt-in) 256-row tile: every weight decoded once per 256 rows."""
-    monkeypatch.setenv("NF4MOE_WGMMA_TILE", "256x128")
+def test_wgmma_gemm_opt_in_configs(wgmma_counted, nan_new_empty, monkeypatch, tile, stages, t, e, h, i, k, mode):
+    """The opt-in configurations: the 256-row tile (every weight decoded once per 256 rows) and rings of 5
+    (copies three steps ahead)."""
+    monkeypatch.setenv("NF4MOE_WGMMA_TILE", tile)
+    monkeypatch.setenv("NF4MOE_WGMMA_STAGES", stages)
     m = make_layer(e, h, i, rank=16, seed=t)
     x = torch.randn(t, h, device=DEV, dtype=torch.bfloat16)
     idx, w = routing(t, e, k, seed=t * 3, mode=mode)
@@ -435,3 +438,11 @@ def test_wgmma_switch(monkeypatch):
         monkeypatch.setenv("NF4MOE_WGMMA_TILE", "256x256")
         with pytest.raises(ValueError, match="NF4MOE_WGMMA_TILE"):
             tile_shape()
+        from nf4moe.kernels.grouped_gemm_wgmma import stages
+
+        monkeypatch.delenv("NF4MOE_WGMMA_STAGES", raising=False)
+        assert stages(128) == 4 and stages(256) == 4
+        monkeypatch.setenv("NF4MOE_WGMMA_STAGES", "5")
+        assert stages(128) == 5
+        with pytest.raises(ValueError, match="NF4MOE_WGMMA_STAGES"):
+            stages(256)  # 5 rings of 256-row tiles do not fit in shared memory

@@ -7,8 +7,8 @@ decode and MMA alternate (Nsight Compute at T=8192: 2 warps per scheduler, 1.34 
 bench/NOTES.md v17-v18).  Here every K step i is:
 
     1. wait for this thread's cp.async group of step i (activation rows and packed weight bytes, issued two
-       steps earlier; each thread copies exactly the 16 weight bytes it decodes, so no barrier is needed
-       before the decode reads them);
+       steps earlier, three with NF4MOE_WGMMA_STAGES=5; each thread copies exactly the 16 weight bytes it
+       decodes, so no barrier is needed before the decode reads them);
     2. load the absmax codes of step i+2 into registers (nested double-quant decoded in-kernel);
     3. decode the weight bytes of step i with the PTX table (nf4_decode's pair decode: each byte's two weights
        as one bf16x2/f16x2 word, which is already the tile's memory order) into a shared-memory ring of 3
@@ -150,15 +150,18 @@ def nf4_moe_gemm_wgmma_kernel(
     N, K_DIM, K_HALF, N_TOTAL, E, R, P,
     TOP_K: gl.constexpr, R_PAD: gl.constexpr, GATED: gl.constexpr, ACT: gl.constexpr, HAS_LORA: gl.constexpr,
     NESTED: gl.constexpr, BS: gl.constexpr, BS2: gl.constexpr, WRITE_GU: gl.constexpr, WRITE_OUT: gl.constexpr,
-    BLOCK_M: gl.constexpr, TILE_N: gl.constexpr, BLOCK_N: gl.constexpr, LEAVE_OUT: gl.constexpr,
+    BLOCK_M: gl.constexpr, TILE_N: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+    LEAVE_OUT: gl.constexpr,
 ):
     """Grid: (cdiv(N, BLOCK_N), row tiles); 8 warps.  Program (n, m): row tile m of the table (BLOCK_M rows),
     features n*BLOCK_N ... of gate and up (GATED) or of the output (down); (BLOCK_M, TILE_N) is (128, 256) or
-    (256, 128) (``tile_shape``).  LEAVE_OUT (profiling only, wrong results):
+    (256, 128) (``tile_shape``); STAGES (4 or 5: copies 2 or 3 steps ahead) sizes the activation and byte
+    rings.  LEAVE_OUT (profiling only, wrong results):
     1 skips the NF4 decode and its stores, 2 the wgmmas, so timings of the variants place the time."""
     BM: gl.constexpr = BLOCK_M
     BK: gl.constexpr = 64
-    XS: gl.constexpr = 4
+    XS: gl.constexpr = STAGES  # activation and weight-byte rings; copies run XS - 2 steps ahead
+    D: gl.constexpr = STAGES - 2
     WS: gl.constexpr = 3
     DT: gl.constexpr = x_ptr.dtype.element_ty
     pid_n = gl.program_id(0)
@@ -211,7 +214,7 @@ def nf4_moe_gemm_wgmma_kernel(
     wb_mask = wn_mask[:, None]
     # prologue: activation rows and weight bytes of steps 0 and 1 in flight (one cp.async group per step),
     # absmax of steps 0 and 1 in registers
-    for s in gl.static_range(2):
+    for s in gl.static_range(D):
         _cp_async(x_s.index(s), x_base + s * BK, mask=x_mask & (s < n_k))
         _cp_async(wb_s.index(s), wb_base + s * (BK // 2), mask=wb_mask & (s < n_k))
         async_copy.commit_group()
@@ -222,7 +225,7 @@ def nf4_moe_gemm_wgmma_kernel(
     for i in range(n_k):
         ws = i % WS
         # 1. this thread's copies of step i have landed (each thread decodes the bytes it copied itself)
-        async_copy.wait_group(1)
+        async_copy.wait_group(D - 1)
         # 2. absmax of step i+2 (the last steps re-read their own: no branch, no out-of-range address)
         am2n, a22 = _load_scales(am_ptr, am2_ptr, w_rows, wn_mask, gl.minimum(i + 2, n_k - 1) * BK, K_DIM, NESTED, BS,
                                  BS2)
@@ -235,8 +238,8 @@ def nf4_moe_gemm_wgmma_kernel(
         _block_barrier()
         # 5. activations and bytes of step i+2 (the slots of step i-2, whose wgmmas and decode every warp has
         #    finished), then the wgmma of step i
-        _cp_async(x_s.index((i + 2) % XS), x_base + (i + 2) * BK, mask=x_mask & (i + 2 < n_k))
-        _cp_async(wb_s.index((i + 2) % XS), wb_base + (i + 2) * (BK // 2), mask=wb_mask & (i + 2 < n_k))
+        _cp_async(x_s.index((i + D) % XS), x_base + (i + D) * BK, mask=x_mask & (i + D < n_k))
+        _cp_async(wb_s.index((i + D) % XS), wb_base + (i + D) * (BK // 2), mask=wb_mask & (i + D < n_k))
         async_copy.commit_group()
         if LEAVE_OUT != 2:
             acc = warpgroup_mma(x_s.index(i % XS), w_s.index(ws).permute((1, 0)), acc, is_async=True)
@@ -297,6 +300,15 @@ def tile_shape() -> tuple[int, int]:
     return TILES[raw]
 
 
+def stages(block_m: int) -> int:
+    """Ring depth from ``NF4MOE_WGMMA_STAGES`` (default 4: copies two steps ahead; 5: three, which fits
+    227 KB of shared memory with the 128-row tile only).  5 is not yet measured on a GPU."""
+    raw = os.environ.get("NF4MOE_WGMMA_STAGES", "4")
+    if raw not in ("4", "5") or (raw == "5" and block_m != 128):
+        raise ValueError(f"NF4MOE_WGMMA_STAGES must be 4, or 5 with NF4MOE_WGMMA_TILE=128x256; got {raw!r}")
+    return int(raw)
+
+
 def block_n(gated: bool, tile_n: int) -> int:
     """Features per program: tile_n / 2 of gate and of up (one tile_n-row weight tile), or tile_n down rows."""
     return tile_n // 2 if gated else tile_n
@@ -323,7 +335,7 @@ def launch_nf4_moe_gemm_wgmma(x, w, lora_b, scaling, xa, sorted_pair_ids, tile_t
         n, 2 * half_k, half_k, n_total, num_experts, r, sorted_pair_ids.numel(),
         TOP_K=top_k, R_PAD=r_pad, GATED=gated, ACT=act_code, HAS_LORA=has_lora, NESTED=w.nested,
         BS=w.blocksize, BS2=w.blocksize2, WRITE_GU=gu is not None, WRITE_OUT=write_out, BLOCK_M=block_m,
-        TILE_N=tile_n, BLOCK_N=bn,
+        TILE_N=tile_n, BLOCK_N=bn, STAGES=stages(block_m),
         LEAVE_OUT=int(os.environ.get("NF4MOE_WGMMA_LEAVE_OUT", "0")), num_warps=NUM_WARPS,
     )
     return out
