@@ -446,3 +446,16 @@ def test_wgmma_switch(monkeypatch):
         assert stages(128) == 5
         with pytest.raises(ValueError, match="NF4MOE_WGMMA_STAGES"):
             stages(256)  # 5 rings of 256-row tiles do not fit in shared memory
+
+
+@pytest.mark.skipif(DEV != "cuda" or INTERP or torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_layer_on_a_second_gpu_launches_there():
+    """A layer on cuda:1 while cuda:0 is current (a model split over GPUs) computes on its own device."""
+    m = make_layer(4, 128, 64, rank=8, seed=21).to("cuda:1")
+    x = torch.randn(9, 128, device="cuda:1", dtype=torch.bfloat16)
+    idx, w = routing(9, 4, 2, seed=22)
+    idx, w = idx.to("cuda:1"), w.to("cuda:1")
+    with torch.cuda.device(0), torch.no_grad():
+        out = m(x, idx, w)
+        ref = reference(m, x, idx, w)
+    assert out.device == x.device and rel_err(out, ref) < BOUND[torch.bfloat16]

@@ -45,6 +45,15 @@ def _needs_grad(mod, *tensors) -> bool:
 
 
 def triton_forward(mod, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+    """Triton launches go to the current CUDA device: a layer placed on another GPU (a model split over
+    several, e.g. ``device_map="auto"``) runs under a guard for its own device."""
+    if hidden_states.is_cuda and hidden_states.device.index != torch.cuda.current_device():
+        with torch.cuda.device(hidden_states.device):
+            return _forward(mod, hidden_states, top_k_index, top_k_weights)
+    return _forward(mod, hidden_states, top_k_index, top_k_weights)
+
+
+def _forward(mod, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
     e = mod.num_experts
     routing = build_routing(top_k_index, e)
     if getattr(mod, "check_ids", True):
