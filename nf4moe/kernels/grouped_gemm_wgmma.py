@@ -212,7 +212,7 @@ def nf4_moe_gemm_wgmma_kernel(
     n_k = K_DIM // BK
     wb_base = w_ptr + w_rows[:, None] * K_HALF + cols[None, :]
     wb_mask = wn_mask[:, None]
-    # prologue: activation rows and weight bytes of steps 0 and 1 in flight (one cp.async group per step),
+    # prologue: activation rows and weight bytes of steps 0 .. D-1 in flight (one cp.async group per step),
     # absmax of steps 0 and 1 in registers
     for s in gl.static_range(D):
         _cp_async(x_s.index(s), x_base + s * BK, mask=x_mask & (s < n_k))
@@ -236,8 +236,8 @@ def nf4_moe_gemm_wgmma_kernel(
         # 4. every thread's stores and copies of step i visible to the wgmma
         fence_async_shared()
         _block_barrier()
-        # 5. activations and bytes of step i+2 (the slots of step i-2, whose wgmmas and decode every warp has
-        #    finished), then the wgmma of step i
+        # 5. activations and bytes of step i+D (the slots of step i+D-XS = i-2, whose wgmmas and decode every
+        #    warp has finished), then the wgmma of step i
         _cp_async(x_s.index((i + D) % XS), x_base + (i + D) * BK, mask=x_mask & (i + D < n_k))
         _cp_async(wb_s.index((i + D) % XS), wb_base + (i + D) * (BK // 2), mask=wb_mask & (i + D < n_k))
         async_copy.commit_group()
