@@ -394,9 +394,12 @@ def test_wgmma_gemm_opt_in_configs(wgmma_counted, nan_new_empty, monkeypatch, ti
     assert torch.isfinite(out).all() and rel_err(out, ref) < BOUND[torch.bfloat16]
 
 
-def test_wgmma_gemm_training_forward_and_grads(wgmma_counted, monkeypatch):
-    """The training forward through the Gluon GEMM (pre-activations and X·Aᵀ saved) gives the Triton GEMM's
-    gradients within bf16 rounding."""
+@pytest.mark.parametrize("recompute", ["0", "1"])
+def test_wgmma_gemm_training_forward_and_grads(wgmma_counted, monkeypatch, recompute):
+    """The training forward through the Gluon GEMM (pre-activations and X·Aᵀ saved; in recompute mode the
+    backward's up pass writes only the pre-activations) gives the Triton GEMM's gradients within bf16
+    rounding."""
+    monkeypatch.setenv("NF4MOE_RECOMPUTE", recompute)
     m = make_layer(8, 256, 192, rank=16, seed=4)
     x0 = torch.randn(300, 256, device=DEV, dtype=torch.bfloat16)
     idx, w = routing(300, 8, 4, seed=9)
