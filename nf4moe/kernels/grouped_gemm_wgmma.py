@@ -45,7 +45,11 @@ from triton.experimental.gluon.language.nvidia.hopper import (async_copy, fence_
                                                                warpgroup_mma_wait)
 
 from .configs import cdiv
-from .nf4_decode import _BF16_PAIRS_ASM, _FP16_PAIRS_ASM
+from . import nf4_decode
+
+# The Triton kernels' pair decode (nf4_decode), compiled as Gluon functions: one PTX decode for both GEMMs
+_scale_pair = gluon.jit(nf4_decode.scale_pair.fn)
+_lut_scaled_pairs = gluon.jit(nf4_decode.lut_scaled_pairs.fn)
 
 NUM_WARPS = 8
 TILES = {"128x256": (128, 256), "256x128": (256, 128)}  # (rows, weight rows) per program: same MMA work per step
@@ -117,15 +121,8 @@ def _decode_store(packed, am, am2, code2_ptr, offset, dst, NESTED: gl.constexpr,
         s = gl.load(code2_ptr + am.to(gl.int32)) * am2 + offset
     else:
         s = am
-    s16 = s.to(DT).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
-    s2 = gl.zeros_like(packed).to(gl.int32) + (s16 | (s16 << 16))[:, None]
-    if DT == gl.bfloat16:
-        pairs = gl.inline_asm_elementwise(_BF16_PAIRS_ASM, "=r,=r,=r,=r,r,r,r,r,r", [packed, s2], dtype=gl.int32,
-                                          is_pure=True, pack=4)
-    else:
-        pairs = gl.inline_asm_elementwise(_FP16_PAIRS_ASM, "=r,=r,=r,=r,r,r,r,r,r", [packed, s2], dtype=gl.int32,
-                                          is_pure=True, pack=4)
-    dst.store(pairs)
+    s2 = gl.zeros_like(packed).to(gl.int32) + _scale_pair(s, DT)[:, None]
+    dst.store(_lut_scaled_pairs(packed, s2, DT))
 
 
 @gluon.jit

@@ -262,18 +262,30 @@ def nf4_code_pairs(w_ptr, rows, row_mask, k0, K_DIM, NB: tl.constexpr, HB: tl.co
 
 
 @triton.jit
+def scale_pair(s, DT: tl.constexpr):
+    """int32 word holding ``s`` rounded to DT twice: the (absmax, absmax) operand of ``lut_scaled_pairs``."""
+    s16 = s.to(DT).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    return s16 | (s16 << 16)
+
+
+@triton.jit
+def lut_scaled_pairs(packed, s2, DT: tl.constexpr):
+    """int32 (even, odd) DT pair of each uint8 byte of ``packed`` times its absmax pair ``s2`` (int32, packed's
+    shape): the PTX of ``_lut_pairs_asm``.  Also called from the Gluon GEMM (grouped_gemm_wgmma.py)."""
+    if DT == tl.bfloat16:
+        return tl.inline_asm_elementwise(_BF16_PAIRS_ASM, "=r,=r,=r,=r,r,r,r,r,r", [packed, s2], dtype=tl.int32,
+                                         is_pure=True, pack=4)
+    else:
+        return tl.inline_asm_elementwise(_FP16_PAIRS_ASM, "=r,=r,=r,=r,r,r,r,r,r", [packed, s2], dtype=tl.int32,
+                                         is_pure=True, pack=4)
+
+
+@triton.jit
 def _lut_decode_pairs(packed, s, DT: tl.constexpr):
     """(even, odd) DT values of uint8 ``packed`` times ``s`` (broadcast to packed's shape): the PTX of
     ``_lut_pairs_asm``, whose int32 results are each byte's (even, odd) pair, split here by bit casts
     (the halves of one register, so the split costs no instruction in the MMA operand)."""
-    s16 = s.to(DT).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-    s2 = tl.broadcast_to(s16 | (s16 << 16), packed.shape)
-    if DT == tl.bfloat16:
-        pairs = tl.inline_asm_elementwise(_BF16_PAIRS_ASM, "=r,=r,=r,=r,r,r,r,r,r", [packed, s2], dtype=tl.int32,
-                                          is_pure=True, pack=4)
-    else:
-        pairs = tl.inline_asm_elementwise(_FP16_PAIRS_ASM, "=r,=r,=r,=r,r,r,r,r,r", [packed, s2], dtype=tl.int32,
-                                          is_pure=True, pack=4)
+    pairs = lut_scaled_pairs(packed, tl.broadcast_to(scale_pair(s, DT), packed.shape), DT)
     even = (pairs & 0xFFFF).to(tl.int16).to(DT, bitcast=True)
     odd = (pairs >> 16).to(tl.int16).to(DT, bitcast=True)
     return even, odd
