@@ -30,6 +30,7 @@ kernel (launch.launch).
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -227,6 +228,7 @@ def use_wgmma(x: torch.Tensor, w: NF4Operand, rows: int, launcher) -> bool:
             and w.packed.shape[2] % 32 == 0 and w.blocksize % 64 == 0)
 
 
+@functools.cache
 def gluon_available() -> bool:
     """Triton ships Gluon's Hopper API (3.6 and later)."""
     import importlib.util
@@ -350,25 +352,21 @@ def launch_nf4_moe_gemm(
         return launch_nf4_moe_gemv(x, w, lora_a if has_lora else None, lora_b, scaling, sorted_pair_ids,
                                    expert_offsets, top_k_weights, out, n=n, top_k=top_k, gated=gated, act=act,
                                    launcher=launcher)
-    if use_wgmma(x, w, rows, launcher):
+    wgmma = use_wgmma(x, w, rows, launcher)
+    if xa_pre is None or wgmma:  # the Gluon GEMM always takes X·Aᵀ precomputed
+        xa_pre = wgmma or lora_precompute(rows)
+    if has_lora and (xa_pre or xa_out is not None):
+        xa = launch_lora_xa(x, lora_a, sorted_pair_ids, expert_offsets, top_k=top_k, gather=gated, r_pad=rp,
+                            out=xa_out, launcher=launcher)
+    if wgmma:
         from .grouped_gemm_wgmma import launch_nf4_moe_gemm_wgmma, tile_shape
         from .tile_table import launch_tile_table
 
         block_m, tile_n = tile_shape()
-        if has_lora:
-            xa = launch_lora_xa(x, lora_a, sorted_pair_ids, expert_offsets, top_k=top_k, gather=gated, r_pad=rp,
-                                out=xa_out, launcher=None)
-            if xa.dim() == 2:
-                xa = xa.unsqueeze(0)
         return launch_nf4_moe_gemm_wgmma(
-            x, w, lora_b, scaling, xa, sorted_pair_ids, launch_tile_table(expert_offsets, rows, block_m),
-            top_k_weights, out, n=n, top_k=top_k, gated=gated, act_code=ACT_CODES[act], r=r, r_pad=rp,
-            block_m=block_m, tile_n=tile_n, gu=gu, write_out=write_out)
-    if xa_pre is None:
-        xa_pre = lora_precompute(rows)
-    if has_lora and (xa_pre or xa_out is not None):
-        xa = launch_lora_xa(x, lora_a, sorted_pair_ids, expert_offsets, top_k=top_k, gather=gated, r_pad=rp,
-                            out=xa_out, launcher=launcher)
+            x, w, lora_b, scaling, xa if xa is None or xa.dim() == 3 else xa.unsqueeze(0), sorted_pair_ids,
+            launch_tile_table(expert_offsets, rows, block_m), top_k_weights, out, n=n, top_k=top_k, gated=gated,
+            act_code=ACT_CODES[act], r=r, r_pad=rp, block_m=block_m, tile_n=tile_n, gu=gu, write_out=write_out)
     bucket = row_bucket(rows)
     splits = split_k(rows, k_dim, training, launcher)
     ws = cnt = dummy
