@@ -80,7 +80,8 @@ case "${1:-}" in
     for tile in 128x256 256x128; do
       NF4MOE_WGMMA_TILE=$tile ncu --clock-control none --kernel-name regex:nf4_moe_gemm_wgmma --launch-skip 2 \
         --launch-count 1 --section SpeedOfLight --section WarpStateStats --section MemoryWorkloadAnalysis \
-        --section Occupancy $py -m bench.ncu_case --tokens 8192 --calls 2 2>&1 | tee "$OUT/ncu_wgmma_up_t8192_$tile.txt"
+        --section Occupancy --section SchedulerStats --section InstructionStats --section ComputeWorkloadAnalysis \
+        $py -m bench.ncu_case --tokens 8192 --calls 2 2>&1 | tee "$OUT/ncu_wgmma_up_t8192_$tile.txt"
     done ;;
   largeprof)
     $py -m bench.profile_layer --tokens 8192 --variants gemm --timings 2>&1 | tee "$OUT/profile_large_qwen3.log"

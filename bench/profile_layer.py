@@ -83,11 +83,14 @@ def main(argv=None) -> int:
             # gemv / gemm: force the decode GEMV or the MMA GEMM at every size; other variants: the default
             os.environ["NF4MOE_GEMV_ROWS"] = {"gemv": str(1 << 30)}.get(var, "0")
             # wgmma: the Gluon GEMM (grouped_gemm_wgmma.py) at every size; triton: the Triton GEMM at every size
-            os.environ["NF4MOE_WGMMA_ROWS"] = "1" if var.startswith("wgmma") else "0"
-            # wgmma_nodecode / wgmma_nomma: the Gluon GEMM without its NF4 decode / its wgmmas (timing only)
-            os.environ["NF4MOE_WGMMA_LEAVE_OUT"] = {"wgmma_nodecode": "1", "wgmma_nomma": "2"}.get(var, "0")
-            # wgmma256: the Gluon GEMM with 256-row tiles (each weight decoded once per 256 rows)
-            os.environ["NF4MOE_WGMMA_TILE"] = "256x128" if var == "wgmma256" else "128x256"
+            os.environ["NF4MOE_WGMMA_ROWS"] = "1" if var.startswith(("wgmma", "ws")) else "0"
+            # ..._nodecode / ..._nomma: the Gluon GEMM without its NF4 decode / its wgmmas (timing only)
+            os.environ["NF4MOE_WGMMA_LEAVE_OUT"] = "1" if var.endswith("_nodecode") else "2" if var.endswith("_nomma") else "0"
+            # wgmma128 / wgmma256 / ws128 / ws256: 128- / 256-row tiles; other wgmma variants: its own choice
+            os.environ["NF4MOE_WGMMA_TILE"] = ("256x128" if var in ("wgmma256", "ws256") else "128x256"
+                                               if var in ("wgmma128", "ws128") else "auto")
+            # ws...: the warp-specialised Gluon GEMM (producer warps decode, consumer warps run the wgmmas)
+            os.environ["NF4MOE_WGMMA_WS"] = "1" if var.startswith("ws") else "0"
             os.environ["NF4MOE_WGMMA_STAGES"] = "5" if var == "wgmma5" else "4"  # wgmma5: copies 3 steps ahead
             with torch.no_grad():
                 ms = _bench(lambda: ours(x, idx, w))

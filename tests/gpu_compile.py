@@ -23,7 +23,7 @@ TARGET = GPUTarget("cuda", 90, 32)
 
 
 def compile_kernel(kernel, ptr_types: dict, ints: dict, constexprs: dict, num_warps: int, num_stages: int,
-                   gluon: bool = False) -> str:
+                   gluon: bool = False, maxnreg: int | None = None) -> str:
     """PTX of ``kernel`` (an autotuned or plain JIT function, or a Gluon kernel) for TARGET."""
     fn = kernel.fn if hasattr(kernel, "configs") else kernel
     names = fn.arg_names
@@ -50,7 +50,10 @@ def compile_kernel(kernel, ptr_types: dict, ints: dict, constexprs: dict, num_wa
         src = GluonASTSource(fn=fn, signature=sig, constexprs=cx, attrs=attrs)
     else:
         src = ASTSource(fn=fn, signature=sig, constexprs=cx, attrs=attrs)
-    return triton.compile(src, target=TARGET, options={"num_warps": num_warps, "num_stages": num_stages}).asm["ptx"]
+    options = {"num_warps": num_warps, "num_stages": num_stages}
+    if maxnreg is not None:
+        options["maxnreg"] = maxnreg
+    return triton.compile(src, target=TARGET, options=options).asm["ptx"]
 
 
 def facts(ptx: str) -> dict:
@@ -109,6 +112,7 @@ def main() -> int:
     from nf4moe.kernels.grouped_gemm import gluon_available
 
     if gluon_available():  # the Gluon GEMM for many rows (grouped_gemm_wgmma.py), up and down, nested absmax
+        from nf4moe.kernels import grouped_gemm_wgmma as gw
         from nf4moe.kernels.grouped_gemm_wgmma import nf4_moe_gemm_wgmma_kernel
 
         wg_ptrs = dict(ptrs, am_ptr="*u8", xa_ptr="*fp32", tile_ptr="*i32")
@@ -123,6 +127,13 @@ def main() -> int:
             out["wgmma_down" + name] = facts(compile_kernel(nf4_moe_gemm_wgmma_kernel, wg_ptrs, down_ints,
                                                             dict(tile, TOP_K=1, GATED=False, BLOCK_N=tn), 8, 1,
                                                             gluon=True))
+            ws = dict(tile, PW=gw.WS_PRODUCER_WARPS, PREGS=gw.WS_PRODUCER_REGS)  # the warp-specialised kernel
+            out["wgmma_ws_up" + name] = facts(compile_kernel(gw.nf4_moe_gemm_ws_kernel, wg_ptrs, wg_ints,
+                                                             dict(ws, GATED=True, BLOCK_N=tn // 2), 8, 1, gluon=True,
+                                                             maxnreg=gw.WS_MAXNREG))
+            out["wgmma_ws_down" + name] = facts(compile_kernel(gw.nf4_moe_gemm_ws_kernel, wg_ptrs, down_ints,
+                                                               dict(ws, TOP_K=1, GATED=False, BLOCK_N=tn), 8, 1,
+                                                               gluon=True, maxnreg=gw.WS_MAXNREG))
     json.dump(out, sys.stdout)
     return 0
 

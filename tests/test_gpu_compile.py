@@ -10,7 +10,8 @@ What it checks, per kernel variant:
 - the decode GEMV uses the unscaled table and no tensor cores; the routing kernel compiles at 1024 keys;
 - the opt-in split-K GEMM counts arrivals with one acq_rel atomic and reads the partials past L1;
 - the Gluon GEMM for many rows (grouped_gemm_wgmma.py) issues asynchronous wgmma from shared memory fed by
-  cp.async (activations) and 16-byte weight-byte loads decoded by the pair PTX, with no local memory.
+  cp.async (activations) and 16-byte weight-byte loads decoded by the pair PTX, with no local memory; its
+  warp-specialised form hands over through mbarriers and splits the registers between its partitions.
 """
 from __future__ import annotations
 
@@ -86,4 +87,19 @@ def test_wgmma_gemm_decodes_into_shared_memory_for_async_wgmma(compiled, variant
     assert f["global_v4_loads"] > 0, "weight bytes not loaded 16 bytes at a time"
     assert f["lut_pairs"] > 0, "NF4 not decoded by the pair PTX"
     assert any(op.startswith("fence.proxy.async") for op in ops), "decoded tiles not fenced for the async proxy"
+    assert not any("local" in op for op in ops), "registers spilled to local memory"
+
+
+@pytest.mark.parametrize("variant", ["wgmma_ws_up", "wgmma_ws_down", "wgmma_ws_up_256rows", "wgmma_ws_down_256rows"])
+def test_warp_specialised_gemm_hands_over_through_mbarriers(compiled, variant):
+    """The warp-specialised Gluon GEMM: the same cp.async feed, pair decode and asynchronous wgmma, handed over
+    between the partitions through mbarriers, with the register file split between them (setmaxnreg)."""
+    if variant not in compiled:
+        pytest.skip("this Triton has no Gluon Hopper API")
+    f = compiled[variant]
+    ops = f["ptx_ops"]
+    assert f["wgmma"] > 0 and ops.get("wgmma.wait_group.sync.aligned", 0) > 0, "no asynchronous wgmma"
+    assert 16 in f["cp_async_bytes"] and f["lut_pairs"] > 0
+    assert any(op.startswith("mbarrier.try_wait") for op in ops), "no mbarrier wait"
+    assert any(op.startswith("setmaxnreg") for op in ops), "registers not split between the partitions"
     assert not any("local" in op for op in ops), "registers spilled to local memory"

@@ -394,12 +394,33 @@ def test_wgmma_gemm_opt_in_configs(wgmma_counted, nan_new_empty, monkeypatch, ti
     assert torch.isfinite(out).all() and rel_err(out, ref) < BOUND[torch.bfloat16]
 
 
-@pytest.mark.parametrize("recompute", ["0", "1"])
-def test_wgmma_gemm_training_forward_and_grads(wgmma_counted, monkeypatch, recompute):
+@pytest.mark.parametrize("tile", ["256x128", "128x256"])
+@pytest.mark.parametrize("t,e,h,i,k,mode", WGMMA_CASES)
+@pytest.mark.parametrize("dtype,nested,act,rank", [(torch.bfloat16, True, "silu", 16),
+                                                   (torch.float16, False, "gelu_tanh", 0)])
+def test_wgmma_ws_gemm_matches_reference(wgmma_counted, nan_new_empty, monkeypatch, tile, t, e, h, i, k, mode, dtype,
+                                         nested, act, rank):
+    """The warp-specialised Gluon GEMM (NF4MOE_WGMMA_WS=1: producer warps decode, consumer warps multiply, mbarriers
+    between them), both tiles, both projections."""
+    monkeypatch.setenv("NF4MOE_WGMMA_WS", "1")
+    monkeypatch.setenv("NF4MOE_WGMMA_TILE", tile)
+    m = make_layer(e, h, i, rank=rank, nested=nested, act=act, seed=t + rank + 7)
+    x = torch.randn(t, h, device=DEV, dtype=dtype)
+    idx, w = routing(t, e, k, seed=t * 7, mode=mode)
+    with torch.no_grad():
+        out = m(x, idx, w.to(dtype))
+        ref = reference(m, x, idx, w.to(dtype))
+    assert sorted(wgmma_counted) == [False, True]
+    assert out.dtype == dtype and torch.isfinite(out).all() and rel_err(out, ref) < BOUND[dtype]
+
+
+@pytest.mark.parametrize("recompute,ws", [("0", "0"), ("1", "0"), ("0", "1")])
+def test_wgmma_gemm_training_forward_and_grads(wgmma_counted, monkeypatch, recompute, ws):
     """The training forward through the Gluon GEMM (pre-activations and X·Aᵀ saved; in recompute mode the
-    backward's up pass writes only the pre-activations) gives the Triton GEMM's gradients within bf16
-    rounding."""
+    backward's up pass writes only the pre-activations; ws: the warp-specialised kernel) gives the Triton
+    GEMM's gradients within bf16 rounding."""
     monkeypatch.setenv("NF4MOE_RECOMPUTE", recompute)
+    monkeypatch.setenv("NF4MOE_WGMMA_WS", ws)
     m = make_layer(8, 256, 192, rank=16, seed=4)
     x0 = torch.randn(300, 256, device=DEV, dtype=torch.bfloat16)
     idx, w = routing(300, 8, 4, seed=9)
@@ -437,12 +458,23 @@ def test_wgmma_switch(monkeypatch):
         from nf4moe.kernels.grouped_gemm_wgmma import tile_shape
 
         monkeypatch.delenv("NF4MOE_WGMMA_TILE", raising=False)
-        assert tile_shape() == (128, 256)
+        assert tile_shape(255 * 128, 128) == (128, 256) and tile_shape(256 * 128, 128) == (256, 128)
+        monkeypatch.setenv("NF4MOE_WGMMA_TILE", "128x256")
+        assert tile_shape(1 << 20, 128) == (128, 256)
+        monkeypatch.setenv("NF4MOE_WGMMA_TILE", "256x128")
+        assert tile_shape(8, 128) == (256, 128)
         monkeypatch.setenv("NF4MOE_WGMMA_TILE", "256x256")
         with pytest.raises(ValueError, match="NF4MOE_WGMMA_TILE"):
-            tile_shape()
+            tile_shape(8, 128)
         from nf4moe.kernels.grouped_gemm_wgmma import stages
 
+        from nf4moe.kernels.grouped_gemm_wgmma import warp_specialized
+
+        monkeypatch.delenv("NF4MOE_WGMMA_WS", raising=False)
+        assert not warp_specialized()
+        monkeypatch.setenv("NF4MOE_WGMMA_WS", "yes")
+        with pytest.raises(ValueError, match="NF4MOE_WGMMA_WS"):
+            warp_specialized()
         monkeypatch.delenv("NF4MOE_WGMMA_STAGES", raising=False)
         assert stages(128) == 4 and stages(256) == 4
         monkeypatch.setenv("NF4MOE_WGMMA_STAGES", "5")

@@ -362,7 +362,7 @@ def launch_nf4_moe_gemm(
         from .grouped_gemm_wgmma import launch_nf4_moe_gemm_wgmma, tile_shape
         from .tile_table import launch_tile_table
 
-        block_m, tile_n = tile_shape()
+        block_m, tile_n = tile_shape(rows, num_experts)
         return launch_nf4_moe_gemm_wgmma(
             x, w, lora_b, scaling, xa if xa is None or xa.dim() == 3 else xa.unsqueeze(0), sorted_pair_ids,
             launch_tile_table(expert_offsets, rows, block_m), top_k_weights, out, n=n, top_k=top_k, gated=gated,

@@ -41,8 +41,8 @@ import os
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import (async_copy, fence_async_shared, warpgroup_mma,
-                                                               warpgroup_mma_wait)
+from triton.experimental.gluon.language.nvidia.hopper import (async_copy, fence_async_shared, mbarrier,
+                                                               warpgroup_mma, warpgroup_mma_wait)
 
 from .configs import cdiv
 from . import nf4_decode
@@ -53,6 +53,10 @@ _lut_scaled_pairs = gluon.jit(nf4_decode.lut_scaled_pairs.fn)
 
 NUM_WARPS = 8
 TILES = {"128x256": (128, 256), "256x128": (256, 128)}  # (rows, weight rows) per program: same MMA work per step
+WS_PRODUCER_WARPS = 4  # the warp-specialised kernel: one producer warp group ...
+WS_PRODUCER_REGS = 112  # ... of 112 registers a thread (no spills in its loop, ptxas for sm_90a, Triton 3.6 and 3.9)
+WS_MAXNREG = 168  # 12 warps x 168 = the 64K register file; the consumers get 192 inside the partitioned region
+WIDE_TILE_ROWS = 256  # mean routed rows per expert from which tile_shape picks 256x128
 # cp.async of a pointer tensor into shared memory: async_load from Triton 3.7 on, the older name before
 _cp_async = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
 _block_barrier = getattr(gl, "barrier", None) or gl.thread_barrier  # bar.sync of the CTA (renamed in 3.7)
@@ -126,6 +130,59 @@ def _decode_store(packed, am, am2, code2_ptr, offset, dst, NESTED: gl.constexpr,
 
 
 @gluon.jit
+def _epilogue(acc, e, pid_n, row_lo, row_hi, lb_ptr, scaling, xa_ptr, XA_SPLIT, gu_ptr, out_ptr, stride_om, pair_ptr,
+              topw_ptr, N, N_TOTAL, R, P, R_PAD: gl.constexpr, GATED: gl.constexpr, ACT: gl.constexpr,
+              HAS_LORA: gl.constexpr, WRITE_GU: gl.constexpr, WRITE_OUT: gl.constexpr, BM: gl.constexpr,
+              TN: gl.constexpr, BLOCK_N: gl.constexpr, DT: gl.constexpr):
+    """LoRA as one more wgmma into the (BM, TN) accumulator, then SwiGLU and the stores (up) or the routing
+    weight and the scatter to pair rows (down); 8 warps."""
+    ON: gl.constexpr = BLOCK_N // 8 if BLOCK_N < 256 else 32
+    OL: gl.constexpr = gl.BlockedLayout([1, 8], [32 // ON, ON], [8, 1], [1, 0])
+    LL: gl.constexpr = gl.BlockedLayout([1, 4], [8, 4], [8, 1], [1, 0])
+    if HAS_LORA:  # + (scaling·X·Aᵀ) Bᵀ: one more wgmma, K = R_PAD
+        R_SL: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BM, R_PAD], DT)
+        B_SL: gl.constexpr = gl.NVMMASharedLayout.get_default_for([TN, R_PAD], DT)
+        offs_lm = row_lo + gl.arange(0, BM, layout=gl.SliceLayout(1, LL))
+        offs_r = gl.arange(0, R_PAD, layout=gl.SliceLayout(0, LL))
+        lm_mask = (offs_lm < row_hi)[:, None]
+        xa = gl.zeros([BM, R_PAD], gl.float32, LL)
+        for s in range(XA_SPLIT):  # partials summed in order, as the Triton kernel does
+            xa += gl.load(xa_ptr + (s * P + offs_lm[:, None].to(gl.int64)) * R_PAD + offs_r[None, :], mask=lm_mask,
+                          other=0.0)
+        xa_s = gl.allocate_shared_memory(DT, [BM, R_PAD], R_SL, (xa * scaling).to(DT))
+        b_rows, b_mask = _tile_rows(e, pid_n, N, N_TOTAL, gl.SliceLayout(1, LL), GATED, BLOCK_N, TN)
+        b = gl.load(lb_ptr + b_rows[:, None] * R + offs_r[None, :], mask=b_mask[:, None] & (offs_r < R)[None, :],
+                    other=0.0)
+        b_s = gl.allocate_shared_memory(DT, [TN, R_PAD], B_SL, b.to(DT))
+        fence_async_shared()
+        _block_barrier()
+        acc = warpgroup_mma(xa_s, b_s.permute((1, 0)), acc)
+
+    offs_om = row_lo + gl.arange(0, BM, layout=gl.SliceLayout(1, OL))
+    om_mask = offs_om < row_hi
+    offs_on = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, OL))
+    store_mask = om_mask[:, None] & (offs_on < N)[None, :]
+    if GATED:
+        g, u = acc.reshape([BM, 2, BLOCK_N]).permute((0, 2, 1)).split()
+        g = gl.convert_layout(g, OL)
+        u = gl.convert_layout(u, OL)
+        if WRITE_GU:  # training: the backward's SwiGLU derivative needs the pre-activations
+            gu_ptrs = gu_ptr + offs_om.to(gl.int64)[:, None] * (2 * N) + offs_on[None, :]
+            gl.store(gu_ptrs, g.to(gu_ptr.dtype.element_ty), mask=store_mask)
+            gl.store(gu_ptrs + N, u.to(gu_ptr.dtype.element_ty), mask=store_mask)
+        if WRITE_OUT:
+            h = _act(g, ACT) * u
+            gl.store(out_ptr + offs_om.to(gl.int64)[:, None] * stride_om + offs_on[None, :],
+                     h.to(out_ptr.dtype.element_ty), mask=store_mask)
+    else:
+        pair = gl.load(pair_ptr + offs_om, mask=om_mask, other=0)
+        wt = gl.load(topw_ptr + pair, mask=om_mask, other=0.0).to(gl.float32)
+        h = gl.convert_layout(acc, OL) * wt[:, None]
+        gl.store(out_ptr + pair.to(gl.int64)[:, None] * stride_om + offs_on[None, :], h.to(out_ptr.dtype.element_ty),
+                 mask=store_mask)
+
+
+@gluon.jit
 def nf4_moe_gemm_wgmma_kernel(
     x_ptr,            # up: hidden_states (T, K_DIM); down: intermediate (P, K_DIM) sorted; fp16/bf16, unit K stride
     stride_xm,
@@ -175,9 +232,6 @@ def nf4_moe_gemm_wgmma_kernel(
     WL: gl.constexpr = gl.BlockedLayout([1, 16], [16, 2], [8, 1], [1, 0])
     TN: gl.constexpr = TILE_N  # weight rows per tile: gate | up (GATED, BLOCK_N = TN / 2 each) or TN down rows
     ACC: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[8, 1], instr_shape=[16, TN, 16])
-    ON: gl.constexpr = BLOCK_N // 8 if BLOCK_N < 256 else 32
-    OL: gl.constexpr = gl.BlockedLayout([1, 8], [32 // ON, ON], [8, 1], [1, 0])
-    LL: gl.constexpr = gl.BlockedLayout([1, 4], [8, 4], [8, 1], [1, 0])
     X_SL: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
     W32_SL: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=2)
 
@@ -244,56 +298,154 @@ def nf4_moe_gemm_wgmma_kernel(
     acc = warpgroup_mma_wait(0, deps=[acc])
     async_copy.wait_group(0)
 
-    if HAS_LORA:  # + (scaling·X·Aᵀ) Bᵀ: one more wgmma, K = R_PAD
-        R_SL: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BM, R_PAD], DT)
-        B_SL: gl.constexpr = gl.NVMMASharedLayout.get_default_for([TN, R_PAD], DT)
-        offs_lm = row_lo + gl.arange(0, BM, layout=gl.SliceLayout(1, LL))
-        offs_r = gl.arange(0, R_PAD, layout=gl.SliceLayout(0, LL))
-        lm_mask = (offs_lm < row_hi)[:, None]
-        xa = gl.zeros([BM, R_PAD], gl.float32, LL)
-        for s in range(XA_SPLIT):  # partials summed in order, as the Triton kernel does
-            xa += gl.load(xa_ptr + (s * P + offs_lm[:, None].to(gl.int64)) * R_PAD + offs_r[None, :], mask=lm_mask,
-                          other=0.0)
-        xa_s = gl.allocate_shared_memory(DT, [BM, R_PAD], R_SL, (xa * scaling).to(DT))
-        b_rows, b_mask = _tile_rows(e, pid_n, N, N_TOTAL, gl.SliceLayout(1, LL), GATED, BLOCK_N, TN)
-        b = gl.load(lb_ptr + b_rows[:, None] * R + offs_r[None, :], mask=b_mask[:, None] & (offs_r < R)[None, :],
-                    other=0.0)
-        b_s = gl.allocate_shared_memory(DT, [TN, R_PAD], B_SL, b.to(DT))
-        fence_async_shared()
-        _block_barrier()
-        acc = warpgroup_mma(xa_s, b_s.permute((1, 0)), acc)
+    _epilogue(acc, e, pid_n, row_lo, row_hi, lb_ptr, scaling, xa_ptr, XA_SPLIT, gu_ptr, out_ptr, stride_om, pair_ptr,
+              topw_ptr, N, N_TOTAL, R, P, R_PAD, GATED, ACT, HAS_LORA, WRITE_GU, WRITE_OUT, BM, TN, BLOCK_N, DT)
 
-    offs_om = row_lo + gl.arange(0, BM, layout=gl.SliceLayout(1, OL))
-    om_mask = offs_om < row_hi
-    offs_on = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, OL))
-    store_mask = om_mask[:, None] & (offs_on < N)[None, :]
+
+@gluon.jit
+def _ws_producer(x_ptr, stride_xm, w_ptr, am_ptr, am2_ptr, code2_ptr, off_ptr, pair_ptr, e, pid_n, row_lo, row_hi,
+                 N, K_DIM, K_HALF, N_TOTAL, x_s, wb_s, w32, ready, done, TOP_K: gl.constexpr, GATED: gl.constexpr,
+                 NESTED: gl.constexpr, BS: gl.constexpr, BS2: gl.constexpr, BM: gl.constexpr, TN: gl.constexpr,
+                 BLOCK_N: gl.constexpr, PW: gl.constexpr, LEAVE_OUT: gl.constexpr):
+    """The warp-specialised GEMM's producer partition (PW warps): cp.async of the activation rows and packed
+    weight bytes XS - 2 steps ahead, absmax two steps ahead in registers, the NF4 decode of step i into weight
+    slot i % WS, then ``ready[i % WS]``.  Before copying into the slots of step i + XS - 2 it waits until the
+    consumer has finished the wgmma of step i - 2 (``done``), which also frees weight slot i + 1 - WS."""
+    BK: gl.constexpr = 64
+    XS: gl.constexpr = x_s.type.shape[0]
+    WS: gl.constexpr = w32.type.shape[0]
+    D: gl.constexpr = XS - 2
+    DT: gl.constexpr = x_ptr.dtype.element_ty
+    XL: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [PW, 1], [1, 0])
+    WL: gl.constexpr = gl.BlockedLayout([1, 16], [16, 2], [PW, 1], [1, 0])
+    offs_xm = row_lo + gl.arange(0, BM, layout=gl.SliceLayout(1, XL))
+    xm_mask = offs_xm < row_hi
     if GATED:
-        g, u = acc.reshape([BM, 2, BLOCK_N]).permute((0, 2, 1)).split()
-        g = gl.convert_layout(g, OL)
-        u = gl.convert_layout(u, OL)
-        if WRITE_GU:  # training: the backward's SwiGLU derivative needs the pre-activations
-            gu_ptrs = gu_ptr + offs_om.to(gl.int64)[:, None] * (2 * N) + offs_on[None, :]
-            gl.store(gu_ptrs, g.to(gu_ptr.dtype.element_ty), mask=store_mask)
-            gl.store(gu_ptrs + N, u.to(gu_ptr.dtype.element_ty), mask=store_mask)
-        if WRITE_OUT:
-            h = _act(g, ACT) * u
-            gl.store(out_ptr + offs_om.to(gl.int64)[:, None] * stride_om + offs_on[None, :],
-                     h.to(out_ptr.dtype.element_ty), mask=store_mask)
+        pair_x = gl.load(pair_ptr + offs_xm, mask=xm_mask, other=0)
+        x_rows = (pair_x // TOP_K).to(gl.int64)
     else:
-        pair = gl.load(pair_ptr + offs_om, mask=om_mask, other=0)
-        wt = gl.load(topw_ptr + pair, mask=om_mask, other=0.0).to(gl.float32)
-        h = gl.convert_layout(acc, OL) * wt[:, None]
-        gl.store(out_ptr + pair.to(gl.int64)[:, None] * stride_om + offs_on[None, :], h.to(out_ptr.dtype.element_ty),
-                 mask=store_mask)
+        x_rows = offs_xm.to(gl.int64)
+    x_base = x_ptr + x_rows[:, None] * stride_xm + gl.arange(0, BK, layout=gl.SliceLayout(0, XL))[None, :]
+    x_mask = xm_mask[:, None]
+    w_rows, wn_mask = _tile_rows(e, pid_n, N, N_TOTAL, gl.SliceLayout(1, WL), GATED, BLOCK_N, TN)
+    cols = gl.arange(0, BK // 2, layout=gl.SliceLayout(0, WL))
+    if NESTED:
+        offset = gl.load(off_ptr)
+    else:
+        offset = 0.0
+    n_k = K_DIM // BK
+    wb_base = w_ptr + w_rows[:, None] * K_HALF + cols[None, :]
+    wb_mask = wn_mask[:, None]
+    for s in gl.static_range(D):
+        _cp_async(x_s.index(s), x_base + s * BK, mask=x_mask & (s < n_k))
+        _cp_async(wb_s.index(s), wb_base + s * (BK // 2), mask=wb_mask & (s < n_k))
+        async_copy.commit_group()
+    am0, a20 = _load_scales(am_ptr, am2_ptr, w_rows, wn_mask, 0, K_DIM, NESTED, BS, BS2)
+    am1, a21 = _load_scales(am_ptr, am2_ptr, w_rows, wn_mask, gl.minimum(1, n_k - 1) * BK, K_DIM, NESTED, BS, BS2)
+    for i in range(n_k):
+        # the slots of step i + D held step i - 2: wait for its wgmma (and with it for weight slot (i+1) % WS)
+        j = gl.maximum(i - 2, 0)
+        mbarrier.wait(done.index(j % XS), (j // XS) & 1, pred=i >= 2)
+        _cp_async(x_s.index((i + D) % XS), x_base + (i + D) * BK, mask=x_mask & (i + D < n_k))
+        _cp_async(wb_s.index((i + D) % XS), wb_base + (i + D) * (BK // 2), mask=wb_mask & (i + D < n_k))
+        async_copy.commit_group()
+        async_copy.wait_group(D)  # this thread's copies of step i have landed
+        am2n, a22 = _load_scales(am_ptr, am2_ptr, w_rows, wn_mask, gl.minimum(i + 2, n_k - 1) * BK, K_DIM, NESTED, BS,
+                                 BS2)
+        if LEAVE_OUT != 1:
+            _decode_store(wb_s.index(i % XS).load(WL), am0, a20, code2_ptr, offset, w32.index(i % WS), NESTED, DT)
+        am0, a20, am1, a21 = am1, a21, am2n, a22
+        fence_async_shared()  # the decoded weights and the landed activations, for the consumer's wgmma
+        mbarrier.arrive(ready.index(i % WS))  # after a barrier of this partition's warps
+    async_copy.wait_group(0)
 
 
-def tile_shape() -> tuple[int, int]:
-    """(BLOCK_M, TILE_N) from ``NF4MOE_WGMMA_TILE`` (default 128x256, the measured one).  256x128 decodes each
-    weight once per 256 rows (half the decode per FLOP; the decode side bounds the 128x256 tile, NOTES.md
-    v23) at the cost of twice the activation tile per step; not yet measured on a GPU."""
-    raw = os.environ.get("NF4MOE_WGMMA_TILE", "128x256")
+@gluon.jit
+def _ws_consumer(x_s, w32, ready, done, n_k, BM: gl.constexpr, TN: gl.constexpr, LEAVE_OUT: gl.constexpr):
+    """The warp-specialised GEMM's consumer partition (the kernel's 8 warps, two warp groups): per step, wait
+    for ``ready``, the asynchronous wgmma, wait until only it is in flight, then ``done`` of the step before."""
+    XS: gl.constexpr = x_s.type.shape[0]
+    WS: gl.constexpr = w32.type.shape[0]
+    DT: gl.constexpr = x_s.dtype
+    X_SL: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+    w_s = _as_16bit(w32, DT, X_SL)
+    ACC: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[8, 1], instr_shape=[16, TN, 16])
+    acc = gl.zeros([BM, TN], gl.float32, ACC)
+    for i in range(n_k):
+        mbarrier.wait(ready.index(i % WS), (i // WS) & 1)
+        if LEAVE_OUT != 2:
+            acc = warpgroup_mma(x_s.index(i % XS), w_s.index(i % WS).permute((1, 0)), acc, is_async=True)
+            acc = warpgroup_mma_wait(1, deps=[acc])
+        j = gl.maximum(i - 1, 0)
+        mbarrier.arrive(done.index(j % XS), pred=i >= 1)  # the wgmma of step i - 1 is complete
+    acc = warpgroup_mma_wait(0, deps=[acc])
+    return (acc,)
+
+
+@gluon.jit
+def nf4_moe_gemm_ws_kernel(
+    x_ptr, stride_xm, w_ptr, am_ptr, am2_ptr, code2_ptr, off_ptr, lb_ptr, scaling, xa_ptr, XA_SPLIT, gu_ptr, out_ptr,
+    stride_om, pair_ptr, tile_ptr, topw_ptr,
+    N, K_DIM, K_HALF, N_TOTAL, E, R, P,
+    TOP_K: gl.constexpr, R_PAD: gl.constexpr, GATED: gl.constexpr, ACT: gl.constexpr, HAS_LORA: gl.constexpr,
+    NESTED: gl.constexpr, BS: gl.constexpr, BS2: gl.constexpr, WRITE_GU: gl.constexpr, WRITE_OUT: gl.constexpr,
+    BLOCK_M: gl.constexpr, TILE_N: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PW: gl.constexpr,
+    PREGS: gl.constexpr, LEAVE_OUT: gl.constexpr,
+):
+    """The same GEMM as nf4_moe_gemm_wgmma_kernel (same arguments, grid and results), warp-specialised: a
+    producer partition of PW warps copies and decodes (``_ws_producer``), the kernel's 8 warps run the wgmmas
+    (``_ws_consumer``); they hand over through mbarriers instead of a block barrier per step, so neither side
+    waits for the other's slowest warp.  Then the same epilogue in the 8 warps."""
+    BM: gl.constexpr = BLOCK_M
+    BK: gl.constexpr = 64
+    TN: gl.constexpr = TILE_N
+    XS: gl.constexpr = STAGES
+    WS: gl.constexpr = 3
+    DT: gl.constexpr = x_ptr.dtype.element_ty
+    pid_n = gl.program_id(0)
+    pid_m = gl.program_id(1)
+    e = gl.load(tile_ptr + 3 * pid_m)
+    if e >= E:
+        return
+    row_lo = gl.load(tile_ptr + 3 * pid_m + 1)
+    row_hi = gl.load(tile_ptr + 3 * pid_m + 2)
+    X_SL: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+    W32_SL: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=2)
+    WB_SL: gl.constexpr = gl.SwizzledSharedLayout(vec=16, per_phase=1, max_phase=1, order=[1, 0])
+    x_s = gl.allocate_shared_memory(DT, [XS, BM, BK], X_SL)
+    w32 = gl.allocate_shared_memory(gl.int32, [WS, TN, BK // 2], W32_SL)
+    wb_s = gl.allocate_shared_memory(gl.uint8, [XS, TN, BK // 2], WB_SL)
+    ready = gl.allocate_shared_memory(gl.int64, [WS, 1], mbarrier.MBarrierLayout())
+    done = gl.allocate_shared_memory(gl.int64, [XS, 1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(WS):
+        mbarrier.init(ready.index(s), count=1)
+    for s in gl.static_range(XS):
+        mbarrier.init(done.index(s), count=1)
+    n_k = K_DIM // BK
+    res = gl.warp_specialize([
+        (_ws_consumer, (x_s, w32, ready, done, n_k, BM, TN, LEAVE_OUT)),
+        (_ws_producer, (x_ptr, stride_xm, w_ptr, am_ptr, am2_ptr, code2_ptr, off_ptr, pair_ptr, e, pid_n, row_lo,
+                        row_hi, N, K_DIM, K_HALF, N_TOTAL, x_s, wb_s, w32, ready, done, TOP_K, GATED, NESTED, BS, BS2,
+                        BM, TN, BLOCK_N, PW, LEAVE_OUT)),
+    ], [PW], [PREGS])
+    _epilogue(res[0], e, pid_n, row_lo, row_hi, lb_ptr, scaling, xa_ptr, XA_SPLIT, gu_ptr, out_ptr, stride_om,
+              pair_ptr, topw_ptr, N, N_TOTAL, R, P, R_PAD, GATED, ACT, HAS_LORA, WRITE_GU, WRITE_OUT, BM, TN, BLOCK_N,
+              DT)
+
+
+def tile_shape(rows: int, num_experts: int) -> tuple[int, int]:
+    """(BLOCK_M, TILE_N) from ``NF4MOE_WGMMA_TILE``: ``auto`` (the default) takes 256x128 from a mean of
+    ``WIDE_TILE_ROWS`` routed rows per expert on, 128x256 below; ``128x256`` / ``256x128`` pin one.  256x128
+    decodes each weight once per 256 rows (half the decode per FLOP) but reads twice the activation bytes per
+    FLOP and pads each expert to 256 rows.  Measured on an H200 (bench/NOTES.md v25, GEMM kernel times,
+    256x128 against 128x256): Qwen3-30B-A3B T=8192 (512 rows per expert) 2.088 / 2.195 ms, GLM-4.5-Air
+    T=8192 (512) 6.681 / 7.182, DeepSeek-V3 T=8192 (256) 19.52 / 19.90; T <= 1024 (<= 64 rows per
+    expert) 1.7-1.9x slower."""
+    raw = os.environ.get("NF4MOE_WGMMA_TILE", "auto")
+    if raw == "auto":
+        return TILES["256x128"] if rows >= WIDE_TILE_ROWS * num_experts else TILES["128x256"]
     if raw not in TILES:
-        raise ValueError(f"NF4MOE_WGMMA_TILE must be one of {sorted(TILES)}, got {raw!r}")
+        raise ValueError(f"NF4MOE_WGMMA_TILE must be auto or one of {sorted(TILES)}, got {raw!r}")
     return TILES[raw]
 
 
@@ -304,6 +456,16 @@ def stages(block_m: int) -> int:
     if raw not in ("4", "5") or (raw == "5" and block_m != 128):
         raise ValueError(f"NF4MOE_WGMMA_STAGES must be 4, or 5 with NF4MOE_WGMMA_TILE=128x256; got {raw!r}")
     return int(raw)
+
+
+def warp_specialized() -> bool:
+    """``NF4MOE_WGMMA_WS=1``: the warp-specialised kernel (nf4_moe_gemm_ws_kernel: WS_PRODUCER_WARPS producer
+    warps decode, the 8 warps of the kernel run the wgmmas, mbarriers between them); 0 (the default): the
+    kernel whose 8 warps do both, with a block barrier per K step."""
+    raw = os.environ.get("NF4MOE_WGMMA_WS", "0")
+    if raw not in ("0", "1"):
+        raise ValueError(f"NF4MOE_WGMMA_WS must be 0 or 1, got {raw!r}")
+    return raw == "1"
 
 
 def block_n(gated: bool, tile_n: int) -> int:
@@ -323,7 +485,11 @@ def launch_nf4_moe_gemm_wgmma(x, w, lora_b, scaling, xa, sorted_pair_ids, tile_t
     has_lora = xa is not None
     dummy = w.absmax
     grid = (cdiv(n, bn), tile_table.shape[0])
-    nf4_moe_gemm_wgmma_kernel[grid](
+    ws = warp_specialized()
+    kernel, extra = nf4_moe_gemm_wgmma_kernel, {}
+    if ws:  # producer warps, their registers, and the register cap that lets 12 warps share the file
+        kernel, extra = nf4_moe_gemm_ws_kernel, dict(PW=WS_PRODUCER_WARPS, PREGS=WS_PRODUCER_REGS, maxnreg=WS_MAXNREG)
+    kernel[grid](
         x, x.stride(0), *w.pointer_args(),
         lora_b if has_lora else dummy, float(scaling),
         xa if has_lora else dummy, xa.shape[0] if has_lora else 1,
@@ -333,6 +499,6 @@ def launch_nf4_moe_gemm_wgmma(x, w, lora_b, scaling, xa, sorted_pair_ids, tile_t
         TOP_K=top_k, R_PAD=r_pad, GATED=gated, ACT=act_code, HAS_LORA=has_lora, NESTED=w.nested,
         BS=w.blocksize, BS2=w.blocksize2, WRITE_GU=gu is not None, WRITE_OUT=write_out, BLOCK_M=block_m,
         TILE_N=tile_n, BLOCK_N=bn, STAGES=stages(block_m),
-        LEAVE_OUT=int(os.environ.get("NF4MOE_WGMMA_LEAVE_OUT", "0")), num_warps=NUM_WARPS,
+        LEAVE_OUT=int(os.environ.get("NF4MOE_WGMMA_LEAVE_OUT", "0")), num_warps=NUM_WARPS, **extra,
     )
     return out
