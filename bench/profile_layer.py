@@ -90,7 +90,9 @@ def main(argv=None) -> int:
             os.environ["NF4MOE_WGMMA_TILE"] = ("256x128" if var in ("wgmma256", "ws256") else "128x256"
                                                if var in ("wgmma128", "ws128") else "auto")
             # ws...: the warp-specialised Gluon GEMM (producer warps decode, consumer warps run the wgmmas)
-            os.environ["NF4MOE_WGMMA_WS"] = "1" if var.startswith("ws") else "0"
+            # ws:pw:regs:maxnreg:xs:ws: the warp-specialised one in that configuration (NF4MOE_WGMMA_WS)
+            os.environ["NF4MOE_WGMMA_WS"] = (var[3:].replace(":", ",") if var.startswith("ws:") else "1"
+                                             if var.startswith("ws") else "0")
             os.environ["NF4MOE_WGMMA_STAGES"] = "5" if var == "wgmma5" else "4"  # wgmma5: copies 3 steps ahead
             with torch.no_grad():
                 ms = _bench(lambda: ours(x, idx, w))

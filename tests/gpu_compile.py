@@ -127,7 +127,7 @@ def main() -> int:
             out["wgmma_down" + name] = facts(compile_kernel(nf4_moe_gemm_wgmma_kernel, wg_ptrs, down_ints,
                                                             dict(tile, TOP_K=1, GATED=False, BLOCK_N=tn), 8, 1,
                                                             gluon=True))
-            ws = dict(tile, PW=gw.WS_PRODUCER_WARPS, PREGS=gw.WS_PRODUCER_REGS)  # the warp-specialised kernel
+            ws = dict(tile, PW=gw.WS_PRODUCER_WARPS, PREGS=gw.WS_PRODUCER_REGS, WSLOTS=gw.WS_CONFIG[4])  # the warp-specialised kernel
             out["wgmma_ws_up" + name] = facts(compile_kernel(gw.nf4_moe_gemm_ws_kernel, wg_ptrs, wg_ints,
                                                              dict(ws, GATED=True, BLOCK_N=tn // 2), 8, 1, gluon=True,
                                                              maxnreg=gw.WS_MAXNREG))

@@ -472,9 +472,12 @@ def test_wgmma_switch(monkeypatch):
 
         monkeypatch.delenv("NF4MOE_WGMMA_WS", raising=False)
         assert not warp_specialized()
-        monkeypatch.setenv("NF4MOE_WGMMA_WS", "yes")
-        with pytest.raises(ValueError, match="NF4MOE_WGMMA_WS"):
-            warp_specialized()
+        monkeypatch.setenv("NF4MOE_WGMMA_WS", "8,96,128,5,2")
+        assert warp_specialized() == (8, 96, 128, 5, 2)
+        for bad in ("yes", "8,96,128,5", "6,96,128,4,3", "8,100,128,4,3"):
+            monkeypatch.setenv("NF4MOE_WGMMA_WS", bad)
+            with pytest.raises(ValueError, match="NF4MOE_WGMMA_WS"):
+                warp_specialized()
         monkeypatch.delenv("NF4MOE_WGMMA_STAGES", raising=False)
         assert stages(128) == 4 and stages(256) == 4
         monkeypatch.setenv("NF4MOE_WGMMA_STAGES", "5")

@@ -53,9 +53,12 @@ _lut_scaled_pairs = gluon.jit(nf4_decode.lut_scaled_pairs.fn)
 
 NUM_WARPS = 8
 TILES = {"128x256": (128, 256), "256x128": (256, 128)}  # (rows, weight rows) per program: same MMA work per step
-WS_PRODUCER_WARPS = 4  # the warp-specialised kernel: one producer warp group ...
-WS_PRODUCER_REGS = 112  # ... of 112 registers a thread (no spills in its loop, ptxas for sm_90a, Triton 3.6 and 3.9)
-WS_MAXNREG = 168  # 12 warps x 168 = the 64K register file; the consumers get 192 inside the partitioned region
+# The warp-specialised kernel's default configuration: (producer warps, their registers a thread, the kernel's
+# register cap, activation/byte ring depth, decoded-weight ring depth).  One producer warp group of 112 registers
+# (no spills in its loop, ptxas for sm_90a, Triton 3.6 and 3.9); 12 warps x 168 = the 64K register file, the
+# consumers get 192 inside the partitioned region.
+WS_CONFIG = (4, 112, 168, 4, 3)
+WS_PRODUCER_WARPS, WS_PRODUCER_REGS, WS_MAXNREG = WS_CONFIG[:3]
 WIDE_TILE_ROWS = 256  # mean routed rows per expert from which tile_shape picks 256x128
 # cp.async of a pointer tensor into shared memory: async_load from Triton 3.7 on, the older name before
 _cp_async = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
@@ -390,7 +393,7 @@ def nf4_moe_gemm_ws_kernel(
     TOP_K: gl.constexpr, R_PAD: gl.constexpr, GATED: gl.constexpr, ACT: gl.constexpr, HAS_LORA: gl.constexpr,
     NESTED: gl.constexpr, BS: gl.constexpr, BS2: gl.constexpr, WRITE_GU: gl.constexpr, WRITE_OUT: gl.constexpr,
     BLOCK_M: gl.constexpr, TILE_N: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PW: gl.constexpr,
-    PREGS: gl.constexpr, LEAVE_OUT: gl.constexpr,
+    PREGS: gl.constexpr, WSLOTS: gl.constexpr, LEAVE_OUT: gl.constexpr,
 ):
     """The same GEMM as nf4_moe_gemm_wgmma_kernel (same arguments, grid and results), warp-specialised: a
     producer partition of PW warps copies and decodes (``_ws_producer``), the kernel's 8 warps run the wgmmas
@@ -400,7 +403,7 @@ def nf4_moe_gemm_ws_kernel(
     BK: gl.constexpr = 64
     TN: gl.constexpr = TILE_N
     XS: gl.constexpr = STAGES
-    WS: gl.constexpr = 3
+    WS: gl.constexpr = WSLOTS
     DT: gl.constexpr = x_ptr.dtype.element_ty
     pid_n = gl.program_id(0)
     pid_m = gl.program_id(1)
@@ -458,14 +461,23 @@ def stages(block_m: int) -> int:
     return int(raw)
 
 
-def warp_specialized() -> bool:
-    """``NF4MOE_WGMMA_WS=1``: the warp-specialised kernel (nf4_moe_gemm_ws_kernel: WS_PRODUCER_WARPS producer
-    warps decode, the 8 warps of the kernel run the wgmmas, mbarriers between them); 0 (the default): the
-    kernel whose 8 warps do both, with a block barrier per K step."""
+def warp_specialized() -> tuple[int, int, int, int, int] | None:
+    """``NF4MOE_WGMMA_WS=1``: the warp-specialised kernel (nf4_moe_gemm_ws_kernel: producer warps decode, the 8
+    warps of the kernel run the wgmmas, mbarriers between them) in WS_CONFIG; ``pw,regs,maxnreg,xs,ws`` (e.g.
+    ``8,96,128,4,3``) sets that configuration instead, for profiling; 0 (the default): the kernel whose 8
+    warps do both, with a block barrier per K step.  Returns the configuration or None."""
     raw = os.environ.get("NF4MOE_WGMMA_WS", "0")
-    if raw not in ("0", "1"):
-        raise ValueError(f"NF4MOE_WGMMA_WS must be 0 or 1, got {raw!r}")
-    return raw == "1"
+    if raw == "0":
+        return None
+    if raw == "1":
+        return WS_CONFIG
+    parts = raw.split(",")
+    if len(parts) != 5 or not all(p.strip().isdigit() for p in parts):
+        raise ValueError(f"NF4MOE_WGMMA_WS must be 0, 1 or pw,regs,maxnreg,xs,ws; got {raw!r}")
+    pw, regs, maxnreg, xs, ws = (int(p) for p in parts)
+    if pw not in (4, 8) or xs not in (4, 5) or ws not in (2, 3) or regs % 8 or not 24 <= regs <= 256:
+        raise ValueError(f"NF4MOE_WGMMA_WS: pw 4 or 8, regs a multiple of 8 in 24..256, xs 4 or 5, ws 2 or 3; got {raw!r}")
+    return pw, regs, maxnreg, xs, ws
 
 
 def block_n(gated: bool, tile_n: int) -> int:
@@ -486,9 +498,10 @@ def launch_nf4_moe_gemm_wgmma(x, w, lora_b, scaling, xa, sorted_pair_ids, tile_t
     dummy = w.absmax
     grid = (cdiv(n, bn), tile_table.shape[0])
     ws = warp_specialized()
-    kernel, extra = nf4_moe_gemm_wgmma_kernel, {}
-    if ws:  # producer warps, their registers, and the register cap that lets 12 warps share the file
-        kernel, extra = nf4_moe_gemm_ws_kernel, dict(PW=WS_PRODUCER_WARPS, PREGS=WS_PRODUCER_REGS, maxnreg=WS_MAXNREG)
+    kernel, extra, ring = nf4_moe_gemm_wgmma_kernel, {}, stages(block_m)
+    if ws:  # producer warps, their registers, the register cap that lets all warps share the file, ring depths
+        pw, regs, maxnreg, ring, wslots = ws
+        kernel, extra = nf4_moe_gemm_ws_kernel, dict(PW=pw, PREGS=regs, maxnreg=maxnreg, WSLOTS=wslots)
     kernel[grid](
         x, x.stride(0), *w.pointer_args(),
         lora_b if has_lora else dummy, float(scaling),
@@ -498,7 +511,7 @@ def launch_nf4_moe_gemm_wgmma(x, w, lora_b, scaling, xa, sorted_pair_ids, tile_t
         n, 2 * half_k, half_k, n_total, num_experts, r, sorted_pair_ids.numel(),
         TOP_K=top_k, R_PAD=r_pad, GATED=gated, ACT=act_code, HAS_LORA=has_lora, NESTED=w.nested,
         BS=w.blocksize, BS2=w.blocksize2, WRITE_GU=gu is not None, WRITE_OUT=write_out, BLOCK_M=block_m,
-        TILE_N=tile_n, BLOCK_N=bn, STAGES=stages(block_m),
+        TILE_N=tile_n, BLOCK_N=bn, STAGES=ring,
         LEAVE_OUT=int(os.environ.get("NF4MOE_WGMMA_LEAVE_OUT", "0")), num_warps=NUM_WARPS, **extra,
     )
     return out
