@@ -16,6 +16,7 @@
 #   bash bench/gpu_sweep.sh wgmma      # the Gluon GEMM: its GPU tests, then its configs against the Triton GEMM (~7 min)
 #   bash bench/gpu_sweep.sh h200all    # forward, all three shapes, one process per shape, DeepSeek-V3 first (~4 min)
 #   bash bench/gpu_sweep.sh ncu_wgmma  # Nsight Compute on the Gluon GEMM's up projection, Qwen3 T=8192, both tiles (~3 min)
+#   bash bench/gpu_sweep.sh ncu_ws     # Nsight Compute with stall reasons: the warp-specialised Gluon GEMM against the default (~2 min)
 #   bash bench/gpu_sweep.sh largeprof  # GEMM times of every autotuner candidate at T=8192, Qwen3 and DeepSeek-V3 (~2 min)
 set -euo pipefail
 OUT=${OUT:-bench/results/sweep}
@@ -82,6 +83,13 @@ case "${1:-}" in
         --launch-count 1 --section SpeedOfLight --section WarpStateStats --section MemoryWorkloadAnalysis \
         --section Occupancy --section SchedulerStats --section InstructionStats --section ComputeWorkloadAnalysis \
         $py -m bench.ncu_case --tokens 8192 --calls 2 2>&1 | tee "$OUT/ncu_wgmma_up_t8192_$tile.txt"
+    done ;;
+  ncu_ws)
+    # the warp-specialised Gluon GEMM (two producer warp groups) against the default one, with the stall reasons
+    for ws in 0 8,96,128,4,3; do
+      NF4MOE_WGMMA_WS=$ws ncu --clock-control none --kernel-name regex:nf4_moe_gemm_w --launch-skip 2 --launch-count 1 \
+        --section SpeedOfLight --section WarpStateStats --section SchedulerStats --print-details all \
+        $py -m bench.ncu_case --tokens 8192 --calls 2 2>&1 | tee "$OUT/ncu_ws_up_t8192_${ws//,/_}.txt"
     done ;;
   largeprof)
     $py -m bench.profile_layer --tokens 8192 --variants gemm --timings 2>&1 | tee "$OUT/profile_large_qwen3.log"
