@@ -30,9 +30,14 @@ then the matching 128 up rows (so the activation tile is read once for both); do
 Epilogue: LoRA as one more wgmma (scaling·X·Aᵀ, precomputed by lora_xa.py and rounded to the activation
 dtype once, times Bᵀ) into the same accumulator, then SwiGLU of its two halves (up) or the routing weight
 and the scatter to pair rows (down); training stores the pre-activations as the Triton GEMM does.  Used for
-eager launches with 16-bit activations from 8192 routed rows on Hopper (grouped_gemm.use_wgmma decides);
+eager launches with 16-bit activations from 8192 routed rows and 64 per expert on Hopper (grouped_gemm.use_wgmma);
 torch.compile traces the Triton GEMM.  Memory: the same output buffers as the Triton kernel plus a
 (tiles, 3) int32 table (tile_table.py); 192 KB of shared memory per program (one program per SM).
+
+Tiles (``tile_shape``): 128 rows x 256 weight rows, or 256 x 128 (each weight decoded once per 256 rows), the
+latter from 256 routed rows per expert (measured 2-7% faster at T=8192 on all three shapes, NOTES.md v25).
+``nf4_moe_gemm_ws_kernel`` is the same GEMM warp-specialised (NF4MOE_WGMMA_WS=1, opt-in: measured 7-14%
+slower, NOTES.md v27): a producer partition copies and decodes, the 8 warps only issue wgmma, mbarriers between.
 """
 from __future__ import annotations
 
