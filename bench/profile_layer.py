@@ -94,6 +94,8 @@ def main(argv=None) -> int:
             os.environ["NF4MOE_WGMMA_WS"] = (var[3:].replace(":", ",") if var.startswith("ws:") else "1"
                                              if var.startswith("ws") else "0")
             os.environ["NF4MOE_WGMMA_STAGES"] = "5" if var == "wgmma5" else "4"  # wgmma5: copies 3 steps ahead
+            # wgmma_split: the 256-row tiles' remainders of <= 128 rows as 128-row tiles (NF4MOE_WGMMA_SPLIT)
+            os.environ["NF4MOE_WGMMA_SPLIT"] = "1" if var == "wgmma_split" else "0"
             with torch.no_grad():
                 ms = _bench(lambda: ours(x, idx, w))
                 kt = kernel_times(lambda: ours(x, idx, w))

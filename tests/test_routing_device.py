@@ -303,3 +303,43 @@ def test_fake_tensors_take_the_op_path():
         rt = R.build_routing(idx, 4)
     assert rt.sorted_pair_ids.shape == (10,) and rt.expert_offsets.shape == (5,)
     assert rt.sorted_pair_ids.dtype == rt.expert_offsets.dtype == torch.int32
+
+
+@needs_triton
+@pytest.mark.parametrize("small", [0, 128])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_tile_table_covers_every_row_once(small, seed, monkeypatch):
+    """The Gluon GEMM's row-tile tables (tile_table.py): every sorted row in exactly one tile of its own
+    expert; 256-row tiles, and with ``small`` the remainders of at most 128 rows in 128-row tiles of their own.
+    The table is poisoned with (0, 0, 0) entries (expert 0, a tile at row 0) before the kernel fills it."""
+    from nf4moe.kernels import tile_table as tt
+
+    real_empty = torch.empty
+    monkeypatch.setattr(tt.torch, "empty", lambda *a, **kw: real_empty(*a, **kw).fill_(0))
+    launch_tile_table = tt.launch_tile_table
+
+    g = torch.Generator().manual_seed(seed)
+    counts = torch.tensor([0, 100, 128, 129, 256, 300, 384, 385, 512, 1, 255, 257])
+    counts = counts[torch.randperm(counts.numel(), generator=g)]
+    eoff = torch.zeros(counts.numel() + 1, dtype=torch.int32)
+    eoff[1:] = counts.cumsum(0)
+    rows, e_count = int(eoff[-1]), counts.numel()
+    main, rest = launch_tile_table(eoff.to(DEV), rows, 256, small=small)
+    owner = torch.full((rows,), -1)
+    for table, bm in ((main, 256), (rest, 128)):
+        if table is None:
+            continue
+        for e, lo, hi in table.cpu().tolist():
+            if e >= e_count:
+                continue
+            assert eoff[e] <= lo < eoff[e + 1] and hi == eoff[e + 1]
+            seg = slice(lo, min(lo + bm, hi))
+            assert (owner[seg] == -1).all(), "a row in two tiles"
+            owner[seg] = e
+            if table is rest:
+                assert hi - lo <= small
+    assert (owner == torch.repeat_interleave(torch.arange(e_count), counts)).all(), "a row in no tile"
+    if small:
+        assert (rest[:, 0] < e_count).sum().item() == int(((counts % 256 > 0) & (counts % 256 <= small)).sum())
+    else:
+        assert rest is None

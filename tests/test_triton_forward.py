@@ -414,6 +414,27 @@ def test_wgmma_ws_gemm_matches_reference(wgmma_counted, nan_new_empty, monkeypat
     assert out.dtype == dtype and torch.isfinite(out).all() and rel_err(out, ref) < BOUND[dtype]
 
 
+@pytest.mark.parametrize("t,e,h,i,k,mode", [
+    (600, 4, 256, 192, 2, "random"),      # ~300 rows per expert: a 256-row tile and a 128-row remainder each
+    (700, 8, 192, 320, 4, "random"),      # ~350: remainders either side of 128 (some padded 256-row tiles)
+    (150, 8, 192, 128, 3, "sentinels"),   # ~56: remainder tiles only
+    (700, 4, 128, 256, 2, "one_expert"),  # one expert of 700 rows (700 % 256 = 188: no remainder tile)
+])
+def test_wgmma_split_remainders_match_reference(wgmma_counted, nan_new_empty, monkeypatch, t, e, h, i, k, mode):
+    """NF4MOE_WGMMA_SPLIT=1: the 256-row tiles, then each expert's last <= 128 rows as a 128-row tile in a
+    second launch; every output row written once (outputs poisoned), against the reference."""
+    monkeypatch.setenv("NF4MOE_WGMMA_TILE", "256x128")
+    monkeypatch.setenv("NF4MOE_WGMMA_SPLIT", "1")
+    m = make_layer(e, h, i, rank=16, seed=t + 11)
+    x = torch.randn(t, h, device=DEV, dtype=torch.bfloat16)
+    idx, w = routing(t, e, k, seed=t * 11, mode=mode)
+    with torch.no_grad():
+        out = m(x, idx, w.to(torch.bfloat16))
+        ref = reference(m, x, idx, w.to(torch.bfloat16))
+    assert sorted(set(wgmma_counted)) == [False, True] and len(wgmma_counted) == 4, wgmma_counted
+    assert torch.isfinite(out).all() and rel_err(out, ref) < BOUND[torch.bfloat16]
+
+
 @pytest.mark.parametrize("recompute,ws", [("0", "0"), ("1", "0"), ("0", "1")])
 def test_wgmma_gemm_training_forward_and_grads(wgmma_counted, monkeypatch, recompute, ws):
     """The training forward through the Gluon GEMM (pre-activations and X·Aᵀ saved; in recompute mode the
@@ -468,7 +489,13 @@ def test_wgmma_switch(monkeypatch):
             tile_shape(8, 128)
         from nf4moe.kernels.grouped_gemm_wgmma import stages
 
-        from nf4moe.kernels.grouped_gemm_wgmma import warp_specialized
+        from nf4moe.kernels.grouped_gemm_wgmma import split_remainders, warp_specialized
+
+        monkeypatch.delenv("NF4MOE_WGMMA_SPLIT", raising=False)
+        assert not split_remainders()
+        monkeypatch.setenv("NF4MOE_WGMMA_SPLIT", "on")
+        with pytest.raises(ValueError, match="NF4MOE_WGMMA_SPLIT"):
+            split_remainders()
 
         monkeypatch.delenv("NF4MOE_WGMMA_WS", raising=False)
         assert not warp_specialized()

@@ -46,16 +46,21 @@ def act_and_grad(g, ACT: tl.constexpr):
 
 
 @triton.jit
-def expert_row_tile(eoff_ptr, pid_m, E, E_POW2: tl.constexpr, BLOCK_M: tl.constexpr):
+def expert_row_tile(eoff_ptr, pid_m, E, E_POW2: tl.constexpr, BLOCK_M: tl.constexpr, SMALL: tl.constexpr = 0):
     """(expert, first sorted row, end of the expert's rows) of row tile ``pid_m``; expert == E past the end.
 
     Tiles are padded per expert to BLOCK_M, so a grid of cdiv(P, BLOCK_M) + min(E, P) row tiles always
     covers every expert without a host synchronisation; surplus programs see expert == E and exit.
+    SMALL > 0: an expert's last rows, when at most SMALL of them are left after its full tiles, get no tile
+    here (tile_table.py gives them a tile of SMALL rows in a table of their own).
     """
     e_ids = tl.arange(0, E_POW2)
     lo = tl.load(eoff_ptr + e_ids, mask=e_ids < E, other=0)
     hi = tl.load(eoff_ptr + e_ids + 1, mask=e_ids < E, other=0)
-    tiles = (hi - lo + BLOCK_M - 1) // BLOCK_M
+    if SMALL > 0:
+        tiles = (hi - lo) // BLOCK_M + ((hi - lo) % BLOCK_M > SMALL).to(tl.int32)
+    else:
+        tiles = (hi - lo + BLOCK_M - 1) // BLOCK_M
     tiles_end = tl.cumsum(tiles, 0)
     e = tl.sum((tiles_end <= pid_m).to(tl.int32), 0)
     tile_start = tl.sum(tl.where(e_ids == e, tiles_end - tiles, 0), 0)

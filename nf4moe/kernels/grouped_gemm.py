@@ -367,14 +367,20 @@ def launch_nf4_moe_gemm(
         xa = launch_lora_xa(x, lora_a, sorted_pair_ids, expert_offsets, top_k=top_k, gather=gated, r_pad=rp,
                             out=xa_out, launcher=launcher)
     if wgmma:
-        from .grouped_gemm_wgmma import launch_nf4_moe_gemm_wgmma, tile_shape
+        from .grouped_gemm_wgmma import TILES, launch_nf4_moe_gemm_wgmma, split_remainders, tile_shape
         from .tile_table import launch_tile_table
 
         block_m, tile_n = tile_shape(rows, num_experts)
-        return launch_nf4_moe_gemm_wgmma(
-            x, w, lora_b, scaling, xa if xa is None or xa.dim() == 3 else xa.unsqueeze(0), sorted_pair_ids,
-            launch_tile_table(expert_offsets, rows, block_m), top_k_weights, out, n=n, top_k=top_k, gated=gated,
-            act_code=ACT_CODES[act], r=r, r_pad=rp, block_m=block_m, tile_n=tile_n, gu=gu, write_out=write_out)
+        small = TILES["128x256"] if block_m == 256 and split_remainders() else None
+        tables = launch_tile_table(expert_offsets, rows, block_m, small=small[0] if small else 0)
+        xa3 = xa if xa is None or xa.dim() == 3 else xa.unsqueeze(0)
+        launches = [(tables[0], block_m, tile_n)] + ([(tables[1], *small)] if small else [])
+        for table, bm, tn in launches:  # full tiles; then the remainders in tiles of their own
+            launch_nf4_moe_gemm_wgmma(
+                x, w, lora_b, scaling, xa3, sorted_pair_ids, table, top_k_weights, out, n=n, top_k=top_k,
+                gated=gated, act_code=ACT_CODES[act], r=r, r_pad=rp, block_m=bm, tile_n=tn, gu=gu,
+                write_out=write_out)
+        return out
     bucket = row_bucket(rows)
     splits = split_k(rows, k_dim, training, launcher)
     ws = cnt = dummy
