@@ -492,7 +492,7 @@ def test_wgmma_switch(monkeypatch):
         from nf4moe.kernels.grouped_gemm_wgmma import split_remainders, warp_specialized
 
         monkeypatch.delenv("NF4MOE_WGMMA_SPLIT", raising=False)
-        assert not split_remainders()
+        assert split_remainders()
         monkeypatch.setenv("NF4MOE_WGMMA_SPLIT", "on")
         with pytest.raises(ValueError, match="NF4MOE_WGMMA_SPLIT"):
             split_remainders()

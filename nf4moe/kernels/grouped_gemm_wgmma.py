@@ -458,11 +458,12 @@ def tile_shape(rows: int, num_experts: int) -> tuple[int, int]:
 
 
 def split_remainders() -> bool:
-    """``NF4MOE_WGMMA_SPLIT=1``: with the 256-row tile, an expert's last rows, when no more than 128 remain
-    after its full 256-row tiles, run as a 128-row tile in a second launch (tile_table.py) instead of padding
-    a whole 256-row tile.  At a mean of 256 rows per expert (DeepSeek-V3 T=8192) about half the experts have
-    such a remainder: ~67% of the rows the 256-row tiles multiply are real, ~85% with the split."""
-    raw = os.environ.get("NF4MOE_WGMMA_SPLIT", "0")
+    """``NF4MOE_WGMMA_SPLIT`` (default 1): with the 256-row tile, an expert's last rows, when no more than 128
+    remain after its full 256-row tiles, run as a 128-row tile in a second launch (tile_table.py) instead of
+    padding a whole 256-row tile; 0 pads them.  At a mean of 256 rows per expert (DeepSeek-V3 T=8192) about
+    half the experts have such a remainder.  Measured on an H200 (bench/NOTES.md v28, GEMM kernel time):
+    DeepSeek-V3 T=8192 17.56 ms against 19.45, Qwen3-30B-A3B T=8192 1.998 against 2.093."""
+    raw = os.environ.get("NF4MOE_WGMMA_SPLIT", "1")
     if raw not in ("0", "1"):
         raise ValueError(f"NF4MOE_WGMMA_SPLIT must be 0 or 1, got {raw!r}")
     return raw == "1"
