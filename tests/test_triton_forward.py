@@ -390,7 +390,7 @@ def test_wgmma_gemm_opt_in_configs(wgmma_counted, nan_new_empty, monkeypatch, ti
     with torch.no_grad():
         out = m(x, idx, w.to(torch.bfloat16))
         ref = reference(m, x, idx, w.to(torch.bfloat16))
-    assert sorted(wgmma_counted) == [False, True]
+    assert sorted(set(wgmma_counted)) == [False, True]  # 256x128: plus the remainder launches (NF4MOE_WGMMA_SPLIT)
     assert torch.isfinite(out).all() and rel_err(out, ref) < BOUND[torch.bfloat16]
 
 
@@ -410,7 +410,7 @@ def test_wgmma_ws_gemm_matches_reference(wgmma_counted, nan_new_empty, monkeypat
     with torch.no_grad():
         out = m(x, idx, w.to(dtype))
         ref = reference(m, x, idx, w.to(dtype))
-    assert sorted(wgmma_counted) == [False, True]
+    assert sorted(set(wgmma_counted)) == [False, True]  # 256x128: plus the remainder launches
     assert out.dtype == dtype and torch.isfinite(out).all() and rel_err(out, ref) < BOUND[dtype]
 
 

@@ -35,7 +35,8 @@ torch.compile traces the Triton GEMM.  Memory: the same output buffers as the Tr
 (tiles, 3) int32 table (tile_table.py); 192 KB of shared memory per program (one program per SM).
 
 Tiles (``tile_shape``): 128 rows x 256 weight rows, or 256 x 128 (each weight decoded once per 256 rows), the
-latter from 256 routed rows per expert (measured 2-7% faster at T=8192 on all three shapes, NOTES.md v25).
+latter from 256 routed rows per expert (measured 2-7% faster at T=8192 on all three shapes, NOTES.md v25);
+with it, an expert's last <= 128 rows run as a 128x256 tile in a second launch (``split_remainders``, v28).
 ``nf4_moe_gemm_ws_kernel`` is the same GEMM warp-specialised (NF4MOE_WGMMA_WS=1, opt-in: measured 7-14%
 slower, NOTES.md v27): a producer partition copies and decodes, the 8 warps only issue wgmma, mbarriers between.
 """
@@ -445,7 +446,7 @@ def tile_shape(rows: int, num_experts: int) -> tuple[int, int]:
     """(BLOCK_M, TILE_N) from ``NF4MOE_WGMMA_TILE``: ``auto`` (the default) takes 256x128 from a mean of
     ``WIDE_TILE_ROWS`` routed rows per expert on, 128x256 below; ``128x256`` / ``256x128`` pin one.  256x128
     decodes each weight once per 256 rows (half the decode per FLOP) but reads twice the activation bytes per
-    FLOP and pads each expert to 256 rows.  Measured on an H200 (bench/NOTES.md v25, GEMM kernel times,
+    FLOP and pads each expert to 256 rows (to 128 with ``split_remainders``).  Measured on an H200 (bench/NOTES.md v25, GEMM kernel times,
     256x128 against 128x256): Qwen3-30B-A3B T=8192 (512 rows per expert) 2.088 / 2.195 ms, GLM-4.5-Air
     T=8192 (512) 6.681 / 7.182, DeepSeek-V3 T=8192 (256) 19.52 / 19.90; T <= 1024 (<= 64 rows per
     expert) 1.7-1.9x slower."""
