@@ -9,7 +9,9 @@ variant, plus the autotuner's chosen configs.  GPU only; used to write bench/NOT
     python -m bench.profile_layer --tokens 1,2,4 --variants gemm,split2,split4 --check  # opt-in split-K (NOTES v20)
     python -m bench.profile_layer --tokens 1024,8192 --variants triton,wgmma --check  # the Gluon GEMM (NOTES v23)
     python -m bench.profile_layer --tokens 8192 --variants wgmma,wgmma_nodecode,wgmma_nomma  # where its time goes
-    python -m bench.profile_layer --tokens 1024,8192 --variants wgmma,wgmma256,wgmma5 --check  # opt-in configs
+    python -m bench.profile_layer --tokens 1024,8192 --variants wgmma128,wgmma256,wgmma5 --check  # its tiles, rings
+    python -m bench.profile_layer --tokens 8192 --variants wgmma,ws,ws:8:96:128:4:3 --check  # warp-specialised (v27)
+    python -m bench.profile_layer --shape dsv3 --tokens 8192 --variants wgmma,wgmma_split  # remainders split (v28)
 
 ``--check`` compares every variant's output with the fp32 reference backend (relative error printed);
 ``--timings`` prints every config the GEMM autotuner benchmarks, with its time.
