@@ -14,7 +14,7 @@
 #   bash bench/gpu_sweep.sh splitk     # the opt-in split-K at decode sizes: its GPU tests, then against the default
 #                                      # at T=1..8, Qwen3 and DeepSeek-V3, with CUDA-graph times (measured on an H200: slower, NOTES v22)
 #   bash bench/gpu_sweep.sh wgmma      # the Gluon GEMM: its GPU tests, then its configs against the Triton GEMM (~7 min)
-#   bash bench/gpu_sweep.sh h200all    # forward, all three shapes, one process per shape, DeepSeek-V3 first (~4 min)
+#   bash bench/gpu_sweep.sh h200all    # forward, all three shapes x all T, one process per shape, DeepSeek-V3 first (~4 min)
 #   bash bench/gpu_sweep.sh ncu_wgmma  # Nsight Compute on the Gluon GEMM's up projection, Qwen3 T=8192, both tiles (~3 min)
 #   bash bench/gpu_sweep.sh ncu_ws     # Nsight Compute with stall reasons: the warp-specialised Gluon GEMM against the default (~2 min)
 #   bash bench/gpu_sweep.sh largeprof  # GEMM times of every autotuner candidate at T=8192, Qwen3 and DeepSeek-V3 (~2 min)
@@ -73,7 +73,7 @@ case "${1:-}" in
       | tee "$OUT/profile_wgmma_dsv3.log" ;;
   h200all)
     mkdir -p "$OUT/dsv3" "$OUT/glm" "$OUT/qwen3"
-    timeout 200 $py -m nf4moe bench --mode fwd --shapes dsv3 --tokens 1,16,128,1024,8192 --out "$OUT/dsv3" 2>&1 \
+    timeout 260 $py -m nf4moe bench --mode fwd --shapes dsv3 --tokens 1,16,128,1024,8192,16384 --out "$OUT/dsv3" 2>&1 \
       | tee -a "$OUT/h200all.log" || true
     timeout 190 $py -m nf4moe bench --mode fwd --shapes glm45air --out "$OUT/glm" 2>&1 | tee -a "$OUT/h200all.log" || true
     timeout 160 $py -m nf4moe bench --mode fwd --shapes qwen3 --out "$OUT/qwen3" 2>&1 | tee -a "$OUT/h200all.log" || true ;;
