@@ -16,6 +16,7 @@
 #   bash bench/gpu_sweep.sh wgmma      # the Gluon GEMM: its GPU tests, then its configs against the Triton GEMM (~7 min)
 #   bash bench/gpu_sweep.sh h200all    # forward, all three shapes x all T, one process per shape, DeepSeek-V3 first (~4 min)
 #   bash bench/gpu_sweep.sh ncu_wgmma  # Nsight Compute on the Gluon GEMM's up projection, Qwen3 T=8192, both tiles (~3 min)
+#   bash bench/gpu_sweep.sh early      # the Gluon GEMM's GPU tests, then NF4MOE_WGMMA_EARLY_COPY against the default (~5 min)
 #   bash bench/gpu_sweep.sh ncu_ws     # Nsight Compute with stall reasons: the warp-specialised Gluon GEMM against the default (~2 min)
 #   bash bench/gpu_sweep.sh largeprof  # GEMM times of every autotuner candidate at T=8192, Qwen3 and DeepSeek-V3 (~2 min)
 set -euo pipefail
@@ -84,6 +85,12 @@ case "${1:-}" in
         --section Occupancy --section SchedulerStats --section InstructionStats --section ComputeWorkloadAnalysis \
         $py -m bench.ncu_case --tokens 8192 --calls 2 2>&1 | tee "$OUT/ncu_wgmma_up_t8192_$tile.txt"
     done ;;
+  early)
+    # the Gluon GEMM's GPU tests (every configuration, incl. the remainder split and the early activation copy),
+    # then the early copy (one bar.sync fewer per K step, NOTES v29) against the default
+    $py -m pytest -q -p no:cacheprovider tests/test_triton_forward.py -k "wgmma or ws" 2>&1 | tee "$OUT/gpu_wgmma_all.log"
+    $py -m bench.profile_layer --tokens 1024,8192 --variants wgmma,wgmma_early --check 2>&1 | tee "$OUT/profile_early_qwen3.log"
+    $py -m bench.profile_layer --shape dsv3 --tokens 8192 --variants wgmma,wgmma_early 2>&1 | tee "$OUT/profile_early_dsv3.log" ;;
   ncu_ws)
     # the warp-specialised Gluon GEMM (two producer warp groups) against the default one, with the stall reasons
     for ws in 0 8,96,128,4,3; do

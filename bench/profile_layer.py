@@ -12,6 +12,7 @@ variant, plus the autotuner's chosen configs.  GPU only; used to write bench/NOT
     python -m bench.profile_layer --tokens 1024,8192 --variants wgmma128,wgmma256,wgmma5 --check  # its tiles, rings
     python -m bench.profile_layer --tokens 8192 --variants wgmma,ws,ws:8:96:128:4:3 --check  # warp-specialised (v27)
     python -m bench.profile_layer --shape dsv3 --tokens 8192 --variants wgmma_nosplit,wgmma_split  # (v28)
+    python -m bench.profile_layer --tokens 1024,8192 --variants wgmma,wgmma_early --check  # one bar.sync fewer (v29)
 
 ``--check`` compares every variant's output with the fp32 reference backend (relative error printed);
 ``--timings`` prints every config the GEMM autotuner benchmarks, with its time.
@@ -99,6 +100,8 @@ def main(argv=None) -> int:
             # wgmma_split / wgmma_nosplit: the 256-row tiles' remainders of <= 128 rows as 128-row tiles or
             # padded (NF4MOE_WGMMA_SPLIT); other variants: the default (split since v28; before it, padded)
             os.environ["NF4MOE_WGMMA_SPLIT"] = {"wgmma_split": "1", "wgmma_nosplit": "0"}.get(var, "1")
+            # wgmma_early: the activation copies issued before the block barrier (NF4MOE_WGMMA_EARLY_COPY)
+            os.environ["NF4MOE_WGMMA_EARLY_COPY"] = "1" if var == "wgmma_early" else "0"
             with torch.no_grad():
                 ms = _bench(lambda: ours(x, idx, w))
                 kt = kernel_times(lambda: ours(x, idx, w))

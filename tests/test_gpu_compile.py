@@ -76,7 +76,8 @@ def test_split_k_counts_arrivals_with_an_acq_rel_atomic(compiled):
     assert f["l2_loads"] > 0, f  # the last split reads the others' partials with ld.global.cg
 
 
-@pytest.mark.parametrize("variant", ["wgmma_up", "wgmma_down", "wgmma_up_256rows", "wgmma_down_256rows"])
+@pytest.mark.parametrize("variant", ["wgmma_up", "wgmma_down", "wgmma_up_256rows", "wgmma_down_256rows",
+                                     "wgmma_up_early", "wgmma_up_early_256rows"])
 def test_wgmma_gemm_decodes_into_shared_memory_for_async_wgmma(compiled, variant):
     if variant not in compiled:
         pytest.skip("this Triton has no Gluon Hopper API")

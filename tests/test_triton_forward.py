@@ -377,13 +377,16 @@ def test_wgmma_gemm_matches_reference(wgmma_counted, nan_new_empty, t, e, h, i, 
     assert rel_err(out, ref) < BOUND[dtype]
 
 
-@pytest.mark.parametrize("tile,stages", [("256x128", "4"), ("128x256", "5")])
+@pytest.mark.parametrize("tile,stages,early", [("256x128", "4", "0"), ("128x256", "5", "0"), ("256x128", "4", "1"),
+                                               ("128x256", "4", "1")])
 @pytest.mark.parametrize("t,e,h,i,k,mode", WGMMA_CASES[:3])
-def test_wgmma_gemm_opt_in_configs(wgmma_counted, nan_new_empty, monkeypatch, tile, stages, t, e, h, i, k, mode):
-    """The opt-in configurations: the 256-row tile (every weight decoded once per 256 rows) and rings of 5
-    (copies three steps ahead)."""
+def test_wgmma_gemm_opt_in_configs(wgmma_counted, nan_new_empty, monkeypatch, tile, stages, early, t, e, h, i, k,
+                                   mode):
+    """The other configurations: the 256-row tile (every weight decoded once per 256 rows), rings of 5 (copies
+    three steps ahead), the activation copies issued before the block barrier (NF4MOE_WGMMA_EARLY_COPY)."""
     monkeypatch.setenv("NF4MOE_WGMMA_TILE", tile)
     monkeypatch.setenv("NF4MOE_WGMMA_STAGES", stages)
+    monkeypatch.setenv("NF4MOE_WGMMA_EARLY_COPY", early)
     m = make_layer(e, h, i, rank=16, seed=t)
     x = torch.randn(t, h, device=DEV, dtype=torch.bfloat16)
     idx, w = routing(t, e, k, seed=t * 3, mode=mode)
@@ -493,6 +496,13 @@ def test_wgmma_switch(monkeypatch):
 
         monkeypatch.delenv("NF4MOE_WGMMA_SPLIT", raising=False)
         assert split_remainders()
+        from nf4moe.kernels.grouped_gemm_wgmma import early_copy
+
+        monkeypatch.delenv("NF4MOE_WGMMA_EARLY_COPY", raising=False)
+        assert not early_copy()
+        monkeypatch.setenv("NF4MOE_WGMMA_EARLY_COPY", "2")
+        with pytest.raises(ValueError, match="NF4MOE_WGMMA_EARLY_COPY"):
+            early_copy()
         monkeypatch.setenv("NF4MOE_WGMMA_SPLIT", "on")
         with pytest.raises(ValueError, match="NF4MOE_WGMMA_SPLIT"):
             split_remainders()
