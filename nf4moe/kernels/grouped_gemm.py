@@ -212,7 +212,8 @@ def wgmma_min_rows() -> int:
 
 # Mean routed rows per expert below which the Gluon GEMM's 128-row tiles would be mostly padding and the Triton
 # GEMM's autotuned smaller tiles win: measured on an H200 (bench/NOTES.md v25) at 32 rows per expert, DeepSeek-V3
-# T=1024 8.31 ms (Gluon) against 7.48 (Triton, session 5); at 64 (Qwen3-30B-A3B T=1024) the Gluon GEMM is 1.16x faster.
+# T=1024 8.31 ms (Gluon) against 7.48 (Triton, session 5); at 64 (Qwen3-30B-A3B T=1024) the Gluon GEMM is 1.16x
+# faster.
 WGMMA_ROWS_PER_EXPERT = 64
 
 
@@ -220,8 +221,8 @@ def use_wgmma(x: torch.Tensor, w: NF4Operand, rows: int, launcher) -> bool:
     """The Gluon GEMM takes eager launches on Hopper (the direct path, or the registered op's body run eagerly,
     e.g. under autograd) with 16-bit activations through the PTX table decode, unit-stride 16-byte-aligned
     activation rows, K a multiple of 64 and a blocksize that 64 divides, from ``wgmma_min_rows()`` routed
-    rows on and ``WGMMA_ROWS_PER_EXPERT`` per expert on average (unless ``NF4MOE_WGMMA_ROWS=1`` forces it).  Traced launches (torch.compile, fake tensors, dispatch modes) and everything else take this
-    kernel."""
+    rows on and ``WGMMA_ROWS_PER_EXPERT`` per expert on average (unless ``NF4MOE_WGMMA_ROWS=1`` forces it).
+    Traced launches (torch.compile, fake tensors, dispatch modes) and everything else take this kernel."""
     min_rows = wgmma_min_rows()
     if not min_rows or rows < min_rows or not x.is_cuda or not use_lut(x.dtype):
         return False
