@@ -449,10 +449,10 @@ def tile_shape(rows: int, num_experts: int) -> tuple[int, int]:
     """(BLOCK_M, TILE_N) from ``NF4MOE_WGMMA_TILE``: ``auto`` (the default) takes 256x128 from a mean of
     ``WIDE_TILE_ROWS`` routed rows per expert on, 128x256 below; ``128x256`` / ``256x128`` pin one.  256x128
     decodes each weight once per 256 rows (half the decode per FLOP) but reads twice the activation bytes per
-    FLOP and pads each expert to 256 rows (to 128 with ``split_remainders``).  Measured on an H200 (bench/NOTES.md v25, GEMM kernel times,
-    256x128 against 128x256): Qwen3-30B-A3B T=8192 (512 rows per expert) 2.088 / 2.195 ms, GLM-4.5-Air
-    T=8192 (512) 6.681 / 7.182, DeepSeek-V3 T=8192 (256) 19.52 / 19.90; T <= 1024 (<= 64 rows per
-    expert) 1.7-1.9x slower."""
+    FLOP and pads each expert to 256 rows (to 128 with ``split_remainders``).  Measured on an H200
+    (bench/NOTES.md v25, GEMM kernel times, 256x128 against 128x256, no split): Qwen3-30B-A3B T=8192 (512
+    rows per expert) 2.088 / 2.195 ms, GLM-4.5-Air T=8192 (512) 6.681 / 7.182, DeepSeek-V3 T=8192 (256)
+    19.52 / 19.90; T <= 1024 (<= 64 rows per expert) 1.7-1.9x slower."""
     raw = os.environ.get("NF4MOE_WGMMA_TILE", "auto")
     if raw == "auto":
         return TILES["256x128"] if rows >= WIDE_TILE_ROWS * num_experts else TILES["128x256"]
@@ -509,7 +509,8 @@ def warp_specialized() -> tuple[int, int, int, int, int] | None:
         raise ValueError(f"NF4MOE_WGMMA_WS must be 0, 1 or pw,regs,maxnreg,xs,ws; got {raw!r}")
     pw, regs, maxnreg, xs, ws = (int(p) for p in parts)
     if pw not in (4, 8) or xs not in (4, 5) or ws not in (2, 3) or regs % 8 or not 24 <= regs <= 256:
-        raise ValueError(f"NF4MOE_WGMMA_WS: pw 4 or 8, regs a multiple of 8 in 24..256, xs 4 or 5, ws 2 or 3; got {raw!r}")
+        raise ValueError("NF4MOE_WGMMA_WS: pw 4 or 8, regs a multiple of 8 in 24..256, xs 4 or 5, ws 2 or 3; "
+                         f"got {raw!r}")
     return pw, regs, maxnreg, xs, ws
 
 
