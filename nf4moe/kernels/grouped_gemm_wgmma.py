@@ -139,6 +139,45 @@ def _decode_store(packed, am, am2, code2_ptr, offset, dst, NESTED: gl.constexpr,
 
 
 @gluon.jit
+def _feed_prologue(x_ptr, stride_xm, w_ptr, am_ptr, am2_ptr, off_ptr, pair_ptr, e, pid_n, row_lo, row_hi, N, K_DIM,
+                   K_HALF, N_TOTAL, x_s, wb_s, TOP_K: gl.constexpr, GATED: gl.constexpr, NESTED: gl.constexpr,
+                   BS: gl.constexpr, BS2: gl.constexpr, BM: gl.constexpr, TN: gl.constexpr, BLOCK_N: gl.constexpr,
+                   XL: gl.constexpr, WL: gl.constexpr):
+    """The copying warps' addresses and the K loop's prologue, for both GEMM kernels: the tile's activation
+    rows (gathered by token for the up projection; layout XL) and its weight rows (one wgmma of N = TN covers
+    gate and up, so the activations are read once; layout WL), the nested offset, the K step count; then the
+    activation rows and weight bytes of steps 0 .. D-1 in flight (one cp.async group per step, D = ring - 2)
+    and the absmax of steps 0 and 1 in registers."""
+    BK: gl.constexpr = 64
+    D: gl.constexpr = x_s.type.shape[0] - 2
+    offs_xm = row_lo + gl.arange(0, BM, layout=gl.SliceLayout(1, XL))
+    xm_mask = offs_xm < row_hi
+    if GATED:
+        pair_x = gl.load(pair_ptr + offs_xm, mask=xm_mask, other=0)
+        x_rows = (pair_x // TOP_K).to(gl.int64)
+    else:
+        x_rows = offs_xm.to(gl.int64)
+    x_base = x_ptr + x_rows[:, None] * stride_xm + gl.arange(0, BK, layout=gl.SliceLayout(0, XL))[None, :]
+    x_mask = xm_mask[:, None]
+    w_rows, wn_mask = _tile_rows(e, pid_n, N, N_TOTAL, gl.SliceLayout(1, WL), GATED, BLOCK_N, TN)
+    cols = gl.arange(0, BK // 2, layout=gl.SliceLayout(0, WL))
+    if NESTED:
+        offset = gl.load(off_ptr)
+    else:
+        offset = 0.0
+    n_k = K_DIM // BK
+    wb_base = w_ptr + w_rows[:, None] * K_HALF + cols[None, :]
+    wb_mask = wn_mask[:, None]
+    for s in gl.static_range(D):
+        _cp_async(x_s.index(s), x_base + s * BK, mask=x_mask & (s < n_k))
+        _cp_async(wb_s.index(s), wb_base + s * (BK // 2), mask=wb_mask & (s < n_k))
+        async_copy.commit_group()
+    am0, a20 = _load_scales(am_ptr, am2_ptr, w_rows, wn_mask, 0, K_DIM, NESTED, BS, BS2)
+    am1, a21 = _load_scales(am_ptr, am2_ptr, w_rows, wn_mask, gl.minimum(1, n_k - 1) * BK, K_DIM, NESTED, BS, BS2)
+    return x_base, x_mask, wb_base, wb_mask, w_rows, wn_mask, offset, n_k, am0, a20, am1, a21
+
+
+@gluon.jit
 def _epilogue(acc, e, pid_n, row_lo, row_hi, lb_ptr, scaling, xa_ptr, XA_SPLIT, gu_ptr, out_ptr, stride_om, pair_ptr,
               topw_ptr, N, N_TOTAL, R, P, R_PAD: gl.constexpr, GATED: gl.constexpr, ACT: gl.constexpr,
               HAS_LORA: gl.constexpr, WRITE_GU: gl.constexpr, WRITE_OUT: gl.constexpr, BM: gl.constexpr,
@@ -250,36 +289,9 @@ def nf4_moe_gemm_wgmma_kernel(
     wb_s = gl.allocate_shared_memory(gl.uint8, [XS, TN, BK // 2], WB_SL)  # packed bytes, 16 per thread
     w_s = _as_16bit(w32, DT, X_SL)
 
-    # activation rows of this tile (gathered by token for the up projection)
-    offs_xm = row_lo + gl.arange(0, BM, layout=gl.SliceLayout(1, XL))
-    xm_mask = offs_xm < row_hi
-    if GATED:
-        pair_x = gl.load(pair_ptr + offs_xm, mask=xm_mask, other=0)
-        x_rows = (pair_x // TOP_K).to(gl.int64)
-    else:
-        x_rows = offs_xm.to(gl.int64)
-    x_base = x_ptr + x_rows[:, None] * stride_xm + gl.arange(0, BK, layout=gl.SliceLayout(0, XL))[None, :]
-    x_mask = xm_mask[:, None]
-
-    # weight rows of this program: one wgmma of N = 256 covers gate and up (the activations are read once)
-    w_rows, wn_mask = _tile_rows(e, pid_n, N, N_TOTAL, gl.SliceLayout(1, WL), GATED, BLOCK_N, TN)
-    cols = gl.arange(0, BK // 2, layout=gl.SliceLayout(0, WL))
-    if NESTED:
-        offset = gl.load(off_ptr)
-    else:
-        offset = 0.0
-
-    n_k = K_DIM // BK
-    wb_base = w_ptr + w_rows[:, None] * K_HALF + cols[None, :]
-    wb_mask = wn_mask[:, None]
-    # prologue: activation rows and weight bytes of steps 0 .. D-1 in flight (one cp.async group per step),
-    # absmax of steps 0 and 1 in registers
-    for s in gl.static_range(D):
-        _cp_async(x_s.index(s), x_base + s * BK, mask=x_mask & (s < n_k))
-        _cp_async(wb_s.index(s), wb_base + s * (BK // 2), mask=wb_mask & (s < n_k))
-        async_copy.commit_group()
-    am0, a20 = _load_scales(am_ptr, am2_ptr, w_rows, wn_mask, 0, K_DIM, NESTED, BS, BS2)
-    am1, a21 = _load_scales(am_ptr, am2_ptr, w_rows, wn_mask, gl.minimum(1, n_k - 1) * BK, K_DIM, NESTED, BS, BS2)
+    x_base, x_mask, wb_base, wb_mask, w_rows, wn_mask, offset, n_k, am0, a20, am1, a21 = _feed_prologue(
+        x_ptr, stride_xm, w_ptr, am_ptr, am2_ptr, off_ptr, pair_ptr, e, pid_n, row_lo, row_hi, N, K_DIM, K_HALF,
+        N_TOTAL, x_s, wb_s, TOP_K, GATED, NESTED, BS, BS2, BM, TN, BLOCK_N, XL, WL)
 
     acc = gl.zeros([BM, TN], gl.float32, ACC)
     for i in range(n_k):
@@ -330,30 +342,9 @@ def _ws_producer(x_ptr, stride_xm, w_ptr, am_ptr, am2_ptr, code2_ptr, off_ptr, p
     DT: gl.constexpr = x_ptr.dtype.element_ty
     XL: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [PW, 1], [1, 0])
     WL: gl.constexpr = gl.BlockedLayout([1, 16], [16, 2], [PW, 1], [1, 0])
-    offs_xm = row_lo + gl.arange(0, BM, layout=gl.SliceLayout(1, XL))
-    xm_mask = offs_xm < row_hi
-    if GATED:
-        pair_x = gl.load(pair_ptr + offs_xm, mask=xm_mask, other=0)
-        x_rows = (pair_x // TOP_K).to(gl.int64)
-    else:
-        x_rows = offs_xm.to(gl.int64)
-    x_base = x_ptr + x_rows[:, None] * stride_xm + gl.arange(0, BK, layout=gl.SliceLayout(0, XL))[None, :]
-    x_mask = xm_mask[:, None]
-    w_rows, wn_mask = _tile_rows(e, pid_n, N, N_TOTAL, gl.SliceLayout(1, WL), GATED, BLOCK_N, TN)
-    cols = gl.arange(0, BK // 2, layout=gl.SliceLayout(0, WL))
-    if NESTED:
-        offset = gl.load(off_ptr)
-    else:
-        offset = 0.0
-    n_k = K_DIM // BK
-    wb_base = w_ptr + w_rows[:, None] * K_HALF + cols[None, :]
-    wb_mask = wn_mask[:, None]
-    for s in gl.static_range(D):
-        _cp_async(x_s.index(s), x_base + s * BK, mask=x_mask & (s < n_k))
-        _cp_async(wb_s.index(s), wb_base + s * (BK // 2), mask=wb_mask & (s < n_k))
-        async_copy.commit_group()
-    am0, a20 = _load_scales(am_ptr, am2_ptr, w_rows, wn_mask, 0, K_DIM, NESTED, BS, BS2)
-    am1, a21 = _load_scales(am_ptr, am2_ptr, w_rows, wn_mask, gl.minimum(1, n_k - 1) * BK, K_DIM, NESTED, BS, BS2)
+    x_base, x_mask, wb_base, wb_mask, w_rows, wn_mask, offset, n_k, am0, a20, am1, a21 = _feed_prologue(
+        x_ptr, stride_xm, w_ptr, am_ptr, am2_ptr, off_ptr, pair_ptr, e, pid_n, row_lo, row_hi, N, K_DIM, K_HALF,
+        N_TOTAL, x_s, wb_s, TOP_K, GATED, NESTED, BS, BS2, BM, TN, BLOCK_N, XL, WL)
     for i in range(n_k):
         # the slots of step i + D held step i - 2: wait for its wgmma (and with it for weight slot (i+1) % WS)
         j = gl.maximum(i - 2, 0)
