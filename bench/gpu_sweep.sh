@@ -18,6 +18,9 @@
 #   bash bench/gpu_sweep.sh ncu_wgmma  # Nsight Compute on the Gluon GEMM's up projection, Qwen3 T=8192, both tiles (~3 min)
 #   bash bench/gpu_sweep.sh early      # the Gluon GEMM's GPU tests, then NF4MOE_WGMMA_EARLY_COPY against the default (~5 min)
 #   bash bench/gpu_sweep.sh ncu_ws     # Nsight Compute with stall reasons: the warp-specialised Gluon GEMM against the default (~2 min)
+#   bash bench/gpu_sweep.sh gemv       # the decode GEMV (grouped_gemv.py): its GPU tests, GEMM against GEMV at T <= 8 for
+#                                      # the three shapes, and the layer (incl. CUDA graph) with and without it at T=1, 4 (~8 min)
+#   bash bench/gpu_sweep.sh ncu_gemv   # Nsight Compute with stall reasons on the decode GEMV (autotuned), Qwen3 T=1 (~2 min)
 #   bash bench/gpu_sweep.sh largeprof  # GEMM times of every autotuner candidate at T=8192, Qwen3 and DeepSeek-V3 (~2 min)
 set -euo pipefail
 OUT=${OUT:-bench/results/sweep}
@@ -98,9 +101,25 @@ case "${1:-}" in
         --section SpeedOfLight --section WarpStateStats --section SchedulerStats --print-details all \
         $py -m bench.ncu_case --tokens 8192 --calls 2 2>&1 | tee "$OUT/ncu_ws_up_t8192_${ws//,/_}.txt"
     done ;;
+  gemv)
+    NF4MOE_CONFIG=BLOCK_M=16,BLOCK_N=32,BLOCK_K=64,num_warps=4,num_stages=3 $py -m pytest -q -p no:cacheprovider \
+      tests/test_triton_forward.py -k "gemv or torch_compile or opcheck or poisoned or matches_reference" 2>&1 \
+      | tee "$OUT/gpu_gemv.log"
+    $py -m bench.profile_layer --tokens 1,2,4,8 --variants gemm,gemv --check --timings 2>&1 | grep -v "bench nf4_moe_gemm" \
+      | tee "$OUT/profile_gemv_qwen3.log"
+    for s in dsv3 glm45air; do
+      $py -m bench.profile_layer --shape $s --tokens 1,4 --variants gemm,gemv --check 2>&1 | tee "$OUT/profile_gemv_$s.log"
+    done
+    for rows in 0 16; do mkdir -p "$OUT/gemv_rows_$rows"; NF4MOE_GEMV_ROWS=$rows $py -m nf4moe bench --mode fwd \
+      --shapes qwen3 --tokens 1,4 --no-check --out "$OUT/gemv_rows_$rows" 2>&1 | grep -v Warn | tee -a "$OUT/bench_gemv.log"; done ;;
+  ncu_gemv)
+    ncu --clock-control none --profile-from-start off --kernel-name regex:nf4_moe_gemv --launch-count 2 \
+      --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section Occupancy \
+      --section MemoryWorkloadAnalysis --print-details all $py -m bench.ncu_case --tokens 1 --calls 3 --profile-last 2>&1 \
+      | tee "$OUT/ncu_gemv_t1.txt" ;;
   largeprof)
     $py -m bench.profile_layer --tokens 8192 --variants gemm --timings 2>&1 | tee "$OUT/profile_large_qwen3.log"
     $py -m bench.profile_layer --shape dsv3 --tokens 8192 --variants gemm --timings 2>&1 | tee "$OUT/profile_large_dsv3.log" ;;
   *)
-    sed -n '2,19p' "$0"; exit 2 ;;
+    sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 2 ;;
 esac

@@ -60,15 +60,18 @@ def main(argv=None) -> int:
     from nf4moe.kernels.grouped_gemv import nf4_moe_gemv_kernel
 
     if args.timings:  # report each benchmarked config (the autotuner keeps only the last key's timings)
-        bench = nf4_moe_gemm_kernel._bench
+        def printing(kern):
+            bench = kern._bench
 
-        def bench_and_print(*a, config, **kw):
-            ms = bench(*a, config=config, **kw)
-            print(f"   bench {'up  ' if kw.get('GATED') else 'down'} bucket={a[-1] if a else '?'} {config}: {ms[0]:.4f} ms",
-                  flush=True)
-            return ms
+            def bench_and_print(*a, config, **kw):
+                ms = bench(*a, config=config, **kw)
+                print(f"   bench {kern.fn.__name__} {'up  ' if kw.get('GATED') else 'down'} bucket={a[-1] if a else '?'} "
+                      f"{config}: {ms[0]:.4f} ms", flush=True)
+                return ms
+            return bench_and_print
 
-        nf4_moe_gemm_kernel._bench = bench_and_print
+        for kern in (nf4_moe_gemm_kernel, nf4_moe_gemv_kernel):
+            kern._bench = printing(kern)
 
     for t, x, idx, w in cases:
         ref = None

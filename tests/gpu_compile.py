@@ -53,7 +53,11 @@ def compile_kernel(kernel, ptr_types: dict, ints: dict, constexprs: dict, num_wa
     options = {"num_warps": num_warps, "num_stages": num_stages}
     if maxnreg is not None:
         options["maxnreg"] = maxnreg
-    return triton.compile(src, target=TARGET, options=options).asm["ptx"]
+    k = triton.compile(src, target=TARGET, options=options)
+    import os
+    if os.environ.get("DUMP_TTGIR"):
+        open(os.environ["DUMP_TTGIR"], "w").write(k.asm["ttgir"])
+    return k.asm["ptx"]
 
 
 def facts(ptx: str) -> dict:
@@ -102,7 +106,7 @@ def main() -> int:
                                                           dict(up, KPERM=False, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128), 4, 3))
     gemv = {k: v for k, v in up.items() if k not in ("INTERPRET", "XA_PRE", "WRITE_GU", "WRITE_OUT", "KPERM", "K_HINT", "SPLIT_K")}
     out["gemv_up"] = facts(compile_kernel(nf4_moe_gemv_kernel, ptrs, ints,
-                                          dict(gemv, BLOCK_M=2, BLOCK_N=32, BLOCK_K=256), 4, 3))
+                                          dict(gemv, K_DIM=2048, BLOCK_M=1, BLOCK_N=4, LANES=32, STEPS=8, VEC=4), 4, 1))
     bwd = dict(common, DOWN=False, NEED_DY=True, NEED_OUT=True, NEED_DW=False, NEED_XA=False, NEED_DZB=True,
                INTERPRET=False, LUT=True)
     out["bwd_up_dx"] = facts(compile_kernel(nf4_moe_gemm_t_kernel, ptrs, dict(ints, N=2048, KR=1536),

@@ -60,9 +60,12 @@ def test_mma_k_order_loads_weight_words_and_decodes_pairs(compiled, variant):
     assert compiled["gemm_up_bk64"]["lut_pairs"] > 0  # the natural order (64-row tiles) decodes pairs too
 
 
-def test_gemv_uses_the_unscaled_table_without_tensor_cores(compiled):
+def test_gemv_uses_the_pair_table_without_tensor_cores(compiled):
+    """The decode GEMV decodes through the GEMMs' pair PTX (absmax applied in it), multiplies on the FP32
+    units, and reads its activations as 16-byte vectors in the weights' own layout (no shared memory)."""
     f = compiled["gemv_up"]
-    assert f["lut_decodes"] > 0 and not f["lut_scaled"] and f["wgmma"] == 0
+    assert f["lut_pairs"] > 0 and f["lut_scaled"] and f["wgmma"] == 0, f
+    assert f["global_v4_loads"] > 0 and f["smem_byte_loads"] == 0, f
 
 
 def test_routing_kernel_compiles_at_the_threshold(compiled):

@@ -37,10 +37,10 @@ def rel_err(out, ref):
 
 @pytest.fixture(params=["gemv", "gemm", "gemm_natural_k"])
 def kernel_path(request, monkeypatch):
-    """Both inference kernels: the decode GEMV (grouped_gemv.py, opt-in through NF4MOE_GEMV_ROWS) and the
-    MMA GEMM (the default at every size), the GEMM both with its K steps in MMA k order (the default,
-    nf4_decode.mma_k_order) and in natural order (NF4MOE_KPERM=0); the natural-order run also carries the
-    opt-in K-loop hint (NF4MOE_WGMMA_PIPE=1)."""
+    """Both inference kernels, each forced at every size: the decode GEMV (grouped_gemv.py; by default up to
+    16 routed rows, NF4MOE_GEMV_ROWS) and the MMA GEMM (the default above), the GEMM both with its K steps
+    in MMA k order (the default, nf4_decode.mma_k_order) and in natural order (NF4MOE_KPERM=0); the
+    natural-order run also carries the opt-in K-loop hint (NF4MOE_WGMMA_PIPE=1)."""
     monkeypatch.setenv("NF4MOE_GEMV_ROWS", str(1 << 30) if request.param == "gemv" else "0")
     monkeypatch.setenv("NF4MOE_KPERM", "0" if request.param == "gemm_natural_k" else "1")
     monkeypatch.setenv("NF4MOE_WGMMA_PIPE", "1" if request.param == "gemm_natural_k" else "0")
@@ -247,6 +247,7 @@ def test_lora_xa_in_loop_and_precomputed(monkeypatch, xa_mode, t):
     import nf4moe.kernels.grouped_gemm as gg
 
     monkeypatch.setenv("NF4MOE_XA_PRE", xa_mode)
+    monkeypatch.setenv("NF4MOE_GEMV_ROWS", "0")  # the MMA GEMM at every size (the GEMV always precomputes)
     calls = []
     real = gg.launch_lora_xa
     monkeypatch.setattr(gg, "launch_lora_xa", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -257,6 +258,23 @@ def test_lora_xa_in_loop_and_precomputed(monkeypatch, xa_mode, t):
         assert rel_err(m(x, idx, w), reference(m, x, idx, w)) < BOUND[torch.float32]
     precomputed = xa_mode == "1" or (xa_mode == "auto" and 2 * t > 64)
     assert len(calls) == (2 if precomputed else 0)  # one X·Aᵀ launch per projection, or none
+
+
+@pytest.mark.parametrize("t,gemv", [(1, True), (8, True), (9, False)])  # 2, 16, 18 routed rows at top-2
+def test_decode_gemv_is_the_default_up_to_16_rows(monkeypatch, t, gemv):
+    """Inference calls of up to 16 routed rows take the decode GEMV (both projections), larger ones the GEMM."""
+    import nf4moe.kernels.grouped_gemm as gg
+
+    monkeypatch.delenv("NF4MOE_GEMV_ROWS", raising=False)
+    calls = []
+    real = gg.launch_nf4_moe_gemv
+    monkeypatch.setattr(gg, "launch_nf4_moe_gemv", lambda *a, **k: calls.append(1) or real(*a, **k))
+    m = make_layer(4, 128, 64, rank=8, seed=33)
+    x = torch.randn(t, 128, device=DEV)
+    idx, w = routing(t, 4, 2, seed=34)
+    with torch.no_grad():
+        assert rel_err(m(x, idx, w), reference(m, x, idx, w)) < BOUND[torch.float32]
+    assert len(calls) == (2 if gemv else 0)
 
 
 @pytest.mark.parametrize("splits,xa_mode,dtype", [(2, "0", torch.float32), (4, "0", torch.bfloat16),

@@ -243,15 +243,12 @@ def dequant_operand(
 
 
 @triton.jit
-def nf4_code_pairs(w_ptr, rows, row_mask, k0, K_DIM, NB: tl.constexpr, HB: tl.constexpr, LUT: tl.constexpr):
-    """Unscaled NF4 values of W[rows, k0 : k0 + 2*NB*HB] as two fp32 (R, NB, HB) tensors: the even and
-    the odd columns, chunk ``c`` holding columns k0 + 2*HB*c ...  No interleave (no layout change): a
-    GEMV multiplies them by the matching even / odd activations and applies the absmax per chunk after
-    its reduction.  LUT: the PTX table (fp16 values, exact to 11 bits) in compiled code; else the fp32
-    select tree.
+def nf4_unscaled(packed, LUT: tl.constexpr):
+    """Unscaled NF4 values of the uint8 bytes ``packed`` as two fp32 tensors of packed's shape: the even
+    columns (high nibbles) and the odd ones.  No interleave (no layout change): a GEMV multiplies them by
+    the matching even / odd activations and applies the absmax after its reduction.  LUT: the PTX table
+    (fp16 values, exact to 11 bits) in compiled code; else the fp32 select tree.
     """
-    j = tl.arange(0, NB)[None, :, None] * HB + tl.arange(0, HB)[None, None, :]
-    packed = tl.load(w_ptr + rows[:, None, None] * (K_DIM // 2) + k0 // 2 + j, mask=row_mask[:, None, None], other=0)
     if LUT:
         even, odd = tl.inline_asm_elementwise(_FP16_RAW_ASM, "=r,=r,=r,=r,r", [packed],
                                               dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
