@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import json
+import os
 import re
 import sys
 
@@ -54,16 +55,16 @@ def compile_kernel(kernel, ptr_types: dict, ints: dict, constexprs: dict, num_wa
     if maxnreg is not None:
         options["maxnreg"] = maxnreg
     k = triton.compile(src, target=TARGET, options=options)
-    import os
-    if os.environ.get("DUMP_TTGIR"):
-        open(os.environ["DUMP_TTGIR"], "w").write(k.asm["ttgir"])
+    if os.environ.get("NF4MOE_DUMP_TTGIR"):  # a path: the last compiled kernel's TTGIR (layouts) for reading
+        with open(os.environ["NF4MOE_DUMP_TTGIR"], "w") as f:
+            f.write(k.asm["ttgir"])
     return k.asm["ptx"]
 
 
 def facts(ptx: str) -> dict:
     """Opcode counts of the compiler's own PTX lines, the cp.async sizes (software-pipelined loads), and how
-    often the NF4 table decodes' inline PTX (nf4_decode._lut_pairs_asm / _lut_asm share the table lookup line
-counted by lut_decodes; lut_pairs counts the pair decode alone) was emitted."""
+    often the NF4 table decode's inline PTX (nf4_decode._lut_pairs_asm: lut_decodes counts its table lookup
+    line, lut_pairs its pair output) was emitted."""
     ops = collections.Counter(m.group(1) for m in re.finditer(r"^\s+([a-z][\w.]*)", ptx, re.M))
     cp = sorted({int(m.group(1), 16) for m in re.finditer(r"cp\.async\.c[ag]\.shared\.global[^\n]*?, (0x[0-9a-f]+)", ptx)})
     return {"ptx_ops": dict(ops), "cp_async_bytes": cp,

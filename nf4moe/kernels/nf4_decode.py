@@ -117,41 +117,6 @@ def _lut_words(dtype) -> tuple[list[int], list[int]]:
     return words([b & 0xFF for b in bits]), words([b >> 8 for b in bits])
 
 
-def _lut_asm(dtype) -> str:
-    """PTX decoding 4 packed bytes (8 NF4 codes) to the 8 unscaled table values in ``dtype`` (16-bit), for
-    kernels that apply the absmax after their reduction (the decode GEMV).
-
-    Per nibble set: compact the 4 codes into one 16-bit PRMT selector, look the low and the high bytes of the
-    16-entry table up with two byte-permutes each (entries 0-7 and 8-15), pick per byte by the code's top
-    bit with a third permute, and interleave low/high bytes into two f16x2/bf16x2 registers.  $0,$1: high
-    nibbles (even columns), $2,$3: low nibbles (odd columns), $4: the 4 bytes.  (The GEMMs use
-    ``_lut_pairs_asm``, which needs no nibble compaction and writes operand pairs.)
-    """
-    lo, hi = _lut_words(dtype)
-    consts = "".join(f"mov.b32 tl{i}, {lo[i]:#010x};\n mov.b32 th{i}, {hi[i]:#010x};\n" for i in range(4))
-
-    def half(src: str, out0: str, out1: str) -> str:
-        return (
-            f"and.b32 t, {src}, 0x0F0F0F0F;\n shr.u32 a, t, 4;\n or.b32 t, t, a;\n prmt.b32 sel, t, 0, 0x0020;\n"
-            "and.b32 s7, sel, 0x7777;\n shr.u32 s2, sel, 1;\n and.b32 s2, s2, 0x4444;\n or.b32 s2, s2, 0x3210;\n"
-            "prmt.b32 a, tl0, tl1, s7;\n prmt.b32 b, tl2, tl3, s7;\n prmt.b32 lo, a, b, s2;\n"
-            "prmt.b32 a, th0, th1, s7;\n prmt.b32 b, th2, th3, s7;\n prmt.b32 hi, a, b, s2;\n"
-            f"prmt.b32 {out0}, lo, hi, 0x5140;\n prmt.b32 {out1}, lo, hi, 0x7362;\n"
-        )
-
-    asm = (
-        "{\n .reg .b32 tl0, tl1, tl2, tl3, th0, th1, th2, th3, t, a, b, sel, s7, s2, lo, hi, w4;\n"
-        + consts
-        + "shr.u32 w4, $4, 4;\n"
-        + half("w4", "$0", "$1")
-        + half("$4", "$2", "$3")
-        + "}"
-    )
-    # One line: the string is a module-level constexpr that torch.compile's Inductor copies into the
-    # Python source it generates, where a raw newline would end the string literal.
-    return " ".join(asm.split())
-
-
 def _lut_pairs_asm(dtype, fma: str) -> str:
     """PTX decoding 4 packed bytes to 4 registers, register j holding byte j's two weights as a
     (even column, odd column) f16x2/bf16x2 pair times its absmax pair: the order a 16-bit MMA operand
@@ -190,8 +155,6 @@ def _lut_pairs_asm(dtype, fma: str) -> str:
 _BF16_PAIRS_ASM: tl.constexpr = tl.constexpr(_lut_pairs_asm(__import__("torch").bfloat16, "fma.rn.bf16x2"))
 _FP16_PAIRS_ASM: tl.constexpr = tl.constexpr(_lut_pairs_asm(__import__("torch").float16, "fma.rn.f16x2"))
 
-_FP16_RAW_ASM: tl.constexpr = tl.constexpr(_lut_asm(__import__("torch").float16))
-
 
 @triton.jit
 def dequant_rows_lut(
@@ -202,7 +165,7 @@ def dequant_rows_lut(
     """``dequant_rows`` for compiled GPU code with 16-bit activations: the table lookup and the absmax
     multiply run in PTX byte permutes and packed f16x2/bf16x2 FMAs (``_lut_pairs_asm``: each byte's two
     weights land in one register, consecutive columns here, so the join below costs nothing; ~18% fewer
-    K-loop instructions than the earlier nibble-compacting ``_lut_asm`` variant, NOTES.md v15).  The NF4 value is
+    K-loop instructions than the earlier nibble-compacting table decode, NOTES.md v15).  The NF4 value is
     rounded to DT before the multiply, so results differ from bitsandbytes' fp32 product by <= 1 ulp of
     DT per weight (the reference comparison bounds this).  ``w_ptr`` is the uint8 packed tensor.
     """
@@ -240,22 +203,6 @@ def dequant_operand(
             return w
         else:
             return w.to(DT)
-
-
-@triton.jit
-def nf4_unscaled(packed, LUT: tl.constexpr):
-    """Unscaled NF4 values of the uint8 bytes ``packed`` as two fp32 tensors of packed's shape: the even
-    columns (high nibbles) and the odd ones.  No interleave (no layout change): a GEMV multiplies them by
-    the matching even / odd activations and applies the absmax after its reduction.  LUT: the PTX table
-    (fp16 values, exact to 11 bits) in compiled code; else the fp32 select tree.
-    """
-    if LUT:
-        even, odd = tl.inline_asm_elementwise(_FP16_RAW_ASM, "=r,=r,=r,=r,r", [packed],
-                                              dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
-        return even.to(tl.float32), odd.to(tl.float32)
-    else:
-        q = packed.to(tl.int32)
-        return nf4_value(q >> 4), nf4_value(q & 15)
 
 
 @triton.jit
