@@ -94,6 +94,24 @@ def _chunk_scales(am_ptr, am2_ptr, code2_ptr, offset, rows, row_mask, k0, K_DIM:
 
 
 @triton.jit
+def _chunk_loads(w_ptr, am_ptr, am2_ptr, code2_ptr, offset, g_rows, u_rows, row_mask, k0, K_DIM: tl.constexpr,
+                 LANES: tl.constexpr, STEPS: tl.constexpr, VEC: tl.constexpr, NESTED: tl.constexpr, BS: tl.constexpr,
+                 BS2: tl.constexpr, GATED: tl.constexpr):
+    """Every load of a K chunk, issued together: (gate bytes, gate absmax, up bytes, up absmax); the up
+    pair repeats the gate pair when not GATED (unused there)."""
+    bg = _chunk_bytes(w_ptr, g_rows, row_mask, k0, K_DIM, LANES, STEPS, VEC)
+    sg = _chunk_scales(am_ptr, am2_ptr, code2_ptr, offset, g_rows, row_mask, k0, K_DIM, LANES, STEPS, VEC, NESTED, BS,
+                       BS2)
+    bu = bg
+    su = sg
+    if GATED:
+        bu = _chunk_bytes(w_ptr, u_rows, row_mask, k0, K_DIM, LANES, STEPS, VEC)
+        su = _chunk_scales(am_ptr, am2_ptr, code2_ptr, offset, u_rows, row_mask, k0, K_DIM, LANES, STEPS, VEC, NESTED,
+                           BS, BS2)
+    return bg, sg, bu, su
+
+
+@triton.jit
 def _chunk_x(x_row_ptr, stride_xk, valid, k0, K_DIM: tl.constexpr, R: tl.constexpr, LANES: tl.constexpr,
              STEPS: tl.constexpr, VEC: tl.constexpr):
     """Activations of one row for a K chunk as (even, odd) (LANES, R, STEPS, VEC), in the weights' layout:
@@ -173,15 +191,8 @@ def nf4_moe_gemv_kernel(
     # feed a tl.dot), so each thread keeps up to two chunks of bytes in flight
     CHUNK: tl.constexpr = 2 * LANES * STEPS * VEC
     NCH: tl.constexpr = (K_DIM + CHUNK - 1) // CHUNK
-    nxt_g = _chunk_bytes(w_ptr, g_rows, n_mask, 0, K_DIM, LANES, STEPS, VEC)
-    nsc_g = _chunk_scales(am_ptr, am2_ptr, code2_ptr, offset, g_rows, n_mask, 0, K_DIM, LANES, STEPS, VEC, NESTED,
-                          BS, BS2)
-    nxt_u = nxt_g
-    nsc_u = nsc_g
-    if GATED:
-        nxt_u = _chunk_bytes(w_ptr, u_rows, n_mask, 0, K_DIM, LANES, STEPS, VEC)
-        nsc_u = _chunk_scales(am_ptr, am2_ptr, code2_ptr, offset, u_rows, n_mask, 0, K_DIM, LANES, STEPS, VEC,
-                              NESTED, BS, BS2)
+    nxt_g, nsc_g, nxt_u, nsc_u = _chunk_loads(w_ptr, am_ptr, am2_ptr, code2_ptr, offset, g_rows, u_rows, n_mask, 0,
+                                              K_DIM, LANES, STEPS, VEC, NESTED, BS, BS2, GATED)
     for it in tl.static_range(NCH):
         k0 = it * CHUNK
         cur_g = nxt_g
@@ -189,13 +200,8 @@ def nf4_moe_gemv_kernel(
         cur_u = nxt_u
         sc_u = nsc_u
         if it + 1 < NCH:
-            nxt_g = _chunk_bytes(w_ptr, g_rows, n_mask, k0 + CHUNK, K_DIM, LANES, STEPS, VEC)
-            nsc_g = _chunk_scales(am_ptr, am2_ptr, code2_ptr, offset, g_rows, n_mask, k0 + CHUNK, K_DIM, LANES,
-                                  STEPS, VEC, NESTED, BS, BS2)
-            if GATED:
-                nxt_u = _chunk_bytes(w_ptr, u_rows, n_mask, k0 + CHUNK, K_DIM, LANES, STEPS, VEC)
-                nsc_u = _chunk_scales(am_ptr, am2_ptr, code2_ptr, offset, u_rows, n_mask, k0 + CHUNK, K_DIM,
-                                      LANES, STEPS, VEC, NESTED, BS, BS2)
+            nxt_g, nsc_g, nxt_u, nsc_u = _chunk_loads(w_ptr, am_ptr, am2_ptr, code2_ptr, offset, g_rows, u_rows, n_mask,
+                                                      k0 + CHUNK, K_DIM, LANES, STEPS, VEC, NESTED, BS, BS2, GATED)
         ge, go = _chunk_weights(cur_g, sc_g, LUT, x_ptr.dtype.element_ty)
         if GATED:
             ue, uo = _chunk_weights(cur_u, sc_u, LUT, x_ptr.dtype.element_ty)
