@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from nf4moe.kernels import routing as R
 from nf4moe.kernels.routing import build_routing
 from nf4moe.reference import route
+from triton_cases import count_calls
 
 
 @settings(max_examples=60, deadline=None)
@@ -204,9 +205,7 @@ def test_lowered_threshold_dispatch(p, monkeypatch):
     idx = _ids(p, 1, 10, torch.int32, "mixed", seed=p)
     from nf4moe.kernels import ops  # build_routing launches through ops.run, whose body calls this name
 
-    calls = []
-    real = ops.launch_routing
-    monkeypatch.setattr(ops, "launch_routing", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    calls = count_calls(monkeypatch, ops, "launch_routing")
     _assert_same(R.build_routing(idx, 10), route_like_torch(idx, 10))
     assert len(calls) == (1 if p <= 48 else 0)
 

@@ -16,7 +16,7 @@ import torch
 
 from nf4moe.reference import Lora, moe_forward
 
-from triton_cases import DEV, make_layer, routing
+from triton_cases import DEV, count_calls, make_layer, routing
 INTERP = os.environ.get("TRITON_INTERPRET") == "1"
 pytestmark = pytest.mark.skipif(not (INTERP or DEV == "cuda"), reason="needs a GPU or TRITON_INTERPRET=1")
 
@@ -248,9 +248,7 @@ def test_lora_xa_in_loop_and_precomputed(monkeypatch, xa_mode, t):
 
     monkeypatch.setenv("NF4MOE_XA_PRE", xa_mode)
     monkeypatch.setenv("NF4MOE_GEMV_ROWS", "0")  # the MMA GEMM at every size (the GEMV always precomputes)
-    calls = []
-    real = gg.launch_lora_xa
-    monkeypatch.setattr(gg, "launch_lora_xa", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = count_calls(monkeypatch, gg, "launch_lora_xa")
     m = make_layer(4, 128, 64, rank=16, seed=31)
     x = torch.randn(t, 128, device=DEV)
     idx, w = routing(t, 4, 2, seed=32)
@@ -266,9 +264,7 @@ def test_decode_gemv_is_the_default_up_to_16_rows(monkeypatch, t, gemv):
     import nf4moe.kernels.grouped_gemm as gg
 
     monkeypatch.delenv("NF4MOE_GEMV_ROWS", raising=False)
-    calls = []
-    real = gg.launch_nf4_moe_gemv
-    monkeypatch.setattr(gg, "launch_nf4_moe_gemv", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = count_calls(monkeypatch, gg, "launch_nf4_moe_gemv")
     m = make_layer(4, 128, 64, rank=8, seed=33)
     x = torch.randn(t, 128, device=DEV)
     idx, w = routing(t, 4, 2, seed=34)

@@ -8,6 +8,15 @@ import nf4moe
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def count_calls(monkeypatch, owner, name: str) -> list:
+    """Replace ``owner.name`` (for the rest of the test) by a wrapper that records each call in the
+    returned list, then calls the original."""
+    calls = []
+    real = getattr(owner, name)
+    monkeypatch.setattr(owner, name, lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    return calls
+
+
 def make_layer(e, h, i, *, rank=0, nested=True, act="silu", blocksize=64, seed=0, lora_dtype=torch.float32):
     """A triton-backend layer on fresh random weights; LoRA B non-zero so the LoRA paths (and the
     LoRA gradients) really carry signal."""
