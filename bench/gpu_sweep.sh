@@ -14,7 +14,9 @@
 #   bash bench/gpu_sweep.sh splitk     # the opt-in split-K at decode sizes: its GPU tests, then against the default
 #                                      # at T=1..8, Qwen3 and DeepSeek-V3, with CUDA-graph times (measured on an H200: slower, NOTES v22)
 #   bash bench/gpu_sweep.sh wgmma      # the Gluon GEMM: its GPU tests, then its configs against the Triton GEMM (~7 min)
-#   bash bench/gpu_sweep.sh h200all    # forward, all three shapes x all T, one process per shape, DeepSeek-V3 first (~4 min)
+#   bash bench/gpu_sweep.sh h200all    # forward, all three shapes x all T, one process per shape, DeepSeek-V3 first (~4 min
+#                                      # before the v31 GEMV; its autotuning made GLM and DeepSeek-V3 run past 165 / 220 s)
+#   bash bench/gpu_sweep.sh h200_qwen3 # the same, one shape per command (~3, ~4, ~6 min): h200_qwen3, h200_glm, h200_dsv3
 #   bash bench/gpu_sweep.sh ncu_wgmma  # Nsight Compute on the Gluon GEMM's up projection, Qwen3 T=8192, both tiles (~3 min)
 #   bash bench/gpu_sweep.sh early      # the Gluon GEMM's GPU tests, then NF4MOE_WGMMA_EARLY_COPY against the default (~5 min)
 #   bash bench/gpu_sweep.sh ncu_ws     # Nsight Compute with stall reasons: the warp-specialised Gluon GEMM against the default (~2 min)
@@ -81,6 +83,11 @@ case "${1:-}" in
       | tee -a "$OUT/h200all.log" || true
     timeout 190 $py -m nf4moe bench --mode fwd --shapes glm45air --out "$OUT/glm" 2>&1 | tee -a "$OUT/h200all.log" || true
     timeout 160 $py -m nf4moe bench --mode fwd --shapes qwen3 --out "$OUT/qwen3" 2>&1 | tee -a "$OUT/h200all.log" || true ;;
+  h200_qwen3|h200_glm|h200_dsv3)
+    shape=${1#h200_}; [ "$shape" = glm ] && shape=glm45air
+    mkdir -p "$OUT/${1#h200_}"
+    $py -m nf4moe bench --mode fwd --shapes $shape --tokens 1,16,128,1024,8192,16384 --out "$OUT/${1#h200_}" 2>&1 \
+      | tee -a "$OUT/$1.log" ;;
   ncu_wgmma)
     for tile in 128x256 256x128; do
       NF4MOE_WGMMA_TILE=$tile ncu --clock-control none --kernel-name regex:nf4_moe_gemm_wgmma --launch-skip 2 \

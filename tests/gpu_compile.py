@@ -70,7 +70,8 @@ def facts(ptx: str) -> dict:
     return {"ptx_ops": dict(ops), "cp_async_bytes": cp,
             "wgmma": sum(c for op, c in ops.items() if op.startswith("wgmma.mma_async")),
             "lut_decodes": ptx.count("prmt.b32 a, tl0, tl1"), "lut_scaled": "fma.rn." in ptx and "x2 " in ptx,
-            "lut_pairs": ptx.count("lo, hi, 0x4051"), "smem_byte_loads": ops.get("ld.shared.b8", 0) + ops.get("ld.shared.u8", 0),
+            "lut_pairs": ptx.count("lo, hi, 0x4051"), "lut_table_regs": len(re.findall(r"mov\.b32 tl0, %r", ptx)),
+            "smem_byte_loads": ops.get("ld.shared.b8", 0) + ops.get("ld.shared.u8", 0),
             "acq_rel_counter": len(re.findall(r"atom\.global\.gpu\.acq_rel\.add\.u32", ptx)),
             "l2_loads": len(re.findall(r"ld\.global\.cg\.", ptx)),  # predicated loads sit in inline-asm lines
             "global_v4_loads": len(re.findall(r"ld\.global(?:\.[\w:]+)*\.v4\.b32", ptx))}
@@ -107,7 +108,7 @@ def main() -> int:
                                                           dict(up, KPERM=False, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128), 4, 3))
     gemv = {k: v for k, v in up.items() if k not in ("INTERPRET", "XA_PRE", "WRITE_GU", "WRITE_OUT", "KPERM", "K_HINT", "SPLIT_K")}
     out["gemv_up"] = facts(compile_kernel(nf4_moe_gemv_kernel, ptrs, ints,
-                                          dict(gemv, K_DIM=2048, BLOCK_M=1, BLOCK_N=4, LANES=32, STEPS=8, VEC=4), 4, 1))
+                                          dict(gemv, K_DIM=2048, BLOCK_M=1, BLOCK_N=4, LANES=32, STEPS=1, VEC=16), 4, 1))
     bwd = dict(common, DOWN=False, NEED_DY=True, NEED_OUT=True, NEED_DW=False, NEED_XA=False, NEED_DZB=True,
                INTERPRET=False, LUT=True)
     out["bwd_up_dx"] = facts(compile_kernel(nf4_moe_gemm_t_kernel, ptrs, dict(ints, N=2048, KR=1536),

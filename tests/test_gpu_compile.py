@@ -61,10 +61,11 @@ def test_mma_k_order_loads_weight_words_and_decodes_pairs(compiled, variant):
 
 
 def test_gemv_uses_the_pair_table_without_tensor_cores(compiled):
-    """The decode GEMV decodes through the GEMMs' pair PTX (absmax applied in it), multiplies on the FP32
-    units, and reads its activations as 16-byte vectors in the weights' own layout (no shared memory)."""
+    """The decode GEMV decodes through the GEMMs' pair PTX (unscaled: the absmax is applied in fp32 once per
+    lane and step; table words in registers, not immediates), multiplies on the FP32 units, and reads its
+    weights and activations as 16-byte vectors in one layout (no shared memory)."""
     f = compiled["gemv_up"]
-    assert f["lut_pairs"] > 0 and f["lut_scaled"] and f["wgmma"] == 0, f
+    assert f["lut_pairs"] > 0 and f["lut_table_regs"] > 0 and not f["lut_scaled"] and f["wgmma"] == 0, f
     assert f["global_v4_loads"] > 0 and f["smem_byte_loads"] == 0, f
 
 

@@ -100,3 +100,20 @@ def test_lut_pairs_asm_gives_each_bytes_even_odd_pair(dtype, fma):
             for got, code in ((env[f"${j}"] & 0xFFFF, b >> 4), (env[f"${j}"] >> 16, b & 15)):
                 want = torch.tensor(NF4_CODE[code]).to(dtype).double() * s
                 assert from16(dtype, got) == torch.tensor(want.item()).to(dtype).float().item(), (bs, j, code)
+
+
+def test_unscaled_pairs_with_table_operands_give_fp16_nf4_values():
+    """The decode GEMV's variant (fma=None, table words as operands $5 + 4i / $21 + 4i): register j holds byte
+    j's (high nibble, low nibble) NF4 values in fp16, unscaled, for every byte value."""
+    from nf4moe.kernels.nf4_decode import _F16_TABLE
+
+    dtype = torch.float16
+    asm = _lut_pairs_asm(dtype, None, table_operands=True)
+    assert "fma" not in asm and "0x" not in asm.split("mov.b32 z")[0], asm  # no immediate table words
+    table = {f"${5 + 4 * i}": w & M32 for i, w in enumerate(_F16_TABLE.value)}  # low-byte words, then high
+    for b in range(0, 256, 4):
+        bs = [b, b + 1, b + 2, b + 3]
+        env = run(asm, dict(table, **{"$4": sum(v << (8 * i) for i, v in enumerate(bs))}), dtype)
+        for j, v in enumerate(bs):
+            for got, code in ((env[f"${j}"] & 0xFFFF, v >> 4), (env[f"${j}"] >> 16, v & 15)):
+                assert got == to16(dtype, NF4_CODE[code]), (v, j, code)

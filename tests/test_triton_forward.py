@@ -273,6 +273,39 @@ def test_decode_gemv_is_the_default_up_to_16_rows(monkeypatch, t, gemv):
     assert len(calls) == (2 if gemv else 0)
 
 
+GEMV_PINS = [  # (BLOCK_M, BLOCK_N, LANES, STEPS, VEC, num_warps), dtype: the 16- and 8-byte lanes, one row per
+    # program (the direct row-to-expert lookup) and two (the per-expert tile schedule); VEC = 4 is the interpreter's
+    (1, 32, 8, 1, 16, 1, torch.bfloat16), (2, 32, 4, 2, 16, 1, torch.float16), (1, 32, 8, 2, 8, 1, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("pin", GEMV_PINS)
+def test_gemv_configs_match_reference(monkeypatch, nan_new_empty, pin):
+    """Each GEMV lane width and row count per program, pinned through the launcher's config cache, against
+    the reference: a whole K chunk (up, K = 256) and a masked tail (down, K = 128)."""
+    import triton
+
+    import nf4moe.kernels.grouped_gemm as gg
+    from nf4moe.kernels import configs
+
+    bm, bn, lanes, steps, vec, warps, dtype = pin
+    cfg = triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "LANES": lanes, "STEPS": steps, "VEC": vec},
+                        num_warps=warps, num_stages=1)
+
+    class Pinned(dict):
+        def get(self, key, default=None):
+            return cfg if key[0] == "gemv" else super().get(key, default)
+
+    monkeypatch.setattr(configs, "_TUNED", Pinned())
+    monkeypatch.setenv("NF4MOE_GEMV_ROWS", str(1 << 30))
+    calls = count_calls(monkeypatch, gg, "launch_nf4_moe_gemv")
+    m = make_layer(4, 256, 128, rank=8, seed=50 + vec + bm)
+    x = torch.randn(3, 256, device=DEV, dtype=dtype)
+    idx, w = routing(3, 4, 2, seed=51)
+    with torch.no_grad():
+        assert rel_err(m(x, idx, w), reference(m, x, idx, w)) < BOUND[dtype]
+    assert len(calls) == 2
+
+
 @pytest.mark.parametrize("splits,xa_mode,dtype", [(2, "0", torch.float32), (4, "0", torch.bfloat16),
                                                   (4, "1", torch.float32)])
 def test_split_k_matches_reference(monkeypatch, splits, xa_mode, dtype):

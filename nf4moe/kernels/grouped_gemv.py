@@ -3,58 +3,63 @@
 At T of a token or two each routed expert sees one row, so the layer is a bandwidth and latency problem:
 the GEMM kernel (grouped_gemm.py) pads every expert to a 16-row MMA tile and its 64-column weight tiles
 leave too few programs (96 for the Qwen3-30B-A3B up projection at T=1) to keep enough loads in flight.
-Here a program owns BLOCK_N weight rows (one or two per warp) of one expert and its BLOCK_M rows:
+Here a program owns BLOCK_N weight rows of one expert (32 // LANES rows share a warp) and its BLOCK_M rows:
 
-- the lanes of a warp read LANES*VEC contiguous bytes of a weight row per step (VEC = 4 bytes each), and
-  a K chunk of STEPS steps is loaded at once; the next chunk's loads are issued by hand before the current
-  one is decoded (K_DIM is a compile-time constant and the chunks are unrolled), because Triton's software
-  pipeliner stages only loads that feed a ``tl.dot``;
-- the bytes decode through the GEMMs' pair PTX (nf4_decode._lut_pairs_asm, absmax applied in it) and are
-  multiplied in fp32 by activations loaded in the weights' own layout (a 16-byte vector per lane and step;
-  no conversion through shared memory); each lane keeps its own partial sum per row, and the lanes are
-  summed once, after the K loop (not once per step, which cost ~90 shuffles per step in the first version);
+- the lanes of a warp read LANES*VEC contiguous bytes of a weight row per step (VEC = 16 bytes: one 16-byte
+  load and, as the lane's 32 columns lie in one NF4 block, one absmax per lane and step), and a K chunk of
+  STEPS steps is loaded at once; the next chunk's loads are issued by hand before the current one is decoded
+  (K_DIM is a compile-time constant and the chunks are unrolled), because Triton's software pipeliner stages
+  only loads that feed a ``tl.dot``; weight rows are clamped to real rows, so only a tail chunk is masked;
+- the bytes decode through the GEMMs' pair PTX without its absmax multiply (nf4_decode.lut_values_f32: an
+  fp16 table whose words stay in registers), are widened to fp32 and multiplied by activations loaded in the
+  weights' own layout (bf16 read as 32-bit pairs and widened by a shift or a mask; no conversion through
+  shared memory) in one FMA chain per lane and step, which then takes its absmax in one more FMA; each lane
+  keeps its own partial sums per row and step, and steps and lanes are summed once, after the K loop;
 - gate and up share the activations (GATED) and the SwiGLU epilogue; down multiplies by the routing
   weight and writes the pair's row (SCATTER), like the GEMM kernel, whose output layout it shares;
 - LoRA: X·Aᵀ comes precomputed (lora_xa.py, as split-K partials summed here), and
   ``scaling * B · xa`` is added in the epilogue.
 
-Grid: (cdiv(N, BLOCK_N), cdiv(P, BLOCK_M) + min(E, P)), the GEMM kernel's per-expert row-tile schedule.
-Measured on an H200 (bench/NOTES.md v30): Qwen3-30B-A3B T=1 30.1 us of GEMV + 4.7 us of X·Aᵀ against the
-GEMM's 44.8 us (layer under a CUDA graph 0.046 against 0.060 ms), T=2 61.5 against 69.0 us, T=4 even, T=8
-and above slower; GLM-4.5-Air T=1 105 against 133 us.  Used up to ``NF4MOE_GEMV_ROWS`` routed rows
+Grid: (cdiv(N, BLOCK_N), cdiv(P, BLOCK_M) + min(E, P)), the GEMM kernel's per-expert row-tile schedule (with
+BLOCK_M = 1 tile i is sorted row i, and its expert is found from the expert offsets without a scan).
+SASS (Triton 3.6, sm_90a, Qwen3-30B-A3B up projection): ~12 instructions per weight byte in the K loop, from
+~29 before (bench/NOTES.md v31).  Measured on an H200: Qwen3-30B-A3B layer under a CUDA graph at T=1 0.040 ms
+(0.046 with the v30 GEMV, 0.060 with the MMA GEMM).  Used up to ``NF4MOE_GEMV_ROWS`` routed rows
 (``gemv_max_rows``).
 """
 from __future__ import annotations
 
 import os
 
+import torch
 import triton
 import triton.language as tl
 
 from .common import act_fwd, expert_row_tile, nested_offset
 from .configs import _pinned, interpreting, launch_tuned, pow2
 from .lora_xa import launch_lora_xa
-from .nf4_decode import _lut_decode_pairs, block_scale, nf4_value
+from .nf4_decode import block_scale, lut_values_f32, nf4_value
 from .operands import NF4Operand, r_pad
 
 
 def gemv_configs() -> list[triton.Config]:
     """Candidates as (BLOCK_M, BLOCK_N, LANES, STEPS, VEC, num_warps): a K chunk of 2*LANES*STEPS*VEC columns
-    (its tail past K masked), lanes of VEC bytes.  The last is the fallback (VEC = 4 bytes = 8 columns lie
-    in one NF4 block of any blocksize >= 8)."""
+    (its tail past K masked), lanes of VEC bytes; 32 // LANES weight rows share a warp.  VEC = 16: one 16-byte
+    load and one absmax per lane and step.  The last is the fallback (VEC = 4 bytes = 8 columns lie in one
+    NF4 block of any blocksize >= 8)."""
     def cfg(bm, bn, lanes, steps, vec, warps):
         return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "LANES": lanes, "STEPS": steps, "VEC": vec},
                              num_warps=warps, num_stages=1)
 
     fallback = cfg(1, 4, 8, 1, 4, 1)
     if _pinned():  # NF4MOE_CONFIG pins the GEMM: the GEMV then also runs one config (GPU test runs)
-        return [cfg(2, 8, 32, 4, 4, 4), fallback]
+        return [cfg(2, 8, 32, 1, 16, 4), fallback]
     if interpreting():
-        return [cfg(2, 32, 4, 4, 4, 1), fallback]
-    out = []
-    for bm in (1, 2):
-        for bn, steps, warps in ((4, 4, 4), (8, 4, 4), (8, 8, 4), (16, 4, 8), (16, 2, 4), (4, 4, 1), (8, 2, 2)):
-            out.append(cfg(bm, bn, 32, steps, 4, warps))
+        return [cfg(2, 32, 4, 2, 4, 1), fallback]
+    # the best of 19 candidates on an H200 (Qwen3-30B-A3B, GLM-4.5-Air, DeepSeek-V3 at T=1, NOTES.md v31): whole
+    # warps on one row (K >= 2048) or 8 lanes to a row (short K: the down projections)
+    out = [cfg(1, 4, 32, 1, 16, 4), cfg(1, 16, 32, 1, 16, 8), cfg(1, 4, 32, 2, 16, 4), cfg(1, 16, 8, 1, 16, 4),
+           cfg(1, 8, 8, 1, 16, 2), cfg(2, 4, 32, 1, 16, 4), cfg(2, 16, 8, 1, 16, 4)]
     return out + [fallback]
 
 
@@ -72,78 +77,158 @@ def prune_gemv(configs, named_args, **kwargs):
 
 
 @triton.jit
-def _chunk_bytes(w_ptr, rows, row_mask, k0, K_DIM: tl.constexpr, LANES: tl.constexpr, STEPS: tl.constexpr,
-                 VEC: tl.constexpr):
-    """Packed bytes of W[rows, k0 : k0 + 2*LANES*STEPS*VEC] as (LANES, R, STEPS, VEC), bytes past K_DIM masked:
-    step s of lane l holds VEC bytes = 2*VEC columns from k0 + 2*VEC*(s*LANES + l), so one warp-wide load of
-    a step reads LANES*VEC contiguous bytes of a row.  The lane axis comes first so that Triton's coalescing
-    gives it the threads of a warp (the weight rows get the warps; steps and bytes stay in each thread)."""
+def _chunk_bytes(w_ptr, rows, k0, K_DIM: tl.constexpr, LANES: tl.constexpr, STEPS: tl.constexpr, VEC: tl.constexpr,
+                 TAIL: tl.constexpr):
+    """Packed bytes of W[rows, k0 : k0 + 2*LANES*STEPS*VEC] as (LANES, R, STEPS, VEC): step s of lane l holds
+    VEC bytes = 2*VEC columns from k0 + 2*VEC*(s*LANES + l), so one warp-wide load of a step reads LANES*VEC
+    contiguous bytes of a row.  The lane axis comes first so that Triton's coalescing gives it the threads of
+    a warp (the weight rows get the warps; steps and bytes stay in each thread).  ``rows`` are clamped to
+    real rows by the caller, so only the last chunk (TAIL: it runs past K_DIM) is masked."""
     j = k0 // 2 + VEC * (tl.arange(0, STEPS)[None, None, :, None] * LANES + tl.arange(0, LANES)[:, None, None, None]) \
         + tl.arange(0, VEC)[None, None, None, :]
-    return tl.load(w_ptr + rows[None, :, None, None] * (K_DIM // 2) + j,
-                   mask=row_mask[None, :, None, None] & (j < K_DIM // 2), other=0)
+    ptrs = w_ptr + rows[None, :, None, None] * (K_DIM // 2) + j
+    if TAIL:
+        return tl.load(ptrs, mask=j < K_DIM // 2, other=0)
+    else:
+        return tl.load(ptrs)
 
 
 @triton.jit
-def _chunk_scales(am_ptr, am2_ptr, code2_ptr, offset, rows, row_mask, k0, K_DIM: tl.constexpr, LANES: tl.constexpr,
-                  STEPS: tl.constexpr, VEC: tl.constexpr, NESTED: tl.constexpr, BS: tl.constexpr, BS2: tl.constexpr):
-    """fp32 absmax (LANES, R, STEPS) of each lane's step of 2*VEC columns (inside one NF4 block)."""
+def _chunk_scales(am_ptr, am2_ptr, code2_ptr, offset, rows, k0, K_DIM: tl.constexpr, LANES: tl.constexpr,
+                  STEPS: tl.constexpr, VEC: tl.constexpr, NESTED: tl.constexpr, BS: tl.constexpr, BS2: tl.constexpr,
+                  TAIL: tl.constexpr):
+    """fp32 absmax (LANES, R, STEPS) of each lane's step of 2*VEC columns (inside one NF4 block); past K_DIM
+    (TAIL chunk only) the last block's, multiplying zero bytes' activations that are zero too."""
     c = k0 + 2 * VEC * (tl.arange(0, STEPS)[None, None, :] * LANES + tl.arange(0, LANES)[:, None, None])
+    if TAIL:
+        c = tl.minimum(c, K_DIM - 1)
     blk = rows[None, :, None] * (K_DIM // BS) + c // BS
-    return block_scale(am_ptr, am2_ptr, code2_ptr, offset, blk, row_mask[None, :, None] & (c < K_DIM), NESTED, BS2)
+    return block_scale(am_ptr, am2_ptr, code2_ptr, offset, blk, None, NESTED, BS2)
 
 
 @triton.jit
-def _chunk_loads(w_ptr, am_ptr, am2_ptr, code2_ptr, offset, g_rows, u_rows, row_mask, k0, K_DIM: tl.constexpr,
+def _chunk_loads(w_ptr, am_ptr, am2_ptr, code2_ptr, offset, g_rows, u_rows, k0, K_DIM: tl.constexpr,
                  LANES: tl.constexpr, STEPS: tl.constexpr, VEC: tl.constexpr, NESTED: tl.constexpr, BS: tl.constexpr,
-                 BS2: tl.constexpr, GATED: tl.constexpr):
+                 BS2: tl.constexpr, GATED: tl.constexpr, TAIL: tl.constexpr):
     """Every load of a K chunk, issued together: (gate bytes, gate absmax, up bytes, up absmax); the up
     pair repeats the gate pair when not GATED (unused there)."""
-    bg = _chunk_bytes(w_ptr, g_rows, row_mask, k0, K_DIM, LANES, STEPS, VEC)
-    sg = _chunk_scales(am_ptr, am2_ptr, code2_ptr, offset, g_rows, row_mask, k0, K_DIM, LANES, STEPS, VEC, NESTED, BS,
-                       BS2)
+    bg = _chunk_bytes(w_ptr, g_rows, k0, K_DIM, LANES, STEPS, VEC, TAIL)
+    sg = _chunk_scales(am_ptr, am2_ptr, code2_ptr, offset, g_rows, k0, K_DIM, LANES, STEPS, VEC, NESTED, BS, BS2, TAIL)
     bu = bg
     su = sg
     if GATED:
-        bu = _chunk_bytes(w_ptr, u_rows, row_mask, k0, K_DIM, LANES, STEPS, VEC)
-        su = _chunk_scales(am_ptr, am2_ptr, code2_ptr, offset, u_rows, row_mask, k0, K_DIM, LANES, STEPS, VEC, NESTED,
-                           BS, BS2)
+        bu = _chunk_bytes(w_ptr, u_rows, k0, K_DIM, LANES, STEPS, VEC, TAIL)
+        su = _chunk_scales(am_ptr, am2_ptr, code2_ptr, offset, u_rows, k0, K_DIM, LANES, STEPS, VEC, NESTED, BS, BS2,
+                           TAIL)
     return bg, sg, bu, su
 
 
 @triton.jit
-def _chunk_x(x_row_ptr, stride_xk, valid, k0, K_DIM: tl.constexpr, R: tl.constexpr, LANES: tl.constexpr,
-             STEPS: tl.constexpr, VEC: tl.constexpr):
-    """Activations of one row for a K chunk as (even, odd) (LANES, R, STEPS, VEC), in the weights' layout:
+def _chunk_x(x_row_ptr, stride_xk, k0, K_DIM: tl.constexpr, R: tl.constexpr, LANES: tl.constexpr,
+             STEPS: tl.constexpr, VEC: tl.constexpr, TAIL: tl.constexpr):
+    """Activations of one row for a K chunk as fp32 (even, odd) (LANES, R, STEPS, VEC), in the weights' layout:
     the pointer is broadcast over the R weight rows (L1 hits), so the load takes the weights' own layout (a
-    vector of 2*VEC activations per lane and step) and needs no conversion through shared memory."""
+    vector of 2*VEC activations per lane and step) and needs no conversion through shared memory.  bf16
+    (unit stride, the launcher's guarantee) is read as 32-bit pairs and widened by a shift and a mask, one
+    instruction per value (the compiler's bf16 conversion of the odd half takes two)."""
     lane = tl.arange(0, LANES)[:, None, None, None]
     step = tl.arange(0, STEPS)[None, None, :, None]
-    c = k0 + 2 * VEC * (step * LANES + lane) + tl.arange(0, 2 * VEC)[None, None, None, :] + \
-        tl.zeros((1, R, 1, 1), dtype=tl.int32)
-    x = tl.load(x_row_ptr + c * stride_xk, mask=(c < K_DIM) & ((c * 0 + valid) != 0), other=0.0)
-    return tl.split(tl.reshape(x, (LANES, R, STEPS, VEC, 2)))
+    if x_row_ptr.dtype.element_ty == tl.bfloat16:
+        c2 = k0 // 2 + VEC * (step * LANES + lane) + tl.arange(0, VEC)[None, None, None, :] + \
+            tl.zeros((1, R, 1, 1), dtype=tl.int32)
+        wptr = x_row_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + c2
+        if TAIL:
+            w = tl.load(wptr, mask=c2 < K_DIM // 2, other=0)
+        else:
+            w = tl.load(wptr)
+        return (w << 16).to(tl.float32, bitcast=True), (w & -65536).to(tl.float32, bitcast=True)
+    else:
+        c = k0 + 2 * VEC * (step * LANES + lane) + tl.arange(0, 2 * VEC)[None, None, None, :] + \
+            tl.zeros((1, R, 1, 1), dtype=tl.int32)
+        if TAIL:
+            x = tl.load(x_row_ptr + c * stride_xk, mask=c < K_DIM, other=0.0)
+        else:
+            x = tl.load(x_row_ptr + c * stride_xk)
+        xe, xo = tl.split(tl.reshape(x.to(tl.float32), (LANES, R, STEPS, VEC, 2)))
+        return xe, xo
 
 
 @triton.jit
-def _chunk_weights(packed, s, LUT: tl.constexpr, DT: tl.constexpr):
-    """Dequantized (even, odd) columns of a chunk's bytes as fp32 (LANES, R, STEPS, VEC); ``s`` (LANES, R,
-    STEPS) their absmax.  LUT: the PTX pair decode of the GEMMs (each byte's two weights times the absmax in one
-    DT pair register, rounded to DT as the GEMMs do; the bound of the reference comparison covers it), widened
-    to fp32 for the products; else the fp32 select tree."""
+def _chunk_weights(packed, tz, LUT: tl.constexpr):
+    """Unscaled NF4 values of a chunk's bytes as fp32 (even, odd) columns, (LANES, R, STEPS, VEC): the PTX
+    table (nf4_decode.lut_values_f32, ``tz`` its opaque zero) when LUT, else the fp32 select tree.  The
+    absmax is applied per lane and step in ``_lane_dot``, once per 8 columns instead of once per weight."""
     if LUT:
-        even, odd = _lut_decode_pairs(packed, s[:, :, :, None], DT)
-        return even.to(tl.float32), odd.to(tl.float32)
+        return lut_values_f32(packed, tz)
     else:
         q = packed.to(tl.int32)
-        return nf4_value(q >> 4) * s[:, :, :, None], nf4_value(q & 15) * s[:, :, :, None]
+        return nf4_value(q >> 4), nf4_value(q & 15)
 
 
 @triton.jit
-def _lane_dot(we, wo, xe, xo):
-    """Per lane and weight row: sum over the lane's columns of W[n, k] * x[k], (LANES, R) fp32.  The sum stays
-    inside each thread (no shuffle); lanes are summed once, after the K loop."""
-    return tl.sum(tl.sum(we * xe.to(tl.float32) + wo * xo.to(tl.float32), axis=3), axis=2)
+def _quarters(v):
+    """The 4 slices of the last (size 4) axis of ``v``."""
+    a, b = tl.split(tl.reshape(v, v.shape[:-1] + (2, 2)))
+    a0, a1 = tl.split(a)
+    b0, b1 = tl.split(b)
+    return a0, b0, a1, b1
+
+
+@triton.jit
+def _dot4(d, we, wo, xe, xo):
+    """d + sum over a last axis of 4 of we * xe + wo * xo, as a chain of 8 FMAs."""
+    we0, we1, we2, we3 = _quarters(we)
+    wo0, wo1, wo2, wo3 = _quarters(wo)
+    xe0, xe1, xe2, xe3 = _quarters(xe)
+    xo0, xo1, xo2, xo3 = _quarters(xo)
+    d = _fma_pair(d, we0, wo0, xe0, xo0)
+    d = _fma_pair(d, we1, wo1, xe1, xo1)
+    d = _fma_pair(d, we2, wo2, xe2, xo2)
+    return _fma_pair(d, we3, wo3, xe3, xo3)
+
+
+@triton.jit
+def _fma_pair(d, we, wo, xe, xo):
+    """d + we * xe + wo * xo as two chained FMAs (a byte's two weights)."""
+    return tl.fma(wo, xo, tl.fma(we, xe, d))
+
+
+@triton.jit
+def _halves(v):
+    """(even, odd) positions of the last axis of ``v``, each of half its size."""
+    return tl.split(tl.reshape(v, v.shape[:-1] + (v.shape[-1] // 2, 2)))
+
+
+@triton.jit
+def _lane_dot(acc, we, wo, xe, xo, s, VEC: tl.constexpr):
+    """acc + s * (sum over the lane's 2*VEC columns of W[n, k] * x[k]) per lane, weight row and step,
+    (LANES, R, STEPS) fp32: one chain of FMAs per 2*VEC weights, then one FMA with the absmax (the sum
+    stays inside each thread; steps and lanes are summed once, after the K loop).  VEC in {4, 8, 16}."""
+    d = tl.zeros(acc.shape, dtype=tl.float32)
+    if VEC == 4:
+        d = _dot4(d, we, wo, xe, xo)
+    else:
+        we_a, we_b = _halves(we)
+        wo_a, wo_b = _halves(wo)
+        xe_a, xe_b = _halves(xe)
+        xo_a, xo_b = _halves(xo)
+        if VEC == 8:
+            d = _dot4(d, we_a, wo_a, xe_a, xo_a)
+            d = _dot4(d, we_b, wo_b, xe_b, xo_b)
+        else:
+            tl.static_assert(VEC == 16, "the GEMV takes VEC in {4, 8, 16} bytes per lane and step")
+            for half in tl.static_range(2):
+                if half == 0:
+                    w_e, w_o, x_e, x_o = we_a, wo_a, xe_a, xo_a
+                else:
+                    w_e, w_o, x_e, x_o = we_b, wo_b, xe_b, xo_b
+                we_c, we_d = _halves(w_e)
+                wo_c, wo_d = _halves(w_o)
+                xe_c, xe_d = _halves(x_e)
+                xo_c, xo_d = _halves(x_o)
+                d = _dot4(d, we_c, wo_c, xe_c, xo_c)
+                d = _dot4(d, we_d, wo_d, xe_d, xo_d)
+    return tl.fma(s, d, acc)
 
 
 @triton.autotune(
@@ -171,28 +256,39 @@ def nf4_moe_gemv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LANES: tl.constexpr, STEPS: tl.constexpr, VEC: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
-    e, row_lo, row_hi = expert_row_tile(eoff_ptr, tl.program_id(1), E, E_POW2, BLOCK_M)
+    if BLOCK_M == 1:  # one row per tile: tile i is sorted row i, its expert the number of experts ending by it
+        row_lo = tl.program_id(1)
+        e_ids = tl.arange(0, E_POW2)
+        ends = tl.load(eoff_ptr + 1 + e_ids, mask=e_ids < E, other=1 << 30)
+        e = tl.sum((ends <= row_lo).to(tl.int32), 0)
+        row_hi = row_lo + 1
+    else:
+        e, row_lo, row_hi = expert_row_tile(eoff_ptr, tl.program_id(1), E, E_POW2, BLOCK_M)
     if e >= E:
         return
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     e64 = e.to(tl.int64)
-    g_rows = e64 * N_TOTAL + offs_n
+    g_rows = e64 * N_TOTAL + tl.minimum(offs_n, N - 1)  # clamped: the weight loads need no mask
     u_rows = g_rows + N
     offset = nested_offset(off_ptr, NESTED)
     offs_m = row_lo + tl.arange(0, BLOCK_M)
     m_mask = offs_m < row_hi
-    col_m = tl.arange(0, BLOCK_M)
 
-    acc = tl.zeros((LANES, BLOCK_N, BLOCK_M), dtype=tl.float32)
-    acc_up = tl.zeros((LANES, BLOCK_N, BLOCK_M), dtype=tl.float32)
+    tl.static_assert(BLOCK_M <= 2, "the GEMV keeps one accumulator per row, at most 2")
+    tz = N >> 31  # 0 (N > 0), unknown to the compiler: the table words of lut_values_f32 stay in registers
+    acc0 = tl.zeros((LANES, BLOCK_N, STEPS), dtype=tl.float32)
+    acc1 = tl.zeros((LANES, BLOCK_N, STEPS), dtype=tl.float32)
+    up0 = tl.zeros((LANES, BLOCK_N, STEPS), dtype=tl.float32)
+    up1 = tl.zeros((LANES, BLOCK_N, STEPS), dtype=tl.float32)
     # K chunks unrolled (K_DIM is a compile-time constant): every load of a chunk is issued at once, the
     # next chunk's by hand before the current one is decoded (Triton's pipeliner stages only loads that
-    # feed a tl.dot), so each thread keeps up to two chunks of bytes in flight
+    # feed a tl.dot), so each thread keeps up to two chunks of bytes in flight.  (A runtime loop compiles
+    # faster but carries the bytes as separate i8 values: ~20% more instructions per chunk, NOTES v31.)
     CHUNK: tl.constexpr = 2 * LANES * STEPS * VEC
     NCH: tl.constexpr = (K_DIM + CHUNK - 1) // CHUNK
-    nxt_g, nsc_g, nxt_u, nsc_u = _chunk_loads(w_ptr, am_ptr, am2_ptr, code2_ptr, offset, g_rows, u_rows, n_mask, 0,
-                                              K_DIM, LANES, STEPS, VEC, NESTED, BS, BS2, GATED)
+    nxt_g, nsc_g, nxt_u, nsc_u = _chunk_loads(w_ptr, am_ptr, am2_ptr, code2_ptr, offset, g_rows, u_rows, 0, K_DIM,
+                                              LANES, STEPS, VEC, NESTED, BS, BS2, GATED, CHUNK > K_DIM)
     for it in tl.static_range(NCH):
         k0 = it * CHUNK
         cur_g = nxt_g
@@ -200,25 +296,32 @@ def nf4_moe_gemv_kernel(
         cur_u = nxt_u
         sc_u = nsc_u
         if it + 1 < NCH:
-            nxt_g, nsc_g, nxt_u, nsc_u = _chunk_loads(w_ptr, am_ptr, am2_ptr, code2_ptr, offset, g_rows, u_rows, n_mask,
-                                                      k0 + CHUNK, K_DIM, LANES, STEPS, VEC, NESTED, BS, BS2, GATED)
-        ge, go = _chunk_weights(cur_g, sc_g, LUT, x_ptr.dtype.element_ty)
+            nxt_g, nsc_g, nxt_u, nsc_u = _chunk_loads(w_ptr, am_ptr, am2_ptr, code2_ptr, offset, g_rows, u_rows,
+                                                      k0 + CHUNK, K_DIM, LANES, STEPS, VEC, NESTED, BS, BS2, GATED,
+                                                      k0 + 2 * CHUNK > K_DIM)
+        ge, go = _chunk_weights(cur_g, tz, LUT)
         if GATED:
-            ue, uo = _chunk_weights(cur_u, sc_u, LUT, x_ptr.dtype.element_ty)
+            ue, uo = _chunk_weights(cur_u, tz, LUT)
         for m in tl.static_range(BLOCK_M):
-            row = row_lo + m
-            valid = row < row_hi
+            row = row_lo + m  # past the tile's rows: the last row again (its result is not stored)
             if GATHER:
                 x_row = (tl.load(pair_ptr + tl.minimum(row, row_hi - 1)) // TOP_K).to(tl.int64)
             else:
                 x_row = tl.minimum(row, row_hi - 1).to(tl.int64)
-            xe, xo = _chunk_x(x_ptr + x_row * stride_xm, stride_xk, valid, k0, K_DIM, BLOCK_N, LANES, STEPS, VEC)
-            sel = col_m[None, None, :] == m
-            acc += tl.where(sel, _lane_dot(ge, go, xe, xo)[:, :, None], 0.0)
-            if GATED:
-                acc_up += tl.where(sel, _lane_dot(ue, uo, xe, xo)[:, :, None], 0.0)
-    acc2 = tl.sum(acc, axis=0)  # (BLOCK_N, BLOCK_M): the lanes summed once
-    acc2_up = tl.sum(acc_up, axis=0)
+            xe, xo = _chunk_x(x_ptr + x_row * stride_xm, stride_xk, k0, K_DIM, BLOCK_N, LANES, STEPS, VEC,
+                              k0 + CHUNK > K_DIM)
+            if m == 0:
+                acc0 = _lane_dot(acc0, ge, go, xe, xo, sc_g, VEC)
+                if GATED:
+                    up0 = _lane_dot(up0, ue, uo, xe, xo, sc_u, VEC)
+            else:
+                acc1 = _lane_dot(acc1, ge, go, xe, xo, sc_g, VEC)
+                if GATED:
+                    up1 = _lane_dot(up1, ue, uo, xe, xo, sc_u, VEC)
+    # (BLOCK_N, BLOCK_M): steps and lanes summed once
+    sel = tl.arange(0, BLOCK_M)[None, :] == 0
+    acc2 = tl.where(sel, tl.sum(tl.sum(acc0, axis=2), axis=0)[:, None], tl.sum(tl.sum(acc1, axis=2), axis=0)[:, None])
+    acc2_up = tl.where(sel, tl.sum(tl.sum(up0, axis=2), axis=0)[:, None], tl.sum(tl.sum(up1, axis=2), axis=0)[:, None])
 
     if HAS_LORA:  # + scaling * B[e] (BLOCK_N, R) · xa (R, BLOCK_M), xa summed over its split-K partials
         offs_r = tl.arange(0, R_PAD)
@@ -253,7 +356,8 @@ def gemv_max_rows() -> int:
     """Routed rows up to which the inference projections run the GEMV kernel (grouped_gemv.py) instead
     of the MMA GEMM; ``NF4MOE_GEMV_ROWS`` sets it (0: never).  Default 16 (T <= 2 at top-8): on an H200 it
     measured 30 + 5 us against the GEMM's 45 us at T=1 and 62 against 69 us at T=2 (Qwen3-30B-A3B), even at
-    T=4 and slower from T=8 (bench/NOTES.md v30)."""
+    T=4 and slower from T=8 (bench/NOTES.md v30); the v31 kernel is faster at T=1, its crossover with the
+    GEMM not yet measured."""
     return int(os.environ.get("NF4MOE_GEMV_ROWS", "16"))
 
 
@@ -263,6 +367,8 @@ def launch_nf4_moe_gemv(x, w: NF4Operand, lora_a, lora_b, scaling, sorted_pair_i
     from .grouped_gemm import grid, launch_key, projection_meta  # grouped_gemm imports this module
     num_experts, n_total, half_k = w.packed.shape
     rows = sorted_pair_ids.numel()
+    if x.dtype == torch.bfloat16 and x.stride(1) != 1:  # the kernel reads bf16 activations as 32-bit pairs
+        x = x.contiguous()
     dummy = w.absmax
     r = lora_a.shape[1] if lora_a is not None else 0
     rp = r_pad(r)

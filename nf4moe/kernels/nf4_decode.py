@@ -52,13 +52,21 @@ def nf4_value(q):
 
 @triton.jit
 def block_scale(am_ptr, am2_ptr, code2_ptr, offset, blk, mask, NESTED: tl.constexpr, BS2: tl.constexpr):
-    """fp32 absmax of NF4 blocks ``blk``; decodes double-quant codes (code2[q] * absmax2 + offset)."""
-    if NESTED:
-        q = tl.load(am_ptr + blk, mask=mask, other=0).to(tl.int32)
-        a2 = tl.load(am2_ptr + blk // BS2, mask=mask, other=0.0)
-        return tl.load(code2_ptr + q, mask=mask, other=0.0) * a2 + offset
+    """fp32 absmax of NF4 blocks ``blk``; decodes double-quant codes (code2[q] * absmax2 + offset).
+    ``mask=None``: every block is real (no predication)."""
+    if mask is None:
+        if NESTED:
+            q = tl.load(am_ptr + blk).to(tl.int32)
+            return tl.load(code2_ptr + q) * tl.load(am2_ptr + blk // BS2) + offset
+        else:
+            return tl.load(am_ptr + blk)
     else:
-        return tl.load(am_ptr + blk, mask=mask, other=0.0)
+        if NESTED:
+            q = tl.load(am_ptr + blk, mask=mask, other=0).to(tl.int32)
+            a2 = tl.load(am2_ptr + blk // BS2, mask=mask, other=0.0)
+            return tl.load(code2_ptr + q, mask=mask, other=0.0) * a2 + offset
+        else:
+            return tl.load(am_ptr + blk, mask=mask, other=0.0)
 
 
 @triton.jit
@@ -117,16 +125,25 @@ def _lut_words(dtype) -> tuple[list[int], list[int]]:
     return words([b & 0xFF for b in bits]), words([b >> 8 for b in bits])
 
 
-def _lut_pairs_asm(dtype, fma: str) -> str:
+def _lut_pairs_asm(dtype, fma: str | None, table_operands: bool = False) -> str:
     """PTX decoding 4 packed bytes to 4 registers, register j holding byte j's two weights as a
     (even column, odd column) f16x2/bf16x2 pair times its absmax pair: the order a 16-bit MMA operand
     keeps k pairs in, so no repacking follows.  The raw bytes are the byte-permute selectors (a selector
     uses its low 16 bits, i.e. the 4 nibbles of 2 bytes, low nibble first), so no nibble shuffling
     precedes the lookups either: ~3.4 instructions per weight.  $0-$3: out, $4: the 4 bytes, $5-$8:
     the (absmax, absmax) pair of each byte.
+
+    ``fma=None``: the pairs unscaled (the decode GEMV applies the absmax in fp32), and with
+    ``table_operands`` the 8 table words come in as operands $5, $9, ..., $33 (the first register of each
+    32-bit argument packed 4 to a call) instead of immediates: ptxas then keeps them in registers, where it
+    re-moves immediate table words from uniform registers before every lookup (~5 instructions per byte).
     """
     lo, hi = _lut_words(dtype)
-    consts = "".join(f"mov.b32 tl{i}, {lo[i]:#010x};\n mov.b32 th{i}, {hi[i]:#010x};\n" for i in range(4))
+    if table_operands:
+        assert fma is None
+        consts = "".join(f"mov.b32 tl{i}, ${5 + 4 * i};\n mov.b32 th{i}, ${21 + 4 * i};\n" for i in range(4))
+    else:
+        consts = "".join(f"mov.b32 tl{i}, {lo[i]:#010x};\n mov.b32 th{i}, {hi[i]:#010x};\n" for i in range(4))
 
     def two_bytes(sel: str, outs: tuple[str, str], scales: tuple[str, str]) -> str:
         # m: byte i = 0xFF where code i >= 8 (its bit 3 moved to a byte's sign bit, then sign-replicated)
@@ -139,6 +156,8 @@ def _lut_pairs_asm(dtype, fma: str) -> str:
             # lo/hi bytes: [odd0, even0, odd1, even1]; out = [lo(even), hi(even), lo(odd), hi(odd)]
             f"prmt.b32 {outs[0]}, lo, hi, 0x4051;\n prmt.b32 {outs[1]}, lo, hi, 0x6273;\n"
         )
+        if fma is None:
+            return body
         return body + "".join(f"{fma} {o}, {o}, {s}, z;\n" for o, s in zip(outs, scales))
 
     asm = (
@@ -154,6 +173,34 @@ def _lut_pairs_asm(dtype, fma: str) -> str:
 
 _BF16_PAIRS_ASM: tl.constexpr = tl.constexpr(_lut_pairs_asm(__import__("torch").bfloat16, "fma.rn.bf16x2"))
 _FP16_PAIRS_ASM: tl.constexpr = tl.constexpr(_lut_pairs_asm(__import__("torch").float16, "fma.rn.f16x2"))
+
+
+def _signed_words(dtype) -> tuple[int, ...]:
+    """The table words of ``_lut_words`` (low bytes, then high bytes) as signed int32 values."""
+    lo, hi = _lut_words(dtype)
+    return tuple(w - (1 << 32) if w >= 1 << 31 else w for w in lo + hi)
+
+
+_GEMV_PAIRS_ASM: tl.constexpr = tl.constexpr(_lut_pairs_asm(__import__("torch").float16, None, table_operands=True))
+_F16_TABLE: tl.constexpr = tl.constexpr(_signed_words(__import__("torch").float16))
+
+
+@triton.jit
+def lut_values_f32(packed, opaque_zero):
+    """fp32 (even, odd) NF4 values (unscaled, from the fp16 table: exact to 2^-12) of uint8 ``packed``.
+
+    The PTX of ``_lut_pairs_asm`` without the absmax multiply, its table words passed in as registers:
+    ``opaque_zero`` is a runtime 0 the compiler cannot fold (a kernel argument shifted out), so the words
+    stay in registers for the whole kernel rather than being moved in again before every lookup."""
+    z = tl.zeros(packed.shape, dtype=tl.int32) + opaque_zero
+    pairs = tl.inline_asm_elementwise(
+        _GEMV_PAIRS_ASM, "=r,=r,=r,=r,r" + ",r,r,r,r" * 8,
+        [packed, z | _F16_TABLE[0], z | _F16_TABLE[1], z | _F16_TABLE[2], z | _F16_TABLE[3], z | _F16_TABLE[4],
+         z | _F16_TABLE[5], z | _F16_TABLE[6], z | _F16_TABLE[7]],
+        dtype=tl.int32, is_pure=True, pack=4)
+    even = (pairs & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    odd = (pairs >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return even, odd
 
 
 @triton.jit
