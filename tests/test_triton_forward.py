@@ -274,14 +274,16 @@ def test_decode_gemv_is_the_default_up_to_16_rows(monkeypatch, t, gemv):
 
 
 GEMV_PINS = [  # (BLOCK_M, BLOCK_N, LANES, STEPS, VEC, num_warps), dtype: the 16- and 8-byte lanes, one row per
-    # program (the direct row-to-expert lookup) and two (the per-expert tile schedule); VEC = 4 is the interpreter's
-    (1, 32, 8, 1, 16, 1, torch.bfloat16), (2, 32, 4, 2, 16, 1, torch.float16), (1, 32, 8, 2, 8, 1, torch.bfloat16)]
+    # program (the direct row-to-expert lookup) and two (the per-expert tile schedule), K chunks of 256, 128 and
+    # 64 columns (up, K = 256: 1, 2, 4 chunks; down, K = 128: a tail, 1, 2); VEC = 4 is the interpreter's
+    (1, 32, 8, 1, 16, 1, torch.bfloat16), (2, 32, 4, 1, 16, 1, torch.float16), (1, 32, 4, 1, 8, 1, torch.bfloat16)]
 
 
 @pytest.mark.parametrize("pin", GEMV_PINS)
 def test_gemv_configs_match_reference(monkeypatch, nan_new_empty, pin):
     """Each GEMV lane width and row count per program, pinned through the launcher's config cache, against
-    the reference: a whole K chunk (up, K = 256) and a masked tail (down, K = 128)."""
+    the reference: one or several whole K chunks (the next chunk's loads issued before the current one's
+    decode) and a masked tail."""
     import triton
 
     import nf4moe.kernels.grouped_gemm as gg
