@@ -35,6 +35,13 @@ def rel_err(out, ref):
     return float((out.float() - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
+def assert_matches_reference(m, x, idx, w, bound):
+    """The layer's inference output against the fp32 reference, relative error below ``bound``."""
+    with torch.no_grad():
+        err = rel_err(m(x, idx, w), reference(m, x, idx, w))
+    assert err < bound, err
+
+
 @pytest.fixture(params=["gemv", "gemm", "gemm_natural_k"])
 def kernel_path(request, monkeypatch):
     """Both inference kernels, each forced at every size: the decode GEMV (grouped_gemv.py; by default up to
@@ -92,8 +99,7 @@ def test_activations(act):
     m = make_layer(4, 128, 64, rank=0, act=act, seed=11)
     x = torch.randn(9, 128, device=DEV, dtype=torch.float32)
     idx, w = routing(9, 4, 2, seed=12)
-    with torch.no_grad():
-        assert rel_err(m(x, idx, w), reference(m, x, idx, w)) < BOUND[torch.float32]
+    assert_matches_reference(m, x, idx, w, BOUND[torch.float32])
 
 
 def test_t_zero_and_all_sentinels():
@@ -115,8 +121,7 @@ def test_small_blocksize_and_k_step_fallback(blocksize, inter):
     m = make_layer(4, 128, inter, rank=8, blocksize=blocksize, seed=40 + blocksize)
     x = torch.randn(11, 128, device=DEV, dtype=torch.float32)
     idx, w = routing(11, 4, 2, seed=41)
-    with torch.no_grad():
-        assert rel_err(m(x, idx, w), reference(m, x, idx, w)) < BOUND[torch.float32]
+    assert_matches_reference(m, x, idx, w, BOUND[torch.float32])
 
 
 @pytest.mark.usefixtures("kernel_path")
@@ -125,8 +130,7 @@ def test_blocksize_128_and_non_contiguous_input():
     xfull = torch.randn(12, 512, device=DEV, dtype=torch.float32)
     x = xfull[:, ::2]  # strided columns: the kernel takes strides, no copy needed
     idx, w = routing(12, 4, 2, seed=6)
-    with torch.no_grad():
-        assert rel_err(m(x, idx, w), reference(m, x, idx, w)) < BOUND[torch.float32]
+    assert_matches_reference(m, x, idx, w, BOUND[torch.float32])
 
 
 @pytest.mark.usefixtures("kernel_path")
@@ -252,8 +256,7 @@ def test_lora_xa_in_loop_and_precomputed(monkeypatch, xa_mode, t):
     m = make_layer(4, 128, 64, rank=16, seed=31)
     x = torch.randn(t, 128, device=DEV)
     idx, w = routing(t, 4, 2, seed=32)
-    with torch.no_grad():
-        assert rel_err(m(x, idx, w), reference(m, x, idx, w)) < BOUND[torch.float32]
+    assert_matches_reference(m, x, idx, w, BOUND[torch.float32])
     precomputed = xa_mode == "1" or (xa_mode == "auto" and 2 * t > 64)
     assert len(calls) == (2 if precomputed else 0)  # one X·Aᵀ launch per projection, or none
 
@@ -268,8 +271,7 @@ def test_decode_gemv_is_the_default_up_to_16_rows(monkeypatch, t, gemv):
     m = make_layer(4, 128, 64, rank=8, seed=33)
     x = torch.randn(t, 128, device=DEV)
     idx, w = routing(t, 4, 2, seed=34)
-    with torch.no_grad():
-        assert rel_err(m(x, idx, w), reference(m, x, idx, w)) < BOUND[torch.float32]
+    assert_matches_reference(m, x, idx, w, BOUND[torch.float32])
     assert len(calls) == (2 if gemv else 0)
 
 
@@ -303,8 +305,7 @@ def test_gemv_configs_match_reference(monkeypatch, nan_new_empty, pin):
     m = make_layer(4, 256, 128, rank=8, seed=50 + vec + bm)
     x = torch.randn(3, 256, device=DEV, dtype=dtype)
     idx, w = routing(3, 4, 2, seed=51)
-    with torch.no_grad():
-        assert rel_err(m(x, idx, w), reference(m, x, idx, w)) < BOUND[dtype]
+    assert_matches_reference(m, x, idx, w, BOUND[dtype])
     assert len(calls) == 2
 
 

@@ -200,6 +200,16 @@ def _halves(v):
 
 
 @triton.jit
+def _dot8(d, we, wo, xe, xo):
+    """d + sum over a last axis of 8 of we * xe + wo * xo: its even positions' chain, then its odd ones'."""
+    we_a, we_b = _halves(we)
+    wo_a, wo_b = _halves(wo)
+    xe_a, xe_b = _halves(xe)
+    xo_a, xo_b = _halves(xo)
+    return _dot4(_dot4(d, we_a, wo_a, xe_a, xo_a), we_b, wo_b, xe_b, xo_b)
+
+
+@triton.jit
 def _lane_dot(acc, we, wo, xe, xo, s, VEC: tl.constexpr):
     """acc + s * (sum over the lane's 2*VEC columns of W[n, k] * x[k]) per lane, weight row and step,
     (LANES, R, STEPS) fp32: one chain of FMAs per 2*VEC weights, then one FMA with the absmax (the sum
@@ -207,27 +217,15 @@ def _lane_dot(acc, we, wo, xe, xo, s, VEC: tl.constexpr):
     d = tl.zeros(acc.shape, dtype=tl.float32)
     if VEC == 4:
         d = _dot4(d, we, wo, xe, xo)
+    elif VEC == 8:
+        d = _dot8(d, we, wo, xe, xo)
     else:
+        tl.static_assert(VEC == 16, "the GEMV takes VEC in {4, 8, 16} bytes per lane and step")
         we_a, we_b = _halves(we)
         wo_a, wo_b = _halves(wo)
         xe_a, xe_b = _halves(xe)
         xo_a, xo_b = _halves(xo)
-        if VEC == 8:
-            d = _dot4(d, we_a, wo_a, xe_a, xo_a)
-            d = _dot4(d, we_b, wo_b, xe_b, xo_b)
-        else:
-            tl.static_assert(VEC == 16, "the GEMV takes VEC in {4, 8, 16} bytes per lane and step")
-            for half in tl.static_range(2):
-                if half == 0:
-                    w_e, w_o, x_e, x_o = we_a, wo_a, xe_a, xo_a
-                else:
-                    w_e, w_o, x_e, x_o = we_b, wo_b, xe_b, xo_b
-                we_c, we_d = _halves(w_e)
-                wo_c, wo_d = _halves(w_o)
-                xe_c, xe_d = _halves(x_e)
-                xo_c, xo_d = _halves(x_o)
-                d = _dot4(d, we_c, wo_c, xe_c, xo_c)
-                d = _dot4(d, we_d, wo_d, xe_d, xo_d)
+        d = _dot8(_dot8(d, we_a, wo_a, xe_a, xo_a), we_b, wo_b, xe_b, xo_b)
     return tl.fma(s, d, acc)
 
 

@@ -51,22 +51,23 @@ def nf4_value(q):
 
 
 @triton.jit
+def _load(ptr, mask):
+    """``tl.load`` of ``ptr``, masked (0 elsewhere) unless ``mask`` is None."""
+    if mask is None:
+        return tl.load(ptr)
+    else:
+        return tl.load(ptr, mask=mask, other=0)
+
+
+@triton.jit
 def block_scale(am_ptr, am2_ptr, code2_ptr, offset, blk, mask, NESTED: tl.constexpr, BS2: tl.constexpr):
     """fp32 absmax of NF4 blocks ``blk``; decodes double-quant codes (code2[q] * absmax2 + offset).
     ``mask=None``: every block is real (no predication)."""
-    if mask is None:
-        if NESTED:
-            q = tl.load(am_ptr + blk).to(tl.int32)
-            return tl.load(code2_ptr + q) * tl.load(am2_ptr + blk // BS2) + offset
-        else:
-            return tl.load(am_ptr + blk)
+    if NESTED:
+        q = _load(am_ptr + blk, mask).to(tl.int32)
+        return _load(code2_ptr + q, mask) * _load(am2_ptr + blk // BS2, mask) + offset
     else:
-        if NESTED:
-            q = tl.load(am_ptr + blk, mask=mask, other=0).to(tl.int32)
-            a2 = tl.load(am2_ptr + blk // BS2, mask=mask, other=0.0)
-            return tl.load(code2_ptr + q, mask=mask, other=0.0) * a2 + offset
-        else:
-            return tl.load(am_ptr + blk, mask=mask, other=0.0)
+        return _load(am_ptr + blk, mask)
 
 
 @triton.jit
@@ -198,9 +199,8 @@ def lut_values_f32(packed, opaque_zero):
         [packed, z | _F16_TABLE[0], z | _F16_TABLE[1], z | _F16_TABLE[2], z | _F16_TABLE[3], z | _F16_TABLE[4],
          z | _F16_TABLE[5], z | _F16_TABLE[6], z | _F16_TABLE[7]],
         dtype=tl.int32, is_pure=True, pack=4)
-    even = (pairs & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-    odd = (pairs >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-    return even, odd
+    even, odd = _pair_halves(pairs, tl.float16)
+    return even.to(tl.float32), odd.to(tl.float32)
 
 
 @triton.jit
@@ -276,10 +276,13 @@ def _lut_decode_pairs(packed, s, DT: tl.constexpr):
     """(even, odd) DT values of uint8 ``packed`` times ``s`` (broadcast to packed's shape): the PTX of
     ``_lut_pairs_asm``, whose int32 results are each byte's (even, odd) pair, split here by bit casts
     (the halves of one register, so the split costs no instruction in the MMA operand)."""
-    pairs = lut_scaled_pairs(packed, tl.broadcast_to(scale_pair(s, DT), packed.shape), DT)
-    even = (pairs & 0xFFFF).to(tl.int16).to(DT, bitcast=True)
-    odd = (pairs >> 16).to(tl.int16).to(DT, bitcast=True)
-    return even, odd
+    return _pair_halves(lut_scaled_pairs(packed, tl.broadcast_to(scale_pair(s, DT), packed.shape), DT), DT)
+
+
+@triton.jit
+def _pair_halves(pairs, DT: tl.constexpr):
+    """The (low, high) 16-bit halves of int32 ``pairs`` as DT values, by bit casts."""
+    return (pairs & 0xFFFF).to(tl.int16).to(DT, bitcast=True), (pairs >> 16).to(tl.int16).to(DT, bitcast=True)
 
 
 @triton.jit
