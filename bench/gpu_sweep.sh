@@ -22,6 +22,7 @@
 #   bash bench/gpu_sweep.sh ncu_ws     # Nsight Compute with stall reasons: the warp-specialised Gluon GEMM against the default (~2 min)
 #   bash bench/gpu_sweep.sh gemv       # the decode GEMV (grouped_gemv.py): its GPU tests, GEMM against GEMV at T <= 8 for
 #                                      # the three shapes, and the layer (incl. CUDA graph) with and without it at T=1, 4 (~8 min)
+#   bash bench/gpu_sweep.sh gemv_combine # the GEMV's fused combine: its GPU tests, then host time per eager call (~4 min)
 #   bash bench/gpu_sweep.sh ncu_gemv   # Nsight Compute with stall reasons on the decode GEMV (autotuned), Qwen3 T=1 (~2 min)
 #   bash bench/gpu_sweep.sh largeprof  # GEMM times of every autotuner candidate at T=8192, Qwen3 and DeepSeek-V3 (~2 min)
 set -euo pipefail
@@ -119,6 +120,14 @@ case "${1:-}" in
     done
     for rows in 0 16; do mkdir -p "$OUT/gemv_rows_$rows"; NF4MOE_GEMV_ROWS=$rows $py -m nf4moe bench --mode fwd \
       --shapes qwen3 --tokens 1,4 --no-check --out "$OUT/gemv_rows_$rows" 2>&1 | grep -v Warn | tee -a "$OUT/bench_gemv.log"; done ;;
+  gemv_combine)
+    # the decode GEMV with its fused combine (session 9): its GPU tests (reference, bit-identical to down then
+    # combine, CUDA-graph replays against eager, compile, opcheck), then the host time per eager call
+    NF4MOE_CONFIG=BLOCK_M=16,BLOCK_N=32,BLOCK_K=64,num_warps=4,num_stages=3 $py -m pytest -q -p no:cacheprovider \
+      tests/test_triton_forward.py -k "gemv or combine or cuda_graph or torch_compile or opcheck or poisoned or deterministic" \
+      2>&1 | tee "$OUT/gpu_gemv_combine.log"
+    $py -m bench.host_cpu --tokens 1,16 2>&1 | grep T= | tee "$OUT/host_cpu.log"
+    $py -m bench.profile_host --tokens 1,16 2>&1 | tee "$OUT/host_profile.log" ;;
   ncu_gemv)
     ncu --clock-control none --profile-from-start off --kernel-name regex:nf4_moe_gemv --launch-count 2 \
       --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section Occupancy \

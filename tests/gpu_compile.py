@@ -108,7 +108,8 @@ def main() -> int:
                                                           dict(up, KPERM=False, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128), 4, 3))
     gemv = {k: v for k, v in up.items() if k not in ("INTERPRET", "XA_PRE", "WRITE_GU", "WRITE_OUT", "KPERM", "K_HINT", "SPLIT_K")}
     out["gemv_up"] = facts(compile_kernel(nf4_moe_gemv_kernel, ptrs, ints,
-                                          dict(gemv, K_DIM=2048, BLOCK_M=1, BLOCK_N=4, LANES=32, STEPS=1, VEC=16), 4, 1))
+                                          dict(gemv, COMBINE=False, SLOTS=1, K_DIM=2048, BLOCK_M=1, BLOCK_N=4, LANES=32, STEPS=1,
+                                               VEC=16), 4, 1))
     bwd = dict(common, DOWN=False, NEED_DY=True, NEED_OUT=True, NEED_DW=False, NEED_XA=False, NEED_DZB=True,
                INTERPRET=False, LUT=True)
     out["bwd_up_dx"] = facts(compile_kernel(nf4_moe_gemm_t_kernel, ptrs, dict(ints, N=2048, KR=1536),

@@ -45,7 +45,7 @@ class FakeKernel:
 
 @pytest.fixture
 def direct(monkeypatch):
-    monkeypatch.setattr(L, "interpreting", lambda: False)
+    monkeypatch.setattr(L, "_INTERPRET", False)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(L, "_COMPILED", {})
     monkeypatch.setattr(L, "_FLAGS", {})
@@ -105,7 +105,7 @@ def test_traced_and_interpreted_launches_bypass_the_cache(monkeypatch):
     wrapped = []
     L.launch(k, (1,), lambda kern: wrapped.append(kern) or kern, torch.zeros(4), 7, 0.5, BLOCK=32)
     assert wrapped == [k] and k.log[0][0] == "triton"
-    monkeypatch.setattr(L, "interpreting", lambda: True)
+    monkeypatch.setattr(L, "_INTERPRET", True)
     monkeypatch.setattr(L, "_COMPILED", {})
     L.launch(k, (1,), None, torch.zeros(4), 7, 0.5, BLOCK=32)
     assert L._COMPILED == {}

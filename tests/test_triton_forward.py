@@ -194,9 +194,9 @@ def test_opcheck():
     h = ops.moe_up(*args)
     dn = m.down_nf4
     dargs = (h, dn.packed, dn.absmax, dn.absmax2, dn.code2, dn.offset, None, None, 1.0, r.sorted_pair_ids,
-             r.expert_offsets, w.reshape(-1), 64, 256)
-    torch.library.opcheck(ops.moe_down, dargs, test_utils=("test_schema", "test_faketensor"))
-    y = ops.moe_down(*dargs)
+             r.expert_offsets, w.reshape(-1), idx, 64, 256)
+    torch.library.opcheck(ops.moe_down_combine, dargs, test_utils=("test_schema", "test_faketensor"))
+    y = torch.randn(idx.numel(), 128, device=DEV)
     torch.library.opcheck(ops.combine, (y, idx, 4), test_utils=("test_schema", "test_faketensor"))
 
 
@@ -261,18 +261,94 @@ def test_lora_xa_in_loop_and_precomputed(monkeypatch, xa_mode, t):
     assert len(calls) == (2 if precomputed else 0)  # one X·Aᵀ launch per projection, or none
 
 
+def gemv_calls(monkeypatch) -> tuple[list, list]:
+    """Calls of the GEMV launcher from the up projection (grouped_gemm) and the down + combine (ops)."""
+    import nf4moe.kernels.grouped_gemm as gg
+    from nf4moe.kernels import ops
+
+    return count_calls(monkeypatch, gg, "launch_nf4_moe_gemv"), count_calls(monkeypatch, ops, "launch_nf4_moe_gemv")
+
+
 @pytest.mark.parametrize("t,gemv", [(1, True), (8, True), (9, False)])  # 2, 16, 18 routed rows at top-2
 def test_decode_gemv_is_the_default_up_to_16_rows(monkeypatch, t, gemv):
     """Inference calls of up to 16 routed rows take the decode GEMV (both projections), larger ones the GEMM."""
     import nf4moe.kernels.grouped_gemm as gg
 
     monkeypatch.delenv("NF4MOE_GEMV_ROWS", raising=False)
-    calls = count_calls(monkeypatch, gg, "launch_nf4_moe_gemv")
+    up, down = gemv_calls(monkeypatch)
     m = make_layer(4, 128, 64, rank=8, seed=33)
     x = torch.randn(t, 128, device=DEV)
     idx, w = routing(t, 4, 2, seed=34)
     assert_matches_reference(m, x, idx, w, BOUND[torch.float32])
-    assert len(calls) == (2 if gemv else 0)
+    assert (len(up), len(down)) == ((1, 1) if gemv else (0, 0))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gemv_fused_combine_equals_down_then_combine(monkeypatch, nan_new_empty, dtype):
+    """The down GEMV's fused combine (the last routed slot of each token and N tile sums the token's slot rows)
+    against the same GEMV's slot rows summed by the combine kernel: bit-identical (same values, same fixed
+    order), with sentinel slots, a token whose every slot is a sentinel (a zero row, written by its dropped
+    pairs), a token routed twice to one expert; every arrival counter back at zero afterwards."""
+    from nf4moe.kernels import ops
+    from nf4moe.kernels.grouped_gemm import split_k_counters
+    from nf4moe.kernels.operands import NF4Operand
+    from nf4moe.kernels.routing import build_routing
+
+    import triton
+
+    from nf4moe.kernels import configs
+
+    class Pinned(dict):  # both launches on one config: the same slot rows, bit for bit
+        def get(self, key, default=None):
+            return cfg if key[0] in ("gemv", "gemv_combine") else super().get(key, default)
+
+    cfg = triton.Config({"BLOCK_M": 1, "BLOCK_N": 32, "LANES": 4, "STEPS": 4, "VEC": 4}, num_warps=1,
+                        num_stages=1).all_kwargs()
+    monkeypatch.setattr(configs, "_TUNED", Pinned())
+    monkeypatch.setenv("NF4MOE_GEMV_ROWS", str(1 << 30))
+    e, k, t = 5, 3, 4
+    m = make_layer(e, 128, 64, rank=8, seed=61)
+    idx = torch.tensor([[0, 4, e], [e + 2, e, e], [2, 2, 1], [3, e, 0]], device=DEV)
+    w = torch.rand(t, k, device=DEV, dtype=dtype) + 0.1
+    r = build_routing(idx, e)
+    h = torch.randn(t * k, 64, device=DEV, dtype=dtype)
+    dn = m.down_nf4
+    op = NF4Operand(dn.packed, dn.absmax, dn.absmax2, dn.code2, dn.offset, dn.blocksize, dn.blocksize2)
+    la, lb = m.lora_A["down_proj"].detach(), m.lora_B["down_proj"].detach()
+    calls = count_calls(monkeypatch, ops, "launch_nf4_moe_gemv")
+    with torch.no_grad():
+        fused = ops._down_combine(h, op, la, lb, m.scaling, r.sorted_pair_ids, r.expert_offsets, w.reshape(-1), idx)
+        y = ops._down(h, op, la, lb, m.scaling, r.sorted_pair_ids, r.expert_offsets, w.reshape(-1))
+        apart = ops._combine(y, idx, e)
+    assert len(calls) == 1  # the fused path really ran (the second is grouped_gemm's own GEMV call)
+    assert torch.equal(fused, apart)
+    assert torch.equal(fused[1], torch.zeros_like(fused[1])) and torch.isfinite(fused).all()
+    assert int(split_k_counters(h.device, t * 128).count_nonzero()) == 0
+
+
+@pytest.mark.skipif(DEV != "cuda", reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("t", [1, 2, 40])
+def test_cuda_graph_replays_match_eager(t):
+    """The layer captured in a CUDA graph (decode GEMV with its fused combine and arrival counters at T <= 2,
+    the GEMM above), replayed on new inputs copied into the captured buffers: each replay equals an eager
+    call on the same inputs, bit for bit (the counters start from zero on every replay)."""
+    m = make_layer(8, 256, 128, rank=8, seed=71)
+    x = torch.randn(t, 256, device=DEV, dtype=torch.bfloat16)
+    idx, w = routing(t, 8, 4, seed=72)
+    w = w.to(torch.bfloat16)
+    with torch.no_grad():
+        m(x, idx, w)  # compile and tune outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = m(x, idx, w)
+        for seed in (73, 74, 75):
+            x.copy_(torch.randn(x.shape, device=DEV, generator=torch.Generator(DEV).manual_seed(seed)))
+            nidx, nw = routing(t, 8, 4, seed=seed)
+            idx.copy_(nidx)
+            w.copy_(nw)
+            graph.replay()
+            assert torch.equal(out, m(x, idx, w))
 
 
 GEMV_PINS = [  # (BLOCK_M, BLOCK_N, LANES, STEPS, VEC, num_warps), dtype: the 16- and 8-byte lanes, one row per
@@ -295,18 +371,20 @@ def test_gemv_configs_match_reference(monkeypatch, nan_new_empty, pin):
     cfg = triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "LANES": lanes, "STEPS": steps, "VEC": vec},
                         num_warps=warps, num_stages=1)
 
-    class Pinned(dict):
+    class Pinned(dict):  # the down projection's fused combine takes one row per program
         def get(self, key, default=None):
-            return cfg if key[0] == "gemv" else super().get(key, default)
+            if key[0] == "gemv" or (key[0] == "gemv_combine" and bm == 1):
+                return cfg.all_kwargs()
+            return super().get(key, default)
 
     monkeypatch.setattr(configs, "_TUNED", Pinned())
     monkeypatch.setenv("NF4MOE_GEMV_ROWS", str(1 << 30))
-    calls = count_calls(monkeypatch, gg, "launch_nf4_moe_gemv")
+    up, down = gemv_calls(monkeypatch)
     m = make_layer(4, 256, 128, rank=8, seed=50 + vec + bm)
     x = torch.randn(3, 256, device=DEV, dtype=dtype)
     idx, w = routing(3, 4, 2, seed=51)
     assert_matches_reference(m, x, idx, w, BOUND[dtype])
-    assert len(calls) == 2
+    assert (len(up), len(down)) == (1, 1)
 
 
 @pytest.mark.parametrize("splits,xa_mode,dtype", [(2, "0", torch.float32), (4, "0", torch.bfloat16),

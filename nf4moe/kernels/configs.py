@@ -122,7 +122,7 @@ def prune_configs(configs, named_args, **kwargs):
     return kept or valid[-1:]
 
 
-_TUNED: dict = {}  # launch key -> the config the autotuner chose for it
+_TUNED: dict = {}  # launch key -> the keyword arguments (meta-parameters, options) of the config chosen for it
 # The autotuner reports its choice in one attribute (best_config) shared by all its keys and set before it
 # compiles and launches (which can release the GIL): first launches hold this lock until it is read.
 _TUNE_LOCK = threading.Lock()
@@ -144,8 +144,8 @@ def launch_tuned(kernel, grid, key: tuple, launcher, *args, **kwargs) -> None:
     if cfg is None:
         with _TUNE_LOCK:
             kernel[grid](*args, **kwargs)
-            _TUNED[key] = kernel.best_config
+            _TUNED[key] = kernel.best_config.all_kwargs()
         return
     from .launch import launch  # launch imports this module
 
-    launch(kernel.fn, grid, None, *args, **kwargs, **cfg.all_kwargs())
+    launch(kernel.fn, grid, None, *args, **kwargs, **cfg)

@@ -16,7 +16,9 @@ Here a program owns BLOCK_N weight rows of one expert (32 // LANES rows share a 
   shared memory) in one FMA chain per lane and step, which then takes its absmax in one more FMA; each lane
   keeps its own partial sums per row and step, and steps and lanes are summed once, after the K loop;
 - gate and up share the activations (GATED) and the SwiGLU epilogue; down multiplies by the routing
-  weight and writes the pair's row (SCATTER), like the GEMM kernel, whose output layout it shares;
+  weight and writes the pair's row (SCATTER), like the GEMM kernel, whose output layout it shares, and with
+  COMBINE also sums each token's slot rows into the (T, N) output (``_combine_last``: the token's last routed
+  slot to arrive on a per-(token, N tile) counter sums them in slot order), one launch instead of two;
 - LoRA: X·Aᵀ comes precomputed (lora_xa.py, as split-K partials summed here), and
   ``scaling * B · xa`` is added in the epilogue.
 
@@ -36,7 +38,7 @@ import triton
 import triton.language as tl
 
 from .common import act_fwd, expert_row_tile, nested_offset
-from .configs import _pinned, interpreting, launch_tuned, pow2
+from .configs import _pinned, cdiv, interpreting, launch_tuned, pow2
 from .lora_xa import launch_lora_xa
 from .nf4_decode import block_scale, lut_values_f32, nf4_value
 from .operands import NF4Operand, r_pad
@@ -52,10 +54,11 @@ def gemv_configs() -> list[triton.Config]:
                              num_warps=warps, num_stages=1)
 
     fallback = cfg(1, 4, 8, 1, 4, 1)
+    # pinned / interpreter: the pruner keeps the first that fits (one row per program for the fused combine)
     if _pinned():  # NF4MOE_CONFIG pins the GEMM: the GEMV then also runs one config (GPU test runs)
-        return [cfg(2, 8, 32, 1, 16, 4), fallback]
+        return [cfg(2, 8, 32, 1, 16, 4), cfg(1, 8, 32, 1, 16, 4), fallback]
     if interpreting():
-        return [cfg(2, 32, 4, 4, 4, 1), fallback]
+        return [cfg(2, 32, 4, 4, 4, 1), cfg(1, 32, 4, 4, 4, 1), fallback]
     # the best of 19 candidates on an H200 (Qwen3-30B-A3B, GLM-4.5-Air, DeepSeek-V3 at T=1, NOTES.md v31): whole
     # warps on one row (K >= 2048) or 8 lanes to a row (short K: the down projections)
     out = [cfg(1, 4, 32, 1, 16, 4), cfg(1, 16, 32, 1, 16, 8), cfg(1, 4, 32, 2, 16, 4), cfg(1, 16, 8, 1, 16, 4),
@@ -69,8 +72,9 @@ def prune_gemv(configs, named_args, **kwargs):
         return named_args[name] if name in named_args else kwargs[name]
 
     bucket, n, bs = arg("ROW_BUCKET"), arg("N"), arg("BS")
+    max_m = 1 if arg("COMBINE") else max(1, bucket)  # the fused combine takes one row per program
     kept = [c for c in configs if bs % (2 * c.kwargs["VEC"]) == 0
-            and c.kwargs["BLOCK_M"] <= max(1, bucket) and c.kwargs["BLOCK_N"] <= max(4, pow2(n))]
+            and c.kwargs["BLOCK_M"] <= max_m and c.kwargs["BLOCK_N"] <= max(4, pow2(n))]
     if interpreting() or _pinned():
         return kept[:1] or configs[-1:]
     return kept or configs[-1:]
@@ -247,13 +251,19 @@ def nf4_moe_gemv_kernel(
     out_ptr,          # up: (P, N) sorted order; down: (P, N) indexed by pair id
     stride_om,
     pair_ptr, eoff_ptr, topw_ptr,
+    idx_ptr,          # COMBINE: (T, TOP_K) expert ids, contiguous
+    comb_ptr,         # COMBINE: (T, N) output, each token's slot rows summed
+    cnt_ptr,          # COMBINE: int32 arrival counters, one per (token, N tile), zero and left zero
     N, N_TOTAL, E, R, P, ROW_BUCKET,
     K_DIM: tl.constexpr, TOP_K: tl.constexpr, E_POW2: tl.constexpr, R_PAD: tl.constexpr,
     GATED: tl.constexpr, ACT: tl.constexpr, GATHER: tl.constexpr, SCATTER: tl.constexpr,
     HAS_LORA: tl.constexpr, NESTED: tl.constexpr, BS: tl.constexpr, BS2: tl.constexpr, LUT: tl.constexpr,
+    COMBINE: tl.constexpr, SLOTS: tl.constexpr,  # SLOTS: the combine's slots per token (top-k)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LANES: tl.constexpr, STEPS: tl.constexpr, VEC: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
     if BLOCK_M == 1:  # one row per tile: tile i is sorted row i, its expert the number of experts ending by it
         row_lo = tl.program_id(1)
         e_ids = tl.arange(0, E_POW2)
@@ -261,11 +271,17 @@ def nf4_moe_gemv_kernel(
         e = tl.sum((ends <= row_lo).to(tl.int32), 0)
         row_hi = row_lo + 1
     else:
+        tl.static_assert(not COMBINE, "the fused combine takes one row per program")
         e, row_lo, row_hi = expert_row_tile(eoff_ptr, tl.program_id(1), E, E_POW2, BLOCK_M)
     if e >= E:
+        if COMBINE:  # a dropped pair: the first slot of a token with no routed slot writes its zero row
+            if row_lo < P:
+                pair0 = tl.load(pair_ptr + row_lo)
+                tok = pair0 // SLOTS
+                if (_routed_slots(idx_ptr, tok, E, SLOTS) == 0) & (pair0 % SLOTS == 0):
+                    tl.store(comb_ptr + tok.to(tl.int64) * N + offs_n, tl.zeros((BLOCK_N,), tl.float32).to(
+                        comb_ptr.dtype.element_ty), mask=n_mask)
         return
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
     e64 = e.to(tl.int64)
     g_rows = e64 * N_TOTAL + tl.minimum(offs_n, N - 1)  # clamped: the weight loads need no mask
     u_rows = g_rows + N
@@ -348,6 +364,46 @@ def nf4_moe_gemv_kernel(
         out_rows = offs_m.to(tl.int64)
     tl.store(out_ptr + out_rows[None, :] * stride_om + offs_n[:, None], acc2.to(out_ptr.dtype.element_ty),
              mask=n_mask[:, None] & m_mask[None, :])
+    if COMBINE:
+        _combine_last(out_ptr, stride_om, idx_ptr, comb_ptr, cnt_ptr, tl.load(pair_ptr + row_lo), pid_n, offs_n,
+                      n_mask, N, E, SLOTS, BLOCK_N)
+
+
+@triton.jit
+def _routed_slots(idx_ptr, tok, E, TOP_K: tl.constexpr):
+    """How many of token ``tok``'s TOP_K slots name an expert in [0, E)."""
+    n = 0
+    for k in tl.static_range(TOP_K):
+        eid = tl.load(idx_ptr + tok.to(tl.int64) * TOP_K + k)
+        n += ((eid >= 0) & (eid < E)).to(tl.int32)
+    return n
+
+
+@triton.jit
+def _combine_last(y_ptr, stride_ym, idx_ptr, comb_ptr, cnt_ptr, pair, pid_n, offs_n, n_mask, N, E, TOP_K: tl.constexpr,
+                  BLOCK_N: tl.constexpr):
+    """The combine (combine.py) fused into the down GEMV: this program stored its pair's weighted slot row for
+    its N tile; it counts its arrival on the (token, N tile) counter, and the token's last routed slot to
+    arrive sums the token's slot rows in slot order, in fp32, as combine_kernel does (the same values in the
+    same order, so the same result whichever slot came last), writes the token's row and zeroes the counter
+    again (for the next launch and CUDA-graph replays).  Ordering as in common.split_k_reduce: a block barrier
+    puts every thread's stores before the one thread's release (acq_rel atomic); the last program's acquire
+    and the barrier that broadcasts the count put its reads (.cg, past L1) after every slot's stores."""
+    tok = pair // TOP_K
+    routed = _routed_slots(idx_ptr, tok, E, TOP_K)
+    mine = tl.load(idx_ptr + pair)
+    if (mine >= 0) & (mine < E):  # a row of a negative id (refused by the layer's check) does not arrive
+        tl.debug_barrier()
+        tile = tok.to(tl.int64) * tl.num_programs(0) + pid_n
+        if tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel") == routed - 1:
+            tl.atomic_xchg(cnt_ptr + tile, 0)
+            acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            for k in tl.static_range(TOP_K):
+                eid = tl.load(idx_ptr + tok.to(tl.int64) * TOP_K + k)
+                if (eid >= 0) & (eid < E):
+                    acc += tl.load(y_ptr + (tok.to(tl.int64) * TOP_K + k) * stride_ym + offs_n, mask=n_mask,
+                                   other=0.0, cache_modifier=".cg").to(tl.float32)
+            tl.store(comb_ptr + tok.to(tl.int64) * N + offs_n, acc.to(comb_ptr.dtype.element_ty), mask=n_mask)
 
 
 def gemv_max_rows() -> int:
@@ -360,9 +416,12 @@ def gemv_max_rows() -> int:
 
 
 def launch_nf4_moe_gemv(x, w: NF4Operand, lora_a, lora_b, scaling, sorted_pair_ids, expert_offsets, top_k_weights,
-                        out, *, n, top_k, gated, act, launcher=None):
-    """The inference projection of grouped_gemm.launch_nf4_moe_gemm (same arguments, no training stores)."""
-    from .grouped_gemm import grid, launch_key, projection_meta  # grouped_gemm imports this module
+                        out, *, n, top_k, gated, act, combine=None, launcher=None):
+    """The inference projection of grouped_gemm.launch_nf4_moe_gemm (same arguments, no training stores).
+
+    ``combine`` = (comb (T, n), top_k_index (T, K) contiguous), down projection only: the kernel also sums
+    each token's slot rows of ``out`` into ``comb`` (combine.py's fixed-order fp32 sum, fused)."""
+    from .grouped_gemm import grid, launch_key, projection_meta, split_k_counters  # grouped_gemm imports this module
     num_experts, n_total, half_k = w.packed.shape
     rows = sorted_pair_ids.numel()
     if x.dtype == torch.bfloat16 and x.stride(1) != 1:  # the kernel reads bf16 activations as 32-bit pairs
@@ -376,7 +435,14 @@ def launch_nf4_moe_gemv(x, w: NF4Operand, lora_a, lora_b, scaling, sorted_pair_i
                             launcher=launcher)
     bucket = 8 if rows <= 8 else 64
     meta = projection_meta(x, w, top_k=top_k, r_pad=rp, gated=gated, act=act, has_lora=lora_a is not None)
-    key = launch_key("gemv", n, bucket, x, w, out, lora_b if lora_a is not None else None, meta)
+    meta.update(COMBINE=combine is not None, SLOTS=combine[1].shape[1] if combine is not None else 1)
+    comb = idx = cnt = dummy
+    if combine is not None:
+        comb, idx = combine
+        # one counter per (token, N tile); BLOCK_N >= 4 in every config
+        cnt = split_k_counters(x.device, idx.shape[0] * cdiv(n, 4))
+    key = launch_key("gemv_combine" if combine is not None else "gemv", n, bucket, x, w, out,
+                     lora_b if lora_a is not None else None, meta)
     launch_tuned(
         nf4_moe_gemv_kernel, grid(n, rows, num_experts), key, launcher,
         x, x.stride(0), x.stride(1),
@@ -385,6 +451,7 @@ def launch_nf4_moe_gemv(x, w: NF4Operand, lora_a, lora_b, scaling, sorted_pair_i
         xa if xa is not None else dummy, xa.shape[0] if xa is not None else 1,
         out, out.stride(0),
         sorted_pair_ids, expert_offsets, top_k_weights if top_k_weights is not None else dummy,
+        idx, comb, cnt,
         n, n_total, num_experts, r, rows, bucket,
         K_DIM=2 * half_k, **meta,
     )

@@ -18,6 +18,7 @@ from .combine import launch_combine
 from .configs import interpreting
 from .grouped_gemm import launch_nf4_moe_gemm
 from .grouped_gemm_bwd import block_n, launch_nf4_moe_gemm_t
+from .grouped_gemv import gemv_max_rows, launch_nf4_moe_gemv
 from .lora_grad import launch_lora_grad
 from .operands import NF4Operand, r_pad
 
@@ -45,7 +46,14 @@ def _direct_ok(args) -> bool:
     if torch.compiler.is_compiling() or _current_mode() is not None:
         return False
     grad = torch.is_grad_enabled()
-    return all(type(a) in _PLAIN and not (grad and a.requires_grad) for a in args if isinstance(a, torch.Tensor))
+    for a in args:
+        t = type(a)
+        if t in _PLAIN:
+            if grad and a.requires_grad:
+                return False
+        elif isinstance(a, torch.Tensor):  # a tensor subclass (fake, functional, DTensor, ...)
+            return False
+    return True
 
 
 def run(name: str, *args):
@@ -103,6 +111,25 @@ def _combine(y, top_k_index, num_experts):
     return launch_combine(y, top_k_index, out, num_experts, launcher=_launcher())
 
 
+def _down_combine(h, w: NF4Operand, lora_a, lora_b, scaling, sorted_pair_ids, expert_offsets, top_k_weights,
+                  top_k_index):
+    """(T, H): the down projection times the routing weights, each token's slots summed.  At decode sizes
+    (the GEMV, ``gemv_max_rows``) the GEMV sums the slots itself (one launch and one buffer fewer); else the
+    down GEMM, then the combine kernel."""
+    rows = sorted_pair_ids.numel()
+    if not 0 < rows <= gemv_max_rows():
+        return _combine(_down(h, w, lora_a, lora_b, scaling, sorted_pair_ids, expert_offsets, top_k_weights),
+                        top_k_index, w.packed.shape[0])
+    hidden = w.packed.shape[1]
+    y = h.new_empty(rows, hidden)
+    out = h.new_empty(top_k_index.shape[0], hidden)
+    has_lora = lora_a is not None and lora_a.shape[1] > 0
+    launch_nf4_moe_gemv(h, w, lora_a if has_lora else None, lora_b, scaling, sorted_pair_ids, expert_offsets,
+                        top_k_weights, y, n=hidden, top_k=1, gated=False, act="silu", combine=(out, top_k_index),
+                        launcher=_launcher())
+    return out
+
+
 @_register("moe_up")
 def moe_up(
     x: Tensor, packed: Tensor, absmax: Tensor, absmax2: Optional[Tensor], code2: Optional[Tensor],
@@ -114,15 +141,16 @@ def moe_up(
                sorted_pair_ids, expert_offsets, top_k, act)
 
 
-@_register("moe_down")
-def moe_down(
+@_register("moe_down_combine")
+def moe_down_combine(
     h: Tensor, packed: Tensor, absmax: Tensor, absmax2: Optional[Tensor], code2: Optional[Tensor],
     offset: Optional[Tensor], lora_a: Optional[Tensor], lora_b: Optional[Tensor], scaling: float,
-    sorted_pair_ids: Tensor, expert_offsets: Tensor, top_k_weights: Tensor, blocksize: int, blocksize2: int,
+    sorted_pair_ids: Tensor, expert_offsets: Tensor, top_k_weights: Tensor, top_k_index: Tensor, blocksize: int,
+    blocksize2: int,
 ) -> Tensor:
-    """w[p] * (h W_downᵀ + LoRA) per pair, (T*K, H) indexed by pair id (dropped pairs unwritten)."""
-    return _down(h, NF4Operand(packed, absmax, absmax2, code2, offset, blocksize, blocksize2), lora_a, lora_b, scaling,
-                 sorted_pair_ids, expert_offsets, top_k_weights)
+    """(T, H): sum over each token's routed slots of w[p] * (h W_downᵀ + LoRA), fixed slot order, fp32 sums."""
+    return _down_combine(h, NF4Operand(packed, absmax, absmax2, code2, offset, blocksize, blocksize2), lora_a, lora_b,
+                         scaling, sorted_pair_ids, expert_offsets, top_k_weights, top_k_index)
 
 
 @_register("combine")
@@ -138,10 +166,10 @@ if _INTERPRET:
           top_k, blocksize, blocksize2, act):
         return x.new_empty(sorted_pair_ids.shape[0], packed.shape[1] // 2)
 
-    @moe_down.register_fake
+    @moe_down_combine.register_fake
     def _(h, packed, absmax, absmax2, code2, offset, lora_a, lora_b, scaling, sorted_pair_ids, expert_offsets,
-          top_k_weights, blocksize, blocksize2):
-        return h.new_empty(sorted_pair_ids.shape[0], packed.shape[1])
+          top_k_weights, top_k_index, blocksize, blocksize2):
+        return h.new_empty(top_k_index.shape[0], packed.shape[1])
 
     @combine.register_fake
     def _(y, top_k_index, num_experts):
@@ -187,9 +215,9 @@ def moe_experts(
     h = _up(x, NF4Operand(gu_packed, gu_absmax, gu_absmax2, gu_code2, gu_offset, blocksize, gu_blocksize2), lora_a_up,
             lora_b_up, scaling, sorted_pair_ids, expert_offsets, k, act, gu=gu if save_preact else None,
             xa_out=xa if save_preact and lora_a_up is not None else None)
-    y = _down(h, NF4Operand(dn_packed, dn_absmax, dn_absmax2, dn_code2, dn_offset, blocksize, dn_blocksize2),
-              lora_a_down, lora_b_down, scaling, sorted_pair_ids, expert_offsets, top_k_weights.reshape(-1))
-    return _combine(y, top_k_index, gu_packed.shape[0]), gu, xa
+    dn = NF4Operand(dn_packed, dn_absmax, dn_absmax2, dn_code2, dn_offset, blocksize, dn_blocksize2)
+    return _down_combine(h, dn, lora_a_down, lora_b_down, scaling, sorted_pair_ids, expert_offsets,
+                         top_k_weights.reshape(-1), top_k_index), gu, xa
 
 
 @_register("moe_up_preact")

@@ -1,6 +1,6 @@
 """The Triton path of QuantGroupedExperts: device routing -> fused up (SwiGLU + LoRA) -> fused down
-(routing weight + LoRA) -> deterministic combine.  The only intermediates are the sorted (T*K, I)
-activation and the (T*K, H) weighted slot outputs.
+(routing weight + LoRA) -> deterministic combine (inside the down GEMV at decode sizes).  The only
+intermediates are the sorted (T*K, I) activation and the (T*K, H) weighted slot outputs.
 
 When a gradient is needed the whole layer runs as the single op ``nf4moe::moe_experts`` whose backward
 is registered in ``autograd.py`` (saved activations and recompute mode are described there).
@@ -74,8 +74,7 @@ def _forward(mod, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_
         "moe_up", hidden_states, *_nf4_args(gu), la, lb, mod.scaling, routing.sorted_pair_ids, routing.expert_offsets,
         routing.top_k, gu.blocksize, gu.blocksize2, mod.act,
     )
-    y = ops.run(
-        "moe_down", h, *_nf4_args(dn), da, db, mod.scaling, routing.sorted_pair_ids, routing.expert_offsets,
-        top_k_weights.reshape(-1), dn.blocksize, dn.blocksize2,
+    return ops.run(
+        "moe_down_combine", h, *_nf4_args(dn), da, db, mod.scaling, routing.sorted_pair_ids, routing.expert_offsets,
+        top_k_weights.reshape(-1), top_k_index.contiguous(), dn.blocksize, dn.blocksize2,
     )
-    return ops.run("combine", y, top_k_index.contiguous(), e)
