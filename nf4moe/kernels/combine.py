@@ -14,6 +14,21 @@ from .launch import launch
 
 
 @triton.jit
+def slot_sum(y_ptr, stride_ym, idx_ptr, t, offs, mask, E, TOP_K: tl.constexpr, BLOCK: tl.constexpr,
+             CACHE: tl.constexpr = ""):
+    """fp32 sum over token ``t``'s slots in slot order of its slot rows y[t * TOP_K + k, offs], skipping slots
+    whose expert id is outside [0, E); shared by combine_kernel and the down GEMV's fused combine, so both
+    add the same values in the same order.  CACHE: the rows' load cache modifier."""
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for k in tl.static_range(TOP_K):
+        eid = tl.load(idx_ptr + t * TOP_K + k)
+        if (eid >= 0) & (eid < E):
+            acc += tl.load(y_ptr + (t * TOP_K + k) * stride_ym + offs, mask=mask, other=0.0,
+                           cache_modifier=CACHE).to(tl.float32)
+    return acc
+
+
+@triton.jit
 def combine_kernel(
     y_ptr,     # (T*K, H) slot outputs, weighted; rows of dropped slots are garbage and skipped
     idx_ptr,   # (T, K) expert ids (any integer dtype), contiguous
@@ -25,11 +40,7 @@ def combine_kernel(
     t = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     mask = offs < H
-    acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
-    for k in tl.static_range(TOP_K):
-        eid = tl.load(idx_ptr + t * TOP_K + k)
-        if (eid >= 0) & (eid < E):
-            acc += tl.load(y_ptr + (t * TOP_K + k) * H + offs, mask=mask, other=0.0).to(tl.float32)
+    acc = slot_sum(y_ptr, H, idx_ptr, t, offs, mask, E, TOP_K, BLOCK_H)
     tl.store(out_ptr + t * H + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 

@@ -37,6 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .combine import slot_sum
 from .common import act_fwd, expert_row_tile, nested_offset
 from .configs import _pinned, cdiv, interpreting, launch_tuned, pow2
 from .lora_xa import launch_lora_xa
@@ -384,8 +385,8 @@ def _combine_last(y_ptr, stride_ym, idx_ptr, comb_ptr, cnt_ptr, pair, pid_n, off
                   BLOCK_N: tl.constexpr):
     """The combine (combine.py) fused into the down GEMV: this program stored its pair's weighted slot row for
     its N tile; it counts its arrival on the (token, N tile) counter, and the token's last routed slot to
-    arrive sums the token's slot rows in slot order, in fp32, as combine_kernel does (the same values in the
-    same order, so the same result whichever slot came last), writes the token's row and zeroes the counter
+    arrive sums the token's slot rows with combine_kernel's own ``slot_sum`` (the same values in the same
+    order, so the same result whichever slot came last), writes the token's row and zeroes the counter
     again (for the next launch and CUDA-graph replays).  Ordering as in common.split_k_reduce: a block barrier
     puts every thread's stores before the one thread's release (acq_rel atomic); the last program's acquire
     and the barrier that broadcasts the count put its reads (.cg, past L1) after every slot's stores."""
@@ -397,12 +398,7 @@ def _combine_last(y_ptr, stride_ym, idx_ptr, comb_ptr, cnt_ptr, pair, pid_n, off
         tile = tok.to(tl.int64) * tl.num_programs(0) + pid_n
         if tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel") == routed - 1:
             tl.atomic_xchg(cnt_ptr + tile, 0)
-            acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-            for k in tl.static_range(TOP_K):
-                eid = tl.load(idx_ptr + tok.to(tl.int64) * TOP_K + k)
-                if (eid >= 0) & (eid < E):
-                    acc += tl.load(y_ptr + (tok.to(tl.int64) * TOP_K + k) * stride_ym + offs_n, mask=n_mask,
-                                   other=0.0, cache_modifier=".cg").to(tl.float32)
+            acc = slot_sum(y_ptr, stride_ym, idx_ptr, tok.to(tl.int64), offs_n, n_mask, E, TOP_K, BLOCK_N, ".cg")
             tl.store(comb_ptr + tok.to(tl.int64) * N + offs_n, acc.to(comb_ptr.dtype.element_ty), mask=n_mask)
 
 
@@ -435,12 +431,12 @@ def launch_nf4_moe_gemv(x, w: NF4Operand, lora_a, lora_b, scaling, sorted_pair_i
                             launcher=launcher)
     bucket = 8 if rows <= 8 else 64
     meta = projection_meta(x, w, top_k=top_k, r_pad=rp, gated=gated, act=act, has_lora=lora_a is not None)
-    meta.update(COMBINE=combine is not None, SLOTS=combine[1].shape[1] if combine is not None else 1)
     comb = idx = cnt = dummy
     if combine is not None:
         comb, idx = combine
         # one counter per (token, N tile); BLOCK_N >= 4 in every config
         cnt = split_k_counters(x.device, idx.shape[0] * cdiv(n, 4))
+    meta.update(COMBINE=combine is not None, SLOTS=idx.shape[1] if combine is not None else 1)
     key = launch_key("gemv_combine" if combine is not None else "gemv", n, bucket, x, w, out,
                      lora_b if lora_a is not None else None, meta)
     launch_tuned(
