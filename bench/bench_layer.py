@@ -182,9 +182,9 @@ def ref_output(ours, x, idx, w) -> torch.Tensor:
     )
 
 
-def graph_ms(fn, inputs: list) -> float:
+def graph_ms(fn, inputs: list, keep: list | None = None) -> float:
     """Per-call time of a CUDA graph that replays fn over several input sets (rotating the weights
-    touched so repeated calls do not measure L2)."""
+    touched so repeated calls do not measure L2); ``keep`` receives the graph."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -195,6 +195,8 @@ def graph_ms(fn, inputs: list) -> float:
     with torch.cuda.graph(g):
         for args in inputs:
             fn(*args)
+    if keep is not None:
+        keep.append(g)
     return _bench(g.replay) / len(inputs)
 
 

@@ -23,6 +23,8 @@
 #   bash bench/gpu_sweep.sh gemv       # the decode GEMV (grouped_gemv.py): its GPU tests, GEMM against GEMV at T <= 8 for
 #                                      # the three shapes, and the layer (incl. CUDA graph) with and without it at T=1, 4 (~8 min)
 #   bash bench/gpu_sweep.sh gemv_combine # the GEMV's fused combine: its GPU tests, then host time per eager call (~4 min)
+#   bash bench/gpu_sweep.sh graph_combine # the fused combine under CUDA graphs: GPU tests, then fused / unfused / fused
+#                                      # without the memset, eager and graph, per-kernel times, the three shapes at T=1, 2
 #   bash bench/gpu_sweep.sh ncu_gemv   # Nsight Compute with stall reasons on the decode GEMV (autotuned), Qwen3 T=1 (~2 min)
 #   bash bench/gpu_sweep.sh largeprof  # GEMM times of every autotuner candidate at T=8192, Qwen3 and DeepSeek-V3 (~2 min)
 set -euo pipefail
@@ -128,6 +130,13 @@ case "${1:-}" in
       2>&1 | tee "$OUT/gpu_gemv_combine.log"
     $py -m bench.host_cpu --tokens 1,16 2>&1 | grep T= | tee "$OUT/host_cpu.log"
     $py -m bench.profile_host --tokens 1,16 2>&1 | tee "$OUT/host_profile.log" ;;
+  graph_combine)
+    NF4MOE_CONFIG=BLOCK_M=16,BLOCK_N=32,BLOCK_K=64,num_warps=4,num_stages=3 $py -m pytest -q -p no:cacheprovider \
+      tests/test_triton_forward.py -k "gemv or combine or cuda_graph or decode" 2>&1 | tee "$OUT/gpu_graph_combine.log" || true
+    for s in qwen3 glm45air dsv3; do
+      timeout 200 $py -m bench.profile_layer --shape $s --tokens 1,2 --variants gemv,gemv_unfused,gemv_nomemset --graph \
+        --check 2>&1 | tee "$OUT/profile_graph_combine_$s.log" || true
+    done ;;
   ncu_gemv)
     ncu --clock-control none --profile-from-start off --kernel-name regex:nf4_moe_gemv --launch-count 2 \
       --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section Occupancy \

@@ -13,9 +13,12 @@ variant, plus the autotuner's chosen configs.  GPU only; used to write bench/NOT
     python -m bench.profile_layer --tokens 8192 --variants wgmma,ws,ws:8:96:128:4:3 --check  # warp-specialised (v27)
     python -m bench.profile_layer --shape dsv3 --tokens 8192 --variants wgmma_nosplit,wgmma_split  # (v28)
     python -m bench.profile_layer --tokens 1024,8192 --variants wgmma,wgmma_early --check  # one bar.sync fewer (v29)
+    python -m bench.profile_layer --tokens 1,2 --variants gemv,gemv_unfused,gemv_nomemset --graph  # fused combine (v33)
 
 ``--check`` compares every variant's output with the fp32 reference backend (relative error printed);
-``--timings`` prints every config the GEMM autotuner benchmarks, with its time.
+``--timings`` prints every config the GEMM autotuner benchmarks, with its time; ``--graph`` also times each
+variant captured in a CUDA graph (16 calls on different inputs per graph, per-call times), with the
+per-kernel times of the replays.
 """
 from __future__ import annotations
 
@@ -44,6 +47,38 @@ def kernel_times(fn, iters: int = 20) -> dict[str, float]:
     return dict(out)
 
 
+def graph_times(ours, x, idx, w, calls: int = 16, shared_counters: bool = False) -> tuple[float, dict[str, float]]:
+    """(ms per call of a CUDA graph of ``calls`` layer calls on different activations and routings, the
+    per-kernel ms per call of its replays).  ``shared_counters`` (variant gemv_nomemset, a measurement only):
+    the graph uses the eager calls' arrival counters instead of its own zeroed ones, so it has no memset
+    per call (unsafe where graphs replay concurrently on several streams)."""
+    from nf4moe.kernels import grouped_gemm as gg
+
+    from .bench_layer import graph_ms
+
+    real = gg.split_k_counters
+    if shared_counters:
+        eager = real(x.device, 1 << 16)  # outside the capture: the default stream's buffer, zero
+        gg.split_k_counters = lambda device, size: eager if size <= eager.numel() else real(device, size)
+
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    e, k = ours.num_experts, idx.shape[1]
+    sets = []
+    for _ in range(calls):
+        logits = torch.randn(idx.shape[0], e, device="cuda", generator=gen)
+        rw, ri = torch.topk(torch.softmax(logits, -1), k, dim=-1)
+        sets.append((torch.randn(x.shape, device="cuda", dtype=x.dtype, generator=gen), ri,
+                     (rw / rw.sum(-1, keepdim=True)).to(w.dtype)))
+    graph = []
+    try:
+        with torch.no_grad():
+            ms = graph_ms(ours, sets, keep=graph)
+    finally:
+        gg.split_k_counters = real
+    kt = kernel_times(graph[0].replay)
+    return ms, {n: v / calls for n, v in kt.items()}
+
+
 def main(argv=None) -> int:
     from .bench_layer import _bench, profile_cases
 
@@ -54,6 +89,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--check", action="store_true", help="relative error of each variant against the reference")
     ap.add_argument("--timings", action="store_true", help="every config the autotuner benchmarks, with its time")
+    ap.add_argument("--graph", action="store_true", help="also time CUDA-graph replays, with their kernel times")
     args = ap.parse_args(argv)
     _, ours, cases = profile_cases(args.shape, args.tokens, args.rank)
     from nf4moe.kernels.grouped_gemm import nf4_moe_gemm_kernel
@@ -87,7 +123,9 @@ def main(argv=None) -> int:
             os.environ["NF4MOE_WGMMA_PIPE"] = "1" if var == "pipe" else "0"  # pipe: the K-loop hint (NOTES v14)
             os.environ["NF4MOE_SPLIT_K"] = var[5:] if var.startswith("split") else "1"  # split2 / split4: split-K
             # gemv / gemm: force the decode GEMV or the MMA GEMM at every size; other variants: the default
-            os.environ["NF4MOE_GEMV_ROWS"] = {"gemv": str(1 << 30)}.get(var, "0")
+            os.environ["NF4MOE_GEMV_ROWS"] = str(1 << 30) if var.startswith("gemv") else "0"
+            # gemv_unfused: the GEMV's slot rows summed by the combine kernel (NF4MOE_FUSE_COMBINE=0)
+            os.environ["NF4MOE_FUSE_COMBINE"] = "0" if var == "gemv_unfused" else "1"
             # wgmma: the Gluon GEMM (grouped_gemm_wgmma.py) at every size; triton: the Triton GEMM at every size
             os.environ["NF4MOE_WGMMA_ROWS"] = "1" if var.startswith(("wgmma", "ws")) else "0"
             # ..._nodecode / ..._nomma: the Gluon GEMM without its NF4 decode / its wgmmas (timing only)
@@ -114,6 +152,11 @@ def main(argv=None) -> int:
             top = sorted(kt.items(), key=lambda kv: -kv[1])[:8]
             print(f"T={t:6d} variant={var:9s} total {ms:.4f} ms {err}| " + " | ".join(f"{n[:38]} {v:.4f}" for n, v in top),
                   flush=True)
+            if args.graph:
+                gms, gkt = graph_times(ours, x, idx, w, shared_counters=var == "gemv_nomemset")
+                top = sorted(gkt.items(), key=lambda kv: -kv[1])
+                print(f"T={t:6d} variant={var:9s} graph {gms:.4f} ms/call, kernels {sum(gkt.values()):.4f} | "
+                      + " | ".join(f"{n[:38]} {v:.4f}" for n, v in top), flush=True)
         for kern in (nf4_moe_gemm_kernel, nf4_moe_gemv_kernel):
             for key, cfg in getattr(kern, "cache", {}).items():
                 print("   config", kern.fn.__name__, key[:6], cfg, flush=True)

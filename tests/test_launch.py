@@ -161,3 +161,30 @@ def test_key_is_as_fine_as_tritons_own_specialisation():
     for v in values:  # native(backend, value, is_const, specialize_value, align)
         theirs_by_ours.setdefault(L._spec([v]), set()).add(str(native(CUDABackend, v, False, True, True)))
     assert all(len(t) == 1 for t in theirs_by_ours.values()), theirs_by_ours
+
+
+@pytest.mark.parametrize("k_dim,combine,bucket", [(7168, False, 8), (2048, True, 8), (768, False, 64), (65536, False, 8)])
+def test_gemv_candidates_fit_and_stay_short(monkeypatch, k_dim, combine, bucket):
+    """The GEMV's tuned candidates (the GPU list, pruned): lanes inside one NF4 block, one row per program with
+    the fused combine, at most MAX_CHUNKS unrolled K chunks (else only the widest chunks), and never the
+    4-byte-lane fallback while another config fits (at K = 7168 it took minutes to compile)."""
+    from nf4moe.kernels import grouped_gemv as gv
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the GPU candidate list (nothing is compiled here)
+    monkeypatch.delenv("NF4MOE_CONFIG", raising=False)
+    configs = gv.gemv_configs()
+    kept = gv.prune_gemv(configs, {}, ROW_BUCKET=bucket, N=2048, BS=64, K_DIM=k_dim, COMBINE=combine)
+
+    def chunks(c):
+        return -(-k_dim // (2 * c.kwargs["LANES"] * c.kwargs["STEPS"] * c.kwargs["VEC"]))
+
+    assert kept and configs[-1] not in kept
+    assert all(64 % (2 * c.kwargs["VEC"]) == 0 and c.kwargs["BLOCK_M"] <= (1 if combine else bucket) for c in kept)
+    longest = max(chunks(c) for c in kept)
+    if k_dim <= 16 * 1024:
+        assert longest <= gv.MAX_CHUNKS
+        assert any(c.kwargs["LANES"] == 8 for c in kept) == (k_dim <= 4096)  # 8 lanes: 256-column chunks
+    else:
+        assert longest == min(chunks(c) for c in configs[:-1])
+    if combine:
+        assert {c.kwargs["BLOCK_M"] for c in kept} == {1}

@@ -262,11 +262,20 @@ def test_lora_xa_in_loop_and_precomputed(monkeypatch, xa_mode, t):
 
 
 def gemv_calls(monkeypatch) -> tuple[list, list]:
-    """Calls of the GEMV launcher from the up projection (grouped_gemm) and the down + combine (ops)."""
+    """Calls of the GEMV launcher (grouped_gemm's): the up projection's (gated), and the down projection's, each
+    recorded as what it returned: whether it fused the combine."""
     import nf4moe.kernels.grouped_gemm as gg
-    from nf4moe.kernels import ops
 
-    return count_calls(monkeypatch, gg, "launch_nf4_moe_gemv"), count_calls(monkeypatch, ops, "launch_nf4_moe_gemv")
+    up, down = [], []
+    real = gg.launch_nf4_moe_gemv
+
+    def record(*a, **kw):
+        fused = real(*a, **kw)
+        (up if kw["gated"] else down).append(fused)
+        return fused
+
+    monkeypatch.setattr(gg, "launch_nf4_moe_gemv", record)
+    return up, down
 
 
 @pytest.mark.parametrize("t,gemv", [(1, True), (8, True), (9, False)])  # 2, 16, 18 routed rows at top-2
@@ -280,7 +289,7 @@ def test_decode_gemv_is_the_default_up_to_16_rows(monkeypatch, t, gemv):
     x = torch.randn(t, 128, device=DEV)
     idx, w = routing(t, 4, 2, seed=34)
     assert_matches_reference(m, x, idx, w, BOUND[torch.float32])
-    assert (len(up), len(down)) == ((1, 1) if gemv else (0, 0))
+    assert (up, down) == (([False], [True]) if gemv else ([], []))  # the down GEMV with its fused combine
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -315,23 +324,70 @@ def test_gemv_fused_combine_equals_down_then_combine(monkeypatch, nan_new_empty,
     dn = m.down_nf4
     op = NF4Operand(dn.packed, dn.absmax, dn.absmax2, dn.code2, dn.offset, dn.blocksize, dn.blocksize2)
     la, lb = m.lora_A["down_proj"].detach(), m.lora_B["down_proj"].detach()
-    calls = count_calls(monkeypatch, ops, "launch_nf4_moe_gemv")
+    up, down = gemv_calls(monkeypatch)
+    args = (h, op, la, lb, m.scaling, r.sorted_pair_ids, r.expert_offsets, w.reshape(-1))
     with torch.no_grad():
-        fused = ops._down_combine(h, op, la, lb, m.scaling, r.sorted_pair_ids, r.expert_offsets, w.reshape(-1), idx)
-        y = ops._down(h, op, la, lb, m.scaling, r.sorted_pair_ids, r.expert_offsets, w.reshape(-1))
-        apart = ops._combine(y, idx, e)
-    assert len(calls) == 1  # the fused path really ran (the second is grouped_gemm's own GEMV call)
-    assert torch.equal(fused, apart)
+        fused = ops._down(*args, idx)
+        monkeypatch.setenv("NF4MOE_FUSE_COMBINE", "0")  # the GEMV's slot rows, then the combine kernel
+        apart = ops._down(*args, idx)
+        rows = ops._down(*args)
+    assert down == [True, False, False]  # the fused path really ran, then twice the plain GEMV
+    assert torch.equal(fused, apart) and torch.equal(apart, ops._combine(rows, idx, e))
     assert torch.equal(fused[1], torch.zeros_like(fused[1])) and torch.isfinite(fused).all()
     assert int(split_k_counters(h.device, t * 128).count_nonzero()) == 0
 
 
+def test_gemv_capture_runs_the_plain_gemv_tuned_by_the_first_eager_call(monkeypatch):
+    """The first eager fused down GEMV of a shape also tunes the plain GEMV; a later launch while a CUDA graph is
+    captured (simulated here: ``capturing`` patched) runs that plain GEMV and the combine kernel, with no tuning,
+    and equals the eager unfused path bit for bit; with the plain GEMV never tuned it stays fused."""
+    from nf4moe.kernels import configs, ops
+    from nf4moe.kernels import grouped_gemv as gv
+
+    monkeypatch.setenv("NF4MOE_GEMV_ROWS", str(1 << 30))
+    monkeypatch.setattr(configs, "_TUNED", {})
+    m = make_layer(4, 128, 64, rank=8, seed=81)
+    x = torch.randn(2, 128, device=DEV)
+    idx, w = routing(2, 4, 2, seed=82)
+    up, down = gemv_calls(monkeypatch)
+    keys = []
+    real_tune = configs.launch_tuned
+    monkeypatch.setattr(gv, "launch_tuned", lambda kernel, grid, key, *a, **kw: keys.append(
+        (key[0], key[1], configs.tuned(key))) or real_tune(kernel, grid, key, *a, **kw))
+    with torch.no_grad():
+        eager = m(x, idx, w)
+        # (kind, N, tuned before) of each launch: the up projection (N = 64), then the down's (N = 128): the plain
+        # GEMV tuned first, then the fused one
+        assert down == [True] and keys == [("gemv", 64, False), ("gemv", 128, False), ("gemv_combine", 128, False)]
+        monkeypatch.setattr(gv, "capturing", lambda t: True)
+        keys.clear()
+        captured = m(x, idx, w)
+        assert down[-1] is False and keys == [("gemv", 64, True), ("gemv", 128, True)]  # plain, nothing tuned
+        monkeypatch.setattr(gv, "capturing", lambda t: False)
+        monkeypatch.setenv("NF4MOE_FUSE_COMBINE", "0")
+        assert torch.equal(captured, m(x, idx, w))
+        torch.testing.assert_close(captured, eager, rtol=1e-5, atol=1e-5)
+        monkeypatch.delenv("NF4MOE_FUSE_COMBINE")
+        monkeypatch.setattr(configs, "_TUNED", {k: v for k, v in configs._TUNED.items() if k[:2] != ("gemv", 128)})
+        monkeypatch.setattr(gv, "capturing", lambda t: True)
+        m(x, idx, w)
+        assert down[-1] is True  # the plain GEMV untuned: fused (no autotuning inside a capture)
+
+
 @pytest.mark.skipif(DEV != "cuda", reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("t", [1, 2, 40])
-def test_cuda_graph_replays_match_eager(t):
-    """The layer captured in a CUDA graph (decode GEMV with its fused combine and arrival counters at T <= 2,
-    the GEMM above), replayed on new inputs copied into the captured buffers: each replay equals an eager
-    call on the same inputs, bit for bit (the counters start from zero on every replay)."""
+def test_cuda_graph_replays_match_eager(monkeypatch, t):
+    """The layer captured in a CUDA graph after one eager call (the decode GEMV at T <= 2: eager calls fuse the
+    combine into the down GEMV, the capture runs the plain GEMV, tuned by that first eager call, and the
+    combine kernel; the GEMM above), replayed on new inputs copied into the captured buffers: each replay equals
+    an eager call of the same path (``NF4MOE_FUSE_COMBINE=0``) bit for bit, and the fused eager call to
+    rounding (the two GEMV variants may run different tuned configs)."""
+    from nf4moe.kernels import grouped_gemm as gg
+
+    captured = []
+    real = gg.launch_nf4_moe_gemv
+    monkeypatch.setattr(gg, "launch_nf4_moe_gemv", lambda *a, **kw: captured.append(
+        (torch.cuda.is_current_stream_capturing(), kw["gated"], real(*a, **kw))) or captured[-1][2])
     m = make_layer(8, 256, 128, rank=8, seed=71)
     x = torch.randn(t, 256, device=DEV, dtype=torch.bfloat16)
     idx, w = routing(t, 8, 4, seed=72)
@@ -342,13 +398,20 @@ def test_cuda_graph_replays_match_eager(t):
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             out = m(x, idx, w)
+        # (capturing, gated, fused) of each GEMV launch: eager fused, captured plain
+        assert captured == ([(False, True, False), (False, False, True), (True, True, False), (True, False, False)]
+                            if t <= 2 else [])
         for seed in (73, 74, 75):
             x.copy_(torch.randn(x.shape, device=DEV, generator=torch.Generator(DEV).manual_seed(seed)))
             nidx, nw = routing(t, 8, 4, seed=seed)
             idx.copy_(nidx)
             w.copy_(nw)
             graph.replay()
+            fused = m(x, idx, w)
+            monkeypatch.setenv("NF4MOE_FUSE_COMBINE", "0")
             assert torch.equal(out, m(x, idx, w))
+            monkeypatch.delenv("NF4MOE_FUSE_COMBINE")
+            torch.testing.assert_close(out, fused, rtol=2e-2, atol=2e-2)
 
 
 GEMV_PINS = [  # (BLOCK_M, BLOCK_N, LANES, STEPS, VEC, num_warps), dtype: the 16- and 8-byte lanes, one row per
@@ -384,7 +447,7 @@ def test_gemv_configs_match_reference(monkeypatch, nan_new_empty, pin):
     x = torch.randn(3, 256, device=DEV, dtype=dtype)
     idx, w = routing(3, 4, 2, seed=51)
     assert_matches_reference(m, x, idx, w, BOUND[dtype])
-    assert (len(up), len(down)) == (1, 1)
+    assert (up, down) == ([False], [True])
 
 
 @pytest.mark.parametrize("splits,xa_mode,dtype", [(2, "0", torch.float32), (4, "0", torch.bfloat16),

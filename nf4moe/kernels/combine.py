@@ -15,10 +15,11 @@ from .launch import launch
 
 @triton.jit
 def slot_sum(y_ptr, stride_ym, idx_ptr, t, offs, mask, E, TOP_K: tl.constexpr, BLOCK: tl.constexpr,
-             CACHE: tl.constexpr = ""):
+             CACHE: tl.constexpr):
     """fp32 sum over token ``t``'s slots in slot order of its slot rows y[t * TOP_K + k, offs], skipping slots
     whose expert id is outside [0, E); shared by combine_kernel and the down GEMV's fused combine, so both
-    add the same values in the same order.  CACHE: the rows' load cache modifier."""
+    add the same values in the same order.  CACHE: the rows' load cache modifier (no default: Triton 3.6
+    passes a jit function's default string unwrapped, which fails to compile)."""
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     for k in tl.static_range(TOP_K):
         eid = tl.load(idx_ptr + t * TOP_K + k)
@@ -40,7 +41,7 @@ def combine_kernel(
     t = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     mask = offs < H
-    acc = slot_sum(y_ptr, H, idx_ptr, t, offs, mask, E, TOP_K, BLOCK_H)
+    acc = slot_sum(y_ptr, H, idx_ptr, t, offs, mask, E, TOP_K, BLOCK_H, "")
     tl.store(out_ptr + t * H + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 

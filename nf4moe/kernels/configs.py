@@ -128,6 +128,11 @@ _TUNED: dict = {}  # launch key -> the keyword arguments (meta-parameters, optio
 _TUNE_LOCK = threading.Lock()
 
 
+def tuned(key: tuple) -> bool:
+    """Whether ``launch_tuned`` has chosen a config for ``key``."""
+    return _TUNED.get(key) is not None
+
+
 def launch_tuned(kernel, grid, key: tuple, launcher, *args, **kwargs) -> None:
     """Launch the autotuned ``kernel``.  Once its autotuner has chosen a config for ``key``, later eager
     launches call the JIT function with that config directly: the autotuner's per-call key building (a

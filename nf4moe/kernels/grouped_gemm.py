@@ -40,6 +40,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_
 
 from .operands import NF4Operand, r_pad
 from .configs import cdiv, gemm_configs, interpreting, launch_tuned, pow2, prune_configs, row_bucket
+from .combine import launch_combine
 from .grouped_gemv import gemv_max_rows, launch_nf4_moe_gemv
 from .lora_xa import launch_lora_xa
 from .nf4_decode import dequant_operand, mma_k_order
@@ -320,6 +321,11 @@ def grid(n: int, rows: int, num_experts: int):
                          cdiv(rows, meta["BLOCK_M"]) + min(num_experts, rows))
 
 
+def _combined(out: torch.Tensor, combine, num_experts: int, launcher) -> torch.Tensor:
+    """``out``, or with ``combine`` = (comb, top_k_index) its slot rows summed per token by the combine kernel."""
+    return out if combine is None else launch_combine(out, combine[1], combine[0], num_experts, launcher)
+
+
 def launch_nf4_moe_gemm(
     x: torch.Tensor,
     w: NF4Operand,
@@ -339,13 +345,18 @@ def launch_nf4_moe_gemm(
     gu: torch.Tensor | None = None,
     xa_out: torch.Tensor | None = None,
     write_out: bool = True,
+    combine: tuple[torch.Tensor, torch.Tensor] | None = None,
     launcher=None,
 ) -> torch.Tensor:
-    """Launch the kernel; ``launcher`` wraps it (``torch.library.wrap_triton``) when traced.
+    """Launch the kernel; ``launcher`` wraps it (``torch.library.wrap_triton``) when traced.  Returns ``out``,
+    or with ``combine`` its (T, N) buffer.
 
     Training extras (up projection only): ``gu`` (P, 2N) receives the pre-activation gate|up rows,
     ``xa_out`` (P, R_PAD) fp32 the LoRA X·Aᵀ the epilogue used; ``write_out=False`` skips ``out``
     (recompute mode needs only the pre-activations).
+    ``combine`` = (comb (T, N), top_k_index (T, K) contiguous), down projection only: each token's slot rows
+    of ``out`` summed into ``comb`` in slot order (combine.py): inside the decode GEMV where it runs (eager
+    calls, launch_nf4_moe_gemv), else by the combine kernel after the projection.
     """
     packed, absmax = w.packed, w.absmax
     num_experts, n_total, half_k = packed.shape
@@ -357,10 +368,13 @@ def launch_nf4_moe_gemm(
     rp = r_pad(r)
     xa = None
     training = gu is not None or xa_out is not None or not write_out
+    if combine is not None and (gated or training):
+        raise ValueError("launch_nf4_moe_gemm: combine is for the down projection's inference pass")
     if not training and 0 < rows <= gemv_max_rows():
-        return launch_nf4_moe_gemv(x, w, lora_a if has_lora else None, lora_b, scaling, sorted_pair_ids,
-                                   expert_offsets, top_k_weights, out, n=n, top_k=top_k, gated=gated, act=act,
-                                   launcher=launcher)
+        fused = launch_nf4_moe_gemv(x, w, lora_a if has_lora else None, lora_b, scaling, sorted_pair_ids,
+                                    expert_offsets, top_k_weights, out, n=n, top_k=top_k, gated=gated, act=act,
+                                    combine=combine, launcher=launcher)
+        return combine[0] if fused else _combined(out, combine, num_experts, launcher)
     wgmma = use_wgmma(x, w, rows, launcher)
     if xa_pre is None or wgmma:  # the Gluon GEMM always takes X·Aᵀ precomputed
         xa_pre = wgmma or lora_precompute(rows)
@@ -381,7 +395,7 @@ def launch_nf4_moe_gemm(
                 x, w, lora_b, scaling, xa3, sorted_pair_ids, table, top_k_weights, out, n=n, top_k=top_k,
                 gated=gated, act_code=ACT_CODES[act], r=r, r_pad=rp, block_m=bm, tile_n=tn, gu=gu,
                 write_out=write_out)
-        return out
+        return _combined(out, combine, num_experts, launcher)
     bucket = row_bucket(rows)
     splits = split_k(rows, k_dim, training, launcher)
     ws = cnt = dummy
@@ -407,5 +421,5 @@ def launch_nf4_moe_gemm(
         n, k_dim, n_total, num_experts, r, rows, bucket,
         **meta,
     )
-    return out
+    return _combined(out, combine, num_experts, launcher)
 

@@ -39,7 +39,7 @@ import triton.language as tl
 
 from .combine import slot_sum
 from .common import act_fwd, expert_row_tile, nested_offset
-from .configs import _pinned, cdiv, interpreting, launch_tuned, pow2
+from .configs import _pinned, cdiv, interpreting, launch_tuned, pow2, tuned
 from .lora_xa import launch_lora_xa
 from .nf4_decode import block_scale, lut_values_f32, nf4_value
 from .operands import NF4Operand, r_pad
@@ -67,18 +67,27 @@ def gemv_configs() -> list[triton.Config]:
     return out + [fallback]
 
 
+MAX_CHUNKS = 16  # K chunks per program at most (they are unrolled: compile time and code size grow with them)
+
+
 def prune_gemv(configs, named_args, **kwargs):
-    """One lane's 2 * VEC columns must lie in one NF4 block; BLOCK_M must not exceed the bucket's rows."""
+    """One lane's 2 * VEC columns must lie in one NF4 block; BLOCK_M must not exceed the bucket's rows; at most
+    MAX_CHUNKS unrolled K chunks (else the widest chunks: a config of 8-byte or 4-lane chunks at K = 7168
+    took minutes to compile).  The fallback (the list's last) only when no other config fits."""
     def arg(name):
         return named_args[name] if name in named_args else kwargs[name]
 
-    bucket, n, bs = arg("ROW_BUCKET"), arg("N"), arg("BS")
+    bucket, n, bs, k_dim = arg("ROW_BUCKET"), arg("N"), arg("BS"), arg("K_DIM")
     max_m = 1 if arg("COMBINE") else max(1, bucket)  # the fused combine takes one row per program
-    kept = [c for c in configs if bs % (2 * c.kwargs["VEC"]) == 0
+    fits = [c for c in configs if bs % (2 * c.kwargs["VEC"]) == 0
             and c.kwargs["BLOCK_M"] <= max_m and c.kwargs["BLOCK_N"] <= max(4, pow2(n))]
     if interpreting() or _pinned():
-        return kept[:1] or configs[-1:]
-    return kept or configs[-1:]
+        return fits[:1] or configs[-1:]
+    chunks = {id(c): cdiv(k_dim, 2 * c.kwargs["LANES"] * c.kwargs["STEPS"] * c.kwargs["VEC"]) for c in fits}
+    short = [c for c in fits if chunks[id(c)] <= MAX_CHUNKS]
+    if not short and fits:  # a very long K: the fewest chunks
+        short = [c for c in fits if chunks[id(c)] == min(chunks.values())]
+    return [c for c in short if c is not configs[-1]] or short or configs[-1:]
 
 
 @triton.jit
@@ -411,12 +420,28 @@ def gemv_max_rows() -> int:
     return int(os.environ.get("NF4MOE_GEMV_ROWS", "16"))
 
 
+def fuse_combine() -> bool:
+    """Whether the down GEMV may sum each token's slot rows itself (``_combine_last``) instead of leaving them
+    to the combine kernel; ``NF4MOE_FUSE_COMBINE=0``: the combine kernel always."""
+    return os.environ.get("NF4MOE_FUSE_COMBINE", "1") == "1"
+
+
+def capturing(x: torch.Tensor) -> bool:
+    """Whether a CUDA graph is being captured on ``x``'s device's current stream."""
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def launch_nf4_moe_gemv(x, w: NF4Operand, lora_a, lora_b, scaling, sorted_pair_ids, expert_offsets, top_k_weights,
-                        out, *, n, top_k, gated, act, combine=None, launcher=None):
+                        out, *, n, top_k, gated, act, combine=None, launcher=None) -> bool:
     """The inference projection of grouped_gemm.launch_nf4_moe_gemm (same arguments, no training stores).
 
-    ``combine`` = (comb (T, n), top_k_index (T, K) contiguous), down projection only: the kernel also sums
-    each token's slot rows of ``out`` into ``comb`` (combine.py's fixed-order fp32 sum, fused)."""
+    ``combine`` = (comb (T, n), top_k_index (T, K) contiguous), down projection only: the kernel may also sum
+    each token's slot rows of ``out`` into ``comb`` (combine.py's fixed-order fp32 sum, fused).  Returns whether
+    it did; if not, the caller runs the combine kernel.  Fused in eager calls (one launch and one host-side
+    dispatch fewer: eager decode is host-bound), not while a CUDA graph is captured: there the GPU time counts,
+    and there the fused kernel and its counters' memset measured slower than the plain GEMV and the combine
+    kernel (H200, per layer call: Qwen3-30B-A3B T=1 5 us, DeepSeek-V3 T=2 12 us; NOTES v33).  The first eager fused launch of a shape also
+    tunes the plain GEMV, so that a later capture needs no autotuning (which cannot run inside one)."""
     from .grouped_gemm import grid, launch_key, projection_meta, split_k_counters  # grouped_gemm imports this module
     num_experts, n_total, half_k = w.packed.shape
     rows = sorted_pair_ids.numel()
@@ -431,24 +456,39 @@ def launch_nf4_moe_gemv(x, w: NF4Operand, lora_a, lora_b, scaling, sorted_pair_i
                             launcher=launcher)
     bucket = 8 if rows <= 8 else 64
     meta = projection_meta(x, w, top_k=top_k, r_pad=rp, gated=gated, act=act, has_lora=lora_a is not None)
-    comb = idx = cnt = dummy
-    if combine is not None:
-        comb, idx = combine
-        # one counter per (token, N tile); BLOCK_N >= 4 in every config
-        cnt = split_k_counters(x.device, idx.shape[0] * cdiv(n, 4))
-    meta.update(COMBINE=combine is not None, SLOTS=idx.shape[1] if combine is not None else 1)
-    key = launch_key("gemv_combine" if combine is not None else "gemv", n, bucket, x, w, out,
-                     lora_b if lora_a is not None else None, meta)
-    launch_tuned(
-        nf4_moe_gemv_kernel, grid(n, rows, num_experts), key, launcher,
-        x, x.stride(0), x.stride(1),
-        *w.pointer_args(),
-        lora_b if lora_a is not None else dummy, float(scaling),
-        xa if xa is not None else dummy, xa.shape[0] if xa is not None else 1,
-        out, out.stride(0),
-        sorted_pair_ids, expert_offsets, top_k_weights if top_k_weights is not None else dummy,
-        idx, comb, cnt,
-        n, n_total, num_experts, r, rows, bucket,
-        K_DIM=2 * half_k, **meta,
-    )
-    return out
+
+    def spec(fused: bool) -> tuple[dict, tuple]:
+        kw = dict(meta, COMBINE=fused, SLOTS=combine[1].shape[1] if fused else 1)
+        return kw, launch_key("gemv_combine" if fused else "gemv", n, bucket, x, w, out,
+                              lora_b if lora_a is not None else None, kw)
+
+    def run(fused: bool, kw: dict, key: tuple) -> None:
+        comb = idx = cnt = dummy
+        if fused:
+            comb, idx = combine
+            # one counter per (token, N tile); BLOCK_N >= 4 in every config
+            cnt = split_k_counters(x.device, idx.shape[0] * cdiv(n, 4))
+        launch_tuned(
+            nf4_moe_gemv_kernel, grid(n, rows, num_experts), key, launcher,
+            x, x.stride(0), x.stride(1),
+            *w.pointer_args(),
+            lora_b if lora_a is not None else dummy, float(scaling),
+            xa if xa is not None else dummy, xa.shape[0] if xa is not None else 1,
+            out, out.stride(0),
+            sorted_pair_ids, expert_offsets, top_k_weights if top_k_weights is not None else dummy,
+            idx, comb, cnt,
+            n, n_total, num_experts, r, rows, bucket,
+            K_DIM=2 * half_k, **kw,
+        )
+
+    fused = combine is not None and fuse_combine()
+    kw, key = spec(fused)
+    if fused and launcher is None:  # (traced and wrap_triton launches: fused always; Triton's autotuner keys them)
+        if capturing(x):
+            plain = spec(False)
+            if tuned(plain[1]):  # the plain GEMV, once tuned (never autotune inside a capture)
+                fused, kw, key = False, *plain
+        elif not tuned(key):
+            run(False, *spec(False))  # the first fused launch of this shape: tune the plain GEMV too
+    run(fused, kw, key)
+    return fused

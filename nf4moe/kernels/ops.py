@@ -18,7 +18,6 @@ from .combine import launch_combine
 from .configs import interpreting
 from .grouped_gemm import launch_nf4_moe_gemm
 from .grouped_gemm_bwd import block_n, launch_nf4_moe_gemm_t
-from .grouped_gemv import gemv_max_rows, launch_nf4_moe_gemv
 from .lora_grad import launch_lora_grad
 from .operands import NF4Operand, r_pad
 
@@ -96,38 +95,21 @@ def _up(x, w: NF4Operand, lora_a, lora_b, scaling, sorted_pair_ids, expert_offse
     )
 
 
-def _down(h, w: NF4Operand, lora_a, lora_b, scaling, sorted_pair_ids, expert_offsets, top_k_weights):
-    """The down projection times the routing weight into a new (P, H) buffer indexed by pair id."""
+def _down(h, w: NF4Operand, lora_a, lora_b, scaling, sorted_pair_ids, expert_offsets, top_k_weights, top_k_index=None):
+    """The down projection times the routing weight: a new (P, H) buffer indexed by pair id, or with
+    ``top_k_index`` each token's slot rows summed, (T, H) (in the decode GEMV, or by the combine kernel)."""
     hidden = w.packed.shape[1]
     out = h.new_empty(sorted_pair_ids.numel(), hidden)
+    combine = None if top_k_index is None else (h.new_empty(top_k_index.shape[0], hidden), top_k_index)
     return launch_nf4_moe_gemm(
         h, w, lora_a, lora_b, scaling, sorted_pair_ids, expert_offsets, top_k_weights, out, n=hidden, top_k=1,
-        gated=False, launcher=_launcher(),
+        gated=False, combine=combine, launcher=_launcher(),
     )
 
 
 def _combine(y, top_k_index, num_experts):
     out = y.new_empty(top_k_index.shape[0], y.shape[1])
     return launch_combine(y, top_k_index, out, num_experts, launcher=_launcher())
-
-
-def _down_combine(h, w: NF4Operand, lora_a, lora_b, scaling, sorted_pair_ids, expert_offsets, top_k_weights,
-                  top_k_index):
-    """(T, H): the down projection times the routing weights, each token's slots summed.  At decode sizes
-    (the GEMV, ``gemv_max_rows``) the GEMV sums the slots itself (one launch and one buffer fewer); else the
-    down GEMM, then the combine kernel."""
-    rows = sorted_pair_ids.numel()
-    if not 0 < rows <= gemv_max_rows():
-        return _combine(_down(h, w, lora_a, lora_b, scaling, sorted_pair_ids, expert_offsets, top_k_weights),
-                        top_k_index, w.packed.shape[0])
-    hidden = w.packed.shape[1]
-    y = h.new_empty(rows, hidden)
-    out = h.new_empty(top_k_index.shape[0], hidden)
-    has_lora = lora_a is not None and lora_a.shape[1] > 0
-    launch_nf4_moe_gemv(h, w, lora_a if has_lora else None, lora_b, scaling, sorted_pair_ids, expert_offsets,
-                        top_k_weights, y, n=hidden, top_k=1, gated=False, act="silu", combine=(out, top_k_index),
-                        launcher=_launcher())
-    return out
 
 
 @_register("moe_up")
@@ -149,8 +131,8 @@ def moe_down_combine(
     blocksize2: int,
 ) -> Tensor:
     """(T, H): sum over each token's routed slots of w[p] * (h W_downᵀ + LoRA), fixed slot order, fp32 sums."""
-    return _down_combine(h, NF4Operand(packed, absmax, absmax2, code2, offset, blocksize, blocksize2), lora_a, lora_b,
-                         scaling, sorted_pair_ids, expert_offsets, top_k_weights, top_k_index)
+    return _down(h, NF4Operand(packed, absmax, absmax2, code2, offset, blocksize, blocksize2), lora_a, lora_b, scaling,
+                 sorted_pair_ids, expert_offsets, top_k_weights, top_k_index)
 
 
 @_register("combine")
@@ -216,8 +198,8 @@ def moe_experts(
             lora_b_up, scaling, sorted_pair_ids, expert_offsets, k, act, gu=gu if save_preact else None,
             xa_out=xa if save_preact and lora_a_up is not None else None)
     dn = NF4Operand(dn_packed, dn_absmax, dn_absmax2, dn_code2, dn_offset, blocksize, dn_blocksize2)
-    return _down_combine(h, dn, lora_a_down, lora_b_down, scaling, sorted_pair_ids, expert_offsets,
-                         top_k_weights.reshape(-1), top_k_index), gu, xa
+    return _down(h, dn, lora_a_down, lora_b_down, scaling, sorted_pair_ids, expert_offsets, top_k_weights.reshape(-1),
+                 top_k_index), gu, xa
 
 
 @_register("moe_up_preact")
