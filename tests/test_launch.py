@@ -176,7 +176,7 @@ def test_gemv_candidates_fit_and_stay_short(monkeypatch, k_dim, combine, bucket)
     kept = gv.prune_gemv(configs, {}, ROW_BUCKET=bucket, N=2048, BS=64, K_DIM=k_dim, COMBINE=combine)
 
     def chunks(c):
-        return -(-k_dim // (2 * c.kwargs["LANES"] * c.kwargs["STEPS"] * c.kwargs["VEC"]))
+        return c.kwargs["TILES"] * -(-k_dim // (2 * c.kwargs["LANES"] * c.kwargs["STEPS"] * c.kwargs["VEC"]))
 
     assert kept and configs[-1] not in kept
     assert all(64 % (2 * c.kwargs["VEC"]) == 0 and c.kwargs["BLOCK_M"] <= (1 if combine else bucket) for c in kept)

@@ -311,7 +311,8 @@ def test_gemv_fused_combine_equals_down_then_combine(monkeypatch, nan_new_empty,
         def get(self, key, default=None):
             return cfg if key[0] in ("gemv", "gemv_combine") else super().get(key, default)
 
-    cfg = triton.Config({"BLOCK_M": 1, "BLOCK_N": 32, "LANES": 4, "STEPS": 4, "VEC": 4}, num_warps=1,
+    # two N tiles per program: the second tile's arrival counters too
+    cfg = triton.Config({"BLOCK_M": 1, "BLOCK_N": 32, "LANES": 4, "STEPS": 4, "VEC": 4, "TILES": 2}, num_warps=1,
                         num_stages=1).all_kwargs()
     monkeypatch.setattr(configs, "_TUNED", Pinned())
     monkeypatch.setenv("NF4MOE_GEMV_ROWS", str(1 << 30))
@@ -414,10 +415,13 @@ def test_cuda_graph_replays_match_eager(monkeypatch, t):
             torch.testing.assert_close(out, fused, rtol=2e-2, atol=2e-2)
 
 
-GEMV_PINS = [  # (BLOCK_M, BLOCK_N, LANES, STEPS, VEC, num_warps), dtype: the 16- and 8-byte lanes, one row per
-    # program (the direct row-to-expert lookup) and two (the per-expert tile schedule), K chunks of 256, 128 and
-    # 64 columns (up, K = 256: 1, 2, 4 chunks; down, K = 128: a tail, 1, 2); VEC = 4 is the interpreter's
-    (1, 32, 8, 1, 16, 1, torch.bfloat16), (2, 32, 4, 1, 16, 1, torch.float16), (1, 32, 4, 1, 8, 1, torch.bfloat16)]
+GEMV_PINS = [  # (BLOCK_M, BLOCK_N, LANES, STEPS, VEC, num_warps, TILES), dtype: the 16- and 8-byte lanes, one row
+    # per program (the direct row-to-expert lookup) and two (the per-expert tile schedule), K chunks of 256, 128 and
+    # 64 columns (up, K = 256: 1, 2, 4 chunks; down, K = 128: a tail, 1, 2); VEC = 4 is the interpreter's.  TILES:
+    # 3 N tiles per program, the prefetch across tiles, and tiles past N (up N = 128: 4 tiles, the second program's
+    # last two are past N; down N = 256: 8 tiles, one past N)
+    (1, 32, 8, 1, 16, 1, 1, torch.bfloat16), (2, 32, 4, 1, 16, 1, 1, torch.float16),
+    (1, 32, 4, 1, 8, 1, 1, torch.bfloat16), (1, 32, 4, 1, 8, 1, 3, torch.float32)]
 
 
 @pytest.mark.parametrize("pin", GEMV_PINS)
@@ -430,8 +434,8 @@ def test_gemv_configs_match_reference(monkeypatch, nan_new_empty, pin):
     import nf4moe.kernels.grouped_gemm as gg
     from nf4moe.kernels import configs
 
-    bm, bn, lanes, steps, vec, warps, dtype = pin
-    cfg = triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "LANES": lanes, "STEPS": steps, "VEC": vec},
+    bm, bn, lanes, steps, vec, warps, tiles, dtype = pin
+    cfg = triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "LANES": lanes, "STEPS": steps, "VEC": vec, "TILES": tiles},
                         num_warps=warps, num_stages=1)
 
     class Pinned(dict):  # the down projection's fused combine takes one row per program

@@ -232,10 +232,17 @@ def use_wgmma(x: torch.Tensor, w: NF4Operand, rows: int, launcher) -> bool:
     if launcher is not None and (torch.compiler.is_compiling() or type(x) is not torch.Tensor
                                  or _current_mode() is not None):
         return False
-    if torch.cuda.get_device_capability(x.device) != (9, 0) or not gluon_available():
+    if not hopper(x.device.index) or not gluon_available():
         return False
     return (x.stride(1) == 1 and x.stride(0) % 8 == 0 and x.data_ptr() % 16 == 0
             and w.packed.shape[2] % 32 == 0 and w.blocksize % 64 == 0)
+
+
+@functools.cache
+def hopper(device_index: int) -> bool:
+    """Whether CUDA device ``device_index`` is sm_90 (cached: the capability query costs host time on every
+    eager call otherwise)."""
+    return torch.cuda.get_device_capability(device_index) == (9, 0)
 
 
 @functools.cache
@@ -316,9 +323,11 @@ def launch_key(kind: str, n: int, bucket: int, x: torch.Tensor, w: NF4Operand, o
 
 
 def grid(n: int, rows: int, num_experts: int):
-    """GEMM and GEMV grid (the GEMV has no SPLIT_K)."""
-    return lambda meta: (cdiv(n, meta["BLOCK_N"]) * meta.get("SPLIT_K", 1),
-                         cdiv(rows, meta["BLOCK_M"]) + min(num_experts, rows))
+    """GEMM and GEMV grid (the GEMV has no SPLIT_K; its programs take TILES N tiles each).  Row tiles are padded
+    per expert (common.expert_row_tile), hence min(E, P) more of them; one-row tiles need no padding (tile i is
+    sorted row i), and at decode sizes those surplus programs, which only exit, were half of the GEMV's grid."""
+    return lambda meta: (cdiv(n, meta["BLOCK_N"] * meta.get("TILES", 1)) * meta.get("SPLIT_K", 1),
+                         cdiv(rows, meta["BLOCK_M"]) + (min(num_experts, rows) if meta["BLOCK_M"] > 1 else 0))
 
 
 def _combined(out: torch.Tensor, combine, num_experts: int, launcher) -> torch.Tensor:

@@ -51,6 +51,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (async_copy, fence_
                                                                warpgroup_mma, warpgroup_mma_wait)
 
 from .configs import cdiv
+from .launch import launch
 from . import nf4_decode
 
 # The Triton kernels' pair decode (nf4_decode), compiled as Gluon functions: one PTX decode for both GEMMs
@@ -527,7 +528,10 @@ def launch_nf4_moe_gemm_wgmma(x, w, lora_b, scaling, xa, sorted_pair_ids, tile_t
     if ws:  # producer warps, their registers, the register cap that lets all warps share the file, ring depths
         pw, regs, maxnreg, ring, wslots = ws
         kernel, extra = nf4_moe_gemm_ws_kernel, dict(PW=pw, PREGS=regs, maxnreg=maxnreg, WSLOTS=wslots)
-    kernel[grid](
+    # through launch.py's compiled-kernel cache like every other kernel: Triton's JITFunction.run re-binds and
+    # re-keys the ~35 arguments on every call, which made eager Qwen3-30B-A3B T=1024 host-bound (NOTES v34)
+    launch(
+        kernel, grid, None,
         x, x.stride(0), *w.pointer_args(),
         lora_b if has_lora else dummy, float(scaling),
         xa if has_lora else dummy, xa.shape[0] if has_lora else 1,

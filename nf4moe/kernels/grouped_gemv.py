@@ -22,8 +22,12 @@ Here a program owns BLOCK_N weight rows of one expert (32 // LANES rows share a 
 - LoRA: X·Aᵀ comes precomputed (lora_xa.py, as split-K partials summed here), and
   ``scaling * B · xa`` is added in the epilogue.
 
-Grid: (cdiv(N, BLOCK_N), cdiv(P, BLOCK_M) + min(E, P)), the GEMM kernel's per-expert row-tile schedule (with
-BLOCK_M = 1 tile i is sorted row i, and its expert is found from the expert offsets without a scan).
+A program takes TILES N tiles one after another, its chunk sequence (and so the one-ahead prefetch) running
+across them: the loads of the next tile are in flight while the current one is decoded, summed and stored.
+
+Grid: (cdiv(N, BLOCK_N * TILES), cdiv(P, BLOCK_M) + min(E, P)), the GEMM kernel's per-expert row-tile schedule;
+with BLOCK_M = 1, (cdiv(N, BLOCK_N * TILES), P): tile i is sorted row i, and its expert is found from the
+expert offsets without a scan.
 SASS (Triton 3.6, sm_90a, Qwen3-30B-A3B up projection): ~12 instructions per weight byte in the K loop, from
 ~29 before (bench/NOTES.md v31).  Measured on an H200: Qwen3-30B-A3B layer under a CUDA graph at T=1 0.040 ms
 (0.046 with the v30 GEMV, 0.060 with the MMA GEMM).  Used up to ``NF4MOE_GEMV_ROWS`` routed rows
@@ -50,20 +54,24 @@ def gemv_configs() -> list[triton.Config]:
     (its tail past K masked), lanes of VEC bytes; 32 // LANES weight rows share a warp.  VEC = 16: one 16-byte
     load and one absmax per lane and step.  The last is the fallback (VEC = 4 bytes = 8 columns lie in one
     NF4 block of any blocksize >= 8)."""
-    def cfg(bm, bn, lanes, steps, vec, warps):
-        return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "LANES": lanes, "STEPS": steps, "VEC": vec},
-                             num_warps=warps, num_stages=1)
+    def cfg(bm, bn, lanes, steps, vec, warps, tiles=1):
+        return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "LANES": lanes, "STEPS": steps, "VEC": vec,
+                              "TILES": tiles}, num_warps=warps, num_stages=1)
 
     fallback = cfg(1, 4, 8, 1, 4, 1)
-    # pinned / interpreter: the pruner keeps the first that fits (one row per program for the fused combine)
+    # pinned / interpreter: the pruner keeps the first that fits (one row per program for the fused combine,
+    # there with two N tiles per program, so that the cross-tile prefetch runs in every such test)
     if _pinned():  # NF4MOE_CONFIG pins the GEMM: the GEMV then also runs one config (GPU test runs)
-        return [cfg(2, 8, 32, 1, 16, 4), cfg(1, 8, 32, 1, 16, 4), fallback]
+        return [cfg(2, 8, 32, 1, 16, 4), cfg(1, 8, 32, 1, 16, 4, 2), fallback]
     if interpreting():
-        return [cfg(2, 32, 4, 4, 4, 1), cfg(1, 32, 4, 4, 4, 1), fallback]
+        return [cfg(2, 32, 4, 4, 4, 1), cfg(1, 32, 4, 4, 4, 1, 2), fallback]
     # the best of 19 candidates on an H200 (Qwen3-30B-A3B, GLM-4.5-Air, DeepSeek-V3 at T=1, NOTES.md v31): whole
-    # warps on one row (K >= 2048) or 8 lanes to a row (short K: the down projections)
+    # warps on one row (K >= 2048) or 8 lanes to a row (short K: the down projections); then the same with 2 or 4
+    # N tiles per program (v35: loads kept in flight across a program's tiles)
     out = [cfg(1, 4, 32, 1, 16, 4), cfg(1, 16, 32, 1, 16, 8), cfg(1, 4, 32, 2, 16, 4), cfg(1, 16, 8, 1, 16, 4),
-           cfg(1, 8, 8, 1, 16, 2), cfg(2, 4, 32, 1, 16, 4), cfg(2, 16, 8, 1, 16, 4)]
+           cfg(1, 8, 8, 1, 16, 2), cfg(2, 4, 32, 1, 16, 4), cfg(2, 16, 8, 1, 16, 4),
+           cfg(1, 4, 32, 1, 16, 4, 2), cfg(1, 4, 32, 1, 16, 4, 4), cfg(1, 16, 32, 1, 16, 8, 2),
+           cfg(1, 16, 8, 1, 16, 4, 2), cfg(1, 8, 8, 1, 16, 2, 4)]
     return out + [fallback]
 
 
@@ -72,8 +80,8 @@ MAX_CHUNKS = 16  # K chunks per program at most (they are unrolled: compile time
 
 def prune_gemv(configs, named_args, **kwargs):
     """One lane's 2 * VEC columns must lie in one NF4 block; BLOCK_M must not exceed the bucket's rows; at most
-    MAX_CHUNKS unrolled K chunks (else the widest chunks: a config of 8-byte or 4-lane chunks at K = 7168
-    took minutes to compile).  The fallback (the list's last) only when no other config fits."""
+    MAX_CHUNKS unrolled K chunks over a program's TILES tiles (else the widest chunks: a config of 8-byte or
+    4-lane chunks at K = 7168 took minutes to compile).  The fallback (the list's last) only when no other config fits."""
     def arg(name):
         return named_args[name] if name in named_args else kwargs[name]
 
@@ -83,7 +91,8 @@ def prune_gemv(configs, named_args, **kwargs):
             and c.kwargs["BLOCK_M"] <= max_m and c.kwargs["BLOCK_N"] <= max(4, pow2(n))]
     if interpreting() or _pinned():
         return fits[:1] or configs[-1:]
-    chunks = {id(c): cdiv(k_dim, 2 * c.kwargs["LANES"] * c.kwargs["STEPS"] * c.kwargs["VEC"]) for c in fits}
+    chunks = {id(c): c.kwargs["TILES"] * cdiv(k_dim, 2 * c.kwargs["LANES"] * c.kwargs["STEPS"] * c.kwargs["VEC"])
+              for c in fits}
     short = [c for c in fits if chunks[id(c)] <= MAX_CHUNKS]
     if not short and fits:  # a very long K: the fewest chunks
         short = [c for c in fits if chunks[id(c)] == min(chunks.values())]
@@ -270,10 +279,12 @@ def nf4_moe_gemv_kernel(
     HAS_LORA: tl.constexpr, NESTED: tl.constexpr, BS: tl.constexpr, BS2: tl.constexpr, LUT: tl.constexpr,
     COMBINE: tl.constexpr, SLOTS: tl.constexpr,  # SLOTS: the combine's slots per token (top-k)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LANES: tl.constexpr, STEPS: tl.constexpr, VEC: tl.constexpr,
+    TILES: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
+    # TILES N tiles of BLOCK_N weight rows per program, one after another: the first chunk of the next tile is
+    # loaded while the current tile's last chunk is decoded, so a program's loads stay in flight across its
+    # tiles (one program per tile leaves its loads idle through the expert lookup, the lane sums and the store)
+    tile0 = tl.program_id(0) * TILES
     if BLOCK_M == 1:  # one row per tile: tile i is sorted row i, its expert the number of experts ending by it
         row_lo = tl.program_id(1)
         e_ids = tl.arange(0, E_POW2)
@@ -289,40 +300,54 @@ def nf4_moe_gemv_kernel(
                 pair0 = tl.load(pair_ptr + row_lo)
                 tok = pair0 // SLOTS
                 if (_routed_slots(idx_ptr, tok, E, SLOTS) == 0) & (pair0 % SLOTS == 0):
-                    tl.store(comb_ptr + tok.to(tl.int64) * N + offs_n, tl.zeros((BLOCK_N,), tl.float32).to(
-                        comb_ptr.dtype.element_ty), mask=n_mask)
+                    for tile in tl.static_range(TILES):
+                        offs_n = (tile0 + tile) * BLOCK_N + tl.arange(0, BLOCK_N)
+                        tl.store(comb_ptr + tok.to(tl.int64) * N + offs_n, tl.zeros((BLOCK_N,), tl.float32).to(
+                            comb_ptr.dtype.element_ty), mask=offs_n < N)
         return
     e64 = e.to(tl.int64)
-    g_rows = e64 * N_TOTAL + tl.minimum(offs_n, N - 1)  # clamped: the weight loads need no mask
-    u_rows = g_rows + N
     offset = nested_offset(off_ptr, NESTED)
     offs_m = row_lo + tl.arange(0, BLOCK_M)
     m_mask = offs_m < row_hi
 
     tl.static_assert(BLOCK_M <= 2, "the GEMV keeps one accumulator per row, at most 2")
     tz = N >> 31  # 0 (N > 0), unknown to the compiler: the table words of lut_values_f32 stay in registers
-    acc0 = tl.zeros((LANES, BLOCK_N, STEPS), dtype=tl.float32)
-    acc1 = tl.zeros((LANES, BLOCK_N, STEPS), dtype=tl.float32)
-    up0 = tl.zeros((LANES, BLOCK_N, STEPS), dtype=tl.float32)
-    up1 = tl.zeros((LANES, BLOCK_N, STEPS), dtype=tl.float32)
     # K chunks unrolled (K_DIM is a compile-time constant): every load of a chunk is issued at once, the
     # next chunk's by hand before the current one is decoded (Triton's pipeliner stages only loads that
     # feed a tl.dot), so each thread keeps up to two chunks of bytes in flight.  (A runtime loop compiles
     # faster but carries the bytes as separate i8 values: ~20% more instructions per chunk, NOTES v31.)
+    # The chunk sequence runs over the TILES tiles, so the prefetch crosses from one tile into the next.
     CHUNK: tl.constexpr = 2 * LANES * STEPS * VEC
     NCH: tl.constexpr = (K_DIM + CHUNK - 1) // CHUNK
-    nxt_g, nsc_g, nxt_u, nsc_u = _chunk_loads(w_ptr, am_ptr, am2_ptr, code2_ptr, offset, g_rows, u_rows, 0, K_DIM,
-                                              LANES, STEPS, VEC, NESTED, BS, BS2, GATED, CHUNK > K_DIM)
-    for it in tl.static_range(NCH):
+    # weight rows clamped to real rows: the weight loads need no mask (a tile past N loads row N - 1 again)
+    g_rows = e64 * N_TOTAL + tl.minimum(tile0 * BLOCK_N + tl.arange(0, BLOCK_N), N - 1)
+    nxt_g, nsc_g, nxt_u, nsc_u = _chunk_loads(w_ptr, am_ptr, am2_ptr, code2_ptr, offset, g_rows, g_rows + N, 0,
+                                              K_DIM, LANES, STEPS, VEC, NESTED, BS, BS2, GATED, CHUNK > K_DIM)
+    for j in tl.static_range(TILES * NCH):
+        tile = j // NCH
+        it = j % NCH
         k0 = it * CHUNK
+        if it == 0:
+            offs_n = (tile0 + tile) * BLOCK_N + tl.arange(0, BLOCK_N)
+            g_rows = e64 * N_TOTAL + tl.minimum(offs_n, N - 1)
+            acc0 = tl.zeros((LANES, BLOCK_N, STEPS), dtype=tl.float32)
+            acc1 = tl.zeros((LANES, BLOCK_N, STEPS), dtype=tl.float32)
+            up0 = tl.zeros((LANES, BLOCK_N, STEPS), dtype=tl.float32)
+            up1 = tl.zeros((LANES, BLOCK_N, STEPS), dtype=tl.float32)
         cur_g = nxt_g
         sc_g = nsc_g
         cur_u = nxt_u
         sc_u = nsc_u
-        if it + 1 < NCH:
-            nxt_g, nsc_g, nxt_u, nsc_u = _chunk_loads(w_ptr, am_ptr, am2_ptr, code2_ptr, offset, g_rows, u_rows,
-                                                      k0 + CHUNK, K_DIM, LANES, STEPS, VEC, NESTED, BS, BS2, GATED,
-                                                      k0 + 2 * CHUNK > K_DIM)
+        if j + 1 < TILES * NCH:  # the next chunk: of this tile, or the first of the next tile
+            if it + 1 < NCH:
+                nrows = g_rows
+                nk0 = k0 + CHUNK
+            else:
+                nrows = e64 * N_TOTAL + tl.minimum((tile0 + tile + 1) * BLOCK_N + tl.arange(0, BLOCK_N), N - 1)
+                nk0 = 0
+            nxt_g, nsc_g, nxt_u, nsc_u = _chunk_loads(w_ptr, am_ptr, am2_ptr, code2_ptr, offset, nrows, nrows + N,
+                                                      nk0, K_DIM, LANES, STEPS, VEC, NESTED, BS, BS2, GATED,
+                                                      nk0 + CHUNK > K_DIM)
         ge, go = _chunk_weights(cur_g, tz, LUT)
         if GATED:
             ue, uo = _chunk_weights(cur_u, tz, LUT)
@@ -342,6 +367,24 @@ def nf4_moe_gemv_kernel(
                 acc1 = _lane_dot(acc1, ge, go, xe, xo, sc_g, VEC)
                 if GATED:
                     up1 = _lane_dot(up1, ue, uo, xe, xo, sc_u, VEC)
+        if it == NCH - 1:
+            _tile_epilogue(acc0, acc1, up0, up1, x_ptr, lb_ptr, scaling, xa_ptr, XA_SPLIT, out_ptr, stride_om, pair_ptr,
+                           topw_ptr, idx_ptr, comb_ptr, cnt_ptr, offs_n, g_rows, offs_m, m_mask, row_lo,
+                           tile0 + tile, N, E, R, P, R_PAD, GATED, ACT, SCATTER, HAS_LORA, COMBINE, SLOTS, BLOCK_M,
+                           BLOCK_N)
+
+
+@triton.jit
+def _tile_epilogue(acc0, acc1, up0, up1, x_ptr, lb_ptr, scaling, xa_ptr, XA_SPLIT, out_ptr, stride_om, pair_ptr,
+                   topw_ptr, idx_ptr, comb_ptr, cnt_ptr, offs_n, g_rows, offs_m, m_mask, row_lo, tile, N, E, R, P,
+                   R_PAD: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr, SCATTER: tl.constexpr,
+                   HAS_LORA: tl.constexpr, COMBINE: tl.constexpr, SLOTS: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr):
+    """One N tile's end: the lane partial sums reduced, LoRA, the gate, the routing weight, the store, and with
+    COMBINE the token's slot rows summed by its last arriving slot.  A tile past N (the program's last tiles,
+    when TILES * BLOCK_N does not divide N) stores nothing and does not arrive."""
+    n_mask = offs_n < N
+    u_rows = g_rows + N
     # (BLOCK_N, BLOCK_M): steps and lanes summed once
     sel = tl.arange(0, BLOCK_M)[None, :] == 0
     acc2 = tl.where(sel, tl.sum(tl.sum(acc0, axis=2), axis=0)[:, None], tl.sum(tl.sum(acc1, axis=2), axis=0)[:, None])
@@ -375,8 +418,9 @@ def nf4_moe_gemv_kernel(
     tl.store(out_ptr + out_rows[None, :] * stride_om + offs_n[:, None], acc2.to(out_ptr.dtype.element_ty),
              mask=n_mask[:, None] & m_mask[None, :])
     if COMBINE:
-        _combine_last(out_ptr, stride_om, idx_ptr, comb_ptr, cnt_ptr, tl.load(pair_ptr + row_lo), pid_n, offs_n,
-                      n_mask, N, E, SLOTS, BLOCK_N)
+        if tile * BLOCK_N < N:
+            _combine_last(out_ptr, stride_om, idx_ptr, comb_ptr, cnt_ptr, tl.load(pair_ptr + row_lo), tile, offs_n,
+                          n_mask, N, E, SLOTS, BLOCK_N)
 
 
 @triton.jit
@@ -390,7 +434,7 @@ def _routed_slots(idx_ptr, tok, E, TOP_K: tl.constexpr):
 
 
 @triton.jit
-def _combine_last(y_ptr, stride_ym, idx_ptr, comb_ptr, cnt_ptr, pair, pid_n, offs_n, n_mask, N, E, TOP_K: tl.constexpr,
+def _combine_last(y_ptr, stride_ym, idx_ptr, comb_ptr, cnt_ptr, pair, tile, offs_n, n_mask, N, E, TOP_K: tl.constexpr,
                   BLOCK_N: tl.constexpr):
     """The combine (combine.py) fused into the down GEMV: this program stored its pair's weighted slot row for
     its N tile; it counts its arrival on the (token, N tile) counter, and the token's last routed slot to
@@ -404,9 +448,9 @@ def _combine_last(y_ptr, stride_ym, idx_ptr, comb_ptr, cnt_ptr, pair, pid_n, off
     mine = tl.load(idx_ptr + pair)
     if (mine >= 0) & (mine < E):  # a row of a negative id (refused by the layer's check) does not arrive
         tl.debug_barrier()
-        tile = tok.to(tl.int64) * tl.num_programs(0) + pid_n
-        if tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel") == routed - 1:
-            tl.atomic_xchg(cnt_ptr + tile, 0)
+        slot = tok.to(tl.int64) * tl.cdiv(N, BLOCK_N) + tile
+        if tl.atomic_add(cnt_ptr + slot, 1, sem="acq_rel") == routed - 1:
+            tl.atomic_xchg(cnt_ptr + slot, 0)
             acc = slot_sum(y_ptr, stride_ym, idx_ptr, tok.to(tl.int64), offs_n, n_mask, E, TOP_K, BLOCK_N, ".cg")
             tl.store(comb_ptr + tok.to(tl.int64) * N + offs_n, acc.to(comb_ptr.dtype.element_ty), mask=n_mask)
 
