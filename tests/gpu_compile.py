@@ -110,6 +110,9 @@ def main() -> int:
     out["gemv_up"] = facts(compile_kernel(nf4_moe_gemv_kernel, ptrs, ints,
                                           dict(gemv, COMBINE=False, SLOTS=1, K_DIM=2048, BLOCK_M=1, BLOCK_N=4, LANES=32, STEPS=1,
                                                VEC=16, TILES=1), 4, 1))
+    out["gemv_up_tiles2"] = facts(compile_kernel(nf4_moe_gemv_kernel, ptrs, ints,
+                                                 dict(gemv, COMBINE=False, SLOTS=1, K_DIM=2048, BLOCK_M=1, BLOCK_N=4,
+                                                      LANES=32, STEPS=1, VEC=16, TILES=2), 4, 1))
     bwd = dict(common, DOWN=False, NEED_DY=True, NEED_OUT=True, NEED_DW=False, NEED_XA=False, NEED_DZB=True,
                INTERPRET=False, LUT=True)
     out["bwd_up_dx"] = facts(compile_kernel(nf4_moe_gemm_t_kernel, ptrs, dict(ints, N=2048, KR=1536),

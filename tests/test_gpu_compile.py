@@ -69,6 +69,14 @@ def test_gemv_uses_the_pair_table_without_tensor_cores(compiled):
     assert f["global_v4_loads"] > 0 and f["smem_byte_loads"] == 0, f
 
 
+def test_gemv_tiles_unroll_each_tiles_loads(compiled):
+    """Two N tiles per program: each tile's weight and activation loads are emitted (twice the 16-byte loads of
+    one tile), still with no shared memory and no tensor cores."""
+    one, two = compiled["gemv_up"], compiled["gemv_up_tiles2"]
+    assert two["global_v4_loads"] == 2 * one["global_v4_loads"], (one, two)
+    assert two["lut_pairs"] == 2 * one["lut_pairs"] and two["smem_byte_loads"] == 0 and two["wgmma"] == 0, two
+
+
 def test_routing_kernel_compiles_at_the_threshold(compiled):
     assert "routing_1024" in compiled and compiled["routing_1024"]["ptx_ops"]
 

@@ -320,34 +320,31 @@ def nf4_moe_gemv_kernel(
     CHUNK: tl.constexpr = 2 * LANES * STEPS * VEC
     NCH: tl.constexpr = (K_DIM + CHUNK - 1) // CHUNK
     # weight rows clamped to real rows: the weight loads need no mask (a tile past N loads row N - 1 again)
-    g_rows = e64 * N_TOTAL + tl.minimum(tile0 * BLOCK_N + tl.arange(0, BLOCK_N), N - 1)
+    offs_n = tile0 * BLOCK_N + tl.arange(0, BLOCK_N)
+    g_rows = e64 * N_TOTAL + tl.minimum(offs_n, N - 1)
+    acc0 = tl.zeros((LANES, BLOCK_N, STEPS), dtype=tl.float32)
+    acc1 = tl.zeros((LANES, BLOCK_N, STEPS), dtype=tl.float32)
+    up0 = tl.zeros((LANES, BLOCK_N, STEPS), dtype=tl.float32)
+    up1 = tl.zeros((LANES, BLOCK_N, STEPS), dtype=tl.float32)
     nxt_g, nsc_g, nxt_u, nsc_u = _chunk_loads(w_ptr, am_ptr, am2_ptr, code2_ptr, offset, g_rows, g_rows + N, 0,
                                               K_DIM, LANES, STEPS, VEC, NESTED, BS, BS2, GATED, CHUNK > K_DIM)
     for j in tl.static_range(TILES * NCH):
         tile = j // NCH
         it = j % NCH
         k0 = it * CHUNK
-        if it == 0:
-            offs_n = (tile0 + tile) * BLOCK_N + tl.arange(0, BLOCK_N)
-            g_rows = e64 * N_TOTAL + tl.minimum(offs_n, N - 1)
-            acc0 = tl.zeros((LANES, BLOCK_N, STEPS), dtype=tl.float32)
-            acc1 = tl.zeros((LANES, BLOCK_N, STEPS), dtype=tl.float32)
-            up0 = tl.zeros((LANES, BLOCK_N, STEPS), dtype=tl.float32)
-            up1 = tl.zeros((LANES, BLOCK_N, STEPS), dtype=tl.float32)
         cur_g = nxt_g
         sc_g = nsc_g
         cur_u = nxt_u
         sc_u = nsc_u
-        if j + 1 < TILES * NCH:  # the next chunk: of this tile, or the first of the next tile
-            if it + 1 < NCH:
-                nrows = g_rows
-                nk0 = k0 + CHUNK
-            else:
-                nrows = e64 * N_TOTAL + tl.minimum((tile0 + tile + 1) * BLOCK_N + tl.arange(0, BLOCK_N), N - 1)
-                nk0 = 0
-            nxt_g, nsc_g, nxt_u, nsc_u = _chunk_loads(w_ptr, am_ptr, am2_ptr, code2_ptr, offset, nrows, nrows + N,
-                                                      nk0, K_DIM, LANES, STEPS, VEC, NESTED, BS, BS2, GATED,
-                                                      nk0 + CHUNK > K_DIM)
+        if it + 1 < NCH:  # the next chunk of this tile
+            nxt_g, nsc_g, nxt_u, nsc_u = _chunk_loads(w_ptr, am_ptr, am2_ptr, code2_ptr, offset, g_rows, g_rows + N,
+                                                      k0 + CHUNK, K_DIM, LANES, STEPS, VEC, NESTED, BS, BS2, GATED,
+                                                      k0 + 2 * CHUNK > K_DIM)
+        elif tile + 1 < TILES:  # the first chunk of the next tile
+            n_rows = e64 * N_TOTAL + tl.minimum((tile0 + tile + 1) * BLOCK_N + tl.arange(0, BLOCK_N), N - 1)
+            nxt_g, nsc_g, nxt_u, nsc_u = _chunk_loads(w_ptr, am_ptr, am2_ptr, code2_ptr, offset, n_rows, n_rows + N,
+                                                      0, K_DIM, LANES, STEPS, VEC, NESTED, BS, BS2, GATED,
+                                                      CHUNK > K_DIM)
         ge, go = _chunk_weights(cur_g, tz, LUT)
         if GATED:
             ue, uo = _chunk_weights(cur_u, tz, LUT)
@@ -372,6 +369,13 @@ def nf4_moe_gemv_kernel(
                            topw_ptr, idx_ptr, comb_ptr, cnt_ptr, offs_n, g_rows, offs_m, m_mask, row_lo,
                            tile0 + tile, N, E, R, P, R_PAD, GATED, ACT, SCATTER, HAS_LORA, COMBINE, SLOTS, BLOCK_M,
                            BLOCK_N)
+            if tile + 1 < TILES:  # the next tile's rows and fresh sums
+                offs_n = (tile0 + tile + 1) * BLOCK_N + tl.arange(0, BLOCK_N)
+                g_rows = e64 * N_TOTAL + tl.minimum(offs_n, N - 1)
+                acc0 = tl.zeros((LANES, BLOCK_N, STEPS), dtype=tl.float32)
+                acc1 = tl.zeros((LANES, BLOCK_N, STEPS), dtype=tl.float32)
+                up0 = tl.zeros((LANES, BLOCK_N, STEPS), dtype=tl.float32)
+                up1 = tl.zeros((LANES, BLOCK_N, STEPS), dtype=tl.float32)
 
 
 @triton.jit
