@@ -27,7 +27,7 @@
 #                                      # without the memset, eager and graph, per-kernel times, the three shapes at T=1, 2
 #   bash bench/gpu_sweep.sh ncu_gemv   # Nsight Compute with stall reasons on the decode GEMV (autotuned), Qwen3 T=1 (~2 min)
 #   bash bench/gpu_sweep.sh tiles      # session 12: GPU tests of the GEMV (incl. TILES), the Gluon GEMM (its launch through the
-#                                      # compiled-kernel cache) and the compile facts; every GEMV candidate's time at Qwen3 T=1, 2
+#                                      # compiled-kernel cache) and the compile facts; every GEMV candidate's time with NF4MOE_GEMV_TILES=1 at Qwen3 T=1, 2
 #                                      # (eager and CUDA graph); then the Qwen3 forward table (~9 min)
 #   bash bench/gpu_sweep.sh largeprof  # GEMM times of every autotuner candidate at T=8192, Qwen3 and DeepSeek-V3 (~2 min)
 set -euo pipefail
@@ -150,7 +150,7 @@ case "${1:-}" in
       tests/test_triton_forward.py tests/test_gpu_compile.py -k "gemv or combine or cuda_graph or decode or poisoned or compile" \
       2>&1 | tee "$OUT/gpu_gemv_tiles.log" || true
     timeout 150 $py -m pytest -q -p no:cacheprovider tests/test_triton_forward.py -k "wgmma and not ws" 2>&1 | tee "$OUT/gpu_wgmma.log" || true
-    timeout 90 $py -m bench.profile_layer --tokens 1,2 --variants gemv --check --timings --graph 2>&1 \
+    NF4MOE_GEMV_TILES=1 timeout 90 $py -m bench.profile_layer --tokens 1,2 --variants gemv --check --timings --graph 2>&1 \
       | grep -v "bench nf4_moe_gemm" | tee "$OUT/profile_gemv_tiles_qwen3.log" || true
     mkdir -p "$OUT/qwen3"
     timeout 170 $py -m nf4moe bench --mode fwd --shapes qwen3 --tokens 1,16,128,1024,8192,16384 --out "$OUT/qwen3" 2>&1 \

@@ -7,7 +7,10 @@ through the cached direct-launch path of ``nf4moe.kernels.launch``, as on the GP
 its time is nf4moe's share alone; Triton's launcher and torch's allocations on the GPU come on top
 (``bench/profile_host.py`` measures the whole on the GPU).
 
-    python -m bench.host_cpu [--tokens 1,16] [--rank 16] [--profile]
+    python -m bench.host_cpu [--tokens 1,16] [--rank 16] [--profile] [--wgmma]
+
+``--wgmma``: the projections that would run the MMA GEMM take the Gluon GEMM's path instead (its tile tables,
+X·Aᵀ precompute and launches; ``use_wgmma`` forced), to compare the two paths' host time at the same T.
 """
 from __future__ import annotations
 
@@ -22,14 +25,19 @@ import torch
 
 
 class _NoLaunch:
-    """Stands in for a compiled kernel: ``k[grid](*args)`` does nothing, but the routing kernel's stand-in
-    zeroes its expert offsets (arguments 0-2: ids, pair ids, offsets), which the layer then checks."""
+    """Stands in for a compiled kernel: ``k[grid](*args)`` does nothing, but the routing kernels' stand-ins
+    zero the expert offsets they write (routing_kernel's argument 2, routing_scatter_kernel's 4: the chunked
+    path from 1024 pairs), which the layer then checks."""
+
+    OFFSETS = {"routing_kernel": 2, "routing_scatter_kernel": 4}
 
     def __init__(self, kernel):
-        self.routing = kernel.__name__ == "routing_kernel"
+        self.offsets = self.OFFSETS.get(kernel.__name__)
 
     def __getitem__(self, grid):
-        return (lambda *args: args[2].zero_()) if self.routing else (lambda *args: None)
+        if self.offsets is None:
+            return lambda *args: None
+        return lambda *args: args[self.offsets].zero_()
 
 
 class _Always(dict):
@@ -75,6 +83,7 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", action="store_true", help="print the cProfile functions that cost the most")
     ap.add_argument("--sort", default="tottime", help="cProfile sort key (tottime, cumulative)")
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--wgmma", action="store_true", help="the Gluon GEMM's path wherever the MMA GEMM would run")
     args = ap.parse_args(argv)
 
     import nf4moe
@@ -93,6 +102,8 @@ def main(argv=None) -> int:
         mock.patch.object(launch, "_COMPILED", _Always(_compiled)),
         mock.patch.object(configs, "_TUNED", _Always(lambda key: first[key[0]].all_kwargs())),
     ]
+    if args.wgmma:
+        patches.append(mock.patch.object(grouped_gemm, "use_wgmma", lambda *a: True))
     for p in patches:
         p.start()
     try:

@@ -163,8 +163,10 @@ def test_key_is_as_fine_as_tritons_own_specialisation():
     assert all(len(t) == 1 for t in theirs_by_ours.values()), theirs_by_ours
 
 
-@pytest.mark.parametrize("k_dim,combine,bucket", [(7168, False, 8), (2048, True, 8), (768, False, 64), (65536, False, 8)])
-def test_gemv_candidates_fit_and_stay_short(monkeypatch, k_dim, combine, bucket):
+@pytest.mark.parametrize("k_dim,combine,bucket,tiles", [(7168, False, 8, "0"), (2048, True, 8, "0"), (768, False, 64, "0"),
+                                                        (65536, False, 8, "0"), (7168, False, 8, "1"),
+                                                        (2048, True, 8, "1")])
+def test_gemv_candidates_fit_and_stay_short(monkeypatch, k_dim, combine, bucket, tiles):
     """The GEMV's tuned candidates (the GPU list, pruned): lanes inside one NF4 block, one row per program with
     the fused combine, at most MAX_CHUNKS unrolled K chunks (else only the widest chunks), and never the
     4-byte-lane fallback while another config fits (at K = 7168 it took minutes to compile)."""
@@ -172,7 +174,9 @@ def test_gemv_candidates_fit_and_stay_short(monkeypatch, k_dim, combine, bucket)
 
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # the GPU candidate list (nothing is compiled here)
     monkeypatch.delenv("NF4MOE_CONFIG", raising=False)
+    monkeypatch.setenv("NF4MOE_GEMV_TILES", tiles)  # 1: also the opt-in configs of several N tiles per program
     configs = gv.gemv_configs()
+    assert any(c.kwargs["TILES"] > 1 for c in configs) == (tiles == "1")
     kept = gv.prune_gemv(configs, {}, ROW_BUCKET=bucket, N=2048, BS=64, K_DIM=k_dim, COMBINE=combine)
 
     def chunks(c):

@@ -729,3 +729,60 @@ def test_layer_on_a_second_gpu_launches_there():
         out = m(x, idx, w)
         ref = reference(m, x, idx, w)
     assert out.device == x.device and rel_err(out, ref) < BOUND[torch.bfloat16]
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_gluon_tile_tables_built_once_per_layer_call(monkeypatch, grad):
+    """Where the Gluon GEMM runs, both projections of a layer call (the inference op and the training op alike:
+    one nf4moe::moe_experts call) read one tile table built once from the shared routing.  The Gluon kernel is
+    replaced by a recorder here (it has no interpreter path; its results are tested on the GPU), so only the
+    tables it would get are checked, against tile_table's own build of the same routing."""
+    from nf4moe.kernels import grouped_gemm as gg
+    from nf4moe.kernels import grouped_gemm_wgmma as gw
+    from nf4moe.kernels import tile_table as tt
+    from nf4moe.kernels.routing import build_routing
+
+    monkeypatch.setenv("NF4MOE_GEMV_ROWS", "0")
+    monkeypatch.setattr(gg, "use_wgmma", lambda *a: True)
+    built = count_calls(monkeypatch, tt, "launch_tile_table")
+    seen = []
+    monkeypatch.setattr(gw, "launch_nf4_moe_gemm_wgmma", lambda *a, **kw: seen.append((a[6], kw["gated"])) or a[8])
+    m = make_layer(4, 128, 64, rank=8, seed=91)
+    x = torch.randn(6, 128, device=DEV, requires_grad=grad)
+    idx, w = routing(6, 4, 2, seed=92)
+    with torch.set_grad_enabled(grad):
+        m(x, idx, w)
+    assert len(built) == 1 and [g for _, g in seen] == [True, False] and seen[0][0] is seen[1][0]
+    rows = idx.numel()
+    bm, _ = gw.tile_shape(rows, 4)
+    expect, _ = tt.launch_tile_table(build_routing(idx, 4).expert_offsets, rows, bm)
+    assert torch.equal(seen[0][0], expect)
+
+
+@pytest.mark.parametrize("ws", ["0", "1"])
+def test_gluon_launch_fits_the_compiled_kernel_cache(monkeypatch, ws):
+    """The Gluon GEMM launches through launch.py's compiled-kernel cache (Triton's own launch path re-keys its
+    ~35 arguments per call, NOTES v34): every constexpr by keyword, every parameter given (later launches list
+    them from the keywords), as launch's own check demands (the block-barrier and the warp-specialised kernel).
+    Checked here without running the kernel (no interpreter path); the GPU tests run it."""
+    from nf4moe.kernels import grouped_gemm_wgmma as gw
+    from nf4moe.kernels import launch as L
+    from nf4moe.kernels.operands import NF4Operand
+
+    monkeypatch.setenv("NF4MOE_WGMMA_WS", ws)
+    calls = []
+    monkeypatch.setattr(gw, "launch", lambda kernel, grid, launcher, *a, **kw: calls.append(
+        (kernel, grid, launcher)) or L._check_call(kernel, a, kw))
+    m = make_layer(4, 128, 64, rank=8, seed=93)
+    g = m.gate_up_nf4
+    op = NF4Operand(g.packed, g.absmax, g.absmax2, g.code2, g.offset, g.blocksize, g.blocksize2)
+    p = 12
+    x = torch.randn(6, 128, device=DEV, dtype=torch.bfloat16)
+    out = torch.empty(p, 64, device=DEV, dtype=torch.bfloat16)
+    xa = torch.zeros(1, p, 16, device=DEV)
+    ids = torch.arange(p, device=DEV, dtype=torch.int32)
+    table = torch.zeros(3, 3, device=DEV, dtype=torch.int32)
+    gw.launch_nf4_moe_gemm_wgmma(x, op, m.lora_B["gate_up_proj"].detach(), m.scaling, xa, ids, table, None, out,
+                                 n=64, top_k=2, gated=True, act_code=0, r=8, r_pad=16, block_m=128, tile_n=256)
+    kernel = gw.nf4_moe_gemm_ws_kernel if ws == "1" else gw.nf4_moe_gemm_wgmma_kernel
+    assert calls == [(kernel, (1, 3), None)]

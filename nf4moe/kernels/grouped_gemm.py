@@ -355,6 +355,7 @@ def launch_nf4_moe_gemm(
     xa_out: torch.Tensor | None = None,
     write_out: bool = True,
     combine: tuple[torch.Tensor, torch.Tensor] | None = None,
+    tiles: dict | None = None,
     launcher=None,
 ) -> torch.Tensor:
     """Launch the kernel; ``launcher`` wraps it (``torch.library.wrap_triton``) when traced.  Returns ``out``,
@@ -366,6 +367,8 @@ def launch_nf4_moe_gemm(
     ``combine`` = (comb (T, N), top_k_index (T, K) contiguous), down projection only: each token's slot rows
     of ``out`` summed into ``comb`` in slot order (combine.py): inside the decode GEMV where it runs (eager
     calls, launch_nf4_moe_gemv), else by the combine kernel after the projection.
+    ``tiles``: a dict shared by the projections of one layer call (same ``expert_offsets``): the Gluon GEMM's
+    row-tile tables (tile_table.py) are built by the first and reused by the second, one launch fewer per call.
     """
     packed, absmax = w.packed, w.absmax
     num_experts, n_total, half_k = packed.shape
@@ -396,7 +399,12 @@ def launch_nf4_moe_gemm(
 
         block_m, tile_n = tile_shape(rows, num_experts)
         small = TILES["128x256"] if block_m == 256 and split_remainders() else None
-        tables = launch_tile_table(expert_offsets, rows, block_m, small=small[0] if small else 0)
+        tkey = (block_m, small[0] if small else 0)
+        tables = tiles.get(tkey) if tiles is not None else None
+        if tables is None:
+            tables = launch_tile_table(expert_offsets, rows, block_m, small=tkey[1])
+            if tiles is not None:
+                tiles[tkey] = tables
         xa3 = xa if xa is None or xa.dim() == 3 else xa.unsqueeze(0)
         launches = [(tables[0], block_m, tile_n)] + ([(tables[1], *small)] if small else [])
         for table, bm, tn in launches:  # full tiles; then the remainders in tiles of their own

@@ -66,13 +66,24 @@ def gemv_configs() -> list[triton.Config]:
     if interpreting():
         return [cfg(2, 32, 4, 4, 4, 1), cfg(1, 32, 4, 4, 4, 1, 2), fallback]
     # the best of 19 candidates on an H200 (Qwen3-30B-A3B, GLM-4.5-Air, DeepSeek-V3 at T=1, NOTES.md v31): whole
-    # warps on one row (K >= 2048) or 8 lanes to a row (short K: the down projections); then the same with 2 or 4
-    # N tiles per program (v35: loads kept in flight across a program's tiles)
+    # warps on one row (K >= 2048) or 8 lanes to a row (short K: the down projections)
     out = [cfg(1, 4, 32, 1, 16, 4), cfg(1, 16, 32, 1, 16, 8), cfg(1, 4, 32, 2, 16, 4), cfg(1, 16, 8, 1, 16, 4),
-           cfg(1, 8, 8, 1, 16, 2), cfg(2, 4, 32, 1, 16, 4), cfg(2, 16, 8, 1, 16, 4),
-           cfg(1, 4, 32, 1, 16, 4, 2), cfg(1, 4, 32, 1, 16, 4, 4), cfg(1, 16, 32, 1, 16, 8, 2),
-           cfg(1, 16, 8, 1, 16, 4, 2), cfg(1, 8, 8, 1, 16, 2, 4)]
+           cfg(1, 8, 8, 1, 16, 2), cfg(2, 4, 32, 1, 16, 4), cfg(2, 16, 8, 1, 16, 4)]
+    if gemv_tiles():  # the up and down winners with 2 or 4 N tiles per program (NOTES v35: not yet measured)
+        out += [cfg(1, 4, 32, 1, 16, 4, 2), cfg(1, 4, 32, 1, 16, 4, 4), cfg(1, 16, 8, 1, 16, 4, 2),
+                cfg(1, 8, 8, 1, 16, 2, 2), cfg(1, 8, 8, 1, 16, 2, 4)]
     return out + [fallback]
+
+
+def gemv_tiles() -> bool:
+    """``NF4MOE_GEMV_TILES=1`` (opt-in, read at import): the autotuner also tries configs of several N tiles per
+    program (the kernel's TILES).  Built to keep loads in flight across a program's tiles (the v34 profile: the
+    GEMVs at 10-15% of DRAM bandwidth, bound by load latency), not yet measured on a GPU (NOTES v35), so the
+    default candidates stay the measured ones (their extra compiles also lengthen the first call's tuning)."""
+    raw = os.environ.get("NF4MOE_GEMV_TILES", "0")
+    if raw not in ("0", "1"):
+        raise ValueError(f"NF4MOE_GEMV_TILES must be 0 or 1, got {raw!r}")
+    return raw == "1"
 
 
 MAX_CHUNKS = 16  # K chunks per program at most (they are unrolled: compile time and code size grow with them)

@@ -85,17 +85,20 @@ def _register(name: str):
     return deco
 
 
-def _up(x, w: NF4Operand, lora_a, lora_b, scaling, sorted_pair_ids, expert_offsets, top_k, act, gu=None, xa_out=None):
-    """The gated up projection into a new (P, I) buffer (sorted order); ``gu``/``xa_out``: training stores."""
+def _up(x, w: NF4Operand, lora_a, lora_b, scaling, sorted_pair_ids, expert_offsets, top_k, act, gu=None, xa_out=None,
+        tiles=None):
+    """The gated up projection into a new (P, I) buffer (sorted order); ``gu``/``xa_out``: training stores;
+    ``tiles``: launch_nf4_moe_gemm's per-layer-call tile tables."""
     inter = w.packed.shape[1] // 2
     out = x.new_empty(sorted_pair_ids.numel(), inter)
     return launch_nf4_moe_gemm(
         x, w, lora_a, lora_b, scaling, sorted_pair_ids, expert_offsets, None, out, n=inter, top_k=top_k, gated=True,
-        act=act, gu=gu, xa_out=xa_out, launcher=_launcher(),
+        act=act, gu=gu, xa_out=xa_out, tiles=tiles, launcher=_launcher(),
     )
 
 
-def _down(h, w: NF4Operand, lora_a, lora_b, scaling, sorted_pair_ids, expert_offsets, top_k_weights, top_k_index=None):
+def _down(h, w: NF4Operand, lora_a, lora_b, scaling, sorted_pair_ids, expert_offsets, top_k_weights, top_k_index=None,
+          tiles=None):
     """The down projection times the routing weight: a new (P, H) buffer indexed by pair id, or with
     ``top_k_index`` each token's slot rows summed, (T, H) (in the decode GEMV, or by the combine kernel)."""
     hidden = w.packed.shape[1]
@@ -103,7 +106,7 @@ def _down(h, w: NF4Operand, lora_a, lora_b, scaling, sorted_pair_ids, expert_off
     combine = None if top_k_index is None else (h.new_empty(top_k_index.shape[0], hidden), top_k_index)
     return launch_nf4_moe_gemm(
         h, w, lora_a, lora_b, scaling, sorted_pair_ids, expert_offsets, top_k_weights, out, n=hidden, top_k=1,
-        gated=False, combine=combine, launcher=_launcher(),
+        gated=False, combine=combine, tiles=tiles, launcher=_launcher(),
     )
 
 
@@ -194,12 +197,13 @@ def moe_experts(
     else:
         gu = _empty_rows(x, 2 * inter)
         xa = _empty_rows(x, rp, torch.float32)
+    tiles = {}  # the Gluon GEMM's tile tables: the same routing for both projections, built once
     h = _up(x, NF4Operand(gu_packed, gu_absmax, gu_absmax2, gu_code2, gu_offset, blocksize, gu_blocksize2), lora_a_up,
             lora_b_up, scaling, sorted_pair_ids, expert_offsets, k, act, gu=gu if save_preact else None,
-            xa_out=xa if save_preact and lora_a_up is not None else None)
+            xa_out=xa if save_preact and lora_a_up is not None else None, tiles=tiles)
     dn = NF4Operand(dn_packed, dn_absmax, dn_absmax2, dn_code2, dn_offset, blocksize, dn_blocksize2)
     return _down(h, dn, lora_a_down, lora_b_down, scaling, sorted_pair_ids, expert_offsets, top_k_weights.reshape(-1),
-                 top_k_index), gu, xa
+                 top_k_index, tiles=tiles), gu, xa
 
 
 @_register("moe_up_preact")

@@ -10,7 +10,7 @@ Forward (one op, so the backward can fuse across its up / down / combine stages)
 Why one layer op rather than autograd on each of moe_up / moe_down_combine: per-op autograd would
 have to materialize dy (P, H) between combine and down (the largest tensor of the layer), hand dh
 (P, I) from down to up instead of doing the SwiGLU backward in the down epilogue, and save both h
-(down's input) and gu (up's pre-activation).  The inference path uses the two forward ops (moe_up, moe_down_combine).
+(down's input) and gu (up's pre-activation).  The inference path runs the same op with save_preact=False.
 
 Backward, four kinds of kernel, every one reading the packed NF4 bytes (no weight copy is made):
 1. ``moe_down_bwd``: dhu = dout[t] W_d + s (dout[t] B_d) A_d with dout read by token (the combine
