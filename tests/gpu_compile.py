@@ -77,19 +77,22 @@ def facts(ptx: str) -> dict:
             "global_v4_loads": len(re.findall(r"ld\.global(?:\.[\w:]+)*\.v4\.b32", ptx))}
 
 
+_BF16_PTRS = {n: "*bf16" for n in ("x_ptr", "dy_ptr", "out_ptr", "gu_ptr", "la_ptr", "lb_ptr", "topw_ptr")}
+PTRS = {**_BF16_PTRS, "w_ptr": "*u8", "pair_ptr": "*i32", "eoff_ptr": "*i32", "idx_ptr": "*i64",
+        "pairs_ptr": "*i32", "cnt_ptr": "*i32"}
+# Qwen3-30B-A3B up projection: N = I = 768, K = H = 2048, 1024 routed rows, LoRA r=16, bf16
+INTS = dict(stride_xm=2048, stride_xk=1, N=768, K_DIM=2048, N_TOTAL=1536, E=128, R=16, P=1024, ROW_BUCKET=1024,
+            stride_om=768, XA_SPLIT=1, stride_dm=2048, stride_dk=1, KR=2048)
+COMMON = dict(TOP_K=8, E_POW2=128, R_PAD=16, ACT=0, HAS_LORA=True, NESTED=True, BS=64, BS2=256)
+
+
 def main() -> int:
     from nf4moe.kernels.grouped_gemm import nf4_moe_gemm_kernel
     from nf4moe.kernels.grouped_gemm_bwd import nf4_moe_gemm_t_kernel
     from nf4moe.kernels.grouped_gemv import nf4_moe_gemv_kernel
     from nf4moe.kernels.routing import routing_kernel
 
-    bf16_ptrs = {n: "*bf16" for n in ("x_ptr", "dy_ptr", "out_ptr", "gu_ptr", "la_ptr", "lb_ptr", "topw_ptr")}
-    ptrs = {**bf16_ptrs, "w_ptr": "*u8", "pair_ptr": "*i32", "eoff_ptr": "*i32", "idx_ptr": "*i64",
-            "pairs_ptr": "*i32", "cnt_ptr": "*i32"}
-    # Qwen3-30B-A3B up projection: N = I = 768, K = H = 2048, 1024 routed rows, LoRA r=16, bf16
-    ints = dict(stride_xm=2048, stride_xk=1, N=768, K_DIM=2048, N_TOTAL=1536, E=128, R=16, P=1024, ROW_BUCKET=1024,
-                stride_om=768, XA_SPLIT=1, stride_dm=2048, stride_dk=1, KR=2048)
-    common = dict(TOP_K=8, E_POW2=128, R_PAD=16, ACT=0, HAS_LORA=True, NESTED=True, BS=64, BS2=256)
+    ptrs, ints, common = PTRS, INTS, COMMON
     out = {}
     up = dict(common, GATED=True, GATHER=True, SCATTER=False, INTERPRET=False, LUT=True, XA_PRE=True,
               WRITE_GU=False, WRITE_OUT=True, KPERM=True, K_HINT=False, SPLIT_K=1)
