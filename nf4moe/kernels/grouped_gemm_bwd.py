@@ -38,8 +38,8 @@ from .nf4_decode import dequant_operand
 
 
 def _configs():
-    if interpreting():
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
+    if interpreting():  # 64-deep K steps: half the interpreted loop trips of 32
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_K": 64}, num_warps=4, num_stages=1)]
     out = []
     # Triton 3.6 on H100 compiles BLOCK_M = 16 * num_warps with BLOCK_K = 64 (the wgmma path with this
     # decoded right operand: (64, 64, 4 warps) and (128, 64, 8 warps), 3 or 4 stages) to code that

@@ -64,7 +64,7 @@ def gemv_configs() -> list[triton.Config]:
     if _pinned():  # NF4MOE_CONFIG pins the GEMM: the GEMV then also runs one config (GPU test runs)
         return [cfg(2, 8, 32, 1, 16, 4), cfg(1, 8, 32, 1, 16, 4, 2), fallback]
     if interpreting():
-        return [cfg(2, 32, 4, 4, 4, 1), cfg(1, 32, 4, 4, 4, 1, 2), fallback]
+        return [cfg(2, 64, 4, 4, 4, 1), cfg(1, 64, 4, 4, 4, 1, 2), fallback]
     # the best of 19 candidates on an H200 (Qwen3-30B-A3B, GLM-4.5-Air, DeepSeek-V3 at T=1, NOTES.md v31): whole
     # warps on one row (K >= 2048) or 8 lanes to a row (short K: the down projections)
     out = [cfg(1, 4, 32, 1, 16, 4), cfg(1, 16, 32, 1, 16, 8), cfg(1, 4, 32, 2, 16, 4), cfg(1, 16, 8, 1, 16, 4),
