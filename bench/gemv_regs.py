@@ -47,17 +47,13 @@ def main(argv=None) -> int:
 
     from nf4moe.kernels import grouped_gemv as gv
 
-    base = {k: v for k, v in gc.COMMON.items()}
+    down_ints = dict(gc.INTS, N=2048, N_TOTAL=2048, K_DIM=768, stride_xm=768, stride_om=2048, ROW_BUCKET=8, P=8)
+    down = dict(gc.COMMON, TOP_K=1, GATED=False, GATHER=False, SCATTER=True, LUT=True, K_DIM=768)
     projections = {  # name: (ints, constexprs), as grouped_gemm.projection_meta gives them
         "up": (dict(gc.INTS, ROW_BUCKET=8, P=8),
-               dict(base, GATED=True, GATHER=True, SCATTER=False, LUT=True, K_DIM=2048, COMBINE=False, SLOTS=1)),
-        "down": (dict(gc.INTS, N=2048, N_TOTAL=2048, K_DIM=768, stride_xm=768, stride_om=2048, ROW_BUCKET=8, P=8),
-                 dict(base, TOP_K=1, GATED=False, GATHER=False, SCATTER=True, LUT=True, K_DIM=768, COMBINE=False,
-                      SLOTS=1)),
-        "down_combine": (dict(gc.INTS, N=2048, N_TOTAL=2048, K_DIM=768, stride_xm=768, stride_om=2048, ROW_BUCKET=8,
-                              P=8),
-                         dict(base, TOP_K=1, GATED=False, GATHER=False, SCATTER=True, LUT=True, K_DIM=768,
-                              COMBINE=True, SLOTS=8)),
+               dict(gc.COMMON, GATED=True, GATHER=True, SCATTER=False, LUT=True, K_DIM=2048, COMBINE=False, SLOTS=1)),
+        "down": (down_ints, dict(down, COMBINE=False, SLOTS=1)),
+        "down_combine": (down_ints, dict(down, COMBINE=True, SLOTS=8)),
     }
     for name, (ints, cx) in projections.items():
         kept = gv.prune_gemv(gv.gemv_configs(), {}, ROW_BUCKET=8, N=ints["N"], BS=64, K_DIM=cx["K_DIM"],

@@ -330,13 +330,9 @@ def nf4_moe_gemv_kernel(
     # The chunk sequence runs over the TILES tiles, so the prefetch crosses from one tile into the next.
     CHUNK: tl.constexpr = 2 * LANES * STEPS * VEC
     NCH: tl.constexpr = (K_DIM + CHUNK - 1) // CHUNK
-    # weight rows clamped to real rows: the weight loads need no mask (a tile past N loads row N - 1 again)
-    offs_n = tile0 * BLOCK_N + tl.arange(0, BLOCK_N)
-    g_rows = e64 * N_TOTAL + tl.minimum(offs_n, N - 1)
-    acc0 = tl.zeros((LANES, BLOCK_N, STEPS), dtype=tl.float32)
-    acc1 = tl.zeros((LANES, BLOCK_N, STEPS), dtype=tl.float32)
-    up0 = tl.zeros((LANES, BLOCK_N, STEPS), dtype=tl.float32)
-    up1 = tl.zeros((LANES, BLOCK_N, STEPS), dtype=tl.float32)
+    offs_n, g_rows = _tile_rows(e64, N_TOTAL, N, tile0, BLOCK_N)
+    nxt_offs, nxt_rows = offs_n, g_rows  # the next tile's, once its first chunk is loaded (defined here for Triton)
+    acc0, acc1, up0, up1 = _zero_sums(LANES, BLOCK_N, STEPS)
     nxt_g, nsc_g, nxt_u, nsc_u = _chunk_loads(w_ptr, am_ptr, am2_ptr, code2_ptr, offset, g_rows, g_rows + N, 0,
                                               K_DIM, LANES, STEPS, VEC, NESTED, BS, BS2, GATED, CHUNK > K_DIM)
     for j in tl.static_range(TILES * NCH):
@@ -352,8 +348,8 @@ def nf4_moe_gemv_kernel(
                                                       k0 + CHUNK, K_DIM, LANES, STEPS, VEC, NESTED, BS, BS2, GATED,
                                                       k0 + 2 * CHUNK > K_DIM)
         elif tile + 1 < TILES:  # the first chunk of the next tile
-            n_rows = e64 * N_TOTAL + tl.minimum((tile0 + tile + 1) * BLOCK_N + tl.arange(0, BLOCK_N), N - 1)
-            nxt_g, nsc_g, nxt_u, nsc_u = _chunk_loads(w_ptr, am_ptr, am2_ptr, code2_ptr, offset, n_rows, n_rows + N,
+            nxt_offs, nxt_rows = _tile_rows(e64, N_TOTAL, N, tile0 + tile + 1, BLOCK_N)
+            nxt_g, nsc_g, nxt_u, nsc_u = _chunk_loads(w_ptr, am_ptr, am2_ptr, code2_ptr, offset, nxt_rows, nxt_rows + N,
                                                       0, K_DIM, LANES, STEPS, VEC, NESTED, BS, BS2, GATED,
                                                       CHUNK > K_DIM)
         ge, go = _chunk_weights(cur_g, tz, LUT)
@@ -380,13 +376,25 @@ def nf4_moe_gemv_kernel(
                            topw_ptr, idx_ptr, comb_ptr, cnt_ptr, offs_n, g_rows, offs_m, m_mask, row_lo,
                            tile0 + tile, N, E, R, P, R_PAD, GATED, ACT, SCATTER, HAS_LORA, COMBINE, SLOTS, BLOCK_M,
                            BLOCK_N)
-            if tile + 1 < TILES:  # the next tile's rows and fresh sums
-                offs_n = (tile0 + tile + 1) * BLOCK_N + tl.arange(0, BLOCK_N)
-                g_rows = e64 * N_TOTAL + tl.minimum(offs_n, N - 1)
-                acc0 = tl.zeros((LANES, BLOCK_N, STEPS), dtype=tl.float32)
-                acc1 = tl.zeros((LANES, BLOCK_N, STEPS), dtype=tl.float32)
-                up0 = tl.zeros((LANES, BLOCK_N, STEPS), dtype=tl.float32)
-                up1 = tl.zeros((LANES, BLOCK_N, STEPS), dtype=tl.float32)
+            if tile + 1 < TILES:  # the next tile's rows (those its first chunk was loaded from) and fresh sums
+                offs_n = nxt_offs
+                g_rows = nxt_rows
+                acc0, acc1, up0, up1 = _zero_sums(LANES, BLOCK_N, STEPS)
+
+
+@triton.jit
+def _tile_rows(e64, N_TOTAL, N, tile, BLOCK_N: tl.constexpr):
+    """(columns, weight rows of expert ``e64``) of N tile ``tile``: the rows clamped to real rows, so the weight
+    loads need no mask (a tile past N loads row N - 1 again; its results are not stored)."""
+    offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    return offs_n, e64 * N_TOTAL + tl.minimum(offs_n, N - 1)
+
+
+@triton.jit
+def _zero_sums(LANES: tl.constexpr, BLOCK_N: tl.constexpr, STEPS: tl.constexpr):
+    """Fresh per-lane partial sums of a tile: gate rows 0 and 1, up rows 0 and 1."""
+    z = tl.zeros((LANES, BLOCK_N, STEPS), dtype=tl.float32)
+    return z, z, z, z
 
 
 @triton.jit
