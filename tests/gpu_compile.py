@@ -24,7 +24,7 @@ TARGET = GPUTarget("cuda", 90, 32)
 
 
 def compile_kernel(kernel, ptr_types: dict, ints: dict, constexprs: dict, num_warps: int, num_stages: int,
-                   gluon: bool = False, maxnreg: int | None = None) -> str:
+                   gluon: bool = False, maxnreg: int | None = None, debug: bool = False) -> str:
     """PTX of ``kernel`` (an autotuned or plain JIT function, or a Gluon kernel) for TARGET."""
     fn = kernel.fn if hasattr(kernel, "configs") else kernel
     names = fn.arg_names
@@ -51,7 +51,7 @@ def compile_kernel(kernel, ptr_types: dict, ints: dict, constexprs: dict, num_wa
         src = GluonASTSource(fn=fn, signature=sig, constexprs=cx, attrs=attrs)
     else:
         src = ASTSource(fn=fn, signature=sig, constexprs=cx, attrs=attrs)
-    options = {"num_warps": num_warps, "num_stages": num_stages}
+    options = {"num_warps": num_warps, "num_stages": num_stages, "debug": debug, "sanitize_overflow": False}
     if maxnreg is not None:
         options["maxnreg"] = maxnreg
     k = triton.compile(src, target=TARGET, options=options)
@@ -120,8 +120,10 @@ def main() -> int:
                INTERPRET=False, LUT=True)
     out["bwd_up_dx"] = facts(compile_kernel(nf4_moe_gemm_t_kernel, ptrs, dict(ints, N=2048, KR=1536),
                                             dict(bwd, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64), 4, 3))
-    out["routing_1024"] = facts(compile_kernel(routing_kernel, ptrs, dict(P=8, E=128), dict(P_POW2=1024, NUM_BINS=256),
-                                               8, 1))
+    for check in (False, True):  # the layer's launch checks ids in the kernel (compiled with debug for it)
+        ptx = compile_kernel(routing_kernel, ptrs, dict(P=8, E=128), dict(P_POW2=1024, NUM_BINS=256, CHECK=check),
+                             8, 1, debug=check)
+        out["routing_1024" + ("_check" if check else "")] = dict(facts(ptx), assertfail=ptx.count("__assertfail"))
     from nf4moe.kernels.grouped_gemm import gluon_available
 
     if gluon_available():  # the Gluon GEMM for many rows (grouped_gemm_wgmma.py), up and down, nested absmax

@@ -81,6 +81,13 @@ def test_routing_kernel_compiles_at_the_threshold(compiled):
     assert "routing_1024" in compiled and compiled["routing_1024"]["ptx_ops"]
 
 
+def test_routing_kernel_checks_ids_only_when_asked(compiled):
+    """The layer's routing launch (CHECK, compiled with debug) traps on a negative id; the plain one has no
+    assert at all (device_assert compiles to nothing without debug)."""
+    assert compiled["routing_1024_check"]["assertfail"] > 0
+    assert compiled["routing_1024"]["assertfail"] == 0
+
+
 def test_split_k_counts_arrivals_with_an_acq_rel_atomic(compiled):
     f = compiled["gemm_up_split_k"]
     assert f["wgmma"] > 0 and f["lut_pairs"] > 0

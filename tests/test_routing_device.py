@@ -251,6 +251,80 @@ def test_launcher_rejects_what_it_cannot_take():
         R.launch_routing(torch.zeros(2, 2, dtype=torch.int16), 4)
     with pytest.raises(ValueError, match="pairs"):
         R.launch_routing(torch.zeros(R.CHUNKED_MAX_PAIRS + 1, 1, dtype=torch.int64), 4)
+    with pytest.raises(ValueError, match="check=True needs a CUDA top_k_index"):
+        R.launch_routing(torch.zeros(2, 2, dtype=torch.int64), 4, check=True)
+
+
+# --------------------------------------------------------------------------- rejecting negative ids
+# check_ids=True: a GPU's direct launch checks inside the routing kernel (a device-side assert, no extra launch);
+# every other path checks the offsets after the sort (CPU: ValueError now).
+
+def _force_path(monkeypatch, path):
+    if path == "chunked":
+        monkeypatch.setattr(R, "TRITON_MAX_PAIRS", 8)
+        monkeypatch.setattr(R, "CHUNK", 16)
+    elif path == "torch":
+        monkeypatch.setattr(R, "TRITON_MAX_PAIRS", 0)
+        monkeypatch.setattr(R, "CHUNKED_MAX_PAIRS", 0)
+
+
+@pytest.mark.parametrize("path", ["one_program", "chunked", "torch"])
+def test_check_ids_passes_valid_ids_unchanged(path, monkeypatch):
+    if path != "torch" and not _TRITON:
+        pytest.skip("needs a GPU or TRITON_INTERPRET=1")
+    _force_path(monkeypatch, path)
+    idx = _ids(40, 4, 9, torch.int64, "valid", seed=21)
+    idx[3, 1], idx[30, 0] = 9, 2**40  # sentinels pass
+    _assert_same(R.build_routing(idx, 9, check_ids=True), R.build_routing(idx, 9))
+
+
+@pytest.mark.parametrize("path", ["one_program", "chunked", "torch"])
+def test_check_ids_rejects_negative_ids_on_the_cpu(path, monkeypatch):
+    if path != "torch" and not _TRITON:
+        pytest.skip("needs TRITON_INTERPRET=1")
+    _force_path(monkeypatch, path)
+    idx = _ids(40, 4, 9, torch.int64, "valid", seed=22).cpu()
+    idx[17, 2] = -3
+    with pytest.raises(ValueError, match="top_k_index has negative expert ids"):
+        R.build_routing(idx, 9, check_ids=True)
+    assert int(R.build_routing(idx, 9).expert_offsets[0]) == 1  # unchecked: counted before expert 0, dropped
+
+
+def test_check_ids_checks_in_the_kernel_only_on_a_gpu(monkeypatch):
+    """On a GPU the layer's eager routing checks in the kernel: check_routing_ids (two launches) is not called."""
+    calls = count_calls(monkeypatch, R, "check_routing_ids")
+    R.build_routing(_ids(6, 2, 5, torch.int64, "valid", seed=23), 5, check_ids=True)
+    assert len(calls) == (0 if DEV == "cuda" else 1)
+
+
+_DEVICE_ASSERT = """
+import sys, torch
+from nf4moe.kernels import routing as R
+p = int(sys.argv[1])
+idx = torch.randint(0, 8, (p // 4, 4), device="cuda")
+idx[p // 8, 1] = -1
+if p > R.TRITON_MAX_PAIRS:
+    assert R.triton_fits(p, 8)
+try:  # the chunked path's second launch already sees the first one's trap
+    R.build_routing(idx, 8, check_ids=True)
+    torch.cuda.synchronize()
+except RuntimeError as e:
+    print("RAISED", " ".join(str(e).split()))
+"""
+
+
+@pytest.mark.skipif(DEV != "cuda", reason="the device-side assert needs a GPU")
+@pytest.mark.parametrize("pairs", [32, 4096])
+def test_check_ids_device_assert_fires_on_the_gpu(pairs):
+    """A negative id traps the one-program and the chunked kernel (a child process: a device assert leaves
+    the CUDA context unusable)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _DEVICE_ASSERT, str(pairs)], capture_output=True, text=True,
+                          timeout=300)
+    assert "RAISED" in proc.stdout and "device-side assert" in proc.stdout, (proc.stdout, proc.stderr[-2000:])
+    assert "top_k_index has negative expert ids" in proc.stderr, proc.stderr[-2000:]
 
 
 @needs_triton

@@ -55,6 +55,11 @@ def _direct_ok(args) -> bool:
     return True
 
 
+def runs_direct(args) -> bool:
+    """Whether ``run`` with these tensor arguments calls the op's body directly (plain launches)."""
+    return _direct_ok(args)
+
+
 def run(name: str, *args):
     """Call op ``nf4moe::<name>``.  Eagerly on plain tensors its Python body runs directly with plain
     Triton launches: the dispatcher's custom-op wrapper alone cost ~0.1 ms per op call (cProfile on an
@@ -350,15 +355,16 @@ from .routing import launch_routing  # noqa: E402
 
 
 @_register("routing")
-def routing(top_k_index: Tensor, num_experts: int) -> tuple[Tensor, Tensor]:
+def routing(top_k_index: Tensor, num_experts: int, check: bool = False) -> tuple[Tensor, Tensor]:
     """(sorted_pair_ids (T*K,) int32, expert_offsets (E+1,) int32) of top_k_index (T, K), one or two launches;
-    only for sizes ``routing.triton_fits`` accepts (build_routing takes the torch path otherwise)."""
-    return launch_routing(top_k_index, num_experts, launcher=_launcher())
+    only for sizes ``routing.triton_fits`` accepts (build_routing takes the torch path otherwise).  ``check``:
+    the kernel asserts no id is negative (direct CUDA launches only; build_routing passes False otherwise)."""
+    return launch_routing(top_k_index, num_experts, launcher=_launcher(), check=check)
 
 
 if _INTERPRET:
 
     @routing.register_fake
-    def _(top_k_index, num_experts):
+    def _(top_k_index, num_experts, check=False):
         return (top_k_index.new_empty(top_k_index.numel(), dtype=torch.int32),
                 top_k_index.new_empty(num_experts + 1, dtype=torch.int32))

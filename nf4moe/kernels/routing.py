@@ -44,14 +44,19 @@ _MAX_PREFIX_READS = 1 << 24  # int32 histogram entries all programs read togethe
 # Smallest sorted width: one compiled variant covers every P up to it, and a 128-key sort is free.
 _MIN_P_POW2 = 128
 _INTERPRET = interpreting()
+NEGATIVE_IDS = "top_k_index has negative expert ids; ids must be >= 0 (ids >= E are sentinels)"
+_NEGATIVE_IDS_MSG = tl.constexpr(NEGATIVE_IDS)  # the kernels' copy (a jit function reads constexpr globals only)
 
 
 @triton.jit
-def _buckets(idx_ptr, offs, P, E):
+def _buckets(idx_ptr, offs, P, E, CHECK: tl.constexpr = False):
     """Bucket of each pair: 0 for a negative id, id + 1, E + 1 for a sentinel and for padding past P (whose
-    pair index >= P then sorts it after every real sentinel)."""
+    pair index >= P then sorts it after every real sentinel).  CHECK: a device-side assert on negative ids
+    (compiled only with the ``debug`` option, which launch_routing sets with it)."""
     valid = offs < P
     ids = tl.load(idx_ptr + offs, mask=valid, other=0)
+    if CHECK:
+        tl.device_assert(ids >= 0, _NEGATIVE_IDS_MSG)
     # Clamp in the input dtype: narrowing a huge int64 sentinel first would wrap it into range.
     bucket = (tl.minimum(tl.maximum(ids, -1), E) + 1).to(tl.int32)
     return tl.where(valid, bucket, E + 1)
@@ -63,11 +68,11 @@ def routing_kernel(
     pairs_ptr,  # (P,) int32 out: pair ids sorted by clamped expert id, stable
     eoff_ptr,   # (E + 1,) int32 out: eoff[e] = number of pairs with clamped id < e
     P, E,
-    P_POW2: tl.constexpr, NUM_BINS: tl.constexpr,
+    P_POW2: tl.constexpr, NUM_BINS: tl.constexpr, CHECK: tl.constexpr,
 ):
     """Grid: (1,).  One program: P <= P_POW2 keys in registers, NUM_BINS = next_pow2(E + 2) > E + 1."""
     offs = tl.arange(0, P_POW2)
-    bucket = _buckets(idx_ptr, offs, P, E)
+    bucket = _buckets(idx_ptr, offs, P, E, CHECK)
     # Unique keys, so the (unstable) bitonic sort gives pairs of one expert in pair order.
     keys = tl.sort(bucket * P_POW2 + offs)
     tl.store(pairs_ptr + offs, keys & (P_POW2 - 1), mask=offs < P)
@@ -83,11 +88,11 @@ def routing_count_kernel(
     idx_ptr,    # (P,) expert ids, int32 or int64, contiguous
     cnt_ptr,    # (C, NUM_BINS) int32 out: per chunk, pairs per bucket (padding counted as sentinels)
     P, E,
-    CH: tl.constexpr, NUM_BINS: tl.constexpr,
+    CH: tl.constexpr, NUM_BINS: tl.constexpr, CHECK: tl.constexpr,
 ):
     """Grid: (C,) = (cdiv(P, CH),).  Histogram of one chunk's buckets."""
     c = tl.program_id(0)
-    bucket = _buckets(idx_ptr, c * CH + tl.arange(0, CH), P, E)
+    bucket = _buckets(idx_ptr, c * CH + tl.arange(0, CH), P, E, CHECK)
     tl.store(cnt_ptr + c * NUM_BINS + tl.arange(0, NUM_BINS), tl.histogram(bucket, NUM_BINS))
 
 
@@ -127,7 +132,13 @@ def routing_scatter_kernel(
     tl.store(pairs_ptr + pos, c * CH + local, mask=c * CH + local < P)
 
 
-def _launch_chunked(top_k_index, num_experts, sorted_pair_ids, expert_offsets, launcher) -> None:
+def _check_options(check: bool) -> dict:
+    """Compile options for CHECK: ``debug`` compiles device_assert in; the integer-overflow checks that debug
+    would add too stay off (every key and count fits in int32 by triton_fits)."""
+    return dict(debug=check, sanitize_overflow=False)
+
+
+def _launch_chunked(top_k_index, num_experts, sorted_pair_ids, expert_offsets, launcher, check) -> None:
     p = top_k_index.numel()
     chunks = cdiv(p, CHUNK)
     bins = pow2(num_experts + 2)
@@ -136,7 +147,7 @@ def _launch_chunked(top_k_index, num_experts, sorted_pair_ids, expert_offsets, l
     base = torch.empty(chunks, bins, device=top_k_index.device, dtype=torch.int32)
     ids = top_k_index.contiguous()
     launch(routing_count_kernel, (chunks,), launcher, ids, counts, p, num_experts, CH=CHUNK, NUM_BINS=bins,
-           num_warps=4)
+           CHECK=check, num_warps=4, **_check_options(check))
     launch(routing_scatter_kernel, (chunks,), launcher, ids, counts, base, sorted_pair_ids, expert_offsets,
            p, num_experts, chunks, CH=CHUNK, NUM_BINS=bins, CB=max(1, min(pow2(chunks), 8192 // bins)),
            num_warps=4)
@@ -156,9 +167,13 @@ def triton_fits(num_pairs: int, num_experts: int) -> bool:
 
 
 def launch_routing(top_k_index: torch.Tensor, num_experts: int, sorted_pair_ids: torch.Tensor | None = None,
-                   expert_offsets: torch.Tensor | None = None, launcher=None) -> tuple[torch.Tensor, torch.Tensor]:
+                   expert_offsets: torch.Tensor | None = None, launcher=None,
+                   check: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Fill ``sorted_pair_ids`` (P,) and ``expert_offsets`` (E+1,) int32 (allocated when None); one launch up
-    to TRITON_MAX_PAIRS pairs, two above (the chunked counting sort)."""
+    to TRITON_MAX_PAIRS pairs, two above (the chunked counting sort).  ``check``: the (first) kernel asserts
+    on the device that no id is negative (CUDA and direct launches only: see build_routing)."""
+    if check and (launcher is not None or not top_k_index.is_cuda):
+        raise ValueError("launch_routing: check=True needs a CUDA top_k_index and a direct launch (launcher=None)")
     if top_k_index.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"top_k_index must be int32 or int64, got {top_k_index.dtype}")
     p = top_k_index.numel()
@@ -172,13 +187,14 @@ def launch_routing(top_k_index: torch.Tensor, num_experts: int, sorted_pair_ids:
     if expert_offsets is None:
         expert_offsets = torch.empty(num_experts + 1, device=dev, dtype=torch.int32)
     if p > TRITON_MAX_PAIRS:
-        _launch_chunked(top_k_index, num_experts, sorted_pair_ids, expert_offsets, launcher)
+        _launch_chunked(top_k_index, num_experts, sorted_pair_ids, expert_offsets, launcher, check)
         return sorted_pair_ids, expert_offsets
     p_pow2 = max(_MIN_P_POW2, pow2(p))
     # 16 keys per thread at the threshold (8192 / (16 warps * 32 lanes)): no register spills.
     launch(
         routing_kernel, (1,), launcher, top_k_index.contiguous(), sorted_pair_ids, expert_offsets, p, num_experts,
-        P_POW2=p_pow2, NUM_BINS=pow2(num_experts + 2), num_warps=min(16, max(4, p_pow2 // 512)),
+        P_POW2=p_pow2, NUM_BINS=pow2(num_experts + 2), CHECK=check, num_warps=min(16, max(4, p_pow2 // 512)),
+        **_check_options(check),
     )
     return sorted_pair_ids, expert_offsets
 
@@ -195,7 +211,7 @@ def _torch_routing(top_k_index: torch.Tensor, num_experts: int) -> tuple[torch.T
     return order.to(torch.int32), offsets
 
 
-def build_routing(top_k_index: torch.Tensor, num_experts: int) -> Routing:
+def build_routing(top_k_index: torch.Tensor, num_experts: int, check_ids: bool = False) -> Routing:
     """Sort the (token, slot) pairs of ``top_k_index`` (T, K) by expert id; see the module docstring.
 
     The one-program kernel takes P = T*K <= ``TRITON_MAX_PAIRS`` (1024).  Why 1024, measured on an H100
@@ -205,13 +221,32 @@ def build_routing(top_k_index: torch.Tensor, num_experts: int) -> Routing:
     program per 1024 pairs, so each sort stays at the 1024-key size).  Both go through ``ops.run``: a direct
     launch eagerly (the cheapest host path), the registered op ``nf4moe::routing`` under torch.compile, fake
     tensors or a dispatch mode.
+
+    ``check_ids``: reject negative ids (check_routing_ids), without a host sync on a GPU.  A direct launch on
+    a GPU checks inside the routing kernel (a device-side assert, as torch._assert_async's); every other path
+    (CPU, traced, the torch sort) checks the offsets afterwards, two launches more on a GPU (a compare and
+    torch._assert_async: 3.2 us of GPU time per Qwen3-30B-A3B T=1 CUDA-graph replay on an H200, NOTES v37).
     """
     p = top_k_index.numel()
     on_triton = (top_k_index.is_cuda or _INTERPRET) and top_k_index.dtype in (torch.int32, torch.int64)
+    in_kernel = False
     if on_triton and triton_fits(p, num_experts):
         from . import ops  # ops imports this module's launcher
 
-        pairs, offsets = ops.run("routing", top_k_index, num_experts)
+        in_kernel = check_ids and top_k_index.is_cuda and ops.runs_direct((top_k_index,))
+        pairs, offsets = ops.run("routing", top_k_index, num_experts, in_kernel)
     else:
         pairs, offsets = _torch_routing(top_k_index, num_experts)
+    if check_ids and not in_kernel:
+        check_routing_ids(offsets)
     return Routing(sorted_pair_ids=pairs, expert_offsets=offsets, num_experts=num_experts, top_k=top_k_index.shape[1])
+
+
+def check_routing_ids(expert_offsets: torch.Tensor) -> None:
+    """Negative ids sort before expert 0: expert_offsets[0] counts them.  CPU: raise now; CUDA: an
+    asynchronous device assert (no host sync, so CUDA graphs and compile still work)."""
+    if expert_offsets.device.type == "cpu" and not torch.compiler.is_compiling():
+        if int(expert_offsets[0]) != 0:
+            raise ValueError(NEGATIVE_IDS)
+    else:
+        torch._assert_async(expert_offsets[0] == 0, NEGATIVE_IDS)

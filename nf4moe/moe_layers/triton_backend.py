@@ -23,16 +23,6 @@ def _nf4_args(w):
     return (w.packed, w.absmax, w.absmax2, w.code2, w.offset)
 
 
-def check_routing_ids(expert_offsets: torch.Tensor) -> None:
-    """Negative ids sort before expert 0: expert_offsets[0] counts them.  CPU: raise now; CUDA: an
-    asynchronous device assert (no host sync, so CUDA graphs and compile still work)."""
-    if expert_offsets.device.type == "cpu" and not torch.compiler.is_compiling():
-        if int(expert_offsets[0]) != 0:
-            raise ValueError("top_k_index has negative expert ids; ids must be >= 0 (ids >= E are sentinels)")
-    else:
-        torch._assert_async(expert_offsets[0] == 0, "top_k_index has negative expert ids")
-
-
 def recompute_enabled(mod) -> bool:
     """Recompute mode: ``mod.recompute`` if set, else the NF4MOE_RECOMPUTE environment variable."""
     flag = getattr(mod, "recompute", None)
@@ -58,9 +48,7 @@ def triton_forward(mod, hidden_states: torch.Tensor, top_k_index: torch.Tensor, 
 
 def _forward(mod, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
     e = mod.num_experts
-    routing = build_routing(top_k_index, e)
-    if getattr(mod, "check_ids", True):
-        check_routing_ids(routing.expert_offsets)
+    routing = build_routing(top_k_index, e, check_ids=getattr(mod, "check_ids", True))
     gu, dn = mod.gate_up_nf4, mod.down_nf4
     la = lb = da = db = None
     if mod.lora_rank > 0:
