@@ -28,7 +28,10 @@
 #   bash bench/gpu_sweep.sh ncu_gemv   # Nsight Compute with stall reasons on the decode GEMV (autotuned), Qwen3 T=1 (~2 min)
 #   bash bench/gpu_sweep.sh tiles      # session 12: GPU tests of the GEMV (incl. TILES), the Gluon GEMM (its launch through the
 #                                      # compiled-kernel cache) and the compile facts; every GEMV candidate's time with NF4MOE_GEMV_TILES=1 at Qwen3 T=1, 2
-#                                      # (eager and CUDA graph); then the Qwen3 forward table (~9 min)
+#                                      # (eager and CUDA graph) (~10 min: session 14 measured the GEMV tests at 177 s, T=1 at
+#                                      # ~170 s; until then it also ran the Qwen3 table, now h200_qwen3's alone)
+#   bash bench/gpu_sweep.sh idcheck    # session 14: the routing kernel's negative-id check (v37) on the GPU, then Qwen3 T=1
+#                                      # eager and CUDA-graph kernel times (~4 min)
 #   bash bench/gpu_sweep.sh largeprof  # GEMM times of every autotuner candidate at T=8192, Qwen3 and DeepSeek-V3 (~2 min)
 set -euo pipefail
 OUT=${OUT:-bench/results/sweep}
@@ -146,15 +149,16 @@ case "${1:-}" in
       --section MemoryWorkloadAnalysis --print-details all $py -m bench.ncu_case --tokens 1 --calls 3 --profile-last 2>&1 \
       | tee "$OUT/ncu_gemv_t1.txt" ;;
   tiles)
-    NF4MOE_CONFIG=BLOCK_M=16,BLOCK_N=32,BLOCK_K=64,num_warps=4,num_stages=3 timeout 120 $py -m pytest -q -p no:cacheprovider \
+    NF4MOE_CONFIG=BLOCK_M=16,BLOCK_N=32,BLOCK_K=64,num_warps=4,num_stages=3 timeout 240 $py -m pytest -q -p no:cacheprovider \
       tests/test_triton_forward.py tests/test_gpu_compile.py -k "gemv or combine or cuda_graph or decode or poisoned or compile" \
       2>&1 | tee "$OUT/gpu_gemv_tiles.log" || true
     timeout 150 $py -m pytest -q -p no:cacheprovider tests/test_triton_forward.py -k "wgmma and not ws" 2>&1 | tee "$OUT/gpu_wgmma.log" || true
-    NF4MOE_GEMV_TILES=1 timeout 90 $py -m bench.profile_layer --tokens 1,2 --variants gemv --check --timings --graph 2>&1 \
-      | grep -v "bench nf4_moe_gemm" | tee "$OUT/profile_gemv_tiles_qwen3.log" || true
-    mkdir -p "$OUT/qwen3"
-    timeout 170 $py -m nf4moe bench --mode fwd --shapes qwen3 --tokens 1,16,128,1024,8192,16384 --out "$OUT/qwen3" 2>&1 \
-      | tee "$OUT/h200_qwen3.log" || true ;;
+    NF4MOE_GEMV_TILES=1 timeout 200 $py -m bench.profile_layer --tokens 1,2 --variants gemv --check --timings --graph 2>&1 \
+      | grep -v "bench nf4_moe_gemm" | tee "$OUT/profile_gemv_tiles_qwen3.log" || true ;;
+  idcheck)
+    timeout 120 $py -m pytest -q -p no:cacheprovider tests/test_routing_device.py 2>&1 | tee "$OUT/gpu_routing.log" || true
+    timeout 200 $py -m bench.profile_layer --tokens 1 --variants gemv --graph 2>&1 | grep -v "bench nf4" \
+      | tee "$OUT/profile_t1_qwen3.log" || true ;;
   largeprof)
     $py -m bench.profile_layer --tokens 8192 --variants gemm --timings 2>&1 | tee "$OUT/profile_large_qwen3.log"
     $py -m bench.profile_layer --shape dsv3 --tokens 8192 --variants gemm --timings 2>&1 | tee "$OUT/profile_large_dsv3.log" ;;
