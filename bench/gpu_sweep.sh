@@ -30,6 +30,8 @@
 #                                      # compiled-kernel cache) and the compile facts; every GEMV candidate's time with NF4MOE_GEMV_TILES=1 at Qwen3 T=1, 2
 #                                      # (eager and CUDA graph) (~10 min: session 14 measured the GEMV tests at 177 s, T=1 at
 #                                      # ~170 s; until then it also ran the Qwen3 table, now h200_qwen3's alone)
+#   bash bench/gpu_sweep.sh tunegraph  # v38: graph_bench's GPU test, then Qwen3 T=1 tuned twice with Triton's do_bench and twice
+#                                      # with NF4MOE_TUNE_GRAPH=1, each in a fresh process: GEMV choices, kernel times, graph replays (~9 min)
 #   bash bench/gpu_sweep.sh idcheck    # session 14: the routing kernel's negative-id check (v37) on the GPU, then Qwen3 T=1
 #                                      # eager and CUDA-graph kernel times (~4 min)
 #   bash bench/gpu_sweep.sh largeprof  # GEMM times of every autotuner candidate at T=8192, Qwen3 and DeepSeek-V3 (~2 min)
@@ -155,6 +157,14 @@ case "${1:-}" in
     timeout 150 $py -m pytest -q -p no:cacheprovider tests/test_triton_forward.py -k "wgmma and not ws" 2>&1 | tee "$OUT/gpu_wgmma.log" || true
     NF4MOE_GEMV_TILES=1 timeout 200 $py -m bench.profile_layer --tokens 1,2 --variants gemv --check --timings --graph 2>&1 \
       | grep -v "bench nf4_moe_gemm" | tee "$OUT/profile_gemv_tiles_qwen3.log" || true ;;
+  tunegraph)
+    timeout 60 $py -m pytest -q -p no:cacheprovider tests/test_launch.py -k graph 2>&1 | tee "$OUT/gpu_graph_bench.log" || true
+    for run in 1 2; do
+      for flag in 0 1; do
+        NF4MOE_TUNE_GRAPH=$flag timeout 120 $py -m bench.profile_layer --tokens 1 --variants gemv --timings --graph 2>&1 \
+          | grep -v "Warn\|_warn" | tee "$OUT/profile_t1_tunegraph${flag}_run$run.log" || true
+      done
+    done ;;
   idcheck)
     timeout 120 $py -m pytest -q -p no:cacheprovider tests/test_routing_device.py 2>&1 | tee "$OUT/gpu_routing.log" || true
     timeout 200 $py -m bench.profile_layer --tokens 1 --variants gemv --graph 2>&1 | grep -v "bench nf4" \

@@ -192,3 +192,36 @@ def test_gemv_candidates_fit_and_stay_short(monkeypatch, k_dim, combine, bucket,
         assert longest == min(chunks(c) for c in configs[:-1])
     if combine:
         assert {c.kwargs["BLOCK_M"] for c in kept} == {1}
+
+
+# --------------------------------------------------------------------------- graph_bench (NF4MOE_TUNE_GRAPH)
+
+@pytest.mark.parametrize("raw,want", [("0", False), ("1", True), ("yes", None)])
+def test_tune_in_graphs_flag(raw, want, monkeypatch):
+    from nf4moe.kernels import configs as C
+
+    monkeypatch.setenv("NF4MOE_TUNE_GRAPH", raw)
+    if want is None:
+        with pytest.raises(ValueError, match="NF4MOE_TUNE_GRAPH must be 0 or 1"):
+            C.tune_in_graphs()
+    else:
+        assert C.tune_in_graphs() is want
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="graph_bench captures CUDA graphs")
+def test_graph_bench_times_copies_by_their_size():
+    """Copies of 8 and 64 MiB: each time within 2 TB/s .. 20 TB/s of read + write bytes (an H100 / H200 copies
+    at 3-4.3 TB/s), the larger one longer, quantiles ordered."""
+    from nf4moe.kernels.configs import graph_bench
+
+    times = []
+    for mib in (8, 64):
+        src = torch.randn(mib << 18, device="cuda")  # mib MiB of fp32
+        dst = torch.empty_like(src)
+        med, lo, hi = graph_bench(lambda: dst.copy_(src), quantiles=(0.5, 0.2, 0.8))
+        assert lo <= med <= hi
+        byts = 2 * src.numel() * 4
+        assert byts / 20e12 * 1e3 < med < byts / 2e12 * 1e3, (mib, med)
+        assert torch.equal(dst, src)  # the captured copies ran
+        times.append(med)
+    assert times[1] > 4 * times[0]

@@ -30,6 +30,68 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def tune_in_graphs() -> bool:
+    """``NF4MOE_TUNE_GRAPH=1`` (opt-in, read at import): the decode GEMV's autotuner times its candidates with
+    ``graph_bench`` instead of Triton's do_bench (NOTES v38; not yet measured on a GPU)."""
+    raw = os.environ.get("NF4MOE_TUNE_GRAPH", "0")
+    if raw not in ("0", "1"):
+        raise ValueError(f"NF4MOE_TUNE_GRAPH must be 0 or 1, got {raw!r}")
+    return raw == "1"
+
+
+_FLUSH: dict = {}  # device index -> the L2-flush buffer of graph_bench
+
+
+def graph_bench(kernel_call, quantiles=None, *, launches: int = 32, rounds: int = 7):
+    """Time of one ``kernel_call`` (ms) with a cold L2, measured without the host in the loop; the Autotuner's
+    ``do_bench`` interface (``quantiles`` given: the time at each, in their order; else the median).
+
+    Why (session 14, H200): Triton's do_bench records an event pair per launch after an L2-flush memset; for
+    the decode GEMV (12-20 us) the host's work per launch (the memset, two events and the Autotuner's Python
+    launch, ~60 us) is close to the GPU's (~90 us), so a slow stretch on the host shows up as GPU time: one
+    candidate timed 17.0 us in one run and 39.8 us in the next, and the chosen configs differed.  Here two
+    CUDA graphs are captured once, ``launches`` x (flush, kernel) and ``launches`` x (flush), and replayed
+    alternately ``rounds`` times; each round gives (t_both - t_flush) / launches.  The flush writes twice the
+    L2 (as the weights of a real layer call are not in L2: other layers ran in between).
+    """
+    import torch
+
+    dev = torch.cuda.current_device()
+    flush = _FLUSH.get(dev)
+    if flush is None:
+        l2 = getattr(torch.cuda.get_device_properties(dev), "L2_cache_size", 0) or (64 << 20)
+        flush = _FLUSH[dev] = torch.empty(2 * l2, dtype=torch.int8, device=f"cuda:{dev}")
+    kernel_call()  # compiles outside the capture, and warms the launch path
+    torch.cuda.synchronize()
+    both, only = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+    with torch.cuda.graph(both):
+        for _ in range(launches):
+            flush.zero_()
+            kernel_call()
+    with torch.cuda.graph(only):
+        for _ in range(launches):
+            flush.zero_()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+    def replay(g) -> float:
+        start.record()
+        g.replay()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+
+    replay(both), replay(only)  # first replays upload the graphs
+    times = sorted(max(replay(both) - replay(only), 0.0) / launches for _ in range(rounds))
+    del both, only
+
+    def pick(q: float) -> float:
+        return times[min(len(times) - 1, int(q * len(times)))]
+
+    if quantiles is None:
+        return pick(0.5)
+    return [pick(q) for q in quantiles]
+
+
 def row_bucket(rows: int) -> int:
     """Bucket the number of (token, slot) rows so tuning is per regime, not per exact T."""
     for bound in (64, 256, 1024, 4096, 16384):

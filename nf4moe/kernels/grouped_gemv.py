@@ -43,7 +43,7 @@ import triton.language as tl
 
 from .combine import slot_sum
 from .common import act_fwd, expert_row_tile, nested_offset
-from .configs import _pinned, cdiv, interpreting, launch_tuned, pow2, tuned
+from .configs import _pinned, cdiv, graph_bench, interpreting, launch_tuned, pow2, tune_in_graphs, tuned
 from .lora_xa import launch_lora_xa
 from .nf4_decode import block_scale, lut_values_f32, nf4_value
 from .operands import NF4Operand, r_pad
@@ -78,8 +78,9 @@ def gemv_configs() -> list[triton.Config]:
 def gemv_tiles() -> bool:
     """``NF4MOE_GEMV_TILES=1`` (opt-in, read at import): the autotuner also tries configs of several N tiles per
     program (the kernel's TILES).  Built to keep loads in flight across a program's tiles (the v34 profile: the
-    GEMVs at 10-15% of DRAM bandwidth, bound by load latency), not yet measured on a GPU (NOTES v35), so the
-    default candidates stay the measured ones (their extra compiles also lengthen the first call's tuning)."""
+    GEMVs at 10-15% of DRAM bandwidth, bound by load latency); measured on an H200 (session 14, NOTES): never the
+    autotuner's choice at Qwen3-30B-A3B T=1, two- and four-tile forms 1.3-2.5x slower than the best one-tile
+    candidate, so they stay out of the default list (their extra compiles also lengthen the first call's tuning)."""
     raw = os.environ.get("NF4MOE_GEMV_TILES", "0")
     if raw not in ("0", "1"):
         raise ValueError(f"NF4MOE_GEMV_TILES must be 0 or 1, got {raw!r}")
@@ -267,6 +268,7 @@ def _lane_dot(acc, we, wo, xe, xo, s, VEC: tl.constexpr):
     configs=gemv_configs(),
     key=["N", "K_DIM", "ROW_BUCKET", "GATED", "HAS_LORA", "BS"],
     prune_configs_by={"early_config_prune": prune_gemv},
+    do_bench=graph_bench if tune_in_graphs() else None,
 )
 @triton.jit
 def nf4_moe_gemv_kernel(
