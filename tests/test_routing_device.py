@@ -321,8 +321,10 @@ def test_check_ids_device_assert_fires_on_the_gpu(pairs):
     import subprocess
     import sys
 
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, "-c", _DEVICE_ASSERT, str(pairs)], capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, env=env)
     assert "RAISED" in proc.stdout and "device-side assert" in proc.stdout, (proc.stdout, proc.stderr[-2000:])
     assert "top_k_index has negative expert ids" in proc.stderr, proc.stderr[-2000:]
 

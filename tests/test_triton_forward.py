@@ -152,6 +152,28 @@ def test_negative_ids_raise():
     if DEV == "cpu":
         with pytest.raises(ValueError, match="top_k_index"):
             m(x, idx, torch.rand(3, 2, device=DEV))
+        return
+    # On a GPU the routing kernel traps (a device-side assert): in a child process, whose CUDA context it ends.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    child = (
+        "import torch\n"
+        "from triton_cases import make_layer\n"
+        "m = make_layer(4, 128, 64)\n"
+        "idx = torch.tensor([[0, 1], [-1, 2], [3, 0]], device='cuda')\n"
+        "try:\n"
+        "    m(torch.randn(3, 128, device='cuda'), idx, torch.rand(3, 2, device='cuda'))\n"
+        "    torch.cuda.synchronize()\n"
+        "except RuntimeError as e:\n"
+        "    print('RAISED', ' '.join(str(e).split()))\n"
+    )
+    here = Path(__file__).resolve().parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(here), str(here.parent), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=300, env=env)
+    assert "RAISED" in proc.stdout and "device-side assert" in proc.stdout, (proc.stdout, proc.stderr[-2000:])
+    assert "top_k_index has negative expert ids" in proc.stderr, proc.stderr[-2000:]
 
 
 def test_deterministic():
