@@ -39,9 +39,6 @@ def tune_in_graphs() -> bool:
     return raw == "1"
 
 
-_FLUSH: dict = {}  # device index -> the L2-flush buffer of graph_bench
-
-
 def graph_bench(kernel_call, quantiles=None, *, launches: int = 32, rounds: int = 7):
     """Time of one ``kernel_call`` (ms) with a cold L2, measured without the host in the loop; the Autotuner's
     ``do_bench`` interface (``quantiles`` given: the time at each, in their order; else the median).
@@ -57,10 +54,9 @@ def graph_bench(kernel_call, quantiles=None, *, launches: int = 32, rounds: int 
     import torch
 
     dev = torch.cuda.current_device()
-    flush = _FLUSH.get(dev)
-    if flush is None:
-        l2 = getattr(torch.cuda.get_device_properties(dev), "L2_cache_size", 0) or (64 << 20)
-        flush = _FLUSH[dev] = torch.empty(2 * l2, dtype=torch.int8, device=f"cuda:{dev}")
+    l2 = getattr(torch.cuda.get_device_properties(dev), "L2_cache_size", 0) or (64 << 20)
+    # per call, as Triton's do_bench (not held: the layer's users need the memory; the allocator caches it)
+    flush = torch.empty(2 * l2, dtype=torch.int8, device=f"cuda:{dev}")
     kernel_call()  # compiles outside the capture, and warms the launch path
     torch.cuda.synchronize()
     both, only = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
