@@ -32,6 +32,8 @@
 #                                      # ~170 s; until then it also ran the Qwen3 table, now h200_qwen3's alone)
 #   bash bench/gpu_sweep.sh tunegraph  # v38: graph_bench's GPU test, then Qwen3 T=1 tuned twice with Triton's do_bench and twice
 #                                      # with NF4MOE_TUNE_GRAPH=1, each in a fresh process: GEMV choices, kernel times, graph replays (~9 min)
+#   bash bench/gpu_sweep.sh pending    # after session 14: GPU tests of v37-v39, then Qwen3 T=1 (eager, CUDA graph, kernel times) in
+#                                      # four fresh processes: default, NF4MOE_TUNE_GRAPH=1, NF4MOE_XA_IN_ROUTING=1, both (~9 min)
 #   bash bench/gpu_sweep.sh idcheck    # session 14: the routing kernel's negative-id check (v37) on the GPU, then Qwen3 T=1
 #                                      # eager and CUDA-graph kernel times (~4 min)
 #   bash bench/gpu_sweep.sh largeprof  # GEMM times of every autotuner candidate at T=8192, Qwen3 and DeepSeek-V3 (~2 min)
@@ -164,6 +166,15 @@ case "${1:-}" in
         NF4MOE_TUNE_GRAPH=$flag timeout 120 $py -m bench.profile_layer --tokens 1 --variants gemv --timings --graph 2>&1 \
           | grep -v "Warn\|_warn" | tee "$OUT/profile_t1_tunegraph${flag}_run$run.log" || true
       done
+    done ;;
+  pending)
+    timeout 150 $py -m pytest -q -p no:cacheprovider tests/test_routing_device.py tests/test_launch.py \
+      tests/test_triton_forward.py -k "check_ids or graph_bench or negative or xa_in_routing or routing_xa" 2>&1 \
+      | tail -30 | tee "$OUT/gpu_pending.log" || true
+    for v in "0 0" "1 0" "0 1" "1 1"; do
+      set -- $v
+      NF4MOE_TUNE_GRAPH=$1 NF4MOE_XA_IN_ROUTING=$2 timeout 100 $py -m bench.profile_layer --tokens 1 --variants gemv \
+        --timings --graph 2>&1 | grep -v "Warn\|_warn" | tee "$OUT/profile_t1_tune$1_xa$2.log" || true
     done ;;
   idcheck)
     timeout 120 $py -m pytest -q -p no:cacheprovider tests/test_routing_device.py 2>&1 | tee "$OUT/gpu_routing.log" || true

@@ -7,10 +7,11 @@ through the cached direct-launch path of ``nf4moe.kernels.launch``, as on the GP
 its time is nf4moe's share alone; Triton's launcher and torch's allocations on the GPU come on top
 (``bench/profile_host.py`` measures the whole on the GPU).
 
-    python -m bench.host_cpu [--tokens 1,16] [--rank 16] [--profile] [--wgmma]
+    python -m bench.host_cpu [--tokens 1,16] [--rank 16] [--profile] [--wgmma] [--xa-in-routing]
 
 ``--wgmma``: the projections that would run the MMA GEMM take the Gluon GEMM's path instead (its tile tables,
 X·Aᵀ precompute and launches; ``use_wgmma`` forced), to compare the two paths' host time at the same T.
+``--xa-in-routing``: as ``NF4MOE_XA_IN_ROUTING=1`` (the up projection's X·Aᵀ in the routing launch, v39).
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ class _NoLaunch:
     zero the expert offsets they write (routing_kernel's argument 2, routing_scatter_kernel's 4: the chunked
     path from 1024 pairs), which the layer then checks."""
 
-    OFFSETS = {"routing_kernel": 2, "routing_scatter_kernel": 4}
+    OFFSETS = {"routing_kernel": 2, "routing_xa_kernel": 2, "routing_scatter_kernel": 4}
 
     def __init__(self, kernel):
         self.offsets = self.OFFSETS.get(kernel.__name__)
@@ -84,6 +85,7 @@ def main(argv=None) -> int:
     ap.add_argument("--sort", default="tottime", help="cProfile sort key (tottime, cumulative)")
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--wgmma", action="store_true", help="the Gluon GEMM's path wherever the MMA GEMM would run")
+    ap.add_argument("--xa-in-routing", action="store_true", help="NF4MOE_XA_IN_ROUTING=1's path (v39)")
     args = ap.parse_args(argv)
 
     import nf4moe
@@ -104,6 +106,10 @@ def main(argv=None) -> int:
     ]
     if args.wgmma:
         patches.append(mock.patch.object(grouped_gemm, "use_wgmma", lambda *a: True))
+    if args.xa_in_routing:
+        from nf4moe.moe_layers import triton_backend
+
+        patches.append(mock.patch.object(triton_backend, "_XA_IN_ROUTING", True))
     for p in patches:
         p.start()
     try:

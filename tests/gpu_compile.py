@@ -111,11 +111,11 @@ def main() -> int:
                                                           dict(up, KPERM=False, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128), 4, 3))
     gemv = {k: v for k, v in up.items() if k not in ("INTERPRET", "XA_PRE", "WRITE_GU", "WRITE_OUT", "KPERM", "K_HINT", "SPLIT_K")}
     out["gemv_up"] = facts(compile_kernel(nf4_moe_gemv_kernel, ptrs, ints,
-                                          dict(gemv, COMBINE=False, SLOTS=1, K_DIM=2048, BLOCK_M=1, BLOCK_N=4, LANES=32, STEPS=1,
-                                               VEC=16, TILES=1), 4, 1))
+                                          dict(gemv, COMBINE=False, SLOTS=1, XA_BY_PAIR=False, K_DIM=2048, BLOCK_M=1, BLOCK_N=4,
+                                               LANES=32, STEPS=1, VEC=16, TILES=1), 4, 1))
     out["gemv_up_tiles2"] = facts(compile_kernel(nf4_moe_gemv_kernel, ptrs, ints,
-                                                 dict(gemv, COMBINE=False, SLOTS=1, K_DIM=2048, BLOCK_M=1, BLOCK_N=4,
-                                                      LANES=32, STEPS=1, VEC=16, TILES=2), 4, 1))
+                                                 dict(gemv, COMBINE=False, SLOTS=1, XA_BY_PAIR=False, K_DIM=2048, BLOCK_M=1,
+                                                      BLOCK_N=4, LANES=32, STEPS=1, VEC=16, TILES=2), 4, 1))
     bwd = dict(common, DOWN=False, NEED_DY=True, NEED_OUT=True, NEED_DW=False, NEED_XA=False, NEED_DZB=True,
                INTERPRET=False, LUT=True)
     out["bwd_up_dx"] = facts(compile_kernel(nf4_moe_gemm_t_kernel, ptrs, dict(ints, N=2048, KR=1536),
@@ -124,6 +124,13 @@ def main() -> int:
         ptx = compile_kernel(routing_kernel, ptrs, dict(P=8, E=128), dict(P_POW2=1024, NUM_BINS=256, CHECK=check),
                              8, 1, debug=check)
         out["routing_1024" + ("_check" if check else "")] = dict(facts(ptx), assertfail=ptx.count("__assertfail"))
+    from nf4moe.kernels.routing import routing_xa_kernel
+
+    # Qwen3-30B-A3B T=1: 8 pairs, K=2048 in 16 slices of 128, r=16 (the routing launch with the up X·Aᵀ, v39)
+    ptx = compile_kernel(routing_xa_kernel, ptrs, dict(P=8, E=128, R=16, K_DIM=2048, K_SLICE=128, SPLIT=16),
+                         dict(P_POW2=128, NUM_BINS=256, CHECK=True, TOP_K=8, R_PAD=16, BLOCK_K=64, INTERPRET=False),
+                         4, 1, debug=True)
+    out["routing_xa"] = dict(facts(ptx), assertfail=ptx.count("__assertfail"), local=ptx.count(".local"))
     from nf4moe.kernels.grouped_gemm import gluon_available
 
     if gluon_available():  # the Gluon GEMM for many rows (grouped_gemm_wgmma.py), up and down, nested absmax

@@ -81,6 +81,13 @@ def test_routing_kernel_compiles_at_the_threshold(compiled):
     assert "routing_1024" in compiled and compiled["routing_1024"]["ptx_ops"]
 
 
+def test_routing_xa_kernel_compiles_with_its_check(compiled):
+    """The routing launch that also computes the up projection's X·Aᵀ (v39): compiles for sm_90, keeps the id
+    check, no local memory."""
+    f = compiled["routing_xa"]
+    assert f["ptx_ops"] and f["assertfail"] > 0 and f["local"] == 0, f
+
+
 def test_routing_kernel_checks_ids_only_when_asked(compiled):
     """The layer's routing launch (CHECK, compiled with debug) traps on a negative id; the plain one has no
     assert at all (device_assert compiles to nothing without debug)."""

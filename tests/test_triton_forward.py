@@ -808,3 +808,108 @@ def test_gluon_launch_fits_the_compiled_kernel_cache(monkeypatch, ws):
                                  n=64, top_k=2, gated=True, act_code=0, r=8, r_pad=16, block_m=128, tile_n=256)
     kernel = gw.nf4_moe_gemm_ws_kernel if ws == "1" else gw.nf4_moe_gemm_wgmma_kernel
     assert calls == [(kernel, (1, 3), None)]
+
+
+# --------------------------------------------------------------------------- X·Aᵀ in the routing launch (v39)
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("mode", ["random", "sentinels"])
+def test_routing_xa_launch_sorts_and_computes_xa_by_pair(nan_new_empty, dtype, mode):
+    """launch_routing_xa: the sort and offsets bit-identical to launch_routing's; every routed pair's X·Aᵀ
+    (partials summed) against fp64 from the same operands rounded to x's dtype; dropped pairs not needed."""
+    from nf4moe.kernels import routing as R
+
+    e, k, t, h, r = 6, 3, 5, 256, 8
+    idx, _ = routing(t, e, k, seed=71, mode=mode)
+    g = torch.Generator().manual_seed(72)
+    x = torch.randn(t, h, generator=g).to(DEV, dtype)
+    a = torch.randn(e, r, h, generator=g).to(DEV)
+    pairs, offsets, xa = R.launch_routing_xa(idx, e, x, a, 16)
+    ref_pairs, ref_offsets = R.launch_routing(idx, e)
+    assert torch.equal(pairs, ref_pairs) and torch.equal(offsets, ref_offsets)
+    assert xa.shape[1:] == (t * k, 16) and xa.dtype == torch.float32
+    flat = idx.reshape(-1)
+    got = xa.double().sum(0)
+    for p in range(t * k):
+        ep = int(flat[p])
+        if not 0 <= ep < e:
+            continue
+        a_used = a[ep] if INTERP else a[ep].to(dtype)  # as lora_xa's dot operands (fp32 in the interpreter)
+        want = a_used.double() @ x[p // k].double()
+        assert torch.allclose(got[p, :r], want, rtol=1e-5, atol=1e-5), p
+        assert torch.equal(got[p, r:], torch.zeros_like(got[p, r:]))
+
+
+def test_routing_xa_launch_rejects_what_it_cannot_take():
+    from nf4moe.kernels import routing as R
+
+    idx = torch.zeros(2, 2, dtype=torch.int64, device=DEV)
+    x, a = torch.randn(2, 64, device=DEV), torch.randn(4, 8, 64, device=DEV)
+    with pytest.raises(TypeError, match="int32 or int64"):
+        R.launch_routing_xa(idx.to(torch.int16), 4, x, a, 16)
+    with pytest.raises(ValueError, match="pairs"):
+        R.launch_routing_xa(torch.zeros(R.TRITON_MAX_PAIRS + 1, 1, dtype=torch.int64, device=DEV), 4, x, a, 16)
+    with pytest.raises(ValueError, match="does not fit"):
+        R.launch_routing_xa(idx, 5, x, a, 16)
+
+
+@pytest.mark.parametrize("t", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_xa_in_routing_layer_matches_reference_with_one_xa_launch_fewer(monkeypatch, nan_new_empty, t, dtype):
+    """NF4MOE_XA_IN_ROUTING=1: the decode path's layer output against the fp32 reference and the default path;
+    the up projection's lora_xa launch gone (only the down's left), the routing launch computing it."""
+    import nf4moe.kernels.grouped_gemv as gv
+    from nf4moe.moe_layers import triton_backend as tb
+
+    monkeypatch.delenv("NF4MOE_GEMV_ROWS", raising=False)
+    m = make_layer(4, 128, 64, rank=8, seed=81)
+    x = torch.randn(t, 128, device=DEV, dtype=dtype)
+    idx, w = routing(t, 4, 2, seed=82, mode="sentinels")
+    w = w.to(dtype)
+    with torch.no_grad():
+        default = m(x, idx, w)
+        monkeypatch.setattr(tb, "_XA_IN_ROUTING", True)
+        xa_calls = count_calls(monkeypatch, gv, "launch_lora_xa")
+        fused_calls = count_calls(monkeypatch, tb, "build_routing_xa")
+        out = m(x, idx, w)
+    assert len(fused_calls) == 1 and len(xa_calls) == 1  # the down projection's X·Aᵀ only
+    assert torch.isfinite(out).all()
+    assert rel_err(out, reference(m, x, idx, w)) < BOUND[dtype]
+    assert rel_err(out, default.float()) < BOUND[dtype]
+
+
+def test_xa_in_routing_off_when_a_gradient_is_needed_or_without_lora(monkeypatch):
+    from nf4moe.moe_layers import triton_backend as tb
+
+    monkeypatch.setattr(tb, "_XA_IN_ROUTING", True)
+    calls = count_calls(monkeypatch, tb, "build_routing_xa")
+    x = torch.randn(2, 128, device=DEV)
+    idx, w = routing(2, 4, 2, seed=83)
+    with torch.no_grad():
+        make_layer(4, 128, 64, rank=0, seed=84)(x, idx, w)
+    m = make_layer(4, 128, 64, rank=8, seed=85)
+    m(x.requires_grad_(), idx, w).sum().backward()
+    assert calls == []
+
+
+def test_xa_in_routing_rejects_negative_ids(monkeypatch):
+    from nf4moe.moe_layers import triton_backend as tb
+
+    if DEV != "cpu":
+        pytest.skip("on a GPU the routing kernel traps (test_negative_ids_raise covers the device assert)")
+    monkeypatch.setattr(tb, "_XA_IN_ROUTING", True)
+    m = make_layer(4, 128, 64, rank=8, seed=86)
+    with torch.no_grad(), pytest.raises(ValueError, match="top_k_index has negative expert ids"):
+        m(torch.randn(2, 128), torch.tensor([[0, -1], [2, 1]]), torch.rand(2, 2))
+
+
+@pytest.mark.parametrize("raw,want", [("0", False), ("1", True), ("on", None)])
+def test_xa_in_routing_flag(raw, want, monkeypatch):
+    from nf4moe.moe_layers import triton_backend as tb
+
+    monkeypatch.setenv("NF4MOE_XA_IN_ROUTING", raw)
+    if want is None:
+        with pytest.raises(ValueError, match="NF4MOE_XA_IN_ROUTING must be 0 or 1"):
+            tb.xa_in_routing()
+    else:
+        assert tb.xa_in_routing() is want

@@ -356,6 +356,7 @@ def launch_nf4_moe_gemm(
     write_out: bool = True,
     combine: tuple[torch.Tensor, torch.Tensor] | None = None,
     tiles: dict | None = None,
+    xa_pairs: torch.Tensor | None = None,
     launcher=None,
 ) -> torch.Tensor:
     """Launch the kernel; ``launcher`` wraps it (``torch.library.wrap_triton``) when traced.  Returns ``out``,
@@ -369,6 +370,8 @@ def launch_nf4_moe_gemm(
     calls, launch_nf4_moe_gemv), else by the combine kernel after the projection.
     ``tiles``: a dict shared by the projections of one layer call (same ``expert_offsets``): the Gluon GEMM's
     row-tile tables (tile_table.py) are built by the first and reused by the second, one launch fewer per call.
+    ``xa_pairs``: the up projection's LoRA X·Aᵀ by pair id from the routing launch (routing.launch_routing_xa),
+    taken by the decode GEMV (the inference path up to gemv_max_rows rows) and not used otherwise.
     """
     packed, absmax = w.packed, w.absmax
     num_experts, n_total, half_k = packed.shape
@@ -385,7 +388,7 @@ def launch_nf4_moe_gemm(
     if not training and 0 < rows <= gemv_max_rows():
         fused = launch_nf4_moe_gemv(x, w, lora_a if has_lora else None, lora_b, scaling, sorted_pair_ids,
                                     expert_offsets, top_k_weights, out, n=n, top_k=top_k, gated=gated, act=act,
-                                    combine=combine, launcher=launcher)
+                                    combine=combine, xa_pairs=xa_pairs, launcher=launcher)
         return combine[0] if fused else _combined(out, combine, num_experts, launcher)
     wgmma = use_wgmma(x, w, rows, launcher)
     if xa_pre is None or wgmma:  # the Gluon GEMM always takes X·Aᵀ precomputed

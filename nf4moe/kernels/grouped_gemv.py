@@ -278,7 +278,7 @@ def nf4_moe_gemv_kernel(
     am_ptr, am2_ptr, code2_ptr, off_ptr,  # absmax (fp32, or uint8 codes + nested statistics when NESTED)
     lb_ptr,           # (E, N_TOTAL, R) LoRA B (unused unless HAS_LORA)
     scaling,
-    xa_ptr,           # (XA_SPLIT, P, R_PAD) fp32 partial X·Aᵀ in sorted order (HAS_LORA only)
+    xa_ptr,           # (XA_SPLIT, P, R_PAD) fp32 partial X·Aᵀ in sorted order, by pair id with XA_BY_PAIR (HAS_LORA)
     XA_SPLIT,
     out_ptr,          # up: (P, N) sorted order; down: (P, N) indexed by pair id
     stride_om,
@@ -291,6 +291,7 @@ def nf4_moe_gemv_kernel(
     GATED: tl.constexpr, ACT: tl.constexpr, GATHER: tl.constexpr, SCATTER: tl.constexpr,
     HAS_LORA: tl.constexpr, NESTED: tl.constexpr, BS: tl.constexpr, BS2: tl.constexpr, LUT: tl.constexpr,
     COMBINE: tl.constexpr, SLOTS: tl.constexpr,  # SLOTS: the combine's slots per token (top-k)
+    XA_BY_PAIR: tl.constexpr,  # xa rows indexed by pair id (routing_xa_kernel's), not by sorted row
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LANES: tl.constexpr, STEPS: tl.constexpr, VEC: tl.constexpr,
     TILES: tl.constexpr,
 ):
@@ -376,8 +377,8 @@ def nf4_moe_gemv_kernel(
         if it == NCH - 1:
             _tile_epilogue(acc0, acc1, up0, up1, x_ptr, lb_ptr, scaling, xa_ptr, XA_SPLIT, out_ptr, stride_om, pair_ptr,
                            topw_ptr, idx_ptr, comb_ptr, cnt_ptr, offs_n, g_rows, offs_m, m_mask, row_lo,
-                           tile0 + tile, N, E, R, P, R_PAD, GATED, ACT, SCATTER, HAS_LORA, COMBINE, SLOTS, BLOCK_M,
-                           BLOCK_N)
+                           tile0 + tile, N, E, R, P, R_PAD, GATED, ACT, SCATTER, HAS_LORA, COMBINE, SLOTS, XA_BY_PAIR,
+                           BLOCK_M, BLOCK_N)
             if tile + 1 < TILES:  # the next tile's rows (those its first chunk was loaded from) and fresh sums
                 offs_n = nxt_offs
                 g_rows = nxt_rows
@@ -403,8 +404,8 @@ def _zero_sums(LANES: tl.constexpr, BLOCK_N: tl.constexpr, STEPS: tl.constexpr):
 def _tile_epilogue(acc0, acc1, up0, up1, x_ptr, lb_ptr, scaling, xa_ptr, XA_SPLIT, out_ptr, stride_om, pair_ptr,
                    topw_ptr, idx_ptr, comb_ptr, cnt_ptr, offs_n, g_rows, offs_m, m_mask, row_lo, tile, N, E, R, P,
                    R_PAD: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr, SCATTER: tl.constexpr,
-                   HAS_LORA: tl.constexpr, COMBINE: tl.constexpr, SLOTS: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr):
+                   HAS_LORA: tl.constexpr, COMBINE: tl.constexpr, SLOTS: tl.constexpr, XA_BY_PAIR: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One N tile's end: the lane partial sums reduced, LoRA, the gate, the routing weight, the store, and with
     COMBINE the token's slot rows summed by its last arriving slot.  A tile past N (the program's last tiles,
     when TILES * BLOCK_N does not divide N) stores nothing and does not arrive."""
@@ -419,8 +420,12 @@ def _tile_epilogue(acc0, acc1, up0, up1, x_ptr, lb_ptr, scaling, xa_ptr, XA_SPLI
         offs_r = tl.arange(0, R_PAD)
         r_mask = offs_r < R
         xa = tl.zeros((R_PAD, BLOCK_M), dtype=tl.float32)
+        if XA_BY_PAIR:
+            xa_rows = tl.load(pair_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
+        else:
+            xa_rows = offs_m.to(tl.int64)
         for s in range(XA_SPLIT):
-            xa += tl.load(xa_ptr + (s * P + offs_m[None, :].to(tl.int64)) * R_PAD + offs_r[:, None],
+            xa += tl.load(xa_ptr + (s * P + xa_rows[None, :]) * R_PAD + offs_r[:, None],
                           mask=m_mask[None, :], other=0.0)
         xa = xa.to(x_ptr.dtype.element_ty).to(tl.float32)  # rounded to the activation dtype, as the GEMM does
         b = tl.load(lb_ptr + g_rows[:, None] * R + offs_r[None, :], mask=n_mask[:, None] & r_mask[None, :],
@@ -501,7 +506,7 @@ def capturing(x: torch.Tensor) -> bool:
 
 
 def launch_nf4_moe_gemv(x, w: NF4Operand, lora_a, lora_b, scaling, sorted_pair_ids, expert_offsets, top_k_weights,
-                        out, *, n, top_k, gated, act, combine=None, launcher=None) -> bool:
+                        out, *, n, top_k, gated, act, combine=None, xa_pairs=None, launcher=None) -> bool:
     """The inference projection of grouped_gemm.launch_nf4_moe_gemm (same arguments, no training stores).
 
     ``combine`` = (comb (T, n), top_k_index (T, K) contiguous), down projection only: the kernel may also sum
@@ -510,7 +515,9 @@ def launch_nf4_moe_gemv(x, w: NF4Operand, lora_a, lora_b, scaling, sorted_pair_i
     dispatch fewer: eager decode is host-bound), not while a CUDA graph is captured: there the GPU time counts,
     and there the fused kernel and its counters' memset measured slower than the plain GEMV and the combine
     kernel (H200, per layer call: Qwen3-30B-A3B T=1 5 us, DeepSeek-V3 T=2 12 us; NOTES v33).  The first eager fused launch of a shape also
-    tunes the plain GEMV, so that a later capture needs no autotuning (which cannot run inside one)."""
+    tunes the plain GEMV, so that a later capture needs no autotuning (which cannot run inside one).
+    ``xa_pairs``: the up projection's X·Aᵀ partials by pair id, computed in the routing launch
+    (routing.launch_routing_xa); the kernel then reads them by pair id instead of launching lora_xa."""
     from .grouped_gemm import grid, launch_key, projection_meta, split_k_counters  # grouped_gemm imports this module
     num_experts, n_total, half_k = w.packed.shape
     rows = sorted_pair_ids.numel()
@@ -519,15 +526,18 @@ def launch_nf4_moe_gemv(x, w: NF4Operand, lora_a, lora_b, scaling, sorted_pair_i
     dummy = w.absmax
     r = lora_a.shape[1] if lora_a is not None else 0
     rp = r_pad(r)
-    xa = None
-    if lora_a is not None:
+    xa = xa_pairs
+    if xa is not None and (lora_a is None or not gated or xa.shape[1:] != (rows, rp)):
+        raise ValueError(f"launch_nf4_moe_gemv: xa_pairs {tuple(xa.shape)} is the up projection's X·Aᵀ, "
+                         f"(split, {rows}, {rp}) with LoRA")
+    if lora_a is not None and xa is None:
         xa = launch_lora_xa(x, lora_a, sorted_pair_ids, expert_offsets, top_k=top_k, gather=gated, r_pad=rp,
                             launcher=launcher)
     bucket = 8 if rows <= 8 else 64
     meta = projection_meta(x, w, top_k=top_k, r_pad=rp, gated=gated, act=act, has_lora=lora_a is not None)
 
     def spec(fused: bool) -> tuple[dict, tuple]:
-        kw = dict(meta, COMBINE=fused, SLOTS=combine[1].shape[1] if fused else 1)
+        kw = dict(meta, COMBINE=fused, SLOTS=combine[1].shape[1] if fused else 1, XA_BY_PAIR=xa_pairs is not None)
         return kw, launch_key("gemv_combine" if fused else "gemv", n, bucket, x, w, out,
                               lora_b if lora_a is not None else None, kw)
 

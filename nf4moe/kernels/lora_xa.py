@@ -65,6 +65,11 @@ def xa_split(k_dim: int, rows: int, block_k: int) -> int:
     return best
 
 
+def xa_block_k(k_dim: int) -> int:
+    """The K step of the X·Aᵀ kernels (lora_xa_kernel, routing.routing_xa_kernel)."""
+    return 64 if k_dim % 64 == 0 else 32
+
+
 def launch_lora_xa(x: torch.Tensor, lora_a: torch.Tensor, sorted_pair_ids: torch.Tensor, expert_offsets: torch.Tensor,
                    *, top_k: int, gather: bool, r_pad: int, out: torch.Tensor | None = None,
                    launcher=None) -> torch.Tensor:
@@ -73,7 +78,7 @@ def launch_lora_xa(x: torch.Tensor, lora_a: torch.Tensor, sorted_pair_ids: torch
     num_experts, r, k_dim = lora_a.shape
     rows = sorted_pair_ids.numel()
     block_m = 16 if rows <= 4096 else 64
-    block_k = 64 if k_dim % 64 == 0 else 32
+    block_k = xa_block_k(k_dim)
     split = 1 if out is not None else xa_split(k_dim, rows, block_k)
     if out is None:
         out = x.new_empty(split, rows, r_pad, dtype=torch.float32)  # new_empty: the tests poison it with NaN

@@ -91,14 +91,14 @@ def _register(name: str):
 
 
 def _up(x, w: NF4Operand, lora_a, lora_b, scaling, sorted_pair_ids, expert_offsets, top_k, act, gu=None, xa_out=None,
-        tiles=None):
+        tiles=None, xa_pairs=None):
     """The gated up projection into a new (P, I) buffer (sorted order); ``gu``/``xa_out``: training stores;
-    ``tiles``: launch_nf4_moe_gemm's per-layer-call tile tables."""
+    ``tiles``: launch_nf4_moe_gemm's per-layer-call tile tables; ``xa_pairs``: X·Aᵀ from the routing launch."""
     inter = w.packed.shape[1] // 2
     out = x.new_empty(sorted_pair_ids.numel(), inter)
     return launch_nf4_moe_gemm(
         x, w, lora_a, lora_b, scaling, sorted_pair_ids, expert_offsets, None, out, n=inter, top_k=top_k, gated=True,
-        act=act, gu=gu, xa_out=xa_out, tiles=tiles, launcher=_launcher(),
+        act=act, gu=gu, xa_out=xa_out, tiles=tiles, xa_pairs=xa_pairs, launcher=_launcher(),
     )
 
 
@@ -185,13 +185,17 @@ def moe_experts(
     dn_offset: Optional[Tensor],
     lora_a_up: Optional[Tensor], lora_b_up: Optional[Tensor], lora_a_down: Optional[Tensor],
     lora_b_down: Optional[Tensor], scaling: float, act: str, blocksize: int, gu_blocksize2: int,
-    dn_blocksize2: int, save_preact: bool,
+    dn_blocksize2: int, save_preact: bool, xa_up: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(out (T, H), gu (P, 2I) pre-activation in sorted order, xa (P, R_PAD) fp32 x·A_upᵀ).
 
     save_preact=False (inference or recompute mode): gu and xa are empty (0 rows) and the up projection
     is the inference kernel; True: one up pass writes h for the down GEMM and gu, xa for the backward.
+    ``xa_up`` (inference only): x·A_upᵀ partials by pair id from the routing launch (routing.launch_routing_xa),
+    for the decode GEMV.
     """
+    if xa_up is not None and save_preact:
+        raise ValueError("moe_experts: xa_up is for inference (save_preact=False)")
     k = top_k_index.shape[1]
     p = sorted_pair_ids.numel()
     inter = gu_packed.shape[1] // 2
@@ -205,7 +209,7 @@ def moe_experts(
     tiles = {}  # the Gluon GEMM's tile tables: the same routing for both projections, built once
     h = _up(x, NF4Operand(gu_packed, gu_absmax, gu_absmax2, gu_code2, gu_offset, blocksize, gu_blocksize2), lora_a_up,
             lora_b_up, scaling, sorted_pair_ids, expert_offsets, k, act, gu=gu if save_preact else None,
-            xa_out=xa if save_preact and lora_a_up is not None else None, tiles=tiles)
+            xa_out=xa if save_preact and lora_a_up is not None else None, tiles=tiles, xa_pairs=xa_up)
     dn = NF4Operand(dn_packed, dn_absmax, dn_absmax2, dn_code2, dn_offset, blocksize, dn_blocksize2)
     return _down(h, dn, lora_a_down, lora_b_down, scaling, sorted_pair_ids, expert_offsets, top_k_weights.reshape(-1),
                  top_k_index, tiles=tiles), gu, xa
@@ -304,7 +308,7 @@ if _INTERPRET:
     @moe_experts.register_fake
     def _(x, top_k_index, top_k_weights, sorted_pair_ids, expert_offsets, gu_packed, gu_absmax, gu_absmax2, gu_code2,
           gu_offset, dn_packed, dn_absmax, dn_absmax2, dn_code2, dn_offset, lora_a_up, lora_b_up, lora_a_down,
-          lora_b_down, scaling, act, blocksize, gu_blocksize2, dn_blocksize2, save_preact):
+          lora_b_down, scaling, act, blocksize, gu_blocksize2, dn_blocksize2, save_preact, xa_up=None):
         p = sorted_pair_ids.shape[0]
         rows = p if save_preact else 0
         rp = r_pad(lora_a_up.shape[1] if lora_a_up is not None else 0)

@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from ..reference.routing import Routing
+from .common import dot_operand
 from .configs import cdiv, interpreting, pow2
 from .launch import launch
 
@@ -71,6 +72,50 @@ def routing_kernel(
     P_POW2: tl.constexpr, NUM_BINS: tl.constexpr, CHECK: tl.constexpr,
 ):
     """Grid: (1,).  One program: P <= P_POW2 keys in registers, NUM_BINS = next_pow2(E + 2) > E + 1."""
+    _sort_pairs(idx_ptr, pairs_ptr, eoff_ptr, P, E, P_POW2, NUM_BINS, CHECK)
+
+
+@triton.jit
+def routing_xa_kernel(
+    idx_ptr, pairs_ptr, eoff_ptr,  # as routing_kernel's
+    x_ptr,      # (T, K_DIM) hidden_states, fp16/bf16/fp32
+    stride_xm, stride_xk,
+    a_ptr,      # (E, R, K_DIM) LoRA A of the up projection, contiguous
+    xa_ptr,     # (SPLIT, P, R_PAD) fp32 out: partial X·Aᵀ over K slices, indexed by pair id (dropped pairs: unwritten)
+    P, E, R, K_DIM, K_SLICE, SPLIT,
+    P_POW2: tl.constexpr, NUM_BINS: tl.constexpr, CHECK: tl.constexpr, TOP_K: tl.constexpr, R_PAD: tl.constexpr,
+    BLOCK_K: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """Grid: (1 + P * SPLIT,).  Program 0 sorts (routing_kernel); program 1 + p * SPLIT + s sums
+    x[p // TOP_K, k] * A[e_p, :, k] over K slice s (A rounded to x's dtype as lora_xa's tl.dot operands are,
+    fp32 under the interpreter as there; fp32 sums).  No program waits for another: by pair id, X·Aᵀ needs no sorted order."""
+    pid = tl.program_id(0)
+    if pid == 0:
+        _sort_pairs(idx_ptr, pairs_ptr, eoff_ptr, P, E, P_POW2, NUM_BINS, CHECK)
+    else:
+        p = (pid - 1) // SPLIT
+        s = (pid - 1) % SPLIT
+        e = tl.load(idx_ptr + p)
+        if (e >= 0) & (e < E):
+            offs_r = tl.arange(0, R_PAD)
+            r_mask = offs_r < R
+            dt = x_ptr.dtype.element_ty
+            x_row = x_ptr + (p // TOP_K).to(tl.int64) * stride_xm
+            a_rows = a_ptr + (e.to(tl.int64) * R + offs_r[:, None]) * K_DIM
+            acc = tl.zeros((R_PAD,), dtype=tl.float32)
+            for k0 in range(s * K_SLICE, (s + 1) * K_SLICE, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                xv = tl.load(x_row + offs_k * stride_xk).to(tl.float32)
+                av = tl.load(a_rows + offs_k[None, :], mask=r_mask[:, None], other=0.0)
+                av = dot_operand(av, dt, INTERPRET).to(tl.float32)
+                acc += tl.sum(av * xv[None, :], axis=1)
+            tl.store(xa_ptr + (s * P + p).to(tl.int64) * R_PAD + offs_r, acc)
+
+
+@triton.jit
+def _sort_pairs(idx_ptr, pairs_ptr, eoff_ptr, P, E, P_POW2: tl.constexpr, NUM_BINS: tl.constexpr,
+                CHECK: tl.constexpr):
+    """routing_kernel's one program: the stable sort of the pairs by clamped id and the expert offsets."""
     offs = tl.arange(0, P_POW2)
     bucket = _buckets(idx_ptr, offs, P, E, CHECK)
     # Unique keys, so the (unstable) bitonic sort gives pairs of one expert in pair order.
@@ -199,6 +244,40 @@ def launch_routing(top_k_index: torch.Tensor, num_experts: int, sorted_pair_ids:
     return sorted_pair_ids, expert_offsets
 
 
+def launch_routing_xa(top_k_index: torch.Tensor, num_experts: int, x: torch.Tensor, lora_a: torch.Tensor, r_pad: int,
+                      check: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """launch_routing's one-program sort and, in the same launch, the up projection's LoRA X·Aᵀ of every pair:
+    (sorted_pair_ids, expert_offsets, xa (split, P, r_pad) fp32 partials indexed by pair id).  Direct launches
+    only (the decode path of an eager inference call), P <= TRITON_MAX_PAIRS."""
+    from .lora_xa import xa_block_k, xa_split  # lora_xa imports nothing from here
+
+    if top_k_index.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"top_k_index must be int32 or int64, got {top_k_index.dtype}")
+    p = top_k_index.numel()
+    if not 0 < p <= TRITON_MAX_PAIRS or not triton_fits(p, num_experts):
+        raise ValueError(f"launch_routing_xa takes 1..{TRITON_MAX_PAIRS} pairs (routing.triton_fits); got P={p}")
+    if check and not top_k_index.is_cuda:
+        raise ValueError("launch_routing_xa: check=True needs a CUDA top_k_index")
+    num_e, r, k_dim = lora_a.shape
+    if num_e != num_experts or x.shape[1] != k_dim or r > r_pad:
+        raise ValueError(f"launch_routing_xa: lora_a {tuple(lora_a.shape)} does not fit {num_experts} experts, "
+                         f"x {tuple(x.shape)} and r_pad {r_pad}")
+    dev = top_k_index.device
+    pairs = torch.empty(p, device=dev, dtype=torch.int32)
+    offsets = torch.empty(num_experts + 1, device=dev, dtype=torch.int32)
+    block_k = xa_block_k(k_dim)
+    split = xa_split(k_dim, p, block_k)
+    xa = x.new_empty(split, p, r_pad, dtype=torch.float32)
+    p_pow2 = max(_MIN_P_POW2, pow2(p))
+    launch(
+        routing_xa_kernel, (1 + p * split,), None, top_k_index.contiguous(), pairs, offsets,
+        x, x.stride(0), x.stride(1), lora_a.contiguous(), xa, p, num_experts, r, k_dim, k_dim // split, split,
+        P_POW2=p_pow2, NUM_BINS=pow2(num_experts + 2), CHECK=check, TOP_K=top_k_index.shape[1], R_PAD=r_pad,
+        BLOCK_K=block_k, INTERPRET=_INTERPRET, num_warps=min(16, max(4, p_pow2 // 512)), **_check_options(check),
+    )
+    return pairs, offsets, xa
+
+
 def _torch_routing(top_k_index: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
     flat = top_k_index.reshape(-1)
     if flat.dtype == torch.int64:  # clamp first: a huge int64 sentinel must not wrap when narrowed
@@ -240,6 +319,19 @@ def build_routing(top_k_index: torch.Tensor, num_experts: int, check_ids: bool =
     if check_ids and not in_kernel:
         check_routing_ids(offsets)
     return Routing(sorted_pair_ids=pairs, expert_offsets=offsets, num_experts=num_experts, top_k=top_k_index.shape[1])
+
+
+def build_routing_xa(top_k_index: torch.Tensor, num_experts: int, x: torch.Tensor, lora_a: torch.Tensor, r_pad: int,
+                     check_ids: bool = False) -> tuple[Routing, torch.Tensor]:
+    """build_routing and the up projection's X·Aᵀ by pair id in one launch (launch_routing_xa): for the decode
+    GEMV of an eager inference call (direct launches on a GPU or under the interpreter, P <= TRITON_MAX_PAIRS).
+    ``check_ids`` as build_routing's: in the kernel on a GPU, on the offsets after it otherwise."""
+    in_kernel = check_ids and top_k_index.is_cuda
+    pairs, offsets, xa = launch_routing_xa(top_k_index, num_experts, x, lora_a, r_pad, check=in_kernel)
+    if check_ids and not in_kernel:
+        check_routing_ids(offsets)
+    return Routing(sorted_pair_ids=pairs, expert_offsets=offsets, num_experts=num_experts,
+                   top_k=top_k_index.shape[1]), xa
 
 
 def check_routing_ids(expert_offsets: torch.Tensor) -> None:

@@ -64,7 +64,7 @@ _X, _IDX, _W, _SORTED, _EOFF = 0, 1, 2, 3, 4
 _GU = slice(5, 10)
 _DN = slice(10, 15)
 _LA_U, _LB_U, _LA_D, _LB_D = 15, 16, 17, 18
-_N_INPUTS = 25
+_N_INPUTS = 26  # the last, xa_up, is inference's only (None when a gradient is needed)
 
 
 def _setup_context(ctx, inputs, output):

@@ -15,12 +15,27 @@ import os
 import torch
 
 from ..kernels import ops
-from ..kernels.routing import build_routing
+from ..kernels.grouped_gemv import gemv_max_rows
+from ..kernels.operands import r_pad
+from ..kernels.routing import TRITON_MAX_PAIRS, build_routing, build_routing_xa
 from . import autograd  # noqa: F401  (registers the backward of nf4moe::moe_experts)
 
 
 def _nf4_args(w):
     return (w.packed, w.absmax, w.absmax2, w.code2, w.offset)
+
+
+def xa_in_routing() -> bool:
+    """``NF4MOE_XA_IN_ROUTING=1`` (opt-in, read at import): an eager inference call that takes the decode GEMV
+    computes the up projection's LoRA X·Aᵀ in the routing launch, by pair id (routing.routing_xa_kernel): one
+    launch fewer per call (NOTES v39, not yet measured on a GPU)."""
+    raw = os.environ.get("NF4MOE_XA_IN_ROUTING", "0")
+    if raw not in ("0", "1"):
+        raise ValueError(f"NF4MOE_XA_IN_ROUTING must be 0 or 1, got {raw!r}")
+    return raw == "1"
+
+
+_XA_IN_ROUTING = xa_in_routing()
 
 
 def recompute_enabled(mod) -> bool:
@@ -48,17 +63,24 @@ def triton_forward(mod, hidden_states: torch.Tensor, top_k_index: torch.Tensor, 
 
 def _forward(mod, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
     e = mod.num_experts
-    routing = build_routing(top_k_index, e, check_ids=getattr(mod, "check_ids", True))
+    check_ids = getattr(mod, "check_ids", True)
     gu, dn = mod.gate_up_nf4, mod.down_nf4
     la = lb = da = db = None
     if mod.lora_rank > 0:
         la, lb = mod.lora_A["gate_up_proj"], mod.lora_B["gate_up_proj"]
         da, db = mod.lora_A["down_proj"], mod.lora_B["down_proj"]
+    grad = _needs_grad(mod, hidden_states, top_k_weights, la, lb, da, db)
+    xa_up = None
+    if (_XA_IN_ROUTING and la is not None and not grad and 0 < top_k_index.numel() <= min(gemv_max_rows(), TRITON_MAX_PAIRS)
+            and ops.runs_direct((hidden_states, top_k_index, la))):
+        routing, xa_up = build_routing_xa(top_k_index, e, hidden_states, la, r_pad(la.shape[1]), check_ids=check_ids)
+    else:
+        routing = build_routing(top_k_index, e, check_ids=check_ids)
     args = (hidden_states, top_k_index.contiguous(), top_k_weights.contiguous(), routing.sorted_pair_ids,
             routing.expert_offsets, *_nf4_args(gu), *_nf4_args(dn), la, lb, da, db, mod.scaling, mod.act,
             gu.blocksize, gu.blocksize2, dn.blocksize2)
-    if _needs_grad(mod, hidden_states, top_k_weights, la, lb, da, db):
+    if grad:
         out, _, _ = ops.moe_experts(*args, not recompute_enabled(mod))
         return out
-    out, _, _ = ops.run("moe_experts", *args, False)
+    out, _, _ = ops.run("moe_experts", *args, False, xa_up)
     return out
