@@ -196,16 +196,24 @@ def test_gemv_candidates_fit_and_stay_short(monkeypatch, k_dim, combine, bucket,
 
 # --------------------------------------------------------------------------- graph_bench (NF4MOE_TUNE_GRAPH)
 
-@pytest.mark.parametrize("raw,want", [("0", False), ("1", True), ("yes", None)])
-def test_tune_in_graphs_flag(raw, want, monkeypatch):
-    from nf4moe.kernels import configs as C
+@pytest.mark.parametrize("raw,want", [("0", False), ("1", True), ("yes", None), (None, False)])
+@pytest.mark.parametrize("flag", ["NF4MOE_TUNE_GRAPH", "NF4MOE_GEMV_TILES", "NF4MOE_XA_IN_ROUTING"])
+def test_opt_in_flags(flag, raw, want, monkeypatch):
+    """Each opt-in switch reads 0 / 1 (unset: 0) and rejects anything else, naming itself."""
+    from nf4moe.kernels import configs, grouped_gemv
+    from nf4moe.moe_layers import triton_backend
 
-    monkeypatch.setenv("NF4MOE_TUNE_GRAPH", raw)
-    if want is None:
-        with pytest.raises(ValueError, match="NF4MOE_TUNE_GRAPH must be 0 or 1"):
-            C.tune_in_graphs()
+    read = {"NF4MOE_TUNE_GRAPH": configs.tune_in_graphs, "NF4MOE_GEMV_TILES": grouped_gemv.gemv_tiles,
+            "NF4MOE_XA_IN_ROUTING": triton_backend.xa_in_routing}[flag]
+    if raw is None:
+        monkeypatch.delenv(flag, raising=False)
     else:
-        assert C.tune_in_graphs() is want
+        monkeypatch.setenv(flag, raw)
+    if want is None:
+        with pytest.raises(ValueError, match=f"{flag} must be 0 or 1"):
+            read()
+    else:
+        assert read() is want
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="graph_bench captures CUDA graphs")

@@ -901,15 +901,3 @@ def test_xa_in_routing_rejects_negative_ids(monkeypatch):
     m = make_layer(4, 128, 64, rank=8, seed=86)
     with torch.no_grad(), pytest.raises(ValueError, match="top_k_index has negative expert ids"):
         m(torch.randn(2, 128), torch.tensor([[0, -1], [2, 1]]), torch.rand(2, 2))
-
-
-@pytest.mark.parametrize("raw,want", [("0", False), ("1", True), ("on", None)])
-def test_xa_in_routing_flag(raw, want, monkeypatch):
-    from nf4moe.moe_layers import triton_backend as tb
-
-    monkeypatch.setenv("NF4MOE_XA_IN_ROUTING", raw)
-    if want is None:
-        with pytest.raises(ValueError, match="NF4MOE_XA_IN_ROUTING must be 0 or 1"):
-            tb.xa_in_routing()
-    else:
-        assert tb.xa_in_routing() is want

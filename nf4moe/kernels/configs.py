@@ -30,13 +30,18 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def env_flag(name: str) -> bool:
+    """An opt-in switch from the environment: ``0`` (or unset) or ``1``; anything else is an error."""
+    raw = os.environ.get(name, "0")
+    if raw not in ("0", "1"):
+        raise ValueError(f"{name} must be 0 or 1, got {raw!r}")
+    return raw == "1"
+
+
 def tune_in_graphs() -> bool:
     """``NF4MOE_TUNE_GRAPH=1`` (opt-in, read at import): the decode GEMV's autotuner times its candidates with
     ``graph_bench`` instead of Triton's do_bench (NOTES v38; not yet measured on a GPU)."""
-    raw = os.environ.get("NF4MOE_TUNE_GRAPH", "0")
-    if raw not in ("0", "1"):
-        raise ValueError(f"NF4MOE_TUNE_GRAPH must be 0 or 1, got {raw!r}")
-    return raw == "1"
+    return env_flag("NF4MOE_TUNE_GRAPH")
 
 
 def graph_bench(kernel_call, quantiles=None, *, launches: int = 32, rounds: int = 7):

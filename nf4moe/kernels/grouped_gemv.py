@@ -43,7 +43,7 @@ import triton.language as tl
 
 from .combine import slot_sum
 from .common import act_fwd, expert_row_tile, nested_offset
-from .configs import _pinned, cdiv, graph_bench, interpreting, launch_tuned, pow2, tune_in_graphs, tuned
+from .configs import _pinned, cdiv, env_flag, graph_bench, interpreting, launch_tuned, pow2, tune_in_graphs, tuned
 from .lora_xa import launch_lora_xa
 from .nf4_decode import block_scale, lut_values_f32, nf4_value
 from .operands import NF4Operand, r_pad
@@ -81,10 +81,7 @@ def gemv_tiles() -> bool:
     GEMVs at 10-15% of DRAM bandwidth, bound by load latency); measured on an H200 (session 14, NOTES): never the
     autotuner's choice at Qwen3-30B-A3B T=1, two- and four-tile forms 1.3-2.5x slower than the best one-tile
     candidate, so they stay out of the default list (their extra compiles also lengthen the first call's tuning)."""
-    raw = os.environ.get("NF4MOE_GEMV_TILES", "0")
-    if raw not in ("0", "1"):
-        raise ValueError(f"NF4MOE_GEMV_TILES must be 0 or 1, got {raw!r}")
-    return raw == "1"
+    return env_flag("NF4MOE_GEMV_TILES")
 
 
 MAX_CHUNKS = 16  # K chunks per program at most (they are unrolled: compile time and code size grow with them)

@@ -15,6 +15,7 @@ import os
 import torch
 
 from ..kernels import ops
+from ..kernels.configs import env_flag
 from ..kernels.grouped_gemv import gemv_max_rows
 from ..kernels.operands import r_pad
 from ..kernels.routing import TRITON_MAX_PAIRS, build_routing, build_routing_xa
@@ -29,10 +30,7 @@ def xa_in_routing() -> bool:
     """``NF4MOE_XA_IN_ROUTING=1`` (opt-in, read at import): an eager inference call that takes the decode GEMV
     computes the up projection's LoRA X·Aᵀ in the routing launch, by pair id (routing.routing_xa_kernel): one
     launch fewer per call (NOTES v39, not yet measured on a GPU)."""
-    raw = os.environ.get("NF4MOE_XA_IN_ROUTING", "0")
-    if raw not in ("0", "1"):
-        raise ValueError(f"NF4MOE_XA_IN_ROUTING must be 0 or 1, got {raw!r}")
-    return raw == "1"
+    return env_flag("NF4MOE_XA_IN_ROUTING")
 
 
 _XA_IN_ROUTING = xa_in_routing()
