@@ -901,3 +901,18 @@ def test_xa_in_routing_rejects_negative_ids(monkeypatch):
     m = make_layer(4, 128, 64, rank=8, seed=86)
     with torch.no_grad(), pytest.raises(ValueError, match="top_k_index has negative expert ids"):
         m(torch.randn(2, 128), torch.tensor([[0, -1], [2, 1]]), torch.rand(2, 2))
+
+
+def test_xa_in_routing_leaves_other_index_dtypes_to_the_plain_routing(monkeypatch):
+    """int16 ids (accepted by the layer, sorted by torch): the fold is not taken, the result is the default path's."""
+    from nf4moe.moe_layers import triton_backend as tb
+
+    m = make_layer(4, 128, 64, rank=8, seed=87)
+    x = torch.randn(2, 128, device=DEV)
+    idx, w = routing(2, 4, 2, seed=88)
+    with torch.no_grad():
+        default = m(x, idx.to(torch.int16), w)
+        monkeypatch.setattr(tb, "_XA_IN_ROUTING", True)
+        calls = count_calls(monkeypatch, tb, "build_routing_xa")
+        out = m(x, idx.to(torch.int16), w)
+    assert calls == [] and torch.equal(out, default)

@@ -211,6 +211,19 @@ def triton_fits(num_pairs: int, num_experts: int) -> bool:
     return num_pairs <= CHUNKED_MAX_PAIRS and bins <= _MAX_BINS and chunks * chunks * bins <= _MAX_PREFIX_READS
 
 
+def _check_index_dtype(top_k_index: torch.Tensor) -> None:
+    if top_k_index.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"top_k_index must be int32 or int64, got {top_k_index.dtype}")
+
+
+def _one_program(p: int, num_experts: int, check: bool) -> dict:
+    """The constexprs and options of the one-program sort (routing_kernel, routing_xa_kernel's program 0)."""
+    p_pow2 = max(_MIN_P_POW2, pow2(p))
+    # 16 keys per thread at the threshold (8192 / (16 warps * 32 lanes)): no register spills.
+    return dict(P_POW2=p_pow2, NUM_BINS=pow2(num_experts + 2), CHECK=check, num_warps=min(16, max(4, p_pow2 // 512)),
+                **_check_options(check))
+
+
 def launch_routing(top_k_index: torch.Tensor, num_experts: int, sorted_pair_ids: torch.Tensor | None = None,
                    expert_offsets: torch.Tensor | None = None, launcher=None,
                    check: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -219,8 +232,7 @@ def launch_routing(top_k_index: torch.Tensor, num_experts: int, sorted_pair_ids:
     on the device that no id is negative (CUDA and direct launches only: see build_routing)."""
     if check and (launcher is not None or not top_k_index.is_cuda):
         raise ValueError("launch_routing: check=True needs a CUDA top_k_index and a direct launch (launcher=None)")
-    if top_k_index.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"top_k_index must be int32 or int64, got {top_k_index.dtype}")
+    _check_index_dtype(top_k_index)
     p = top_k_index.numel()
     if not triton_fits(p, num_experts):
         raise ValueError(f"routing kernels take 1..{CHUNKED_MAX_PAIRS} pairs, int32 keys and above "
@@ -234,13 +246,8 @@ def launch_routing(top_k_index: torch.Tensor, num_experts: int, sorted_pair_ids:
     if p > TRITON_MAX_PAIRS:
         _launch_chunked(top_k_index, num_experts, sorted_pair_ids, expert_offsets, launcher, check)
         return sorted_pair_ids, expert_offsets
-    p_pow2 = max(_MIN_P_POW2, pow2(p))
-    # 16 keys per thread at the threshold (8192 / (16 warps * 32 lanes)): no register spills.
-    launch(
-        routing_kernel, (1,), launcher, top_k_index.contiguous(), sorted_pair_ids, expert_offsets, p, num_experts,
-        P_POW2=p_pow2, NUM_BINS=pow2(num_experts + 2), CHECK=check, num_warps=min(16, max(4, p_pow2 // 512)),
-        **_check_options(check),
-    )
+    launch(routing_kernel, (1,), launcher, top_k_index.contiguous(), sorted_pair_ids, expert_offsets, p, num_experts,
+           **_one_program(p, num_experts, check))
     return sorted_pair_ids, expert_offsets
 
 
@@ -251,8 +258,7 @@ def launch_routing_xa(top_k_index: torch.Tensor, num_experts: int, x: torch.Tens
     only (the decode path of an eager inference call), P <= TRITON_MAX_PAIRS."""
     from .lora_xa import xa_block_k, xa_split  # lora_xa imports nothing from here
 
-    if top_k_index.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"top_k_index must be int32 or int64, got {top_k_index.dtype}")
+    _check_index_dtype(top_k_index)
     p = top_k_index.numel()
     if not 0 < p <= TRITON_MAX_PAIRS or not triton_fits(p, num_experts):
         raise ValueError(f"launch_routing_xa takes 1..{TRITON_MAX_PAIRS} pairs (routing.triton_fits); got P={p}")
@@ -268,12 +274,11 @@ def launch_routing_xa(top_k_index: torch.Tensor, num_experts: int, x: torch.Tens
     block_k = xa_block_k(k_dim)
     split = xa_split(k_dim, p, block_k)
     xa = x.new_empty(split, p, r_pad, dtype=torch.float32)
-    p_pow2 = max(_MIN_P_POW2, pow2(p))
     launch(
         routing_xa_kernel, (1 + p * split,), None, top_k_index.contiguous(), pairs, offsets,
         x, x.stride(0), x.stride(1), lora_a.contiguous(), xa, p, num_experts, r, k_dim, k_dim // split, split,
-        P_POW2=p_pow2, NUM_BINS=pow2(num_experts + 2), CHECK=check, TOP_K=top_k_index.shape[1], R_PAD=r_pad,
-        BLOCK_K=block_k, INTERPRET=_INTERPRET, num_warps=min(16, max(4, p_pow2 // 512)), **_check_options(check),
+        TOP_K=top_k_index.shape[1], R_PAD=r_pad, BLOCK_K=block_k, INTERPRET=_INTERPRET,
+        **_one_program(p, num_experts, check),
     )
     return pairs, offsets, xa
 
@@ -306,10 +311,8 @@ def build_routing(top_k_index: torch.Tensor, num_experts: int, check_ids: bool =
     (CPU, traced, the torch sort) checks the offsets afterwards, two launches more on a GPU (a compare and
     torch._assert_async: 3.2 us of GPU time per Qwen3-30B-A3B T=1 CUDA-graph replay on an H200, NOTES v37).
     """
-    p = top_k_index.numel()
-    on_triton = (top_k_index.is_cuda or _INTERPRET) and top_k_index.dtype in (torch.int32, torch.int64)
     in_kernel = False
-    if on_triton and triton_fits(p, num_experts):
+    if _on_triton(top_k_index, num_experts):
         from . import ops  # ops imports this module's launcher
 
         in_kernel = check_ids and top_k_index.is_cuda and ops.runs_direct((top_k_index,))
@@ -319,6 +322,18 @@ def build_routing(top_k_index: torch.Tensor, num_experts: int, check_ids: bool =
     if check_ids and not in_kernel:
         check_routing_ids(offsets)
     return Routing(sorted_pair_ids=pairs, expert_offsets=offsets, num_experts=num_experts, top_k=top_k_index.shape[1])
+
+
+def _on_triton(top_k_index: torch.Tensor, num_experts: int) -> bool:
+    """Whether build_routing takes the Triton kernels (else torch's sort): a GPU or the interpreter, int32 / int64
+    ids, a size ``triton_fits``."""
+    return ((top_k_index.is_cuda or _INTERPRET) and top_k_index.dtype in (torch.int32, torch.int64)
+            and triton_fits(top_k_index.numel(), num_experts))
+
+
+def routing_xa_fits(top_k_index: torch.Tensor, num_experts: int) -> bool:
+    """Whether build_routing_xa takes these ids: build_routing's Triton path with the one-program sort."""
+    return _on_triton(top_k_index, num_experts) and top_k_index.numel() <= TRITON_MAX_PAIRS
 
 
 def build_routing_xa(top_k_index: torch.Tensor, num_experts: int, x: torch.Tensor, lora_a: torch.Tensor, r_pad: int,
