@@ -39,9 +39,10 @@ def _launcher():
     return None if getattr(_direct, "on", False) else _LAUNCHER
 
 
-def _direct_ok(args) -> bool:
-    """Plain eager call: not traced, no dispatch mode, plain tensors, and no autograd graph to build (an
-    input that requires grad with grad mode on, e.g. a backward under ``create_graph=True``)."""
+def runs_direct(args) -> bool:
+    """Whether ``run`` calls the op's body directly (plain launches) for these arguments: a plain eager call, not
+    traced, no dispatch mode, plain tensors, and no autograd graph to build (an input that requires grad with
+    grad mode on, e.g. a backward under ``create_graph=True``)."""
     if torch.compiler.is_compiling() or _current_mode() is not None:
         return False
     grad = torch.is_grad_enabled()
@@ -55,11 +56,6 @@ def _direct_ok(args) -> bool:
     return True
 
 
-def runs_direct(args) -> bool:
-    """Whether ``run`` with these tensor arguments calls the op's body directly (plain launches)."""
-    return _direct_ok(args)
-
-
 def run(name: str, *args):
     """Call op ``nf4moe::<name>``.  Eagerly on plain tensors its Python body runs directly with plain
     Triton launches: the dispatcher's custom-op wrapper alone cost ~0.1 ms per op call (cProfile on an
@@ -67,7 +63,7 @@ def run(name: str, *args):
     subclass tensors, under a dispatch mode, or when autograd would record the call, the registered op
     runs, so tracing, the meta functions, the mode and autograd (which refuses: these ops have no
     derivative of their own) see it."""
-    if _direct_ok(args):
+    if runs_direct(args):
         _direct.on = True
         try:
             return _BODIES[name](*args)
