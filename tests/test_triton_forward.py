@@ -16,7 +16,7 @@ import torch
 
 from nf4moe.reference import Lora, moe_forward
 
-from triton_cases import DEV, count_calls, make_layer, routing
+from triton_cases import DEV, assert_negative_ids_trap, count_calls, make_layer, routing
 INTERP = os.environ.get("TRITON_INTERPRET") == "1"
 pytestmark = pytest.mark.skipif(not (INTERP or DEV == "cuda"), reason="needs a GPU or TRITON_INTERPRET=1")
 
@@ -154,26 +154,10 @@ def test_negative_ids_raise():
             m(x, idx, torch.rand(3, 2, device=DEV))
         return
     # On a GPU the routing kernel traps (a device-side assert): in a child process, whose CUDA context it ends.
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    child = (
-        "import torch\n"
-        "from triton_cases import make_layer\n"
-        "m = make_layer(4, 128, 64)\n"
-        "idx = torch.tensor([[0, 1], [-1, 2], [3, 0]], device='cuda')\n"
-        "try:\n"
-        "    m(torch.randn(3, 128, device='cuda'), idx, torch.rand(3, 2, device='cuda'))\n"
-        "    torch.cuda.synchronize()\n"
-        "except RuntimeError as e:\n"
-        "    print('RAISED', ' '.join(str(e).split()))\n"
-    )
-    here = Path(__file__).resolve().parent
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(here), str(here.parent), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=300, env=env)
-    assert "RAISED" in proc.stdout and "device-side assert" in proc.stdout, (proc.stdout, proc.stderr[-2000:])
-    assert "top_k_index has negative expert ids" in proc.stderr, proc.stderr[-2000:]
+    assert_negative_ids_trap(
+        "import torch\nfrom triton_cases import make_layer\nm = make_layer(4, 128, 64)\n"
+        "idx = torch.tensor([[0, 1], [-1, 2], [3, 0]], device='cuda')",
+        "m(torch.randn(3, 128, device='cuda'), idx, torch.rand(3, 2, device='cuda'))")
 
 
 def test_deterministic():

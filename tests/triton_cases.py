@@ -8,6 +8,24 @@ import nf4moe
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def assert_negative_ids_trap(setup: str, call: str, *argv: str) -> None:
+    """Run ``setup`` then ``call`` (Python source; ``call`` one statement) in a child process on the GPU (a
+    device-side assert leaves its CUDA context unusable), with the repository and tests/ on its path: the call
+    or the synchronize after it must raise the device-side assert, and the kernel's message reach stderr."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (f"{setup}\nimport torch\ntry:\n    {call}\n    torch.cuda.synchronize()\n"
+            "except RuntimeError as e:\n    print('RAISED', ' '.join(str(e).split()))\n")
+    here = Path(__file__).resolve().parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(here), str(here.parent), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=300, env=env)
+    assert "RAISED" in proc.stdout and "device-side assert" in proc.stdout, (proc.stdout, proc.stderr[-2000:])
+    assert "top_k_index has negative expert ids" in proc.stderr, proc.stderr[-2000:]
+
+
 def count_calls(monkeypatch, owner, name: str) -> list:
     """Replace ``owner.name`` (for the rest of the test) by a wrapper that records each call in the
     returned list, then calls the original."""
