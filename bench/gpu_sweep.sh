@@ -34,8 +34,6 @@
 #                                      # with NF4MOE_TUNE_GRAPH=1, each in a fresh process: GEMV choices, kernel times, graph replays (~9 min)
 #   bash bench/gpu_sweep.sh pending    # after session 14: GPU tests of v37-v39, then Qwen3 T=1 (eager, CUDA graph, kernel times) in
 #                                      # four fresh processes: default, NF4MOE_TUNE_GRAPH=1, NF4MOE_XA_IN_ROUTING=1, both (~9 min)
-#   bash bench/gpu_sweep.sh idcheck    # session 14: the routing kernel's negative-id check (v37) on the GPU, then Qwen3 T=1
-#                                      # eager and CUDA-graph kernel times (~4 min)
 #   bash bench/gpu_sweep.sh largeprof  # GEMM times of every autotuner candidate at T=8192, Qwen3 and DeepSeek-V3 (~2 min)
 set -euo pipefail
 OUT=${OUT:-bench/results/sweep}
@@ -176,10 +174,6 @@ case "${1:-}" in
       NF4MOE_TUNE_GRAPH=$1 NF4MOE_XA_IN_ROUTING=$2 timeout 100 $py -m bench.profile_layer --tokens 1 --variants gemv \
         --timings --graph 2>&1 | grep -v "Warn\|_warn" | tee "$OUT/profile_t1_tune$1_xa$2.log" || true
     done ;;
-  idcheck)
-    timeout 120 $py -m pytest -q -p no:cacheprovider tests/test_routing_device.py 2>&1 | tee "$OUT/gpu_routing.log" || true
-    timeout 200 $py -m bench.profile_layer --tokens 1 --variants gemv --graph 2>&1 | grep -v "bench nf4" \
-      | tee "$OUT/profile_t1_qwen3.log" || true ;;
   largeprof)
     $py -m bench.profile_layer --tokens 8192 --variants gemm --timings 2>&1 | tee "$OUT/profile_large_qwen3.log"
     $py -m bench.profile_layer --shape dsv3 --tokens 8192 --variants gemm --timings 2>&1 | tee "$OUT/profile_large_dsv3.log" ;;
