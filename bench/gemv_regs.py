@@ -60,11 +60,12 @@ def main(argv=None) -> int:
         kept = gv.prune_gemv(gv.gemv_configs(), {}, ROW_BUCKET=8, N=ints["N"], BS=64, K_DIM=cx["K_DIM"],
                              COMBINE=cx["COMBINE"])
         for c in kept:
-            ptx = gc.compile_kernel(gv.nf4_moe_gemv_kernel, gc.PTRS, ints, dict(cx, **c.kwargs), c.num_warps, 1)
+            ptx = gc.compile_kernel(gv.nf4_moe_gemv_kernel, gc.PTRS, ints, dict(cx, **c.kwargs), c.num_warps, 1,
+                                    maxnreg=c.maxnreg)
             f = ptxas_facts(ptx)
             regs = -(-f["regs"] // 8) * 8  # allocated per thread in units of 8 (256 per warp)
             warps = min(64, (65536 // (regs * 32 * c.num_warps)) * c.num_warps)  # whole programs per SM
-            print(f"{name:13s} {c.kwargs} warps={c.num_warps}: {f['regs']} registers, {f['spill_bytes']} spill bytes, "
+            print(f"{name:13s} {c.kwargs} warps={c.num_warps} maxnreg={c.maxnreg}: {f['regs']} registers, {f['spill_bytes']} spill bytes, "
                   f"{warps} warps per SM", flush=True)
     return 0
 

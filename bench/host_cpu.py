@@ -7,11 +7,12 @@ through the cached direct-launch path of ``nf4moe.kernels.launch``, as on the GP
 its time is nf4moe's share alone; Triton's launcher and torch's allocations on the GPU come on top
 (``bench/profile_host.py`` measures the whole on the GPU).
 
-    python -m bench.host_cpu [--tokens 1,16] [--rank 16] [--profile] [--wgmma] [--xa-in-routing]
+    python -m bench.host_cpu [--tokens 1,16] [--rank 16] [--profile] [--wgmma] [--xa-in-routing {0,1}]
 
 ``--wgmma``: the projections that would run the MMA GEMM take the Gluon GEMM's path instead (its tile tables,
 X·Aᵀ precompute and launches; ``use_wgmma`` forced), to compare the two paths' host time at the same T.
-``--xa-in-routing``: as ``NF4MOE_XA_IN_ROUTING=1`` (the up projection's X·Aᵀ in the routing launch, v39).
+``--xa-in-routing 0``: as ``NF4MOE_XA_IN_ROUTING=0`` (the up projection's X·Aᵀ in a lora_xa launch of its own
+instead of the routing launch, v39's default; 1, the default, takes the routing launch).
 """
 from __future__ import annotations
 
@@ -85,7 +86,8 @@ def main(argv=None) -> int:
     ap.add_argument("--sort", default="tottime", help="cProfile sort key (tottime, cumulative)")
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--wgmma", action="store_true", help="the Gluon GEMM's path wherever the MMA GEMM would run")
-    ap.add_argument("--xa-in-routing", action="store_true", help="NF4MOE_XA_IN_ROUTING=1's path (v39)")
+    ap.add_argument("--xa-in-routing", type=int, choices=(0, 1), default=1,
+                    help="NF4MOE_XA_IN_ROUTING's path (v39; default 1)")
     args = ap.parse_args(argv)
 
     import nf4moe
@@ -106,10 +108,9 @@ def main(argv=None) -> int:
     ]
     if args.wgmma:
         patches.append(mock.patch.object(grouped_gemm, "use_wgmma", lambda *a: True))
-    if args.xa_in_routing:
-        from nf4moe.moe_layers import triton_backend
+    from nf4moe.moe_layers import triton_backend
 
-        patches.append(mock.patch.object(triton_backend, "_XA_IN_ROUTING", True))
+    patches.append(mock.patch.object(triton_backend, "_XA_IN_ROUTING", bool(args.xa_in_routing)))
     for p in patches:
         p.start()
     try:

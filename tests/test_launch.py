@@ -196,10 +196,11 @@ def test_gemv_candidates_fit_and_stay_short(monkeypatch, k_dim, combine, bucket,
 
 # --------------------------------------------------------------------------- graph_bench (NF4MOE_TUNE_GRAPH)
 
-@pytest.mark.parametrize("raw,want", [("0", False), ("1", True), ("yes", None), (None, False)])
-@pytest.mark.parametrize("flag", ["NF4MOE_TUNE_GRAPH", "NF4MOE_GEMV_TILES", "NF4MOE_XA_IN_ROUTING"])
-def test_opt_in_flags(flag, raw, want, monkeypatch):
-    """Each opt-in switch reads 0 / 1 (unset: 0) and rejects anything else, naming itself."""
+@pytest.mark.parametrize("raw,want", [("0", False), ("1", True), ("yes", None), (None, "default")])
+@pytest.mark.parametrize("flag,default", [("NF4MOE_TUNE_GRAPH", True), ("NF4MOE_GEMV_TILES", False),
+                                          ("NF4MOE_XA_IN_ROUTING", True)])
+def test_env_flags(flag, default, raw, want, monkeypatch):
+    """Each switch reads 0 / 1 (unset: its default) and rejects anything else, naming itself."""
     from nf4moe.kernels import configs, grouped_gemv
     from nf4moe.moe_layers import triton_backend
 
@@ -213,7 +214,7 @@ def test_opt_in_flags(flag, raw, want, monkeypatch):
         with pytest.raises(ValueError, match=f"{flag} must be 0 or 1"):
             read()
     else:
-        assert read() is want
+        assert read() is (default if want == "default" else want)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="graph_bench captures CUDA graphs")

@@ -427,7 +427,9 @@ GEMV_PINS = [  # (BLOCK_M, BLOCK_N, LANES, STEPS, VEC, num_warps, TILES), dtype:
     # 3 N tiles per program, the prefetch across tiles, and tiles past N (up N = 128: 4 tiles, the second program's
     # last two are past N; down N = 256: 8 tiles, one past N)
     (1, 32, 8, 1, 16, 1, 1, torch.bfloat16), (2, 32, 4, 1, 16, 1, 1, torch.float16),
-    (1, 32, 4, 1, 8, 1, 1, torch.bfloat16), (1, 32, 4, 1, 8, 1, 3, torch.float32)]
+    (1, 32, 4, 1, 8, 1, 1, torch.bfloat16), (1, 32, 4, 1, 8, 1, 3, torch.float32),
+    # the register-capped 8-byte lanes of the GPU list (maxnreg: honoured on a GPU, ignored by the interpreter)
+    (1, 4, 32, 1, 8, 4, 1, torch.bfloat16, 56), (1, 8, 16, 1, 8, 4, 1, torch.float16, 64)]
 
 
 @pytest.mark.parametrize("pin", GEMV_PINS)
@@ -440,9 +442,9 @@ def test_gemv_configs_match_reference(monkeypatch, nan_new_empty, pin):
     import nf4moe.kernels.grouped_gemm as gg
     from nf4moe.kernels import configs
 
-    bm, bn, lanes, steps, vec, warps, tiles, dtype = pin
+    bm, bn, lanes, steps, vec, warps, tiles, dtype, *cap = pin
     cfg = triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "LANES": lanes, "STEPS": steps, "VEC": vec, "TILES": tiles},
-                        num_warps=warps, num_stages=1)
+                        num_warps=warps, num_stages=1, maxnreg=cap[0] if cap else None)
 
     class Pinned(dict):  # the down projection's fused combine takes one row per program
         def get(self, key, default=None):
@@ -840,8 +842,9 @@ def test_routing_xa_launch_rejects_what_it_cannot_take():
 @pytest.mark.parametrize("t", [1, 3])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_xa_in_routing_layer_matches_reference_with_one_xa_launch_fewer(monkeypatch, nan_new_empty, t, dtype):
-    """NF4MOE_XA_IN_ROUTING=1: the decode path's layer output against the fp32 reference and the default path;
-    the up projection's lora_xa launch gone (only the down's left), the routing launch computing it."""
+    """NF4MOE_XA_IN_ROUTING=1 (the default): the decode path's layer output against the fp32 reference and the
+    path with two lora_xa launches (=0); the up projection's lora_xa launch gone (only the down's left), the
+    routing launch computing it."""
     import nf4moe.kernels.grouped_gemv as gv
     from nf4moe.moe_layers import triton_backend as tb
 
@@ -851,7 +854,10 @@ def test_xa_in_routing_layer_matches_reference_with_one_xa_launch_fewer(monkeypa
     idx, w = routing(t, 4, 2, seed=82, mode="sentinels")
     w = w.to(dtype)
     with torch.no_grad():
+        monkeypatch.setattr(tb, "_XA_IN_ROUTING", False)
+        two_xa_calls = count_calls(monkeypatch, gv, "launch_lora_xa")
         default = m(x, idx, w)
+        assert len(two_xa_calls) == 2
         monkeypatch.setattr(tb, "_XA_IN_ROUTING", True)
         xa_calls = count_calls(monkeypatch, gv, "launch_lora_xa")
         fused_calls = count_calls(monkeypatch, tb, "build_routing_xa")
@@ -895,6 +901,7 @@ def test_xa_in_routing_leaves_other_index_dtypes_to_the_plain_routing(monkeypatc
     x = torch.randn(2, 128, device=DEV)
     idx, w = routing(2, 4, 2, seed=88)
     with torch.no_grad():
+        monkeypatch.setattr(tb, "_XA_IN_ROUTING", False)
         default = m(x, idx.to(torch.int16), w)
         monkeypatch.setattr(tb, "_XA_IN_ROUTING", True)
         calls = count_calls(monkeypatch, tb, "build_routing_xa")

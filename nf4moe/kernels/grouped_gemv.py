@@ -54,9 +54,9 @@ def gemv_configs() -> list[triton.Config]:
     (its tail past K masked), lanes of VEC bytes; 32 // LANES weight rows share a warp.  VEC = 16: one 16-byte
     load and one absmax per lane and step.  The last is the fallback (VEC = 4 bytes = 8 columns lie in one
     NF4 block of any blocksize >= 8)."""
-    def cfg(bm, bn, lanes, steps, vec, warps, tiles=1):
+    def cfg(bm, bn, lanes, steps, vec, warps, tiles=1, maxnreg=None):
         return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "LANES": lanes, "STEPS": steps, "VEC": vec,
-                              "TILES": tiles}, num_warps=warps, num_stages=1)
+                              "TILES": tiles}, num_warps=warps, num_stages=1, maxnreg=maxnreg)
 
     fallback = cfg(1, 4, 8, 1, 4, 1)
     # pinned / interpreter: the pruner keeps the first that fits (one row per program for the fused combine,
@@ -69,6 +69,10 @@ def gemv_configs() -> list[triton.Config]:
     # warps on one row (K >= 2048) or 8 lanes to a row (short K: the down projections)
     out = [cfg(1, 4, 32, 1, 16, 4), cfg(1, 16, 32, 1, 16, 8), cfg(1, 4, 32, 2, 16, 4), cfg(1, 16, 8, 1, 16, 4),
            cfg(1, 8, 8, 1, 16, 2), cfg(2, 4, 32, 1, 16, 4), cfg(2, 16, 8, 1, 16, 4)]
+    # 8-byte lanes under a register cap (NOTES v40): 66-72 registers uncapped at Qwen3's up projection, none
+    # spilled at 64 or (the first) 56, so 32-36 resident warps per SM against the 16-byte lanes' 12-24
+    out += [cfg(1, 4, 32, 1, 8, 4, maxnreg=56), cfg(1, 4, 32, 1, 8, 4, maxnreg=64), cfg(1, 8, 16, 1, 8, 4, maxnreg=64),
+            cfg(1, 4, 32, 2, 8, 4, maxnreg=64)]
     if gemv_tiles():  # the up and down winners with 2 or 4 N tiles per program (NOTES v35: not yet measured)
         out += [cfg(1, 4, 32, 1, 16, 4, 2), cfg(1, 4, 32, 1, 16, 4, 4), cfg(1, 16, 8, 1, 16, 4, 2),
                 cfg(1, 8, 8, 1, 16, 2, 2), cfg(1, 8, 8, 1, 16, 2, 4)]
