@@ -34,6 +34,8 @@
 #                                      # with NF4MOE_TUNE_GRAPH=1, each in a fresh process: GEMV choices, kernel times, graph replays (~9 min)
 #   bash bench/gpu_sweep.sh pending    # after session 14: GPU tests of v37-v39, then Qwen3 T=1 (eager, CUDA graph, kernel times) in
 #                                      # four fresh processes: default, NF4MOE_TUNE_GRAPH=1, NF4MOE_XA_IN_ROUTING=1, both (~9 min)
+#   bash bench/gpu_sweep.sh v40        # session 15: GPU tests of the capped GEMV pins, Qwen3 T=1 profiles in two fresh processes,
+#                                      # T=16 / 128 profiles with every GEMM candidate's time, the Qwen3 forward table (~10 min)
 #   bash bench/gpu_sweep.sh largeprof  # GEMM times of every autotuner candidate at T=8192, Qwen3 and DeepSeek-V3 (~2 min)
 set -euo pipefail
 OUT=${OUT:-bench/results/sweep}
@@ -174,6 +176,17 @@ case "${1:-}" in
       NF4MOE_TUNE_GRAPH=$1 NF4MOE_XA_IN_ROUTING=$2 timeout 100 $py -m bench.profile_layer --tokens 1 --variants gemv \
         --timings --graph 2>&1 | grep -v "Warn\|_warn" | tee "$OUT/profile_t1_tune$1_xa$2.log" || true
     done ;;
+  v40)
+    timeout 100 $py -m pytest -q -p no:cacheprovider tests/test_triton_forward.py -k "gemv_configs_match or xa_in_routing" \
+      2>&1 | tail -5 | tee "$OUT/gpu_v40.log" || true
+    for run in 1 2; do
+      timeout 90 $py -m bench.profile_layer --tokens 1 --variants gemv --timings --graph 2>&1 | grep -v "Warn\|_warn" \
+        | tee "$OUT/profile_t1_v40_run$run.log" || true
+    done
+    timeout 150 $py -m bench.profile_layer --tokens 16,128 --variants gemm --check --timings --graph 2>&1 \
+      | grep -v "Warn\|_warn\|bench nf4_moe_gemv" | tee "$OUT/profile_t16_t128_v40.log" || true
+    mkdir -p "$OUT/qwen3"
+    timeout 240 $py -m nf4moe bench --mode fwd --shapes qwen3 --out "$OUT/qwen3" 2>&1 | tee "$OUT/qwen3_fwd.log" || true ;;
   largeprof)
     $py -m bench.profile_layer --tokens 8192 --variants gemm --timings 2>&1 | tee "$OUT/profile_large_qwen3.log"
     $py -m bench.profile_layer --shape dsv3 --tokens 8192 --variants gemm --timings 2>&1 | tee "$OUT/profile_large_dsv3.log" ;;
