@@ -186,7 +186,10 @@ case "${1:-}" in
     timeout 150 $py -m bench.profile_layer --tokens 16,128 --variants gemm --check --timings --graph 2>&1 \
       | grep -v "Warn\|_warn\|bench nf4_moe_gemv" | tee "$OUT/profile_t16_t128_v40.log" || true
     mkdir -p "$OUT/qwen3"
-    timeout 240 $py -m nf4moe bench --mode fwd --shapes qwen3 --out "$OUT/qwen3" 2>&1 | tee "$OUT/qwen3_fwd.log" || true ;;
+    timeout 240 $py -m nf4moe bench --mode fwd --shapes qwen3 --out "$OUT/qwen3" 2>&1 | tee "$OUT/qwen3_fwd.log" || true
+    # the GEMV / GEMM crossover (NF4MOE_GEMV_ROWS = 16 routed rows by default): T = 4, 16 on each
+    timeout 150 $py -m bench.profile_layer --tokens 4,16 --variants gemv,gemm --graph 2>&1 | grep -v "Warn\|_warn" \
+      | tee "$OUT/profile_crossover_v40.log" || true ;;
   largeprof)
     $py -m bench.profile_layer --tokens 8192 --variants gemm --timings 2>&1 | tee "$OUT/profile_large_qwen3.log"
     $py -m bench.profile_layer --shape dsv3 --tokens 8192 --variants gemm --timings 2>&1 | tee "$OUT/profile_large_dsv3.log" ;;
