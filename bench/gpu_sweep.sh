@@ -36,6 +36,7 @@
 #                                      # four fresh processes: default, NF4MOE_TUNE_GRAPH=1, NF4MOE_XA_IN_ROUTING=1, both (~9 min)
 #   bash bench/gpu_sweep.sh v40        # session 15: GPU tests of the capped GEMV pins, Qwen3 T=1 profiles in two fresh processes,
 #                                      # T=16 / 128 profiles with every GEMM candidate's time, the Qwen3 forward table (~10 min)
+#   bash bench/gpu_sweep.sh crossover  # the GEMV / GEMM crossover at T = 4, 8 for Qwen3 and GLM-4.5-Air (~5 min)
 #   bash bench/gpu_sweep.sh largeprof  # GEMM times of every autotuner candidate at T=8192, Qwen3 and DeepSeek-V3 (~2 min)
 set -euo pipefail
 OUT=${OUT:-bench/results/sweep}
@@ -190,6 +191,11 @@ case "${1:-}" in
     # the GEMV / GEMM crossover (NF4MOE_GEMV_ROWS = 16 routed rows by default): T = 4, 16 on each
     timeout 150 $py -m bench.profile_layer --tokens 4,16 --variants gemv,gemm --graph 2>&1 | grep -v "Warn\|_warn" \
       | tee "$OUT/profile_crossover_v40.log" || true ;;
+  crossover)  # the GEMV / GEMM crossover at 32 and 64 routed rows (T = 4, 8), Qwen3 and GLM-4.5-Air (~5 min)
+    timeout 150 $py -m bench.profile_layer --tokens 4,8 --variants gemv,gemm --graph 2>&1 | grep -v "Warn\|_warn" \
+      | tee "$OUT/profile_crossover_qwen3.log" || true
+    timeout 200 $py -m bench.profile_layer --shape glm45air --tokens 4,8 --variants gemv,gemm --graph 2>&1 \
+      | grep -v "Warn\|_warn" | tee "$OUT/profile_crossover_glm.log" || true ;;
   largeprof)
     $py -m bench.profile_layer --tokens 8192 --variants gemm --timings 2>&1 | tee "$OUT/profile_large_qwen3.log"
     $py -m bench.profile_layer --shape dsv3 --tokens 8192 --variants gemm --timings 2>&1 | tee "$OUT/profile_large_dsv3.log" ;;
