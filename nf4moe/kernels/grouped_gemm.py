@@ -23,7 +23,7 @@ Tiles of up to 32 rows take each K step's columns in wgmma k order (nf4_decode.m
 bytes arrive as words and decode straight into operand pairs; the activations are read in the same
 order).  LoRA X·Aᵀ is accumulated in the K loop up to 64 routed rows and precomputed per row above
 (lora_xa.py, split over K at small P).  The launcher sends inference calls up to ``NF4MOE_GEMV_ROWS``
-routed rows to the decode GEMV (grouped_gemv.py; default 16 rows), and eager launches from 8192 routed rows
+routed rows to the decode GEMV (grouped_gemv.py; default 64 rows), and eager launches from 8192 routed rows
 on Hopper to the Gluon GEMM (grouped_gemm_wgmma.py: decode into shared memory, asynchronous wgmma; 1.14-1.22x
 at T >= 1024 on an H200); eager launches reuse the autotuner's choice (configs.launch_tuned) and the compiled
 kernel (launch.launch).

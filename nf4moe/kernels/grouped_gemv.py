@@ -54,9 +54,9 @@ def gemv_configs() -> list[triton.Config]:
     (its tail past K masked), lanes of VEC bytes; 32 // LANES weight rows share a warp.  VEC = 16: one 16-byte
     load and one absmax per lane and step.  The last is the fallback (VEC = 4 bytes = 8 columns lie in one
     NF4 block of any blocksize >= 8)."""
-    def cfg(bm, bn, lanes, steps, vec, warps, tiles=1, maxnreg=None):
+    def cfg(bm, bn, lanes, steps, vec, warps, tiles=1):
         return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "LANES": lanes, "STEPS": steps, "VEC": vec,
-                              "TILES": tiles}, num_warps=warps, num_stages=1, maxnreg=maxnreg)
+                              "TILES": tiles}, num_warps=warps, num_stages=1)
 
     fallback = cfg(1, 4, 8, 1, 4, 1)
     # pinned / interpreter: the pruner keeps the first that fits (one row per program for the fused combine,
@@ -69,10 +69,7 @@ def gemv_configs() -> list[triton.Config]:
     # warps on one row (K >= 2048) or 8 lanes to a row (short K: the down projections)
     out = [cfg(1, 4, 32, 1, 16, 4), cfg(1, 16, 32, 1, 16, 8), cfg(1, 4, 32, 2, 16, 4), cfg(1, 16, 8, 1, 16, 4),
            cfg(1, 8, 8, 1, 16, 2), cfg(2, 4, 32, 1, 16, 4), cfg(2, 16, 8, 1, 16, 4)]
-    # 8-byte lanes under a register cap (NOTES v40): 66-72 registers uncapped at Qwen3's up projection, none
-    # spilled at 64 or (the first) 56, so 32-36 resident warps per SM against the 16-byte lanes' 12-24
-    out += [cfg(1, 4, 32, 1, 8, 4, maxnreg=56), cfg(1, 4, 32, 1, 8, 4, maxnreg=64), cfg(1, 8, 16, 1, 8, 4, maxnreg=64),
-            cfg(1, 4, 32, 2, 8, 4, maxnreg=64)]
+    # (8-byte lanes under a register cap, 56-64 registers and 32-36 warps per SM, measured slower: NOTES v40)
     if gemv_tiles():  # the up and down winners with 2 or 4 N tiles per program (NOTES v35: not yet measured)
         out += [cfg(1, 4, 32, 1, 16, 4, 2), cfg(1, 4, 32, 1, 16, 4, 4), cfg(1, 16, 8, 1, 16, 4, 2),
                 cfg(1, 8, 8, 1, 16, 2, 2), cfg(1, 8, 8, 1, 16, 2, 4)]
@@ -488,11 +485,10 @@ def _combine_last(y_ptr, stride_ym, idx_ptr, comb_ptr, cnt_ptr, pair, tile, offs
 
 def gemv_max_rows() -> int:
     """Routed rows up to which the inference projections run the GEMV kernel (grouped_gemv.py) instead
-    of the MMA GEMM; ``NF4MOE_GEMV_ROWS`` sets it (0: never).  Default 16 (T <= 2 at top-8): on an H200 it
-    measured 30 + 5 us against the GEMM's 45 us at T=1 and 62 against 69 us at T=2 (Qwen3-30B-A3B), even at
-    T=4 and slower from T=8 (bench/NOTES.md v30); the v31 kernel is faster at T=1, its crossover with the
-    GEMM not yet measured."""
-    return int(os.environ.get("NF4MOE_GEMV_ROWS", "16"))
+    of the MMA GEMM; ``NF4MOE_GEMV_ROWS`` sets it (0: never).  Default 64 (T <= 8 at top-8): on an H200
+    (Qwen3-30B-A3B, CUDA graphs, bench/NOTES.md v41) the layer took 0.0738 / 0.1265 ms with the GEMV against
+    0.1232 / 0.2120 with the GEMM at 32 / 64 routed rows, and 0.2316 against 0.2074 at 128 (T=16)."""
+    return int(os.environ.get("NF4MOE_GEMV_ROWS", "64"))
 
 
 def fuse_combine() -> bool:
