@@ -34,7 +34,7 @@
 #                                      # with NF4MOE_TUNE_GRAPH=1, each in a fresh process: GEMV choices, kernel times, graph replays (~9 min)
 #   bash bench/gpu_sweep.sh pending    # after session 14: GPU tests of v37-v39, then Qwen3 T=1 (eager, CUDA graph, kernel times) in
 #                                      # four fresh processes: default, NF4MOE_TUNE_GRAPH=1, NF4MOE_XA_IN_ROUTING=1, both (~9 min)
-#   bash bench/gpu_sweep.sh v40        # session 15: GPU tests of the capped GEMV pins, Qwen3 T=1 profiles in two fresh processes,
+#   bash bench/gpu_sweep.sh v40        # session 15: GPU tests of the capped GEMV pins (since dropped), Qwen3 T=1 profiles in two fresh processes,
 #                                      # T=16 / 128 profiles with every GEMM candidate's time, the Qwen3 forward table (~10 min)
 #   bash bench/gpu_sweep.sh crossover  # the GEMV / GEMM crossover at T = 4, 8 for Qwen3 and GLM-4.5-Air (~5 min)
 #   bash bench/gpu_sweep.sh largeprof  # GEMM times of every autotuner candidate at T=8192, Qwen3 and DeepSeek-V3 (~2 min)

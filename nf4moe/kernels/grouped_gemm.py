@@ -41,7 +41,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_
 from .operands import NF4Operand, r_pad
 from .configs import cdiv, gemm_configs, interpreting, launch_tuned, pow2, prune_configs, row_bucket
 from .combine import launch_combine
-from .grouped_gemv import gemv_max_rows, launch_nf4_moe_gemv
+from .grouped_gemv import gemv_takes, launch_nf4_moe_gemv
 from .lora_xa import launch_lora_xa
 from .nf4_decode import dequant_operand, mma_k_order
 from .common import act_fwd, dot_operand, expert_row_tile, nested_offset, split_k_reduce
@@ -385,7 +385,7 @@ def launch_nf4_moe_gemm(
     training = gu is not None or xa_out is not None or not write_out
     if combine is not None and (gated or training):
         raise ValueError("launch_nf4_moe_gemm: combine is for the down projection's inference pass")
-    if not training and 0 < rows <= gemv_max_rows():
+    if not training and gemv_takes(rows):
         fused = launch_nf4_moe_gemv(x, w, lora_a if has_lora else None, lora_b, scaling, sorted_pair_ids,
                                     expert_offsets, top_k_weights, out, n=n, top_k=top_k, gated=gated, act=act,
                                     combine=combine, xa_pairs=xa_pairs, launcher=launcher)

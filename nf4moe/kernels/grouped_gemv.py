@@ -491,6 +491,12 @@ def gemv_max_rows() -> int:
     return int(os.environ.get("NF4MOE_GEMV_ROWS", "64"))
 
 
+def gemv_takes(rows: int) -> bool:
+    """Whether an inference projection of ``rows`` routed rows runs the GEMV (launch_nf4_moe_gemm's choice; the
+    layer asks it too, to compute the up projection's X·Aᵀ in the routing launch only where the GEMV reads it)."""
+    return 0 < rows <= gemv_max_rows()
+
+
 def fuse_combine() -> bool:
     """Whether the down GEMV may sum each token's slot rows itself (``_combine_last``) instead of leaving them
     to the combine kernel; ``NF4MOE_FUSE_COMBINE=0``: the combine kernel always."""

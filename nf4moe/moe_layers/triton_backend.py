@@ -16,7 +16,7 @@ import torch
 
 from ..kernels import ops
 from ..kernels.configs import env_flag
-from ..kernels.grouped_gemv import gemv_max_rows
+from ..kernels.grouped_gemv import gemv_takes
 from ..kernels.operands import r_pad
 from ..kernels.routing import build_routing, build_routing_xa, routing_xa_fits
 from . import autograd  # noqa: F401  (registers the backward of nf4moe::moe_experts)
@@ -70,7 +70,7 @@ def _forward(mod, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_
         da, db = mod.lora_A["down_proj"], mod.lora_B["down_proj"]
     grad = _needs_grad(mod, hidden_states, top_k_weights, la, lb, da, db)
     xa_up = None
-    if (_XA_IN_ROUTING and la is not None and not grad and top_k_index.numel() <= gemv_max_rows()
+    if (_XA_IN_ROUTING and la is not None and not grad and gemv_takes(top_k_index.numel())
             and routing_xa_fits(top_k_index, e) and ops.runs_direct((hidden_states, top_k_index, la))):
         routing, xa_up = build_routing_xa(top_k_index, e, hidden_states, la, r_pad(la.shape[1]), check_ids=check_ids)
     else:
