@@ -37,6 +37,9 @@
 #   bash bench/gpu_sweep.sh v40        # session 15: GPU tests of the capped GEMV pins (since dropped), Qwen3 T=1 profiles in two fresh processes,
 #                                      # T=16 / 128 profiles with every GEMM candidate's time, the Qwen3 forward table (~10 min)
 #   bash bench/gpu_sweep.sh crossover  # the GEMV / GEMM crossover at T = 4, 8 for Qwen3 and GLM-4.5-Air (~5 min)
+#   bash bench/gpu_sweep.sh v42        # session 16: GPU tests of the Gluon GEMM's opt-in configs (NF4MOE_LUT_REGS among them) and
+#                                      # the compile facts, the Gluon GEMM without / with the table in registers at Qwen3 T=1024, 8192
+#                                      # and DeepSeek-V3 T=8192, then the GLM-4.5-Air GEMV / GEMM crossover at T = 4, 8 (~9 min)
 #   bash bench/gpu_sweep.sh largeprof  # GEMM times of every autotuner candidate at T=8192, Qwen3 and DeepSeek-V3 (~2 min)
 set -euo pipefail
 OUT=${OUT:-bench/results/sweep}
@@ -195,6 +198,15 @@ case "${1:-}" in
     timeout 150 $py -m bench.profile_layer --tokens 4,8 --variants gemv,gemm --graph 2>&1 | grep -v "Warn\|_warn" \
       | tee "$OUT/profile_crossover_qwen3.log" || true
     timeout 200 $py -m bench.profile_layer --shape glm45air --tokens 4,8 --variants gemv,gemm --graph 2>&1 \
+      | grep -v "Warn\|_warn" | tee "$OUT/profile_crossover_glm.log" || true ;;
+  v42)
+    timeout 130 $py -m pytest -q -p no:cacheprovider tests/test_triton_forward.py tests/test_gpu_compile.py \
+      -k "wgmma_gemm_opt_in or wgmma_gemm_decodes" 2>&1 | tail -8 | tee "$OUT/gpu_v42.log" || true
+    timeout 120 $py -m bench.profile_layer --tokens 1024,8192 --variants wgmma_imm,wgmma,wgmma_imm,wgmma --check 2>&1 \
+      | grep -v "Warn\|_warn" | tee "$OUT/profile_lut_regs_qwen3.log" || true
+    timeout 110 $py -m bench.profile_layer --shape dsv3 --tokens 8192 --variants wgmma_imm,wgmma --check 2>&1 \
+      | grep -v "Warn\|_warn" | tee "$OUT/profile_lut_regs_dsv3.log" || true
+    timeout 220 $py -m bench.profile_layer --shape glm45air --tokens 4,8 --variants gemv,gemm --graph 2>&1 \
       | grep -v "Warn\|_warn" | tee "$OUT/profile_crossover_glm.log" || true ;;
   largeprof)
     $py -m bench.profile_layer --tokens 8192 --variants gemm --timings 2>&1 | tee "$OUT/profile_large_qwen3.log"

@@ -140,7 +140,7 @@ def main() -> int:
         wg_ptrs = dict(ptrs, am_ptr="*u8", xa_ptr="*fp32", tile_ptr="*i32")
         wg_ints = dict(ints, K_HALF=1024, P=65536)
         wg = dict(TOP_K=8, R_PAD=16, ACT=0, HAS_LORA=True, NESTED=True, BS=64, BS2=256, WRITE_GU=False, WRITE_OUT=True,
-                  LEAVE_OUT=0, STAGES=4, EARLY_COPY=False)
+                  LEAVE_OUT=0, STAGES=4, EARLY_COPY=False, LUT_REGS=False)
         down_ints = dict(wg_ints, N=2048, K_DIM=768, K_HALF=384, N_TOTAL=2048)
         for name, bm, tn in (("", 128, 256), ("_256rows", 256, 128)):
             tile = dict(wg, BLOCK_M=bm, TILE_N=tn)
@@ -152,7 +152,10 @@ def main() -> int:
             out["wgmma_up_early" + name] = facts(compile_kernel(nf4_moe_gemm_wgmma_kernel, wg_ptrs, wg_ints,
                                                                 dict(tile, GATED=True, BLOCK_N=tn // 2, EARLY_COPY=True),
                                                                 8, 1, gluon=True))
-            ws = dict({k: v for k, v in tile.items() if k != "EARLY_COPY"},  # the warp-specialised kernel
+            out["wgmma_up_lut_regs" + name] = facts(compile_kernel(nf4_moe_gemm_wgmma_kernel, wg_ptrs, wg_ints,
+                                                                   dict(tile, GATED=True, BLOCK_N=tn // 2, LUT_REGS=True),
+                                                                   8, 1, gluon=True))
+            ws = dict({k: v for k, v in tile.items() if k not in ("EARLY_COPY", "LUT_REGS")},  # the warp-specialised kernel
                       PW=gw.WS_PRODUCER_WARPS, PREGS=gw.WS_PRODUCER_REGS, WSLOTS=gw.WS_CONFIG[4])
             out["wgmma_ws_up" + name] = facts(compile_kernel(gw.nf4_moe_gemm_ws_kernel, wg_ptrs, wg_ints,
                                                              dict(ws, GATED=True, BLOCK_N=tn // 2), 8, 1, gluon=True,

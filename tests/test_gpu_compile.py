@@ -103,7 +103,8 @@ def test_split_k_counts_arrivals_with_an_acq_rel_atomic(compiled):
 
 
 @pytest.mark.parametrize("variant", ["wgmma_up", "wgmma_down", "wgmma_up_256rows", "wgmma_down_256rows",
-                                     "wgmma_up_early", "wgmma_up_early_256rows"])
+                                     "wgmma_up_early", "wgmma_up_early_256rows", "wgmma_up_lut_regs",
+                                     "wgmma_up_lut_regs_256rows"])
 def test_wgmma_gemm_decodes_into_shared_memory_for_async_wgmma(compiled, variant):
     if variant not in compiled:
         pytest.skip("this Triton has no Gluon Hopper API")
@@ -113,6 +114,8 @@ def test_wgmma_gemm_decodes_into_shared_memory_for_async_wgmma(compiled, variant
     assert 16 in f["cp_async_bytes"], "activation rows not copied with 16-byte cp.async"
     assert f["global_v4_loads"] > 0, "weight bytes not loaded 16 bytes at a time"
     assert f["lut_pairs"] > 0, "NF4 not decoded by the pair PTX"
+    # NF4MOE_LUT_REGS: the table words reach the decode as registers, otherwise as immediates
+    assert (f["lut_table_regs"] > 0) == ("lut_regs" in variant), f["lut_table_regs"]
     assert any(op.startswith("fence.proxy.async") for op in ops), "decoded tiles not fenced for the async proxy"
     assert not any("local" in op for op in ops), "registers spilled to local memory"
 

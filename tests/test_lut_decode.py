@@ -82,17 +82,26 @@ def run(asm: str, regs: dict, dtype) -> dict:
     return env
 
 
+@pytest.mark.parametrize("table_operands", [False, True])
 @pytest.mark.parametrize("dtype,fma", [(torch.bfloat16, "fma.rn.bf16x2"), (torch.float16, "fma.rn.f16x2")])
-def test_lut_pairs_asm_gives_each_bytes_even_odd_pair(dtype, fma):
-    """The MMA-order variant: register j holds byte j's (high nibble, low nibble) values times its scale."""
-    asm = _lut_pairs_asm(dtype, fma)
+def test_lut_pairs_asm_gives_each_bytes_even_odd_pair(dtype, fma, table_operands):
+    """The MMA-order variant: register j holds byte j's (high nibble, low nibble) values times its scale; with
+    ``table_operands`` (the Gluon GEMM's NF4MOE_LUT_REGS) the table words come in as operands $9 + 4i."""
+    from nf4moe.kernels.nf4_decode import _BF16_TABLE, _F16_TABLE
+
+    asm = _lut_pairs_asm(dtype, fma, table_operands)
     assert "\n" not in asm
+    table = {}
+    if table_operands:
+        assert "0x" not in asm.split("mov.b32 z")[0], asm  # no immediate table words
+        words = (_BF16_TABLE if dtype == torch.bfloat16 else _F16_TABLE).value
+        table = {f"${9 + 4 * i}": w & M32 for i, w in enumerate(words)}
     rng = random.Random(1)
     cases = [[b, (b + 1) % 256, (b + 7) % 256, (255 - b)] for b in range(256)]
     cases += [[rng.randrange(256) for _ in range(4)] for _ in range(100)]
     for bs in cases:
         s16 = [to16(dtype, rng.uniform(1e-3, 4.0)) for _ in range(4)]
-        regs = {"$4": sum(b << (8 * i) for i, b in enumerate(bs))}
+        regs = {"$4": sum(b << (8 * i) for i, b in enumerate(bs)), **table}
         regs.update({f"${5 + j}": s16[j] | s16[j] << 16 for j in range(4)})
         env = run(asm, regs, dtype)
         for j, b in enumerate(bs):

@@ -578,16 +578,19 @@ def test_wgmma_gemm_matches_reference(wgmma_counted, nan_new_empty, t, e, h, i, 
     assert rel_err(out, ref) < BOUND[dtype]
 
 
-@pytest.mark.parametrize("tile,stages,early", [("256x128", "4", "0"), ("128x256", "5", "0"), ("256x128", "4", "1"),
-                                               ("128x256", "4", "1")])
+@pytest.mark.parametrize("tile,stages,early,regs", [("256x128", "4", "0", "0"), ("128x256", "5", "0", "0"),
+                                                    ("256x128", "4", "1", "0"), ("128x256", "4", "1", "0"),
+                                                    ("256x128", "4", "0", "1"), ("128x256", "4", "0", "1")])
 @pytest.mark.parametrize("t,e,h,i,k,mode", WGMMA_CASES[:3])
-def test_wgmma_gemm_opt_in_configs(wgmma_counted, nan_new_empty, monkeypatch, tile, stages, early, t, e, h, i, k,
+def test_wgmma_gemm_opt_in_configs(wgmma_counted, nan_new_empty, monkeypatch, tile, stages, early, regs, t, e, h, i, k,
                                    mode):
     """The other configurations: the 256-row tile (every weight decoded once per 256 rows), rings of 5 (copies
-    three steps ahead), the activation copies issued before the block barrier (NF4MOE_WGMMA_EARLY_COPY)."""
+    three steps ahead), the activation copies issued before the block barrier (NF4MOE_WGMMA_EARLY_COPY), the
+    decode's table words in registers (NF4MOE_LUT_REGS, the default since v42) or as immediates."""
     monkeypatch.setenv("NF4MOE_WGMMA_TILE", tile)
     monkeypatch.setenv("NF4MOE_WGMMA_STAGES", stages)
     monkeypatch.setenv("NF4MOE_WGMMA_EARLY_COPY", early)
+    monkeypatch.setenv("NF4MOE_LUT_REGS", regs)
     m = make_layer(e, h, i, rank=16, seed=t)
     x = torch.randn(t, h, device=DEV, dtype=torch.bfloat16)
     idx, w = routing(t, e, k, seed=t * 3, mode=mode)

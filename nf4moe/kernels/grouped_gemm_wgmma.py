@@ -50,7 +50,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (async_copy, fence_async_shared, mbarrier,
                                                                warpgroup_mma, warpgroup_mma_wait)
 
-from .configs import cdiv
+from .configs import cdiv, env_flag
 from .launch import launch
 from . import nf4_decode
 
@@ -128,15 +128,20 @@ def _load_scales(am_ptr, am2_ptr, w_rows, n_mask, k0, K_DIM, NESTED: gl.constexp
 
 
 @gluon.jit
-def _decode_store(packed, am, am2, code2_ptr, offset, dst, NESTED: gl.constexpr, DT: gl.constexpr):
+def _decode_store(packed, am, am2, code2_ptr, offset, dst, NESTED: gl.constexpr, DT: gl.constexpr, tz,
+                  LUT_REGS: gl.constexpr):
     """Decode a (R, BLOCK_K/2) byte tile into (R, BLOCK_K) DT weights in ``dst`` (a (R, BLOCK_K/2) int32
-    view of the tile: one (even, odd) pair per word, which is the tile's memory order)."""
+    view of the tile: one (even, odd) pair per word, which is the tile's memory order).  LUT_REGS: the table
+    words in registers made from ``tz``, a runtime 0 (nf4_decode.lut_scaled_pairs), else immediates."""
     if NESTED:
         s = gl.load(code2_ptr + am.to(gl.int32)) * am2 + offset
     else:
         s = am
     s2 = gl.zeros_like(packed).to(gl.int32) + _scale_pair(s, DT)[:, None]
-    dst.store(_lut_scaled_pairs(packed, s2, DT))
+    if LUT_REGS:
+        dst.store(_lut_scaled_pairs(packed, s2, DT, gl.zeros_like(s2) + tz))
+    else:
+        dst.store(_lut_scaled_pairs(packed, s2, DT, None))
 
 
 @gluon.jit
@@ -254,7 +259,7 @@ def nf4_moe_gemm_wgmma_kernel(
     TOP_K: gl.constexpr, R_PAD: gl.constexpr, GATED: gl.constexpr, ACT: gl.constexpr, HAS_LORA: gl.constexpr,
     NESTED: gl.constexpr, BS: gl.constexpr, BS2: gl.constexpr, WRITE_GU: gl.constexpr, WRITE_OUT: gl.constexpr,
     BLOCK_M: gl.constexpr, TILE_N: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-    LEAVE_OUT: gl.constexpr, EARLY_COPY: gl.constexpr = False,
+    LEAVE_OUT: gl.constexpr, EARLY_COPY: gl.constexpr = False, LUT_REGS: gl.constexpr = False,
 ):
     """Grid: (cdiv(N, BLOCK_N), row tiles); 8 warps.  Program (n, m): row tile m of the table (BLOCK_M rows),
     features n*BLOCK_N ... of gate and up (GATED) or of the output (down); (BLOCK_M, TILE_N) is (128, 256) or
@@ -295,6 +300,7 @@ def nf4_moe_gemm_wgmma_kernel(
         N_TOTAL, x_s, wb_s, TOP_K, GATED, NESTED, BS, BS2, BM, TN, BLOCK_N, XL, WL)
 
     acc = gl.zeros([BM, TN], gl.float32, ACC)
+    tz = N >> 31  # 0, unknown to the compiler: with LUT_REGS the decode's table words stay in registers
     for i in range(n_k):
         ws = i % WS
         # 1. this thread's copies of step i have landed (each thread decodes the bytes it copied itself)
@@ -304,7 +310,7 @@ def nf4_moe_gemm_wgmma_kernel(
                                  BS2)
         # 3. decode step i into the weight ring
         if LEAVE_OUT != 1:
-            _decode_store(wb_s.index(i % XS).load(WL), am0, a20, code2_ptr, offset, w32.index(ws), NESTED, DT)
+            _decode_store(wb_s.index(i % XS).load(WL), am0, a20, code2_ptr, offset, w32.index(ws), NESTED, DT, tz, LUT_REGS)
         am0, a20, am1, a21 = am1, a21, am2n, a22
         if EARLY_COPY:  # the activation copies of step i+D before the barrier (NF4MOE_WGMMA_EARLY_COPY)
             _cp_async(x_s.index((i + D) % XS), x_base + (i + D) * BK, mask=x_mask & (i + D < n_k))
@@ -357,7 +363,8 @@ def _ws_producer(x_ptr, stride_xm, w_ptr, am_ptr, am2_ptr, code2_ptr, off_ptr, p
         am2n, a22 = _load_scales(am_ptr, am2_ptr, w_rows, wn_mask, gl.minimum(i + 2, n_k - 1) * BK, K_DIM, NESTED, BS,
                                  BS2)
         if LEAVE_OUT != 1:
-            _decode_store(wb_s.index(i % XS).load(WL), am0, a20, code2_ptr, offset, w32.index(i % WS), NESTED, DT)
+            _decode_store(wb_s.index(i % XS).load(WL), am0, a20, code2_ptr, offset, w32.index(i % WS), NESTED, DT,
+                          0, False)
         am0, a20, am1, a21 = am1, a21, am2n, a22
         fence_async_shared()  # the decoded weights and the landed activations, for the consumer's wgmma
         mbarrier.arrive(ready.index(i % WS))  # after a barrier of this partition's warps
@@ -453,6 +460,17 @@ def tile_shape(rows: int, num_experts: int) -> tuple[int, int]:
     return TILES[raw]
 
 
+def lut_regs() -> bool:
+    """``NF4MOE_LUT_REGS`` (default 1; 0: immediates): the Gluon GEMM's PTX table decode takes its 8 table words
+    in registers kept live through the K loop instead of as immediates (nf4_decode.lut_scaled_pairs).  ptxas
+    moves immediate table words in from uniform registers before each lookup: 68 of the 455 K-loop instructions
+    of the 128x256 up tile, 30 of 308 of the 256x128 one (SASS for sm_90a compiled on the CPU, Triton 3.9), for
+    9 / 0 more registers.  Measured on an H200 (bench/NOTES.md v42, GEMM kernel time): Qwen3-30B-A3B T=1024
+    0.484 against 0.495 ms, T=8192 2.003 against 2.009, DeepSeek-V3 T=8192 17.25 against 17.47: 0.3-2% (the
+    kernel is bound by its block barriers, v26, not by issue)."""
+    return env_flag("NF4MOE_LUT_REGS", default=True)
+
+
 def early_copy() -> bool:
     """``NF4MOE_WGMMA_EARLY_COPY=1`` (opt-in, not yet measured): issue step i+D's activation cp.async before the
     kernel's block barrier of step i instead of after it.  The barrier then also orders those copies before
@@ -524,7 +542,7 @@ def launch_nf4_moe_gemm_wgmma(x, w, lora_b, scaling, xa, sorted_pair_ids, tile_t
     dummy = w.absmax
     grid = (cdiv(n, bn), tile_table.shape[0])
     ws = warp_specialized()
-    kernel, extra, ring = nf4_moe_gemm_wgmma_kernel, {"EARLY_COPY": early_copy()}, stages(block_m)
+    kernel, extra, ring = nf4_moe_gemm_wgmma_kernel, {"EARLY_COPY": early_copy(), "LUT_REGS": lut_regs()}, stages(block_m)
     if ws:  # producer warps, their registers, the register cap that lets all warps share the file, ring depths
         pw, regs, maxnreg, ring, wslots = ws
         kernel, extra = nf4_moe_gemm_ws_kernel, dict(PW=pw, PREGS=regs, maxnreg=maxnreg, WSLOTS=wslots)

@@ -134,15 +134,16 @@ def _lut_pairs_asm(dtype, fma: str | None, table_operands: bool = False) -> str:
     precedes the lookups either: ~3.4 instructions per weight.  $0-$3: out, $4: the 4 bytes, $5-$8:
     the (absmax, absmax) pair of each byte.
 
-    ``fma=None``: the pairs unscaled (the decode GEMV applies the absmax in fp32), and with
-    ``table_operands`` the 8 table words come in as operands $5, $9, ..., $33 (the first register of each
-    32-bit argument packed 4 to a call) instead of immediates: ptxas then keeps them in registers, where it
-    re-moves immediate table words from uniform registers before every lookup (~5 instructions per byte).
+    ``fma=None``: the pairs unscaled (the decode GEMV applies the absmax in fp32).  With ``table_operands``
+    the 8 table words come in as the operands after the others ($5, $9, ..., $33 unscaled, $9, ..., $37 with
+    the absmax pairs: the first register of each 32-bit argument packed 4 to a call) instead of immediates:
+    ptxas then keeps them in registers, where it re-moves immediate table words from uniform registers before
+    every lookup (GEMV: ~5 instructions per byte; the Gluon GEMM's 128x256 up tile: 68 of 455 K-loop instructions).
     """
     lo, hi = _lut_words(dtype)
     if table_operands:
-        assert fma is None
-        consts = "".join(f"mov.b32 tl{i}, ${5 + 4 * i};\n mov.b32 th{i}, ${21 + 4 * i};\n" for i in range(4))
+        t0 = 5 if fma is None else 9
+        consts = "".join(f"mov.b32 tl{i}, ${t0 + 4 * i};\n mov.b32 th{i}, ${t0 + 16 + 4 * i};\n" for i in range(4))
     else:
         consts = "".join(f"mov.b32 tl{i}, {lo[i]:#010x};\n mov.b32 th{i}, {hi[i]:#010x};\n" for i in range(4))
 
@@ -174,6 +175,8 @@ def _lut_pairs_asm(dtype, fma: str | None, table_operands: bool = False) -> str:
 
 _BF16_PAIRS_ASM: tl.constexpr = tl.constexpr(_lut_pairs_asm(__import__("torch").bfloat16, "fma.rn.bf16x2"))
 _FP16_PAIRS_ASM: tl.constexpr = tl.constexpr(_lut_pairs_asm(__import__("torch").float16, "fma.rn.f16x2"))
+_BF16_PAIRS_REG_ASM: tl.constexpr = tl.constexpr(_lut_pairs_asm(__import__("torch").bfloat16, "fma.rn.bf16x2", True))
+_FP16_PAIRS_REG_ASM: tl.constexpr = tl.constexpr(_lut_pairs_asm(__import__("torch").float16, "fma.rn.f16x2", True))
 
 
 def _signed_words(dtype) -> tuple[int, ...]:
@@ -184,6 +187,7 @@ def _signed_words(dtype) -> tuple[int, ...]:
 
 _GEMV_PAIRS_ASM: tl.constexpr = tl.constexpr(_lut_pairs_asm(__import__("torch").float16, None, table_operands=True))
 _F16_TABLE: tl.constexpr = tl.constexpr(_signed_words(__import__("torch").float16))
+_BF16_TABLE: tl.constexpr = tl.constexpr(_signed_words(__import__("torch").bfloat16))
 
 
 @triton.jit
@@ -260,9 +264,29 @@ def scale_pair(s, DT: tl.constexpr):
 
 
 @triton.jit
-def lut_scaled_pairs(packed, s2, DT: tl.constexpr):
+def lut_scaled_pairs(packed, s2, DT: tl.constexpr, z):
     """int32 (even, odd) DT pair of each uint8 byte of ``packed`` times its absmax pair ``s2`` (int32, packed's
-    shape): the PTX of ``_lut_pairs_asm``.  Also called from the Gluon GEMM (grouped_gemm_wgmma.py)."""
+    shape): the PTX of ``_lut_pairs_asm``.  Also called from the Gluon GEMM (grouped_gemm_wgmma.py).
+
+    ``z``: None, the table words as PTX immediates; or int32 zeros of packed's shape and layout made from a
+    runtime 0 the compiler cannot fold (as ``lut_values_f32``'s), the 8 words then passed in as registers that
+    stay live through the kernel: 8 registers for ~1 move instruction fewer per decoded byte (ptxas re-moves
+    immediate words from uniform registers before each lookup).  Only the Gluon GEMM passes ``z``: in a Triton
+    kernel the extra operands made Triton lay the decode out differently, and the tile then went through
+    shared memory to the wgmma (SASS compiled on the CPU, bench/NOTES.md v42)."""
+    if z is not None:
+        if DT == tl.bfloat16:
+            return tl.inline_asm_elementwise(
+                _BF16_PAIRS_REG_ASM, "=r,=r,=r,=r,r,r,r,r,r" + ",r,r,r,r" * 8,
+                [packed, s2, z | _BF16_TABLE[0], z | _BF16_TABLE[1], z | _BF16_TABLE[2], z | _BF16_TABLE[3],
+                 z | _BF16_TABLE[4], z | _BF16_TABLE[5], z | _BF16_TABLE[6], z | _BF16_TABLE[7]],
+                dtype=tl.int32, is_pure=True, pack=4)
+        else:
+            return tl.inline_asm_elementwise(
+                _FP16_PAIRS_REG_ASM, "=r,=r,=r,=r,r,r,r,r,r" + ",r,r,r,r" * 8,
+                [packed, s2, z | _F16_TABLE[0], z | _F16_TABLE[1], z | _F16_TABLE[2], z | _F16_TABLE[3],
+                 z | _F16_TABLE[4], z | _F16_TABLE[5], z | _F16_TABLE[6], z | _F16_TABLE[7]],
+                dtype=tl.int32, is_pure=True, pack=4)
     if DT == tl.bfloat16:
         return tl.inline_asm_elementwise(_BF16_PAIRS_ASM, "=r,=r,=r,=r,r,r,r,r,r", [packed, s2], dtype=tl.int32,
                                          is_pure=True, pack=4)
@@ -276,7 +300,7 @@ def _lut_decode_pairs(packed, s, DT: tl.constexpr):
     """(even, odd) DT values of uint8 ``packed`` times ``s`` (broadcast to packed's shape): the PTX of
     ``_lut_pairs_asm``, whose int32 results are each byte's (even, odd) pair, split here by bit casts
     (the halves of one register, so the split costs no instruction in the MMA operand)."""
-    return _pair_halves(lut_scaled_pairs(packed, tl.broadcast_to(scale_pair(s, DT), packed.shape), DT), DT)
+    return _pair_halves(lut_scaled_pairs(packed, tl.broadcast_to(scale_pair(s, DT), packed.shape), DT, None), DT)
 
 
 @triton.jit
