@@ -460,6 +460,41 @@ def test_gemv_configs_match_reference(monkeypatch, nan_new_empty, pin):
     assert (up, down) == ([False], [True])
 
 
+@pytest.mark.skipif(DEV != "cuda", reason="the L2 prefetch is PTX: compiled GPU code only")
+@pytest.mark.parametrize("pin", [(1, 8, 8, 1, 16, 2, 1, torch.bfloat16), (1, 4, 32, 1, 16, 4, 1, torch.float16),
+                                 (2, 16, 8, 1, 16, 4, 1, torch.bfloat16), (1, 8, 8, 1, 16, 2, 2, torch.bfloat16)])
+def test_gemv_l2_prefetch_changes_no_bit(monkeypatch, nan_new_empty, pin):
+    """NF4MOE_GEMV_PREFETCH (each program asks L2 for its weight rows first): a hint only, so with the same
+    pinned config the layer's output is bit-identical with and without it, and matches the reference.  K = 768
+    (down: 384 bytes a row, 48 or 12 a lane) and 256 (up) exercise slices shorter than a line."""
+    import triton
+
+    from nf4moe.kernels import configs
+
+    bm, bn, lanes, steps, vec, warps, tiles, dtype = pin
+    cfg = triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "LANES": lanes, "STEPS": steps, "VEC": vec, "TILES": tiles},
+                        num_warps=warps, num_stages=1)
+
+    class Pinned(dict):
+        def get(self, key, default=None):
+            if key[0] == "gemv" or (key[0] == "gemv_combine" and bm == 1):
+                return cfg.all_kwargs()
+            return super().get(key, default)
+
+    monkeypatch.setattr(configs, "_TUNED", Pinned())
+    monkeypatch.setenv("NF4MOE_GEMV_ROWS", str(1 << 30))
+    m = make_layer(6, 256, 768, rank=8, seed=70 + bm + lanes)
+    x = torch.randn(5, 256, device=DEV, dtype=dtype)
+    idx, w = routing(5, 6, 3, seed=71)
+    outs = []
+    for flag in ("0", "1"):
+        monkeypatch.setenv("NF4MOE_GEMV_PREFETCH", flag)
+        with torch.no_grad():
+            outs.append(m(x, idx, w.to(dtype)))
+    assert torch.equal(outs[0], outs[1])
+    assert_matches_reference(m, x, idx, w, BOUND[dtype])
+
+
 @pytest.mark.parametrize("splits,xa_mode,dtype", [(2, "0", torch.float32), (4, "0", torch.bfloat16),
                                                   (4, "1", torch.float32)])
 def test_split_k_matches_reference(monkeypatch, splits, xa_mode, dtype):
