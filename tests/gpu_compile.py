@@ -96,9 +96,11 @@ def main() -> int:
     ptrs, ints, common = PTRS, INTS, COMMON
     out = {}
     up = dict(common, GATED=True, GATHER=True, SCATTER=False, INTERPRET=False, LUT=True, XA_PRE=True,
-              WRITE_GU=False, WRITE_OUT=True, KPERM=True, K_HINT=False, SPLIT_K=1)
+              WRITE_GU=False, WRITE_OUT=True, KPERM=True, K_HINT=False, SPLIT_K=1, PREFETCH=False)
     out["gemm_up_bk128"] = facts(compile_kernel(nf4_moe_gemm_kernel, ptrs, ints,
                                                 dict(up, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128), 4, 3))
+    out["gemm_up_bk128_prefetch"] = facts(compile_kernel(nf4_moe_gemm_kernel, ptrs, ints,
+                                                         dict(up, PREFETCH=True, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128), 4, 3))
     out["gemm_up_bk64"] = facts(compile_kernel(nf4_moe_gemm_kernel, ptrs, ints,
                                                dict(up, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64), 4, 3))
     out["gemm_up_bk64_bm16"] = facts(compile_kernel(nf4_moe_gemm_kernel, ptrs, ints,
@@ -110,7 +112,8 @@ def main() -> int:
                                                   4, 3))
     out["gemm_up_bk128_natural_k"] = facts(compile_kernel(nf4_moe_gemm_kernel, ptrs, ints,
                                                           dict(up, KPERM=False, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128), 4, 3))
-    gemv = {k: v for k, v in up.items() if k not in ("INTERPRET", "XA_PRE", "WRITE_GU", "WRITE_OUT", "KPERM", "K_HINT", "SPLIT_K")}
+    gemv = {k: v for k, v in up.items() if k not in ("INTERPRET", "XA_PRE", "WRITE_GU", "WRITE_OUT", "KPERM", "K_HINT", "SPLIT_K",
+                                                     "PREFETCH")}
     out["gemv_up"] = facts(compile_kernel(nf4_moe_gemv_kernel, ptrs, ints,
                                           dict(gemv, COMBINE=False, SLOTS=1, XA_BY_PAIR=False, PREFETCH=False, K_DIM=2048, BLOCK_M=1, BLOCK_N=4,
                                                LANES=32, STEPS=1, VEC=16, TILES=1), 4, 1))

@@ -85,6 +85,15 @@ def test_gemv_prefetch_asks_l2_for_every_line(compiled):
     assert f["lut_pairs"] > 0 and f["smem_byte_loads"] == 0 and f["wgmma"] == 0, f
 
 
+def test_gemm_prefetch_keeps_the_k_loop(compiled):
+    """NF4MOE_GEMM_PREFETCH: the L2 prefetches before the K loop, the loop's cp.async staging, pair decode and
+    wgmma as without it."""
+    f, plain = compiled["gemm_up_bk128_prefetch"], compiled["gemm_up_bk128"]
+    assert f["l2_prefetches"] >= 3 and plain["l2_prefetches"] == 0, (f["l2_prefetches"], plain["l2_prefetches"])
+    for fact in ("cp_async_bytes", "wgmma", "lut_pairs", "smem_byte_loads"):
+        assert f[fact] == plain[fact], (fact, f[fact], plain[fact])
+
+
 def test_routing_kernel_compiles_at_the_threshold(compiled):
     assert "routing_1024" in compiled and compiled["routing_1024"]["ptx_ops"]
 

@@ -495,6 +495,39 @@ def test_gemv_l2_prefetch_changes_no_bit(monkeypatch, nan_new_empty, pin):
     assert_matches_reference(m, x, idx, w, BOUND[dtype])
 
 
+@pytest.mark.skipif(DEV != "cuda", reason="the L2 prefetch is PTX: compiled GPU code only")
+@pytest.mark.parametrize("bm,bn,bk,t,h,i", [(16, 64, 128, 5, 256, 256), (16, 128, 64, 40, 256, 192),
+                                            (64, 64, 64, 40, 320, 192)])
+def test_gemm_l2_prefetch_changes_no_bit(monkeypatch, nan_new_empty, bm, bn, bk, t, h, i):
+    """NF4MOE_GEMM_PREFETCH (each MMA GEMM program asks L2 for its weight rows first): a hint only, so with the
+    same pinned config the layer's output is bit-identical with and without it, and matches the reference; the
+    up projection's N = 192 with 128-row tiles (the clamped rows past N are prefetched too), LoRA X·Aᵀ in the K
+    loop (5 tokens) and precomputed (40)."""
+    import triton
+
+    from nf4moe.kernels import configs
+
+    cfg = triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=4, num_stages=3)
+
+    class Pinned(dict):
+        def get(self, key, default=None):
+            return cfg.all_kwargs() if key[0] == "gemm" else super().get(key, default)
+
+    monkeypatch.setattr(configs, "_TUNED", Pinned())
+    monkeypatch.setenv("NF4MOE_GEMV_ROWS", "0")
+    monkeypatch.setenv("NF4MOE_WGMMA_ROWS", "0")
+    m = make_layer(6, h, i, rank=16, seed=80 + t)
+    x = torch.randn(t, h, device=DEV, dtype=torch.bfloat16)
+    idx, w = routing(t, 6, 3, seed=81)
+    outs = []
+    for flag in ("0", "1"):
+        monkeypatch.setenv("NF4MOE_GEMM_PREFETCH", flag)
+        with torch.no_grad():
+            outs.append(m(x, idx, w.to(torch.bfloat16)))
+    assert torch.equal(outs[0], outs[1])
+    assert_matches_reference(m, x, idx, w, BOUND[torch.bfloat16])
+
+
 @pytest.mark.parametrize("splits,xa_mode,dtype", [(2, "0", torch.float32), (4, "0", torch.bfloat16),
                                                   (4, "1", torch.float32)])
 def test_split_k_matches_reference(monkeypatch, splits, xa_mode, dtype):
