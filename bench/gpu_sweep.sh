@@ -40,8 +40,8 @@
 #   bash bench/gpu_sweep.sh v42        # session 16: GPU tests of the Gluon GEMM's opt-in configs (NF4MOE_LUT_REGS among them) and
 #                                      # the compile facts, the Gluon GEMM without / with the table in registers at Qwen3 T=1024, 8192
 #                                      # and DeepSeek-V3 T=8192, then the GLM-4.5-Air GEMV / GEMM crossover at T = 4, 8 (~9 min)
-#   bash bench/gpu_sweep.sh v43        # session 16: GPU tests of the L2 prefetches, then Qwen3 T=1, 8 with and without the
-#                                      # GEMV's (two fresh processes, both orders), T=128, 1024 with and without the MMA GEMM's (~9 min)
+#   bash bench/gpu_sweep.sh v44        # session 17: the Qwen3 forward table (all T, peers) with the v42 defaults, then the
+#                                      # DeepSeek-V3 GEMV / GEMM crossover at T = 4, 8 (32 / 64 routed rows) (~8 min)
 #   bash bench/gpu_sweep.sh largeprof  # GEMM times of every autotuner candidate at T=8192, Qwen3 and DeepSeek-V3 (~2 min)
 set -euo pipefail
 OUT=${OUT:-bench/results/sweep}
@@ -210,17 +210,12 @@ case "${1:-}" in
       | grep -v "Warn\|_warn" | tee "$OUT/profile_lut_regs_dsv3.log" || true
     timeout 220 $py -m bench.profile_layer --shape glm45air --tokens 4,8 --variants gemv,gemm --graph 2>&1 \
       | grep -v "Warn\|_warn" | tee "$OUT/profile_crossover_glm.log" || true ;;
-  v43)
-    timeout 110 $py -m pytest -q -p no:cacheprovider tests/test_triton_forward.py tests/test_gpu_compile.py \
-      -k "prefetch or gemv_configs_match" 2>&1 | tail -6 | tee "$OUT/gpu_v43.log" || true
-    for v in gemv,gemv_pf gemv_pf,gemv; do
-      timeout 100 $py -m bench.profile_layer --tokens 1,8 --variants $v --check --graph 2>&1 \
-        | grep -v "Warn\|_warn" | tee -a "$OUT/profile_prefetch_qwen3.log" || true
-    done
-    for v in gemm,gemm_pf gemm_pf,gemm; do
-      timeout 90 $py -m bench.profile_layer --tokens 128,1024 --variants $v --check --graph 2>&1 \
-        | grep -v "Warn\|_warn" | tee -a "$OUT/profile_prefetch_gemm_qwen3.log" || true
-    done ;;
+  v44)
+    mkdir -p "$OUT/qwen3"
+    timeout 250 $py -m nf4moe bench --mode fwd --shapes qwen3 --tokens 1,16,128,1024,8192,16384 --out "$OUT/qwen3" 2>&1 \
+      | grep -v "Warn\|_warn" | tee "$OUT/h200_qwen3.log" || true
+    timeout 230 $py -m bench.profile_layer --shape dsv3 --tokens 4,8 --variants gemv,gemm --graph 2>&1 \
+      | grep -v "Warn\|_warn" | tee "$OUT/profile_crossover_dsv3.log" || true ;;
   largeprof)
     $py -m bench.profile_layer --tokens 8192 --variants gemm --timings 2>&1 | tee "$OUT/profile_large_qwen3.log"
     $py -m bench.profile_layer --shape dsv3 --tokens 8192 --variants gemm --timings 2>&1 | tee "$OUT/profile_large_dsv3.log" ;;

@@ -15,8 +15,6 @@ variant, plus the autotuner's chosen configs.  GPU only; used to write bench/NOT
     python -m bench.profile_layer --tokens 1024,8192 --variants wgmma,wgmma_early --check  # one bar.sync fewer (v29)
     python -m bench.profile_layer --tokens 1,2 --variants gemv,gemv_unfused,gemv_nomemset --graph  # fused combine (v33)
     python -m bench.profile_layer --tokens 1024,8192 --variants wgmma_imm,wgmma --check  # decode table in registers (v42)
-    python -m bench.profile_layer --tokens 1,8 --variants gemv,gemv_pf --check --graph  # L2 prefetch in the GEMV (v43)
-    python -m bench.profile_layer --tokens 16,128 --variants gemm,gemm_pf --check --graph  # and in the MMA GEMM
 
 ``--check`` compares every variant's output with the fp32 reference backend (relative error printed);
 ``--timings`` prints every config the GEMM autotuner benchmarks, with its time; ``--graph`` also times each
@@ -146,10 +144,6 @@ def main(argv=None) -> int:
             os.environ["NF4MOE_WGMMA_SPLIT"] = {"wgmma_split": "1", "wgmma_nosplit": "0"}.get(var, "1")
             # wgmma_early: the activation copies issued before the block barrier (NF4MOE_WGMMA_EARLY_COPY)
             os.environ["NF4MOE_WGMMA_EARLY_COPY"] = "1" if var == "wgmma_early" else "0"
-            # gemv_pf: the decode GEMV's programs prefetch their weight rows into L2 first (NF4MOE_GEMV_PREFETCH, v43)
-            os.environ["NF4MOE_GEMV_PREFETCH"] = "1" if var.endswith("_pf") else "0"
-            # gemm_pf: the MMA GEMM's programs prefetch their weight rows into L2 first (NF4MOE_GEMM_PREFETCH)
-            os.environ["NF4MOE_GEMM_PREFETCH"] = "1" if var.endswith("_pf") else "0"
             # ..._imm (e.g. wgmma_imm): the Gluon GEMM's decode table as immediates (NF4MOE_LUT_REGS=0; default
             # since v42: in registers)
             os.environ["NF4MOE_LUT_REGS"] = "0" if var.endswith("_imm") else "1"

@@ -74,8 +74,7 @@ def facts(ptx: str) -> dict:
             "smem_byte_loads": ops.get("ld.shared.b8", 0) + ops.get("ld.shared.u8", 0),
             "acq_rel_counter": len(re.findall(r"atom\.global\.gpu\.acq_rel\.add\.u32", ptx)),
             "l2_loads": len(re.findall(r"ld\.global\.cg\.", ptx)),  # predicated loads sit in inline-asm lines
-            "global_v4_loads": len(re.findall(r"ld\.global(?:\.[\w:]+)*\.v4\.b32", ptx)),
-            "l2_prefetches": ptx.count("prefetch.global.L2")}  # inline asm: several to a line
+            "global_v4_loads": len(re.findall(r"ld\.global(?:\.[\w:]+)*\.v4\.b32", ptx))}
 
 
 _BF16_PTRS = {n: "*bf16" for n in ("x_ptr", "dy_ptr", "out_ptr", "gu_ptr", "la_ptr", "lb_ptr", "topw_ptr")}
@@ -96,11 +95,9 @@ def main() -> int:
     ptrs, ints, common = PTRS, INTS, COMMON
     out = {}
     up = dict(common, GATED=True, GATHER=True, SCATTER=False, INTERPRET=False, LUT=True, XA_PRE=True,
-              WRITE_GU=False, WRITE_OUT=True, KPERM=True, K_HINT=False, SPLIT_K=1, PREFETCH=False)
+              WRITE_GU=False, WRITE_OUT=True, KPERM=True, K_HINT=False, SPLIT_K=1)
     out["gemm_up_bk128"] = facts(compile_kernel(nf4_moe_gemm_kernel, ptrs, ints,
                                                 dict(up, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128), 4, 3))
-    out["gemm_up_bk128_prefetch"] = facts(compile_kernel(nf4_moe_gemm_kernel, ptrs, ints,
-                                                         dict(up, PREFETCH=True, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128), 4, 3))
     out["gemm_up_bk64"] = facts(compile_kernel(nf4_moe_gemm_kernel, ptrs, ints,
                                                dict(up, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64), 4, 3))
     out["gemm_up_bk64_bm16"] = facts(compile_kernel(nf4_moe_gemm_kernel, ptrs, ints,
@@ -112,17 +109,12 @@ def main() -> int:
                                                   4, 3))
     out["gemm_up_bk128_natural_k"] = facts(compile_kernel(nf4_moe_gemm_kernel, ptrs, ints,
                                                           dict(up, KPERM=False, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128), 4, 3))
-    gemv = {k: v for k, v in up.items() if k not in ("INTERPRET", "XA_PRE", "WRITE_GU", "WRITE_OUT", "KPERM", "K_HINT", "SPLIT_K",
-                                                     "PREFETCH")}
+    gemv = {k: v for k, v in up.items() if k not in ("INTERPRET", "XA_PRE", "WRITE_GU", "WRITE_OUT", "KPERM", "K_HINT", "SPLIT_K")}
     out["gemv_up"] = facts(compile_kernel(nf4_moe_gemv_kernel, ptrs, ints,
-                                          dict(gemv, COMBINE=False, SLOTS=1, XA_BY_PAIR=False, PREFETCH=False, K_DIM=2048, BLOCK_M=1, BLOCK_N=4,
+                                          dict(gemv, COMBINE=False, SLOTS=1, XA_BY_PAIR=False, K_DIM=2048, BLOCK_M=1, BLOCK_N=4,
                                                LANES=32, STEPS=1, VEC=16, TILES=1), 4, 1))
-    out["gemv_up_prefetch"] = facts(compile_kernel(nf4_moe_gemv_kernel, ptrs, ints,
-                                                   dict(gemv, COMBINE=False, SLOTS=1, XA_BY_PAIR=False, PREFETCH=True,
-                                                        K_DIM=2048, BLOCK_M=1, BLOCK_N=8, LANES=8, STEPS=1, VEC=16,
-                                                        TILES=1), 2, 1))
     out["gemv_up_tiles2"] = facts(compile_kernel(nf4_moe_gemv_kernel, ptrs, ints,
-                                                 dict(gemv, COMBINE=False, SLOTS=1, XA_BY_PAIR=False, PREFETCH=False, K_DIM=2048, BLOCK_M=1,
+                                                 dict(gemv, COMBINE=False, SLOTS=1, XA_BY_PAIR=False, K_DIM=2048, BLOCK_M=1,
                                                       BLOCK_N=4, LANES=32, STEPS=1, VEC=16, TILES=2), 4, 1))
     bwd = dict(common, DOWN=False, NEED_DY=True, NEED_OUT=True, NEED_DW=False, NEED_XA=False, NEED_DZB=True,
                INTERPRET=False, LUT=True)

@@ -77,23 +77,6 @@ def test_gemv_tiles_unroll_each_tiles_loads(compiled):
     assert two["lut_pairs"] == 2 * one["lut_pairs"] and two["smem_byte_loads"] == 0 and two["wgmma"] == 0, two
 
 
-def test_gemv_prefetch_asks_l2_for_every_line(compiled):
-    """NF4MOE_GEMV_PREFETCH: per (lane, row) thread one prefetch.global.L2 per line of its 128-byte slice plus
-    its last byte, and the absmax line (gate and up rows: 2 x 3 with 8 lanes at K = 2048); none without it."""
-    f, plain = compiled["gemv_up_prefetch"], compiled["gemv_up"]
-    assert f["l2_prefetches"] == 6 and plain["l2_prefetches"] == 0, (f["l2_prefetches"], plain["l2_prefetches"])
-    assert f["lut_pairs"] > 0 and f["smem_byte_loads"] == 0 and f["wgmma"] == 0, f
-
-
-def test_gemm_prefetch_keeps_the_k_loop(compiled):
-    """NF4MOE_GEMM_PREFETCH: the L2 prefetches before the K loop, the loop's cp.async staging, pair decode and
-    wgmma as without it."""
-    f, plain = compiled["gemm_up_bk128_prefetch"], compiled["gemm_up_bk128"]
-    assert f["l2_prefetches"] >= 3 and plain["l2_prefetches"] == 0, (f["l2_prefetches"], plain["l2_prefetches"])
-    for fact in ("cp_async_bytes", "wgmma", "lut_pairs", "smem_byte_loads"):
-        assert f[fact] == plain[fact], (fact, f[fact], plain[fact])
-
-
 def test_routing_kernel_compiles_at_the_threshold(compiled):
     assert "routing_1024" in compiled and compiled["routing_1024"]["ptx_ops"]
 

@@ -124,22 +124,3 @@ def split_k_reduce(acc, acc_up, acc_xa, ws_ptr, cnt_ptr, split, tile, xa_col, of
                 acc_xa += tl.load(ws_ptr + r_s + xa_col + offs_r[:, None], mask=m_mask[None, :], other=0.0,
                                   cache_modifier=".cg")
     return acc, acc_up, acc_xa, last
-
-
-@triton.jit
-def prefetch_rows_l2(w_ptr, am_ptr, rows, k0, K_LEN, K_DIM, BS: tl.constexpr):
-    """``prefetch.global.L2`` of every 128-byte line of the packed bytes of weight ``rows`` over columns
-    k0 .. k0 + K_LEN, plus each row's last byte there, and the first line of each row's absmax over them: a hint
-    (no registers held, nothing waits for it), so the K loop's loads of these rows then come from L2."""
-    LINES: tl.constexpr = 16  # lines per row per pass: 2048 columns
-    start = rows.to(tl.int64)[:, None] * (K_DIM // 2) + k0 // 2
-    n_bytes = K_LEN // 2
-    for c0 in range(0, n_bytes, 128 * LINES):
-        off = c0 + tl.arange(0, LINES)[None, :] * 128
-        off = tl.minimum(off, n_bytes - 1) + tl.zeros_like(start)
-        tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [w_ptr + start + off],
-                                  dtype=tl.int32, is_pure=False, pack=1)
-    last = w_ptr + start + n_bytes - 1
-    ap = am_ptr + rows.to(tl.int64)[:, None] * (K_DIM // BS) + k0 // BS
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; prefetch.global.L2 [$2]; mov.u32 $0, 0;", "=r,l,l",
-                              [last, ap], dtype=tl.int32, is_pure=False, pack=1)

@@ -39,19 +39,19 @@ import triton.language as tl
 from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_mode
 
 from .operands import NF4Operand, r_pad
-from .configs import cdiv, env_flag, gemm_configs, interpreting, launch_tuned, pow2, prune_configs, row_bucket
+from .configs import cdiv, gemm_configs, interpreting, launch_tuned, pow2, prune_configs, row_bucket
 from .combine import launch_combine
 from .grouped_gemv import gemv_takes, launch_nf4_moe_gemv
 from .lora_xa import launch_lora_xa
 from .nf4_decode import dequant_operand, mma_k_order
-from .common import act_fwd, dot_operand, expert_row_tile, nested_offset, prefetch_rows_l2, split_k_reduce
+from .common import act_fwd, dot_operand, expert_row_tile, nested_offset, split_k_reduce
 
 ACT_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
 
 
 @triton.autotune(
     configs=gemm_configs(),
-    key=["N", "K_DIM", "ROW_BUCKET", "GATED", "HAS_LORA", "BS", "KPERM", "K_HINT", "XA_PRE", "SPLIT_K", "PREFETCH"],
+    key=["N", "K_DIM", "ROW_BUCKET", "GATED", "HAS_LORA", "BS", "KPERM", "K_HINT", "XA_PRE", "SPLIT_K"],
     prune_configs_by={"early_config_prune": prune_configs},
 )
 @triton.jit
@@ -83,7 +83,6 @@ def nf4_moe_gemm_kernel(
     HAS_LORA: tl.constexpr, NESTED: tl.constexpr, BS: tl.constexpr, BS2: tl.constexpr,
     INTERPRET: tl.constexpr, LUT: tl.constexpr, XA_PRE: tl.constexpr, WRITE_GU: tl.constexpr,
     WRITE_OUT: tl.constexpr, KPERM: tl.constexpr, K_HINT: tl.constexpr, SPLIT_K: tl.constexpr,
-    PREFETCH: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Grid: (cdiv(N, BLOCK_N) * SPLIT_K, cdiv(P, BLOCK_M) + min(E, P))."""
@@ -109,11 +108,6 @@ def nf4_moe_gemm_kernel(
     w_rows = e64 * N_TOTAL + offs_n
     dt = x_ptr.dtype.element_ty
     offset = nested_offset(off_ptr, NESTED)
-    if PREFETCH:  # the program's weight rows (its K range) and their absmax requested into L2 now (gemm_prefetch)
-        p_rows = e64 * N_TOTAL + tl.minimum(offs_n, N - 1)  # real rows only
-        prefetch_rows_l2(w_ptr, am_ptr, p_rows, split * (K_DIM // SPLIT_K), K_DIM // SPLIT_K, K_DIM, BS)
-        if GATED:
-            prefetch_rows_l2(w_ptr, am_ptr, p_rows + N, split * (K_DIM // SPLIT_K), K_DIM // SPLIT_K, K_DIM, BS)
 
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
@@ -193,15 +187,6 @@ def nf4_moe_gemm_kernel(
 def use_kperm() -> bool:
     """Weight tiles decoded in MMA k order (``NF4MOE_KPERM=0``: natural order, for comparison)."""
     return os.environ.get("NF4MOE_KPERM", "1") == "1"
-
-
-def gemm_prefetch() -> bool:
-    """``NF4MOE_GEMM_PREFETCH=1`` (opt-in until measured): each MMA GEMM program first asks L2 for all of its
-    weight rows over its K range and their absmax (common.prefetch_rows_l2), on Hopper.  Why: the 16-row decode
-    tiles (T=16..1023) wait on L1TEX loads about 30% of their issue gaps (Nsight Compute, NOTES v10) with only
-    two cp.async stages ahead of each K step, and the nested absmax codes are plain loads cp.async cannot stage
-    (v17); after the prefetch both come from L2."""
-    return env_flag("NF4MOE_GEMM_PREFETCH")
 
 
 def use_k_hint() -> bool:
@@ -440,8 +425,7 @@ def launch_nf4_moe_gemm(
         cnt = split_k_counters(x.device, (cdiv(rows, 16) + min(num_experts, rows)) * cdiv(n, 16))
     meta = dict(projection_meta(x, w, top_k=top_k, r_pad=rp, gated=gated, act=act, has_lora=has_lora),
                 INTERPRET=interpreting(), XA_PRE=xa is not None, WRITE_GU=gu is not None, WRITE_OUT=write_out,
-                KPERM=use_kperm(), K_HINT=use_k_hint(), SPLIT_K=splits,
-                PREFETCH=x.is_cuda and not interpreting() and gemm_prefetch() and hopper(x.device.index))
+                KPERM=use_kperm(), K_HINT=use_k_hint(), SPLIT_K=splits)
     key = launch_key("gemm", n, bucket, x, w, out, lora_b if has_lora else None, meta)
     launch_tuned(
         nf4_moe_gemm_kernel, grid(n, rows, num_experts), key, launcher,

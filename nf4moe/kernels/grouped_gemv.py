@@ -76,15 +76,6 @@ def gemv_configs() -> list[triton.Config]:
     return out + [fallback]
 
 
-def gemv_prefetch() -> bool:
-    """``NF4MOE_GEMV_PREFETCH=1`` (opt-in until measured): each GEMV program first asks L2 for all of its weight
-    rows into L2 (nf4_moe_gemv_kernel's PREFETCH: a prefetch.global.L2 per 128-byte line), on Hopper.  Why: at Qwen3-30B-A3B T=1 the up GEMV's 768 programs are all
-    resident at once (5.8 per SM), so its time is one program's chain of 8 K chunks, each a DRAM round trip
-    (14 us for 12.6 MB); the SASS (sm_90a, compiled on the CPU) issues each chunk's loads one chunk ahead
-    whatever the source asks (ptxas schedules them there), so a deeper prefetch in registers is not possible."""
-    return env_flag("NF4MOE_GEMV_PREFETCH")
-
-
 def gemv_tiles() -> bool:
     """``NF4MOE_GEMV_TILES=1`` (opt-in, read at import): the autotuner also tries configs of several N tiles per
     program (the kernel's TILES).  Built to keep loads in flight across a program's tiles (the v34 profile: the
@@ -273,7 +264,7 @@ def _lane_dot(acc, we, wo, xe, xo, s, VEC: tl.constexpr):
 
 @triton.autotune(
     configs=gemv_configs(),
-    key=["N", "K_DIM", "ROW_BUCKET", "GATED", "HAS_LORA", "BS", "PREFETCH"],
+    key=["N", "K_DIM", "ROW_BUCKET", "GATED", "HAS_LORA", "BS"],
     prune_configs_by={"early_config_prune": prune_gemv},
     do_bench=graph_bench if tune_in_graphs() else None,
 )
@@ -299,7 +290,6 @@ def nf4_moe_gemv_kernel(
     HAS_LORA: tl.constexpr, NESTED: tl.constexpr, BS: tl.constexpr, BS2: tl.constexpr, LUT: tl.constexpr,
     COMBINE: tl.constexpr, SLOTS: tl.constexpr,  # SLOTS: the combine's slots per token (top-k)
     XA_BY_PAIR: tl.constexpr,  # xa rows indexed by pair id (routing_xa_kernel's), not by sorted row
-    PREFETCH: tl.constexpr,  # the program's weight rows prefetched into L2 at its start (gemv_prefetch)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LANES: tl.constexpr, STEPS: tl.constexpr, VEC: tl.constexpr,
     TILES: tl.constexpr,
 ):
@@ -342,12 +332,6 @@ def nf4_moe_gemv_kernel(
     CHUNK: tl.constexpr = 2 * LANES * STEPS * VEC
     NCH: tl.constexpr = (K_DIM + CHUNK - 1) // CHUNK
     offs_n, g_rows = _tile_rows(e64, N_TOTAL, N, tile0, BLOCK_N)
-    if PREFETCH:  # every weight byte of the program requested into L2 now: the chunk loads below then hit L2
-        for tile in tl.static_range(TILES):
-            _, p_rows = _tile_rows(e64, N_TOTAL, N, tile0 + tile, BLOCK_N)
-            _prefetch_rows(w_ptr, am_ptr, p_rows, K_DIM, BS, LANES)
-            if GATED:
-                _prefetch_rows(w_ptr, am_ptr, p_rows + N, K_DIM, BS, LANES)
     nxt_offs, nxt_rows = offs_n, g_rows  # the next tile's, once its first chunk is loaded (defined here for Triton)
     acc0, acc1, up0, up1 = _zero_sums(LANES, BLOCK_N, STEPS)
     nxt_g, nsc_g, nxt_u, nsc_u = _chunk_loads(w_ptr, am_ptr, am2_ptr, code2_ptr, offset, g_rows, g_rows + N, 0,
@@ -397,27 +381,6 @@ def nf4_moe_gemv_kernel(
                 offs_n = nxt_offs
                 g_rows = nxt_rows
                 acc0, acc1, up0, up1 = _zero_sums(LANES, BLOCK_N, STEPS)
-
-
-@triton.jit
-def _prefetch_rows(w_ptr, am_ptr, rows, K_DIM: tl.constexpr, BS: tl.constexpr, LANES: tl.constexpr):
-    """Ask L2 for the packed bytes of weight ``rows`` (all K_DIM columns) and the line of each row's absmax:
-    ``prefetch.global.L2`` (no registers, nothing waits for it) of every 128-byte line of the (lane, row)
-    element's 1/LANES of the row, and of its last byte (so that no line of the row is missed); lanes whose
-    lines coincide are coalesced by the load unit.  The element count equals the thread count in every config
-    (32 // LANES rows per warp)."""
-    SLICE: tl.constexpr = K_DIM // 2 // LANES
-    lane = tl.arange(0, LANES)[:, None]
-    base = w_ptr + rows[None, :] * (K_DIM // 2) + lane * SLICE
-    ap = am_ptr + rows[None, :] * (K_DIM // BS) + tl.zeros((LANES, 1), dtype=tl.int64)
-    for i in tl.static_range((SLICE + 127) // 128 + 1):
-        wp = base + (min(i * 128, SLICE - 1))
-        if i == 0:
-            tl.inline_asm_elementwise("prefetch.global.L2 [$1]; prefetch.global.L2 [$2]; mov.u32 $0, 0;", "=r,l,l",
-                                      [wp, ap], dtype=tl.int32, is_pure=False, pack=1)
-        else:
-            tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [wp], dtype=tl.int32,
-                                      is_pure=False, pack=1)
 
 
 @triton.jit
@@ -558,7 +521,7 @@ def launch_nf4_moe_gemv(x, w: NF4Operand, lora_a, lora_b, scaling, sorted_pair_i
     tunes the plain GEMV, so that a later capture needs no autotuning (which cannot run inside one).
     ``xa_pairs``: the up projection's X·Aᵀ partials by pair id, computed in the routing launch
     (routing.launch_routing_xa); the kernel then reads them by pair id instead of launching lora_xa."""
-    from .grouped_gemm import grid, hopper, launch_key, projection_meta, split_k_counters  # it imports this module
+    from .grouped_gemm import grid, launch_key, projection_meta, split_k_counters  # grouped_gemm imports this module
     num_experts, n_total, half_k = w.packed.shape
     rows = sorted_pair_ids.numel()
     if x.dtype == torch.bfloat16 and x.stride(1) != 1:  # the kernel reads bf16 activations as 32-bit pairs
@@ -574,12 +537,10 @@ def launch_nf4_moe_gemv(x, w: NF4Operand, lora_a, lora_b, scaling, sorted_pair_i
         xa = launch_lora_xa(x, lora_a, sorted_pair_ids, expert_offsets, top_k=top_k, gather=gated, r_pad=rp,
                             launcher=launcher)
     bucket = 8 if rows <= 8 else 64
-    prefetch = x.is_cuda and not interpreting() and gemv_prefetch() and hopper(x.device.index)
     meta = projection_meta(x, w, top_k=top_k, r_pad=rp, gated=gated, act=act, has_lora=lora_a is not None)
 
     def spec(fused: bool) -> tuple[dict, tuple]:
-        kw = dict(meta, COMBINE=fused, SLOTS=combine[1].shape[1] if fused else 1, XA_BY_PAIR=xa_pairs is not None,
-                  PREFETCH=prefetch)
+        kw = dict(meta, COMBINE=fused, SLOTS=combine[1].shape[1] if fused else 1, XA_BY_PAIR=xa_pairs is not None)
         return kw, launch_key("gemv_combine" if fused else "gemv", n, bucket, x, w, out,
                               lora_b if lora_a is not None else None, kw)
 
