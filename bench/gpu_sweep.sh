@@ -42,6 +42,8 @@
 #                                      # and DeepSeek-V3 T=8192, then the GLM-4.5-Air GEMV / GEMM crossover at T = 4, 8 (~9 min)
 #   bash bench/gpu_sweep.sh v44        # session 17: the Qwen3 forward table (all T, peers) with the v42 defaults, then the
 #                                      # DeepSeek-V3 GEMV / GEMM crossover at T = 4, 8 (32 / 64 routed rows) (~8 min)
+#   bash bench/gpu_sweep.sh v44b       # session 17: GPU tests of the MMA GEMMs (16-byte weight copies, nf4_decode.row_bytes), then
+#                                      # Qwen3 T=128, 1024 (MMA GEMM, CUDA graphs) in three fresh processes: NF4MOE_ROW_ALIGN=1, 0, 1 (~7 min)
 #   bash bench/gpu_sweep.sh largeprof  # GEMM times of every autotuner candidate at T=8192, Qwen3 and DeepSeek-V3 (~2 min)
 set -euo pipefail
 OUT=${OUT:-bench/results/sweep}
@@ -216,6 +218,15 @@ case "${1:-}" in
       | grep -v "Warn\|_warn" | tee "$OUT/h200_qwen3.log" || true
     timeout 230 $py -m bench.profile_layer --shape dsv3 --tokens 4,8 --variants gemv,gemm --graph 2>&1 \
       | grep -v "Warn\|_warn" | tee "$OUT/profile_crossover_dsv3.log" || true ;;
+  v44b)
+    NF4MOE_CONFIG=BLOCK_M=16,BLOCK_N=64,BLOCK_K=128,num_warps=4,num_stages=3 timeout 110 $py -m pytest -q \
+      -p no:cacheprovider tests/test_triton_forward.py tests/test_triton_backward.py \
+      -k "(gemm or operand) and not gemv and not wgmma" 2>&1 | tail -8 | tee "$OUT/gpu_v44b.log" || true
+    for a in 1 0 1; do
+      echo "NF4MOE_ROW_ALIGN=$a" | tee -a "$OUT/profile_row_align_qwen3.log"
+      NF4MOE_ROW_ALIGN=$a timeout 100 $py -m bench.profile_layer --tokens 128,1024 --variants gemm --check --graph 2>&1 \
+        | grep -v "Warn\|_warn" | tee -a "$OUT/profile_row_align_qwen3.log" || true
+    done ;;
   largeprof)
     $py -m bench.profile_layer --tokens 8192 --variants gemm --timings 2>&1 | tee "$OUT/profile_large_qwen3.log"
     $py -m bench.profile_layer --shape dsv3 --tokens 8192 --variants gemm --timings 2>&1 | tee "$OUT/profile_large_dsv3.log" ;;

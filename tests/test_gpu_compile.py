@@ -50,6 +50,16 @@ def test_gemms_use_wgmma_pipelined_loads_and_the_table_decode(compiled, variant)
     assert f["lut_decodes"] > 0 and f["lut_scaled"], "NF4 decode is not the scaled PTX table"
 
 
+@pytest.mark.parametrize("variant", ["gemm_up_bk128", "gemm_up_bk64", "gemm_up_bk128_natural_k", "gemm_up_bk128_k_hint",
+                                     "bwd_up_dx"])
+def test_weight_bytes_staged_in_16_byte_copies(compiled, variant):
+    """nf4_decode.row_bytes tells the compiler packed rows start 16-byte aligned (K_DIM is a multiple of the
+    blocksize), so each K step's weight runs of 16+ bytes are staged by 16-byte cp.async; the launch's own
+    hint (K_DIM % 16 == 0) allowed only 8 (v44).  The 4-byte copies left are the activations and absmax."""
+    f = compiled[variant]
+    assert 16 in f["cp_async_bytes"] and 8 not in f["cp_async_bytes"], f["cp_async_bytes"]
+
+
 @pytest.mark.parametrize("variant", ["gemm_up_bk128", "gemm_up_bk64_bm16"])
 def test_mma_k_order_loads_weight_words_and_decodes_pairs(compiled, variant):
     """K steps in MMA k order (nf4_decode.mma_k_order): the staged weight bytes are read as words, not one

@@ -344,6 +344,15 @@ def test_gemv_fused_combine_equals_down_then_combine(monkeypatch, nan_new_empty,
     assert int(split_k_counters(h.device, t * 128).count_nonzero()) == 0
 
 
+def test_operand_rejects_input_columns_off_the_blocksize():
+    """Rows of a packed operand start 16-byte aligned only when K is a multiple of the blocksize (the kernels'
+    row_bytes hint and absmax indexing rely on it): anything else is refused when the operand is built."""
+    packed = torch.zeros(2, 4, 48, dtype=torch.uint8)  # 96 input columns
+    with pytest.raises(ValueError, match=r"96 input columns.*blocksize \(64\)"):
+        NF4Operand(packed, torch.ones(2, 4, 1), None, None, None, 64)
+    assert NF4Operand(packed, torch.ones(2, 4, 3), None, None, None, 32).blocksize == 32
+
+
 def test_gemv_capture_runs_the_plain_gemv_tuned_by_the_first_eager_call(monkeypatch):
     """The first eager fused down GEMV of a shape also tunes the plain GEMV; a later launch while a CUDA graph is
     captured (simulated here: ``capturing`` patched) runs that plain GEMV and the combine kernel, with no tuning,

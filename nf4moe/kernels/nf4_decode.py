@@ -7,6 +7,7 @@ import triton
 import triton.language as tl
 
 from ..reference.nf4 import NF4_CODE
+from .configs import env_flag
 
 _Q0: tl.constexpr = tl.constexpr(NF4_CODE[0])
 _Q1: tl.constexpr = tl.constexpr(NF4_CODE[1])
@@ -24,6 +25,9 @@ _Q12: tl.constexpr = tl.constexpr(NF4_CODE[12])
 _Q13: tl.constexpr = tl.constexpr(NF4_CODE[13])
 _Q14: tl.constexpr = tl.constexpr(NF4_CODE[14])
 _Q15: tl.constexpr = tl.constexpr(NF4_CODE[15])
+
+# NF4MOE_ROW_ALIGN (default 1, read at import; 0 restores the launch's own 8-byte alignment): see row_bytes
+_ROW_ALIGN: tl.constexpr = tl.constexpr(16 if env_flag("NF4MOE_ROW_ALIGN", True) else 1)
 
 
 @triton.jit
@@ -71,6 +75,20 @@ def block_scale(am_ptr, am2_ptr, code2_ptr, offset, blk, mask, NESTED: tl.conste
 
 
 @triton.jit
+def row_bytes(K_DIM, BS: tl.constexpr):
+    """Bytes per packed row, K_DIM // 2, with its alignment told to the compiler.
+
+    K_DIM is a multiple of the blocksize (the layer checks it), so for BS % 32 == 0 every row starts on a
+    16-byte boundary; the launch's own hint (K_DIM divisible by 16) gives only 8, which halves the width of
+    the weight bytes' copies (cp.async 8 instead of 16 bytes; v44).
+    """
+    if BS % 32 == 0 and _ROW_ALIGN == 16:
+        return tl.multiple_of(K_DIM // 2, 16)
+    else:
+        return K_DIM // 2
+
+
+@triton.jit
 def _tile_bytes_and_scales(w_ptr, am_ptr, am2_ptr, code2_ptr, offset, rows, row_mask, k0, K_DIM,
                            BS: tl.constexpr, BS2: tl.constexpr, NESTED: tl.constexpr, BK: tl.constexpr):
     """Packed bytes of W[rows, k0:k0+BK] as (R, NB, HB) (NB NF4 blocks of HB bytes each, or one chunk of
@@ -79,7 +97,7 @@ def _tile_bytes_and_scales(w_ptr, am_ptr, am2_ptr, code2_ptr, offset, rows, row_
     NB: tl.constexpr = BK // CH
     HB: tl.constexpr = CH // 2
     j = tl.arange(0, NB)[None, :, None] * HB + tl.arange(0, HB)[None, None, :]
-    packed = tl.load(w_ptr + rows[:, None, None] * (K_DIM // 2) + k0 // 2 + j, mask=row_mask[:, None, None], other=0)
+    packed = tl.load(w_ptr + rows[:, None, None] * row_bytes(K_DIM, BS) + k0 // 2 + j, mask=row_mask[:, None, None], other=0)
     blk = rows[:, None] * (K_DIM // BS) + (k0 + tl.arange(0, NB)[None, :] * CH) // BS
     s = block_scale(am_ptr, am2_ptr, code2_ptr, offset, blk, row_mask[:, None], NESTED, BS2)
     return packed, s[:, :, None]
@@ -99,7 +117,7 @@ def dequant_rows(
     """
     if BK <= BS:
         kb = k0 // 2 + tl.arange(0, BK // 2)
-        packed = tl.load(w_ptr + rows[:, None] * (K_DIM // 2) + kb[None, :], mask=row_mask[:, None], other=0)
+        packed = tl.load(w_ptr + rows[:, None] * row_bytes(K_DIM, BS) + kb[None, :], mask=row_mask[:, None], other=0)
         packed = packed.to(tl.int32)
         s = block_scale(am_ptr, am2_ptr, code2_ptr, offset, rows * (K_DIM // BS) + k0 // BS, row_mask, NESTED, BS2)
         hi = nf4_value(packed >> 4) * s[:, None]
@@ -222,7 +240,7 @@ def dequant_rows_lut(
     """
     if BK <= BS:
         kb = k0 // 2 + tl.arange(0, BK // 2)
-        packed = tl.load(w_ptr + rows[:, None] * (K_DIM // 2) + kb[None, :], mask=row_mask[:, None], other=0)
+        packed = tl.load(w_ptr + rows[:, None] * row_bytes(K_DIM, BS) + kb[None, :], mask=row_mask[:, None], other=0)
         s = block_scale(am_ptr, am2_ptr, code2_ptr, offset, rows * (K_DIM // BS) + k0 // BS, row_mask, NESTED, BS2)
         even, odd = _lut_decode_pairs(packed, s[:, None], DT)
     else:  # several NF4 blocks per row in one K step
@@ -339,7 +357,7 @@ def dequant_rows_mma(
     tl.static_assert(BK % 16 == 0 and BK <= 4 * BS, "MMA k order needs BK % 16 == 0 and BK / 4 <= the NF4 blocksize")
     J: tl.constexpr = BK // 8
     j = tl.arange(0, 4)[None, :, None] * J + tl.arange(0, J)[None, None, :]
-    packed = tl.load(w_ptr + rows[:, None, None] * (K_DIM // 2) + k0 // 2 + j, mask=row_mask[:, None, None], other=0)
+    packed = tl.load(w_ptr + rows[:, None, None] * row_bytes(K_DIM, BS) + k0 // 2 + j, mask=row_mask[:, None, None], other=0)
     NB: tl.constexpr = BK // BS if BK > BS else 1  # NF4 blocks in the K step; lane group q reads block q // (4 / NB)
     blk = rows[:, None] * (K_DIM // BS) + k0 // BS + tl.arange(0, NB)[None, :]
     s = block_scale(am_ptr, am2_ptr, code2_ptr, offset, blk, row_mask[:, None], NESTED, BS2)  # (R, NB): one load each

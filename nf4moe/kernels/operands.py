@@ -29,6 +29,12 @@ class NF4Operand:
     blocksize: int
     blocksize2: int = 256
 
+    def __post_init__(self):
+        k_dim = self.packed.shape[-1] * 2
+        if k_dim % self.blocksize:  # the kernels index absmax by column // blocksize and align rows by it
+            raise ValueError(f"packed holds {k_dim} input columns per row, not a multiple of blocksize "
+                             f"({self.blocksize})")
+
     @property
     def nested(self) -> bool:
         return self.absmax2 is not None
