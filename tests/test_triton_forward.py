@@ -347,6 +347,8 @@ def test_gemv_fused_combine_equals_down_then_combine(monkeypatch, nan_new_empty,
 def test_operand_rejects_input_columns_off_the_blocksize():
     """Rows of a packed operand start 16-byte aligned only when K is a multiple of the blocksize (the kernels'
     row_bytes hint and absmax indexing rely on it): anything else is refused when the operand is built."""
+    from nf4moe.kernels.operands import NF4Operand
+
     packed = torch.zeros(2, 4, 48, dtype=torch.uint8)  # 96 input columns
     with pytest.raises(ValueError, match=r"96 input columns.*blocksize \(64\)"):
         NF4Operand(packed, torch.ones(2, 4, 1), None, None, None, 64)
