@@ -45,6 +45,7 @@
 #   bash bench/gpu_sweep.sh v44b       # session 17: GPU tests of the MMA GEMMs (16-byte weight copies, nf4_decode.row_bytes), then
 #                                      # Qwen3 T=128, 1024 (MMA GEMM, CUDA graphs) in three fresh processes: NF4MOE_ROW_ALIGN=1, 0, 1 (~7 min)
 #   bash bench/gpu_sweep.sh v44c       # session 17: Qwen3 fwd+bwd T=8192 against its peers with NF4MOE_ROW_ALIGN=1, then 0 (fresh processes)
+#   bash bench/gpu_sweep.sh v44d       # session 17: DeepSeek-V3 T=128 (MMA GEMM, CUDA graphs) with NF4MOE_ROW_ALIGN=1, then 0 (~4 min)
 #   bash bench/gpu_sweep.sh largeprof  # GEMM times of every autotuner candidate at T=8192, Qwen3 and DeepSeek-V3 (~2 min)
 set -euo pipefail
 OUT=${OUT:-bench/results/sweep}
@@ -233,6 +234,12 @@ case "${1:-}" in
       mkdir -p "$OUT/fwdbwd_align$a"
       NF4MOE_ROW_ALIGN=$a timeout 210 $py -m nf4moe bench --mode fwdbwd --shapes qwen3 --tokens 8192 \
         --out "$OUT/fwdbwd_align$a" 2>&1 | grep -v "Warn\|_warn" | tee "$OUT/qwen3_fwdbwd_align$a.log" || true
+    done ;;
+  v44d)
+    for a in 1 0; do
+      echo "NF4MOE_ROW_ALIGN=$a" | tee -a "$OUT/profile_row_align_dsv3.log"
+      NF4MOE_ROW_ALIGN=$a timeout 125 $py -m bench.profile_layer --shape dsv3 --tokens 128 --variants gemm --check --graph \
+        2>&1 | grep -v "Warn\|_warn" | tee -a "$OUT/profile_row_align_dsv3.log" || true
     done ;;
   largeprof)
     $py -m bench.profile_layer --tokens 8192 --variants gemm --timings 2>&1 | tee "$OUT/profile_large_qwen3.log"
