@@ -46,6 +46,8 @@
 #                                      # Qwen3 T=128, 1024 (MMA GEMM, CUDA graphs) in three fresh processes: NF4MOE_ROW_ALIGN=1, 0, 1 (~7 min)
 #   bash bench/gpu_sweep.sh v44c       # session 17: Qwen3 fwd+bwd T=8192 against its peers with NF4MOE_ROW_ALIGN=1, then 0 (fresh processes)
 #   bash bench/gpu_sweep.sh v44d       # session 17: DeepSeek-V3 T=128 (MMA GEMM, CUDA graphs) with NF4MOE_ROW_ALIGN=1, then 0 (~4 min)
+#   bash bench/gpu_sweep.sh ncu_t128   # Nsight Compute with stall reasons on the MMA GEMMs (up, down) at Qwen3 T=128, the
+#                                      # autotuner's T=128 tile pinned (~2 min)
 #   bash bench/gpu_sweep.sh largeprof  # GEMM times of every autotuner candidate at T=8192, Qwen3 and DeepSeek-V3 (~2 min)
 set -euo pipefail
 OUT=${OUT:-bench/results/sweep}
@@ -162,6 +164,11 @@ case "${1:-}" in
       --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section Occupancy \
       --section MemoryWorkloadAnalysis --print-details all $py -m bench.ncu_case --tokens 1 --calls 3 --profile-last 2>&1 \
       | tee "$OUT/ncu_gemv_t1.txt" ;;
+  ncu_t128)
+    NF4MOE_CONFIG=BLOCK_M=16,BLOCK_N=64,BLOCK_K=128,num_warps=4,num_stages=3 timeout 170 ncu --clock-control none \
+      --kernel-name regex:nf4_moe_gemm_kernel --launch-skip 2 --launch-count 2 --section SpeedOfLight \
+      --section WarpStateStats --section SchedulerStats --section Occupancy --section MemoryWorkloadAnalysis \
+      --section LaunchStats --print-details all $py -m bench.ncu_case --tokens 128 2>&1 | tee "$OUT/ncu_gemm_t128.txt" || true ;;
   tiles)
     NF4MOE_CONFIG=BLOCK_M=16,BLOCK_N=32,BLOCK_K=64,num_warps=4,num_stages=3 timeout 240 $py -m pytest -q -p no:cacheprovider \
       tests/test_triton_forward.py tests/test_gpu_compile.py -k "gemv or combine or cuda_graph or decode or poisoned or compile" \
