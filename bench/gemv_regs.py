@@ -52,9 +52,9 @@ def main(argv=None) -> int:
     projections = {  # name: (ints, constexprs), as grouped_gemm.projection_meta gives them
         "up": (dict(gc.INTS, ROW_BUCKET=8, P=8),
                dict(gc.COMMON, GATED=True, GATHER=True, SCATTER=False, LUT=True, K_DIM=2048, COMBINE=False, SLOTS=1,
-                    XA_BY_PAIR=False)),
-        "down": (down_ints, dict(down, COMBINE=False, SLOTS=1, XA_BY_PAIR=False)),
-        "down_combine": (down_ints, dict(down, COMBINE=True, SLOTS=8, XA_BY_PAIR=False)),
+                    XA_BY_PAIR=False, XA_EARLY=False)),
+        "down": (down_ints, dict(down, COMBINE=False, SLOTS=1, XA_BY_PAIR=False, XA_EARLY=False)),
+        "down_combine": (down_ints, dict(down, COMBINE=True, SLOTS=8, XA_BY_PAIR=False, XA_EARLY=False)),
     }
     for name, (ints, cx) in projections.items():
         kept = gv.prune_gemv(gv.gemv_configs(), {}, ROW_BUCKET=8, N=ints["N"], BS=64, K_DIM=cx["K_DIM"],

@@ -48,6 +48,8 @@
 #   bash bench/gpu_sweep.sh v44d       # session 17: DeepSeek-V3 T=128 (MMA GEMM, CUDA graphs) with NF4MOE_ROW_ALIGN=1, then 0 (~4 min)
 #   bash bench/gpu_sweep.sh ncu_t128   # Nsight Compute with stall reasons on the MMA GEMMs (up, down) at Qwen3 T=128, the
 #                                      # autotuner's T=128 tile pinned (~2 min)
+#   bash bench/gpu_sweep.sh v45        # after session 17: GPU tests of the GEMV's early X·Aᵀ sum, then Qwen3 T=1, 8 alternating the
+#                                      # GEMV without / with it (CUDA graphs, kernel times), GLM-4.5-Air and DeepSeek-V3 T=1 (~6 min)
 #   bash bench/gpu_sweep.sh largeprof  # GEMM times of every autotuner candidate at T=8192, Qwen3 and DeepSeek-V3 (~2 min)
 set -euo pipefail
 OUT=${OUT:-bench/results/sweep}
@@ -247,6 +249,15 @@ case "${1:-}" in
       echo "NF4MOE_ROW_ALIGN=$a" | tee -a "$OUT/profile_row_align_dsv3.log"
       NF4MOE_ROW_ALIGN=$a timeout 125 $py -m bench.profile_layer --shape dsv3 --tokens 128 --variants gemm --check --graph \
         2>&1 | grep -v "Warn\|_warn" | tee -a "$OUT/profile_row_align_dsv3.log" || true
+    done ;;
+  v45)
+    timeout 100 $py -m pytest -q -p no:cacheprovider tests/test_triton_forward.py tests/test_gpu_compile.py \
+      -k "xa_early or xa_in_routing" 2>&1 | tail -6 | tee "$OUT/gpu_v45.log" || true
+    timeout 130 $py -m bench.profile_layer --tokens 1,8 --variants gemv,gemv_xae,gemv,gemv_xae --check --graph 2>&1 \
+      | grep -v "Warn\|_warn" | tee "$OUT/profile_xa_early_qwen3.log" || true
+    for shape in glm45air dsv3; do
+      timeout 100 $py -m bench.profile_layer --shape $shape --tokens 1 --variants gemv,gemv_xae,gemv,gemv_xae --check \
+        --graph 2>&1 | grep -v "Warn\|_warn" | tee "$OUT/profile_xa_early_$shape.log" || true
     done ;;
   largeprof)
     $py -m bench.profile_layer --tokens 8192 --variants gemm --timings 2>&1 | tee "$OUT/profile_large_qwen3.log"

@@ -15,6 +15,7 @@ variant, plus the autotuner's chosen configs.  GPU only; used to write bench/NOT
     python -m bench.profile_layer --tokens 1024,8192 --variants wgmma,wgmma_early --check  # one bar.sync fewer (v29)
     python -m bench.profile_layer --tokens 1,2 --variants gemv,gemv_unfused,gemv_nomemset --graph  # fused combine (v33)
     python -m bench.profile_layer --tokens 1024,8192 --variants wgmma_imm,wgmma --check  # decode table in registers (v42)
+    python -m bench.profile_layer --tokens 1,8 --variants gemv,gemv_xae,gemv,gemv_xae --check --graph  # early X·Aᵀ (v45)
 
 ``--check`` compares every variant's output with the fp32 reference backend (relative error printed);
 ``--timings`` prints every config the GEMM autotuner benchmarks, with its time; ``--graph`` also times each
@@ -147,6 +148,8 @@ def main(argv=None) -> int:
             # ..._imm (e.g. wgmma_imm): the Gluon GEMM's decode table as immediates (NF4MOE_LUT_REGS=0; default
             # since v42: in registers)
             os.environ["NF4MOE_LUT_REGS"] = "0" if var.endswith("_imm") else "1"
+            # ..._xae (e.g. gemv_xae): the GEMV sums its X·Aᵀ partials early, all at once (NF4MOE_GEMV_XA_EARLY; v45)
+            os.environ["NF4MOE_GEMV_XA_EARLY"] = "1" if var.endswith("_xae") else "0"
             with torch.no_grad():
                 ms = _bench(lambda: ours(x, idx, w))
                 kt = kernel_times(lambda: ours(x, idx, w))

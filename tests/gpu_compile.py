@@ -74,7 +74,8 @@ def facts(ptx: str) -> dict:
             "smem_byte_loads": ops.get("ld.shared.b8", 0) + ops.get("ld.shared.u8", 0),
             "acq_rel_counter": len(re.findall(r"atom\.global\.gpu\.acq_rel\.add\.u32", ptx)),
             "l2_loads": len(re.findall(r"ld\.global\.cg\.", ptx)),  # predicated loads sit in inline-asm lines
-            "global_v4_loads": len(re.findall(r"ld\.global(?:\.[\w:]+)*\.v4\.b32", ptx))}
+            "global_v4_loads": len(re.findall(r"ld\.global(?:\.[\w:]+)*\.v4\.b32", ptx)),
+            "branches": len(re.findall(r"\bbra(?:\.uni)?\s", ptx))}
 
 
 _BF16_PTRS = {n: "*bf16" for n in ("x_ptr", "dy_ptr", "out_ptr", "gu_ptr", "la_ptr", "lb_ptr", "topw_ptr")}
@@ -111,11 +112,17 @@ def main() -> int:
                                                           dict(up, KPERM=False, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128), 4, 3))
     gemv = {k: v for k, v in up.items() if k not in ("INTERPRET", "XA_PRE", "WRITE_GU", "WRITE_OUT", "KPERM", "K_HINT", "SPLIT_K")}
     out["gemv_up"] = facts(compile_kernel(nf4_moe_gemv_kernel, ptrs, ints,
-                                          dict(gemv, COMBINE=False, SLOTS=1, XA_BY_PAIR=False, K_DIM=2048, BLOCK_M=1, BLOCK_N=4,
+                                          dict(gemv, COMBINE=False, SLOTS=1, XA_BY_PAIR=False, XA_EARLY=False, K_DIM=2048, BLOCK_M=1, BLOCK_N=4,
                                                LANES=32, STEPS=1, VEC=16, TILES=1), 4, 1))
     out["gemv_up_tiles2"] = facts(compile_kernel(nf4_moe_gemv_kernel, ptrs, ints,
-                                                 dict(gemv, COMBINE=False, SLOTS=1, XA_BY_PAIR=False, K_DIM=2048, BLOCK_M=1,
+                                                 dict(gemv, COMBINE=False, SLOTS=1, XA_BY_PAIR=False, XA_EARLY=False, K_DIM=2048, BLOCK_M=1,
                                                       BLOCK_N=4, LANES=32, STEPS=1, VEC=16, TILES=2), 4, 1))
+    # the routing launch's X·Aᵀ (16 partials by pair id) summed while the first chunk is in flight (XA_EARLY)
+    for when, early in (("early", True), ("late", False)):  # (the Qwen3-30B-A3B T=1 up winner's config)
+        out["gemv_up_xa_" + when] = facts(compile_kernel(
+            nf4_moe_gemv_kernel, ptrs, dict(ints, XA_SPLIT=16, P=8, ROW_BUCKET=8),
+            dict(gemv, COMBINE=False, SLOTS=1, XA_BY_PAIR=True, XA_EARLY=early, K_DIM=2048, BLOCK_M=1, BLOCK_N=8,
+                 LANES=8, STEPS=1, VEC=16, TILES=1), 2, 1))
     bwd = dict(common, DOWN=False, NEED_DY=True, NEED_OUT=True, NEED_DW=False, NEED_XA=False, NEED_DZB=True,
                INTERPRET=False, LUT=True)
     out["bwd_up_dx"] = facts(compile_kernel(nf4_moe_gemm_t_kernel, ptrs, dict(ints, N=2048, KR=1536),

@@ -60,6 +60,14 @@ def test_weight_bytes_staged_in_16_byte_copies(compiled, variant):
     assert 16 in f["cp_async_bytes"] and 8 not in f["cp_async_bytes"], f["cp_async_bytes"]
 
 
+def test_gemv_xa_early_sums_the_partials_without_a_loop(compiled):
+    """XA_EARLY (grouped_gemv.gemv_xa_early): the 16 X·Aᵀ partials are masked straight-line loads, so the
+    kernel loses the epilogue's partial loop (its branches) and spills nothing."""
+    early, late = compiled["gemv_up_xa_early"], compiled["gemv_up_xa_late"]
+    assert early["branches"] < late["branches"], (early["branches"], late["branches"])
+    assert not any("local" in op for op in early["ptx_ops"]), "registers spilled to local memory"
+
+
 @pytest.mark.parametrize("variant", ["gemm_up_bk128", "gemm_up_bk64_bm16"])
 def test_mma_k_order_loads_weight_words_and_decodes_pairs(compiled, variant):
     """K steps in MMA k order (nf4_decode.mma_k_order): the staged weight bytes are read as words, not one

@@ -880,6 +880,58 @@ def test_xa_in_routing_layer_matches_reference_with_one_xa_launch_fewer(monkeypa
     assert rel_err(out, default.float()) < BOUND[dtype]
 
 
+@pytest.mark.parametrize("t", [1, 3])
+def test_gemv_xa_early_changes_no_bit(monkeypatch, nan_new_empty, t):
+    """NF4MOE_GEMV_XA_EARLY=1: the decode GEMVs sum their X·Aᵀ partials (the up projection's from the routing
+    launch, by pair id; the down's from lora_xa, by sorted row) right after the first chunks' loads, all at
+    once: the layer's output is the same bits as with the epilogue's sum, and matches the reference."""
+    import nf4moe.kernels.grouped_gemv as gv
+
+    monkeypatch.delenv("NF4MOE_GEMV_ROWS", raising=False)
+    m = make_layer(4, 128, 64, rank=8, seed=83)
+    x = torch.randn(t, 128, device=DEV, dtype=torch.bfloat16)
+    idx, w = routing(t, 4, 2, seed=84, mode="sentinels")
+    w = w.to(torch.bfloat16)
+    kinds = []
+    real = gv.launch_tuned
+
+    def spy(kernel, grid, key, launcher, *args, **kw):
+        kinds.append(kw.get("XA_EARLY"))
+        return real(kernel, grid, key, launcher, *args, **kw)
+
+    monkeypatch.setattr(gv, "launch_tuned", spy)
+    with torch.no_grad():
+        monkeypatch.setenv("NF4MOE_GEMV_XA_EARLY", "0")
+        late = m(x, idx, w)
+        monkeypatch.setenv("NF4MOE_GEMV_XA_EARLY", "1")
+        early = m(x, idx, w)
+    assert set(kinds[:len(kinds) // 2]) == {False} and set(kinds[len(kinds) // 2:]) == {True}, kinds
+    assert torch.equal(early, late)
+    assert rel_err(early, reference(m, x, idx, w)) < BOUND[torch.bfloat16]
+
+
+def test_gemv_xa_early_refuses_more_partials_than_it_unrolls(monkeypatch):
+    """XA_EARLY unrolls XA_MAX partial loads: a launch handing more is refused, naming the count, not summed short."""
+    from nf4moe.kernels.grouped_gemv import XA_MAX, launch_nf4_moe_gemv
+    from nf4moe.kernels.operands import NF4Operand
+    from nf4moe.kernels.routing import build_routing
+
+    monkeypatch.setenv("NF4MOE_GEMV_XA_EARLY", "1")
+    e, k, t = 4, 2, 1
+    m = make_layer(e, 128, 64, rank=8, seed=85)
+    gu = m.gate_up_nf4
+    op = NF4Operand(gu.packed, gu.absmax, gu.absmax2, gu.code2, gu.offset, gu.blocksize, gu.blocksize2)
+    idx = torch.tensor([[0, 3]], device=DEV)
+    r = build_routing(idx, e)
+    x = torch.randn(t, 128, device=DEV, dtype=torch.bfloat16)
+    xa = torch.zeros(XA_MAX.value + 1, t * k, 16, device=DEV)
+    out = torch.empty(t * k, 64, device=DEV, dtype=torch.bfloat16)
+    la, lb = m.lora_A["gate_up_proj"].detach(), m.lora_B["gate_up_proj"].detach()
+    with pytest.raises(ValueError, match=f"{XA_MAX.value + 1} X·Aᵀ partials"):
+        launch_nf4_moe_gemv(x, op, la, lb, m.scaling, r.sorted_pair_ids, r.expert_offsets, None, out, n=64,
+                            top_k=k, gated=True, act="silu", xa_pairs=xa)
+
+
 def test_xa_in_routing_off_when_a_gradient_is_needed_or_without_lora(monkeypatch):
     from nf4moe.moe_layers import triton_backend as tb
 

@@ -85,6 +85,8 @@ def gemv_tiles() -> bool:
     return env_flag("NF4MOE_GEMV_TILES")
 
 
+XA_MAX: tl.constexpr = tl.constexpr(16)  # X·Aᵀ partials at most with XA_EARLY (routing_xa and lora_xa split K <= 16 ways)
+
 MAX_CHUNKS = 16  # K chunks per program at most (they are unrolled: compile time and code size grow with them)
 
 
@@ -290,6 +292,7 @@ def nf4_moe_gemv_kernel(
     HAS_LORA: tl.constexpr, NESTED: tl.constexpr, BS: tl.constexpr, BS2: tl.constexpr, LUT: tl.constexpr,
     COMBINE: tl.constexpr, SLOTS: tl.constexpr,  # SLOTS: the combine's slots per token (top-k)
     XA_BY_PAIR: tl.constexpr,  # xa rows indexed by pair id (routing_xa_kernel's), not by sorted row
+    XA_EARLY: tl.constexpr,  # X·Aᵀ partials loaded and summed while the first K chunk is in flight (gemv_xa_early)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LANES: tl.constexpr, STEPS: tl.constexpr, VEC: tl.constexpr,
     TILES: tl.constexpr,
 ):
@@ -336,6 +339,7 @@ def nf4_moe_gemv_kernel(
     acc0, acc1, up0, up1 = _zero_sums(LANES, BLOCK_N, STEPS)
     nxt_g, nsc_g, nxt_u, nsc_u = _chunk_loads(w_ptr, am_ptr, am2_ptr, code2_ptr, offset, g_rows, g_rows + N, 0,
                                               K_DIM, LANES, STEPS, VEC, NESTED, BS, BS2, GATED, CHUNK > K_DIM)
+    xa_pre = tl.zeros((R_PAD, BLOCK_M), dtype=tl.float32)  # XA_EARLY: the rows' X·Aᵀ (the same for every tile)
     for j in tl.static_range(TILES * NCH):
         tile = j // NCH
         it = j % NCH
@@ -353,6 +357,8 @@ def nf4_moe_gemv_kernel(
             nxt_g, nsc_g, nxt_u, nsc_u = _chunk_loads(w_ptr, am_ptr, am2_ptr, code2_ptr, offset, nxt_rows, nxt_rows + N,
                                                       0, K_DIM, LANES, STEPS, VEC, NESTED, BS, BS2, GATED,
                                                       CHUNK > K_DIM)
+        if HAS_LORA and XA_EARLY and j == 0:  # behind chunks 0 and 1's loads, while the first is in flight
+            xa_pre = _xa_sum(xa_ptr, XA_SPLIT, pair_ptr, offs_m, m_mask, P, R_PAD, BLOCK_M, XA_BY_PAIR, XA_MAX)
         ge, go = _chunk_weights(cur_g, tz, LUT)
         if GATED:
             ue, uo = _chunk_weights(cur_u, tz, LUT)
@@ -373,10 +379,10 @@ def nf4_moe_gemv_kernel(
                 if GATED:
                     up1 = _lane_dot(up1, ue, uo, xe, xo, sc_u, VEC)
         if it == NCH - 1:
-            _tile_epilogue(acc0, acc1, up0, up1, x_ptr, lb_ptr, scaling, xa_ptr, XA_SPLIT, out_ptr, stride_om, pair_ptr,
-                           topw_ptr, idx_ptr, comb_ptr, cnt_ptr, offs_n, g_rows, offs_m, m_mask, row_lo,
+            _tile_epilogue(acc0, acc1, up0, up1, x_ptr, lb_ptr, scaling, xa_ptr, XA_SPLIT, xa_pre, out_ptr, stride_om,
+                           pair_ptr, topw_ptr, idx_ptr, comb_ptr, cnt_ptr, offs_n, g_rows, offs_m, m_mask, row_lo,
                            tile0 + tile, N, E, R, P, R_PAD, GATED, ACT, SCATTER, HAS_LORA, COMBINE, SLOTS, XA_BY_PAIR,
-                           BLOCK_M, BLOCK_N)
+                           XA_EARLY, BLOCK_M, BLOCK_N)
             if tile + 1 < TILES:  # the next tile's rows (those its first chunk was loaded from) and fresh sums
                 offs_n = nxt_offs
                 g_rows = nxt_rows
@@ -399,11 +405,11 @@ def _zero_sums(LANES: tl.constexpr, BLOCK_N: tl.constexpr, STEPS: tl.constexpr):
 
 
 @triton.jit
-def _tile_epilogue(acc0, acc1, up0, up1, x_ptr, lb_ptr, scaling, xa_ptr, XA_SPLIT, out_ptr, stride_om, pair_ptr,
-                   topw_ptr, idx_ptr, comb_ptr, cnt_ptr, offs_n, g_rows, offs_m, m_mask, row_lo, tile, N, E, R, P,
-                   R_PAD: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr, SCATTER: tl.constexpr,
+def _tile_epilogue(acc0, acc1, up0, up1, x_ptr, lb_ptr, scaling, xa_ptr, XA_SPLIT, xa_pre, out_ptr, stride_om,
+                   pair_ptr, topw_ptr, idx_ptr, comb_ptr, cnt_ptr, offs_n, g_rows, offs_m, m_mask, row_lo, tile, N, E,
+                   R, P, R_PAD: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr, SCATTER: tl.constexpr,
                    HAS_LORA: tl.constexpr, COMBINE: tl.constexpr, SLOTS: tl.constexpr, XA_BY_PAIR: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   XA_EARLY: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One N tile's end: the lane partial sums reduced, LoRA, the gate, the routing weight, the store, and with
     COMBINE the token's slot rows summed by its last arriving slot.  A tile past N (the program's last tiles,
     when TILES * BLOCK_N does not divide N) stores nothing and does not arrive."""
@@ -417,14 +423,10 @@ def _tile_epilogue(acc0, acc1, up0, up1, x_ptr, lb_ptr, scaling, xa_ptr, XA_SPLI
     if HAS_LORA:  # + scaling * B[e] (BLOCK_N, R) · xa (R, BLOCK_M), xa summed over its split-K partials
         offs_r = tl.arange(0, R_PAD)
         r_mask = offs_r < R
-        xa = tl.zeros((R_PAD, BLOCK_M), dtype=tl.float32)
-        if XA_BY_PAIR:
-            xa_rows = tl.load(pair_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
+        if XA_EARLY:
+            xa = xa_pre
         else:
-            xa_rows = offs_m.to(tl.int64)
-        for s in range(XA_SPLIT):
-            xa += tl.load(xa_ptr + (s * P + xa_rows[None, :]) * R_PAD + offs_r[:, None],
-                          mask=m_mask[None, :], other=0.0)
+            xa = _xa_sum(xa_ptr, XA_SPLIT, pair_ptr, offs_m, m_mask, P, R_PAD, BLOCK_M, XA_BY_PAIR, 0)
         xa = xa.to(x_ptr.dtype.element_ty).to(tl.float32)  # rounded to the activation dtype, as the GEMM does
         b = tl.load(lb_ptr + g_rows[:, None] * R + offs_r[None, :], mask=n_mask[:, None] & r_mask[None, :],
                     other=0.0).to(tl.float32)
@@ -449,6 +451,29 @@ def _tile_epilogue(acc0, acc1, up0, up1, x_ptr, lb_ptr, scaling, xa_ptr, XA_SPLI
         if tile * BLOCK_N < N:
             _combine_last(out_ptr, stride_om, idx_ptr, comb_ptr, cnt_ptr, tl.load(pair_ptr + row_lo), tile, offs_n,
                           n_mask, N, E, SLOTS, BLOCK_N)
+
+
+@triton.jit
+def _xa_sum(xa_ptr, XA_SPLIT, pair_ptr, offs_m, m_mask, P, R_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+            XA_BY_PAIR: tl.constexpr, UNROLL: tl.constexpr):
+    """(R_PAD, BLOCK_M) fp32: the rows' X·Aᵀ, its XA_SPLIT partials summed in split order.  UNROLL = 0: a runtime
+    loop (which the compiler unrolls by 4: one L2 round trip per 4 partials); UNROLL >= XA_SPLIT: UNROLL masked
+    loads in straight-line code, all in flight at once (the ones past XA_SPLIT add 0.0: the same sum)."""
+    offs_r = tl.arange(0, R_PAD)
+    if XA_BY_PAIR:
+        xa_rows = tl.load(pair_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
+    else:
+        xa_rows = offs_m.to(tl.int64)
+    xa = tl.zeros((R_PAD, BLOCK_M), dtype=tl.float32)
+    if UNROLL > 0:
+        for s in tl.static_range(UNROLL):
+            xa += tl.load(xa_ptr + (s * P + xa_rows[None, :]) * R_PAD + offs_r[:, None],
+                          mask=m_mask[None, :] & (offs_r[:, None] * 0 + s < XA_SPLIT), other=0.0)
+    else:
+        for s in range(XA_SPLIT):
+            xa += tl.load(xa_ptr + (s * P + xa_rows[None, :]) * R_PAD + offs_r[:, None],
+                          mask=m_mask[None, :], other=0.0)
+    return xa
 
 
 @triton.jit
@@ -497,6 +522,14 @@ def gemv_takes(rows: int) -> bool:
     return 0 < rows <= gemv_max_rows()
 
 
+def gemv_xa_early() -> bool:
+    """``NF4MOE_GEMV_XA_EARLY=1`` (opt-in, NOT yet measured; NOTES v45): the GEMV loads and sums its rows' X·Aᵀ
+    partials right after issuing its first two K chunks' loads, all partials at once, instead of in the epilogue
+    (pair id, then the partials 4 at a time: 1 + 4 dependent L2 round trips after the K loop at 16 partials, the
+    routing launch's split at Qwen3-30B-A3B T=1).  The sum and so the output are the same bits."""
+    return env_flag("NF4MOE_GEMV_XA_EARLY")
+
+
 def fuse_combine() -> bool:
     """Whether the down GEMV may sum each token's slot rows itself (``_combine_last``) instead of leaving them
     to the combine kernel; ``NF4MOE_FUSE_COMBINE=0``: the combine kernel always."""
@@ -539,8 +572,14 @@ def launch_nf4_moe_gemv(x, w: NF4Operand, lora_a, lora_b, scaling, sorted_pair_i
     bucket = 8 if rows <= 8 else 64
     meta = projection_meta(x, w, top_k=top_k, r_pad=rp, gated=gated, act=act, has_lora=lora_a is not None)
 
+    early = xa is not None and gemv_xa_early()
+    if early and xa.shape[0] > XA_MAX.value:
+        raise ValueError(f"launch_nf4_moe_gemv: {xa.shape[0]} X·Aᵀ partials, at most {XA_MAX.value} with "
+                         "NF4MOE_GEMV_XA_EARLY")
+
     def spec(fused: bool) -> tuple[dict, tuple]:
-        kw = dict(meta, COMBINE=fused, SLOTS=combine[1].shape[1] if fused else 1, XA_BY_PAIR=xa_pairs is not None)
+        kw = dict(meta, COMBINE=fused, SLOTS=combine[1].shape[1] if fused else 1, XA_BY_PAIR=xa_pairs is not None,
+                  XA_EARLY=early)
         return kw, launch_key("gemv_combine" if fused else "gemv", n, bucket, x, w, out,
                               lora_b if lora_a is not None else None, kw)
 
