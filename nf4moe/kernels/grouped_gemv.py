@@ -44,7 +44,7 @@ import triton.language as tl
 from .combine import slot_sum
 from .common import act_fwd, expert_row_tile, nested_offset
 from .configs import _pinned, cdiv, env_flag, graph_bench, interpreting, launch_tuned, pow2, tune_in_graphs, tuned
-from .lora_xa import launch_lora_xa
+from .lora_xa import MAX_SPLIT, launch_lora_xa
 from .nf4_decode import block_scale, lut_values_f32, nf4_value
 from .operands import NF4Operand, r_pad
 
@@ -85,7 +85,7 @@ def gemv_tiles() -> bool:
     return env_flag("NF4MOE_GEMV_TILES")
 
 
-XA_MAX: tl.constexpr = tl.constexpr(16)  # X·Aᵀ partials at most with XA_EARLY (routing_xa and lora_xa split K <= 16 ways)
+XA_MAX: tl.constexpr = tl.constexpr(MAX_SPLIT)  # X·Aᵀ partials at most (routing_xa and lora_xa split K by xa_split)
 
 MAX_CHUNKS = 16  # K chunks per program at most (they are unrolled: compile time and code size grow with them)
 
@@ -467,13 +467,17 @@ def _xa_sum(xa_ptr, XA_SPLIT, pair_ptr, offs_m, m_mask, P, R_PAD: tl.constexpr, 
     xa = tl.zeros((R_PAD, BLOCK_M), dtype=tl.float32)
     if UNROLL > 0:
         for s in tl.static_range(UNROLL):
-            xa += tl.load(xa_ptr + (s * P + xa_rows[None, :]) * R_PAD + offs_r[:, None],
-                          mask=m_mask[None, :] & (offs_r[:, None] * 0 + s < XA_SPLIT), other=0.0)
+            xa += _xa_part(xa_ptr, s, P, xa_rows, offs_r, m_mask[None, :] & (offs_r[:, None] * 0 + s < XA_SPLIT), R_PAD)
     else:
         for s in range(XA_SPLIT):
-            xa += tl.load(xa_ptr + (s * P + xa_rows[None, :]) * R_PAD + offs_r[:, None],
-                          mask=m_mask[None, :], other=0.0)
+            xa += _xa_part(xa_ptr, s, P, xa_rows, offs_r, m_mask[None, :], R_PAD)
     return xa
+
+
+@triton.jit
+def _xa_part(xa_ptr, s, P, xa_rows, offs_r, mask, R_PAD: tl.constexpr):
+    """Partial ``s`` of the rows' X·Aᵀ, (R_PAD, rows) fp32, 0 where ``mask`` is off."""
+    return tl.load(xa_ptr + (s * P + xa_rows[None, :]) * R_PAD + offs_r[:, None], mask=mask, other=0.0)
 
 
 @triton.jit

@@ -52,6 +52,9 @@ def lora_xa_kernel(
     tl.store(out_ptr + out_rows * R_PAD + offs_r[None, :], acc, mask=m_mask[:, None])
 
 
+MAX_SPLIT = 16  # K slices of an X·Aᵀ launch at most (xa_split); the decode GEMV's XA_EARLY unrolls this many
+
+
 def xa_split(k_dim: int, rows: int, block_k: int) -> int:
     """K slices of the X·Aᵀ precompute: at small P one slice per program is a long serial K loop (at
     T=1 on Qwen3-30B-A3B 32 steps took ~10 us for 8 rows), so split K up to 16 ways; the consumers sum
@@ -59,7 +62,7 @@ def xa_split(k_dim: int, rows: int, block_k: int) -> int:
     if rows > 4096:
         return 1
     best = 1
-    for s in range(1, 17):
+    for s in range(1, MAX_SPLIT + 1):
         if k_dim % (s * block_k) == 0 and k_dim // s >= 128:
             best = s
     return best

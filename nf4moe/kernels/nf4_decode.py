@@ -27,7 +27,7 @@ _Q14: tl.constexpr = tl.constexpr(NF4_CODE[14])
 _Q15: tl.constexpr = tl.constexpr(NF4_CODE[15])
 
 # NF4MOE_ROW_ALIGN (default 1, read at import; 0 restores the launch's own 8-byte alignment): see row_bytes
-_ROW_ALIGN: tl.constexpr = tl.constexpr(16 if env_flag("NF4MOE_ROW_ALIGN", True) else 1)
+_ROW_ALIGN: tl.constexpr = tl.constexpr(env_flag("NF4MOE_ROW_ALIGN", True))
 
 
 @triton.jit
@@ -82,7 +82,7 @@ def row_bytes(K_DIM, BS: tl.constexpr):
     16-byte boundary; the launch's own hint (K_DIM divisible by 16) gives only 8, which halves the width of
     the weight bytes' copies (cp.async 8 instead of 16 bytes; v44).
     """
-    if BS % 32 == 0 and _ROW_ALIGN == 16:
+    if BS % 32 == 0 and _ROW_ALIGN:
         return tl.multiple_of(K_DIM // 2, 16)
     else:
         return K_DIM // 2
@@ -97,7 +97,8 @@ def _tile_bytes_and_scales(w_ptr, am_ptr, am2_ptr, code2_ptr, offset, rows, row_
     NB: tl.constexpr = BK // CH
     HB: tl.constexpr = CH // 2
     j = tl.arange(0, NB)[None, :, None] * HB + tl.arange(0, HB)[None, None, :]
-    packed = tl.load(w_ptr + rows[:, None, None] * row_bytes(K_DIM, BS) + k0 // 2 + j, mask=row_mask[:, None, None], other=0)
+    packed = tl.load(w_ptr + rows[:, None, None] * row_bytes(K_DIM, BS) + k0 // 2 + j, mask=row_mask[:, None, None],
+                     other=0)
     blk = rows[:, None] * (K_DIM // BS) + (k0 + tl.arange(0, NB)[None, :] * CH) // BS
     s = block_scale(am_ptr, am2_ptr, code2_ptr, offset, blk, row_mask[:, None], NESTED, BS2)
     return packed, s[:, :, None]
@@ -357,7 +358,8 @@ def dequant_rows_mma(
     tl.static_assert(BK % 16 == 0 and BK <= 4 * BS, "MMA k order needs BK % 16 == 0 and BK / 4 <= the NF4 blocksize")
     J: tl.constexpr = BK // 8
     j = tl.arange(0, 4)[None, :, None] * J + tl.arange(0, J)[None, None, :]
-    packed = tl.load(w_ptr + rows[:, None, None] * row_bytes(K_DIM, BS) + k0 // 2 + j, mask=row_mask[:, None, None], other=0)
+    packed = tl.load(w_ptr + rows[:, None, None] * row_bytes(K_DIM, BS) + k0 // 2 + j, mask=row_mask[:, None, None],
+                     other=0)
     NB: tl.constexpr = BK // BS if BK > BS else 1  # NF4 blocks in the K step; lane group q reads block q // (4 / NB)
     blk = rows[:, None] * (K_DIM // BS) + k0 // BS + tl.arange(0, NB)[None, :]
     s = block_scale(am_ptr, am2_ptr, code2_ptr, offset, blk, row_mask[:, None], NESTED, BS2)  # (R, NB): one load each
