@@ -114,7 +114,10 @@ def test_example_trains_saves_merges(example, tiny_checkpoint, tmp_path, capsys)
     # r16 x ((128 + 128) + (64 + 128)).
     assert summary["trainable_linear_lora"] == 2 * 16 * (128 + 128 + 128 + 64 + 128 + 64 + 128 + 128)
     assert summary["trainable_expert_lora"] == 2 * 4 * 16 * (128 + 128 + 64 + 128)
-    assert summary["last_loss"] < summary["first_loss"] - 0.5, summary  # a random byte stream starts near 5.6
+    # A random byte stream starts near ln(259) = 5.6. The drop over these 16 steps measured 0.46-0.55 in 7 local
+    # runs and 0.48 in CI (transformers 5.25, torch 2.13 CPU): 0.5 failed half the runs. Frozen LoRA (no update
+    # reaching the loss) drops nothing, so 0.3 still tells training from none.
+    assert summary["last_loss"] < summary["first_loss"] - 0.3, summary
     assert re.search(r"'tokens_per_s': '?[0-9.]+", text) and "'peak_mem_gib'" in text
 
     adapter = out / "adapter"
