@@ -50,6 +50,10 @@
 #                                      # autotuner's T=128 tile pinned (~2 min)
 #   bash bench/gpu_sweep.sh v45        # after session 17: GPU tests of the GEMV's early X·Aᵀ sum, then Qwen3 T=1, 8 alternating the
 #                                      # GEMV without / with it (CUDA graphs, kernel times), GLM-4.5-Air and DeepSeek-V3 T=1 (~6 min)
+#   bash bench/gpu_sweep.sh v46        # v45 + v46 in one call: their GPU tests (early X·Aᵀ, PDL bit-identity eager / graph /
+#                                      # training, compile facts), then Qwen3 T=1, 8 (GEMV) and T=16, 128 (MMA GEMM) alternating
+#                                      # without / with NF4MOE_PDL (and the early X·Aᵀ), CUDA graphs; GLM-4.5-Air and DeepSeek-V3
+#                                      # T=1 (~9 min)
 #   bash bench/gpu_sweep.sh largeprof  # GEMM times of every autotuner candidate at T=8192, Qwen3 and DeepSeek-V3 (~2 min)
 set -euo pipefail
 OUT=${OUT:-bench/results/sweep}
@@ -258,6 +262,17 @@ case "${1:-}" in
     for shape in glm45air dsv3; do
       timeout 100 $py -m bench.profile_layer --shape $shape --tokens 1 --variants gemv,gemv_xae,gemv,gemv_xae --check \
         --graph 2>&1 | grep -v "Warn\|_warn" | tee "$OUT/profile_xa_early_$shape.log" || true
+    done ;;
+  v46)
+    timeout 150 $py -m pytest -q -p no:cacheprovider tests/test_triton_forward.py tests/test_gpu_compile.py \
+      tests/test_launch.py -k "pdl or xa_early or xa_in_routing or env_flags" 2>&1 | tail -8 | tee "$OUT/gpu_v46.log" || true
+    timeout 140 $py -m bench.profile_layer --tokens 1,8 --variants gemv,gemv_pdl,gemv_xae,gemv_xae_pdl,gemv,gemv_pdl \
+      --check --graph 2>&1 | grep -v "Warn\|_warn" | tee "$OUT/profile_pdl_qwen3_t1.log" || true
+    timeout 100 $py -m bench.profile_layer --tokens 16,128 --variants gemm,gemm_pdl,gemm,gemm_pdl --check --graph 2>&1 \
+      | grep -v "Warn\|_warn" | tee "$OUT/profile_pdl_qwen3_t128.log" || true
+    for shape in glm45air dsv3; do
+      timeout 90 $py -m bench.profile_layer --shape $shape --tokens 1 --variants gemv,gemv_pdl,gemv_xae_pdl,gemv_pdl \
+        --check --graph 2>&1 | grep -v "Warn\|_warn" | tee "$OUT/profile_pdl_$shape.log" || true
     done ;;
   largeprof)
     $py -m bench.profile_layer --tokens 8192 --variants gemm --timings 2>&1 | tee "$OUT/profile_large_qwen3.log"

@@ -16,6 +16,7 @@ variant, plus the autotuner's chosen configs.  GPU only; used to write bench/NOT
     python -m bench.profile_layer --tokens 1,2 --variants gemv,gemv_unfused,gemv_nomemset --graph  # fused combine (v33)
     python -m bench.profile_layer --tokens 1024,8192 --variants wgmma_imm,wgmma --check  # decode table in registers (v42)
     python -m bench.profile_layer --tokens 1,8 --variants gemv,gemv_xae,gemv,gemv_xae --check --graph  # early X·Aᵀ (v45)
+    python -m bench.profile_layer --tokens 1,8 --variants gemv,gemv_pdl,gemv,gemv_pdl --check --graph  # PDL (v46)
 
 ``--check`` compares every variant's output with the fp32 reference backend (relative error printed);
 ``--timings`` prints every config the GEMM autotuner benchmarks, with its time; ``--graph`` also times each
@@ -149,7 +150,10 @@ def main(argv=None) -> int:
             # since v42: in registers)
             os.environ["NF4MOE_LUT_REGS"] = "0" if var.endswith("_imm") else "1"
             # ..._xae (e.g. gemv_xae): the GEMV sums its X·Aᵀ partials early, all at once (NF4MOE_GEMV_XA_EARLY; v45)
-            os.environ["NF4MOE_GEMV_XA_EARLY"] = "1" if var.endswith("_xae") else "0"
+            os.environ["NF4MOE_GEMV_XA_EARLY"] = "1" if "_xae" in var else "0"
+            # ..._pdl (e.g. gemv_pdl, gemv_xae_pdl, gemm_pdl): programmatic dependent launches (NF4MOE_PDL; v46),
+            # with the configs tuned without it (grouped_gemm.launch_key), so an A/B pair times the launches alone
+            os.environ["NF4MOE_PDL"] = "1" if var.endswith("_pdl") else "0"
             with torch.no_grad():
                 ms = _bench(lambda: ours(x, idx, w))
                 kt = kernel_times(lambda: ours(x, idx, w))

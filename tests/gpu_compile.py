@@ -75,7 +75,19 @@ def facts(ptx: str) -> dict:
             "acq_rel_counter": len(re.findall(r"atom\.global\.gpu\.acq_rel\.add\.u32", ptx)),
             "l2_loads": len(re.findall(r"ld\.global\.cg\.", ptx)),  # predicated loads sit in inline-asm lines
             "global_v4_loads": len(re.findall(r"ld\.global(?:\.[\w:]+)*\.v4\.b32", ptx)),
-            "branches": len(re.findall(r"\bbra(?:\.uni)?\s", ptx))}
+            "branches": len(re.findall(r"\bbra(?:\.uni)?\s", ptx)),
+            **pdl_facts(ptx)}
+
+
+def pdl_facts(ptx: str) -> dict:
+    """The programmatic-dependent-launch instructions (common.pdl_enter) and whether the wait comes before the
+    kernel's first global memory access (load, store, atomic or cp.async): the entry block is first in the PTX,
+    so a wait there that precedes every such instruction in the text precedes it on every path."""
+    wait = ptx.find("griddepcontrol.wait")
+    first = re.search(r"\b(?:ld|st|atom|red|cp\.async[\w.]*)\.global|\bprefetch\.global", ptx)
+    return {"pdl_waits": ptx.count("griddepcontrol.wait"),
+            "pdl_launch_dependents": ptx.count("griddepcontrol.launch_dependents"),
+            "pdl_wait_first": wait >= 0 and (first is None or wait < first.start())}
 
 
 _BF16_PTRS = {n: "*bf16" for n in ("x_ptr", "dy_ptr", "out_ptr", "gu_ptr", "la_ptr", "lb_ptr", "topw_ptr")}
@@ -84,7 +96,45 @@ PTRS = {**_BF16_PTRS, "w_ptr": "*u8", "pair_ptr": "*i32", "eoff_ptr": "*i32", "i
 # Qwen3-30B-A3B up projection: N = I = 768, K = H = 2048, 1024 routed rows, LoRA r=16, bf16
 INTS = dict(stride_xm=2048, stride_xk=1, N=768, K_DIM=2048, N_TOTAL=1536, E=128, R=16, P=1024, ROW_BUCKET=1024,
             stride_om=768, XA_SPLIT=1, stride_dm=2048, stride_dk=1, KR=2048)
-COMMON = dict(TOP_K=8, E_POW2=128, R_PAD=16, ACT=0, HAS_LORA=True, NESTED=True, BS=64, BS2=256)
+COMMON = dict(TOP_K=8, E_POW2=128, R_PAD=16, ACT=0, HAS_LORA=True, NESTED=True, BS=64, BS2=256, PDL=False)
+
+
+def pdl_variants(up: dict, gemv: dict) -> dict:
+    """Every kernel of the inference path (v46, NF4MOE_PDL) compiled with PDL on: the Qwen3-30B-A3B T=1 chain
+    (routing + up X·Aᵀ, up GEMV, down X·Aᵀ, down GEMV, combine) and the T=128 up GEMM."""
+    from nf4moe.kernels.combine import combine_kernel
+    from nf4moe.kernels.grouped_gemm import nf4_moe_gemm_kernel
+    from nf4moe.kernels.grouped_gemv import nf4_moe_gemv_kernel
+    from nf4moe.kernels.lora_xa import lora_xa_kernel
+    from nf4moe.kernels.routing import routing_kernel, routing_xa_kernel
+
+    t1 = dict(INTS, XA_SPLIT=16, P=8, ROW_BUCKET=8)
+    down_ints = dict(t1, N=2048, N_TOTAL=2048, K_DIM=768, stride_xm=768, stride_om=2048, XA_SPLIT=6)
+    gemv_t1 = dict(gemv, PDL=True, COMBINE=False, SLOTS=1, XA_EARLY=False, BLOCK_M=1, BLOCK_N=8, LANES=8, STEPS=1,
+                   VEC=16, TILES=1)
+    xa = dict(TOP_K=8, E_POW2=128, R_PAD=16, INTERPRET=False, BLOCK_M=16, BLOCK_K=64, PDL=True)
+    ptrs = dict(PTRS, a_ptr="*bf16", y_ptr="*bf16")
+    return {
+        "pdl_routing": facts(compile_kernel(routing_kernel, ptrs, dict(P=8, E=128),
+                                            dict(P_POW2=128, NUM_BINS=256, CHECK=False, PDL=True), 4, 1)),
+        "pdl_routing_xa": facts(compile_kernel(
+            routing_xa_kernel, ptrs, dict(P=8, E=128, R=16, K_DIM=2048, K_SLICE=128, SPLIT=16),
+            dict(P_POW2=128, NUM_BINS=256, CHECK=True, TOP_K=8, R_PAD=16, BLOCK_K=64, INTERPRET=False, PDL=True), 4, 1,
+            debug=True)),
+        "pdl_gemv_up": facts(compile_kernel(nf4_moe_gemv_kernel, ptrs, t1, dict(gemv_t1, XA_BY_PAIR=True, K_DIM=2048),
+                                            2, 1)),
+        "pdl_lora_xa_down": facts(compile_kernel(lora_xa_kernel, ptrs, dict(down_ints, K_SLICE=128),
+                                                 dict(xa, GATHER=False), 4, 1)),
+        "pdl_gemv_down": facts(compile_kernel(nf4_moe_gemv_kernel, ptrs, down_ints,
+                                              dict(gemv_t1, TOP_K=8, GATED=False, GATHER=False, SCATTER=True,
+                                                   XA_BY_PAIR=False, K_DIM=768), 2, 1)),
+        "pdl_combine": facts(compile_kernel(combine_kernel, ptrs, dict(H=2048, E=128),
+                                            dict(TOP_K=8, BLOCK_H=1024, PDL=True), 4, 1)),
+        "pdl_gemm_up": facts(compile_kernel(nf4_moe_gemm_kernel, ptrs, INTS,
+                                            dict(up, PDL=True, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128), 4, 3)),
+        "pdl_off_gemm_up": facts(compile_kernel(nf4_moe_gemm_kernel, ptrs, INTS,
+                                                dict(up, PDL=False, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128), 4, 3)),
+    }
 
 
 def main() -> int:
@@ -128,16 +178,17 @@ def main() -> int:
     out["bwd_up_dx"] = facts(compile_kernel(nf4_moe_gemm_t_kernel, ptrs, dict(ints, N=2048, KR=1536),
                                             dict(bwd, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64), 4, 3))
     for check in (False, True):  # the layer's launch checks ids in the kernel (compiled with debug for it)
-        ptx = compile_kernel(routing_kernel, ptrs, dict(P=8, E=128), dict(P_POW2=1024, NUM_BINS=256, CHECK=check),
+        ptx = compile_kernel(routing_kernel, ptrs, dict(P=8, E=128), dict(P_POW2=1024, NUM_BINS=256, CHECK=check, PDL=False),
                              8, 1, debug=check)
         out["routing_1024" + ("_check" if check else "")] = dict(facts(ptx), assertfail=ptx.count("__assertfail"))
     from nf4moe.kernels.routing import routing_xa_kernel
 
     # Qwen3-30B-A3B T=1: 8 pairs, K=2048 in 16 slices of 128, r=16 (the routing launch with the up X·Aᵀ, v39)
     ptx = compile_kernel(routing_xa_kernel, ptrs, dict(P=8, E=128, R=16, K_DIM=2048, K_SLICE=128, SPLIT=16),
-                         dict(P_POW2=128, NUM_BINS=256, CHECK=True, TOP_K=8, R_PAD=16, BLOCK_K=64, INTERPRET=False),
-                         4, 1, debug=True)
+                         dict(P_POW2=128, NUM_BINS=256, CHECK=True, TOP_K=8, R_PAD=16, BLOCK_K=64, INTERPRET=False,
+                              PDL=False), 4, 1, debug=True)
     out["routing_xa"] = dict(facts(ptx), assertfail=ptx.count("__assertfail"), local=ptx.count(".local"))
+    out.update(pdl_variants(up, gemv))
     from nf4moe.kernels.grouped_gemm import gluon_available
 
     if gluon_available():  # the Gluon GEMM for many rows (grouped_gemm_wgmma.py), up and down, nested absmax

@@ -11,7 +11,9 @@ What it checks, per kernel variant:
 - the opt-in split-K GEMM counts arrivals with one acq_rel atomic and reads the partials past L1;
 - the Gluon GEMM for many rows (grouped_gemm_wgmma.py) issues asynchronous wgmma from shared memory fed by
   cp.async (activations) and 16-byte weight-byte loads decoded by the pair PTX, with no local memory; its
-  warp-specialised form hands over through mbarriers and splits the registers between its partitions.
+  warp-specialised form hands over through mbarriers and splits the registers between its partitions;
+- with PDL (programmatic dependent launch, v46) every kernel of the inference path waits for its predecessor
+  before its first global memory access, and without it none has grid dependency control.
 """
 from __future__ import annotations
 
@@ -111,6 +113,33 @@ def test_routing_kernel_checks_ids_only_when_asked(compiled):
     assert at all (device_assert compiles to nothing without debug)."""
     assert compiled["routing_1024_check"]["assertfail"] > 0
     assert compiled["routing_1024"]["assertfail"] == 0
+
+
+PDL_KERNELS = ["pdl_routing", "pdl_routing_xa", "pdl_gemv_up", "pdl_lora_xa_down", "pdl_gemv_down", "pdl_combine",
+               "pdl_gemm_up"]
+
+
+@pytest.mark.parametrize("variant", PDL_KERNELS)
+def test_pdl_kernels_wait_before_any_global_access(compiled, variant):
+    """v46 (NF4MOE_PDL): a kernel launched as a programmatic dependent launch may start while its predecessor
+    runs, so it must wait (griddepcontrol.wait) before its first global load, store, atomic or cp.async, and it
+    lets its own dependent launch (launch_dependents); once each, on the entry path."""
+    f = compiled[variant]
+    assert f["pdl_waits"] == 1 and f["pdl_launch_dependents"] == 1, f
+    assert f["pdl_wait_first"], "a global memory access comes before griddepcontrol.wait"
+
+
+@pytest.mark.parametrize("variant", ["gemm_up_bk128", "gemv_up", "routing_1024", "routing_xa", "pdl_off_gemm_up"])
+def test_kernels_without_pdl_have_no_grid_dependency_control(compiled, variant):
+    f = compiled[variant]
+    assert f["pdl_waits"] == 0 and f["pdl_launch_dependents"] == 0, f
+
+
+def test_pdl_leaves_the_gemm_loop_unchanged(compiled):
+    """PDL adds the two instructions at entry and nothing to the K loop: same wgmmas, table decodes and copies."""
+    on, off = compiled["pdl_gemm_up"], compiled["pdl_off_gemm_up"]
+    for fact in ("wgmma", "lut_pairs", "cp_async_bytes", "global_v4_loads"):
+        assert on[fact] == off[fact], fact
 
 
 def test_split_k_counts_arrivals_with_an_acq_rel_atomic(compiled):

@@ -194,18 +194,49 @@ def test_gemv_candidates_fit_and_stay_short(monkeypatch, k_dim, combine, bucket,
         assert {c.kwargs["BLOCK_M"] for c in kept} == {1}
 
 
+# --------------------------------------------------------------------------- PDL (NF4MOE_PDL, v46)
+
+@pytest.mark.parametrize("case", ["on", "flag_off", "interpreted", "traced", "cpu_tensor", "pre_hopper"])
+def test_pdl_options_pair_the_wait_with_the_launch_option(monkeypatch, case):
+    """A programmatic dependent launch (Triton's launch_pdl) always comes with the kernel's wait (the PDL
+    constexpr), and only for direct launches on sm_90+ with NF4MOE_PDL=1: never under the interpreter (no
+    griddepcontrol there), never traced (Inductor launches the kernel; no launch option is passed), never for
+    CPU tensors or older GPUs."""
+    monkeypatch.setattr(L, "_INTERPRET", case == "interpreted")
+    monkeypatch.setattr(L, "_pdl_capable", lambda index: case != "pre_hopper")
+    monkeypatch.setenv("NF4MOE_PDL", "0" if case == "flag_off" else "1")
+    t = (torch.zeros(1) if case == "cpu_tensor" else
+         type("CudaTensor", (), {"is_cuda": True, "device": torch.device("cuda", 0)})())
+    launcher = (lambda kernel: kernel) if case == "traced" else None
+    opts = L.pdl_options(t, launcher)
+    if case == "traced":
+        assert opts == {"PDL": False}
+    else:
+        assert opts == {"PDL": case == "on", "launch_pdl": case == "on"}
+
+
+def test_pdl_is_off_in_this_process_unless_a_gpu_runs_it():
+    """The CPU suite runs the interpreter: whatever NF4MOE_PDL says, no kernel is compiled with the wait."""
+    if not torch.cuda.is_available():
+        assert L.pdl_options(torch.zeros(1), None) == {"PDL": False, "launch_pdl": False}
+
+
 # --------------------------------------------------------------------------- graph_bench (NF4MOE_TUNE_GRAPH)
 
 @pytest.mark.parametrize("raw,want", [("0", False), ("1", True), ("yes", None), (None, "default")])
 @pytest.mark.parametrize("flag,default", [("NF4MOE_TUNE_GRAPH", True), ("NF4MOE_GEMV_TILES", False),
-                                          ("NF4MOE_XA_IN_ROUTING", True)])
+                                          ("NF4MOE_XA_IN_ROUTING", True), ("NF4MOE_PDL", False)])
 def test_env_flags(flag, default, raw, want, monkeypatch):
     """Each switch reads 0 / 1 (unset: its default) and rejects anything else, naming itself."""
     from nf4moe.kernels import configs, grouped_gemv
     from nf4moe.moe_layers import triton_backend
 
+    monkeypatch.setattr(L, "_INTERPRET", False)  # use_pdl reads its flag past the interpreter test
+    monkeypatch.setattr(L, "_pdl_capable", lambda index: True)
+    cuda_tensor = type("CudaTensor", (), {"is_cuda": True, "device": torch.device("cuda", 0)})()
     read = {"NF4MOE_TUNE_GRAPH": configs.tune_in_graphs, "NF4MOE_GEMV_TILES": grouped_gemv.gemv_tiles,
-            "NF4MOE_XA_IN_ROUTING": triton_backend.xa_in_routing}[flag]
+            "NF4MOE_XA_IN_ROUTING": triton_backend.xa_in_routing,
+            "NF4MOE_PDL": lambda: L.use_pdl(cuda_tensor, None)}[flag]
     if raw is None:
         monkeypatch.delenv(flag, raising=False)
     else:

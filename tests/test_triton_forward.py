@@ -16,7 +16,7 @@ import torch
 
 from nf4moe.reference import Lora, moe_forward
 
-from triton_cases import DEV, assert_negative_ids_trap, count_calls, make_layer, routing
+from triton_cases import DEV, assert_negative_ids_trap, count_calls, make_layer, refill, routing
 INTERP = os.environ.get("TRITON_INTERPRET") == "1"
 pytestmark = pytest.mark.skipif(not (INTERP or DEV == "cuda"), reason="needs a GPU or TRITON_INTERPRET=1")
 
@@ -420,16 +420,74 @@ def test_cuda_graph_replays_match_eager(monkeypatch, t):
         assert captured == ([(False, True, False), (False, False, True), (True, True, False), (True, False, False)]
                             if t <= 2 else [])
         for seed in (73, 74, 75):
-            x.copy_(torch.randn(x.shape, device=DEV, generator=torch.Generator(DEV).manual_seed(seed)))
-            nidx, nw = routing(t, 8, 4, seed=seed)
-            idx.copy_(nidx)
-            w.copy_(nw)
+            refill(x, idx, w, e=8, seed=seed)
             graph.replay()
             fused = m(x, idx, w)
             monkeypatch.setenv("NF4MOE_FUSE_COMBINE", "0")
             assert torch.equal(out, m(x, idx, w))
             monkeypatch.delenv("NF4MOE_FUSE_COMBINE")
             torch.testing.assert_close(out, fused, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.skipif(DEV != "cuda", reason="programmatic dependent launch needs a GPU")
+@pytest.mark.parametrize("t", [1, 16, 128])
+def test_pdl_launches_give_the_same_bits(monkeypatch, t):
+    """v46 (NF4MOE_PDL=1): the inference path's kernels (routing with the up X·Aᵀ, X·Aᵀ, decode GEMV or MMA
+    GEMM, combine) launched as programmatic dependent launches, each waiting for its predecessor first: eager
+    calls and CUDA-graph replays on new inputs give the bits of the same path without PDL (the configs tuned
+    without it are reused: grouped_gemm.launch_key), on sm_90 and newer."""
+    from nf4moe.kernels import launch as L
+
+    m = make_layer(8, 256, 128, rank=8, seed=81)
+    x = torch.randn(t, 256, device=DEV, dtype=torch.bfloat16)
+    idx, w = routing(t, 8, 4, seed=82)
+    w = w.to(torch.bfloat16)
+    if not L._pdl_capable(x.device.index):
+        pytest.skip("programmatic dependent launch needs sm_90 or newer")
+    with torch.no_grad():
+        monkeypatch.setenv("NF4MOE_PDL", "0")
+        ref = m(x, idx, w)
+        monkeypatch.setenv("NF4MOE_PDL", "1")
+        assert torch.equal(m(x, idx, w), ref)
+        pdl = {k[0].__name__ for k in L._COMPILED if ("PDL", True) in k[3] and ("launch_pdl", True) in k[3]}
+        want = {"routing_xa_kernel", "nf4_moe_gemv_kernel", "lora_xa_kernel"} if t * 4 <= 64 else {
+            "routing_kernel", "nf4_moe_gemm_kernel", "lora_xa_kernel", "combine_kernel"}
+        assert want <= pdl, pdl
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = m(x, idx, w)
+        monkeypatch.setenv("NF4MOE_FUSE_COMBINE", "0")  # the captured decode path: plain GEMV + combine kernel
+        for seed in (83, 84, 85):
+            refill(x, idx, w, e=8, seed=seed)
+            graph.replay()
+            monkeypatch.setenv("NF4MOE_PDL", "0")
+            assert torch.equal(out, m(x, idx, w))
+            monkeypatch.setenv("NF4MOE_PDL", "1")
+
+
+@pytest.mark.skipif(DEV != "cuda", reason="programmatic dependent launch needs a GPU")
+def test_pdl_training_step_gives_the_same_gradients(monkeypatch):
+    """The training forward's GEMMs and X·Aᵀ launched with PDL (the backward's kernels without): the same
+    output and gradients, bit for bit."""
+    from nf4moe.kernels import launch as L
+
+    m = make_layer(8, 256, 128, rank=8, seed=86)
+    x0 = torch.randn(16, 256, device=DEV, dtype=torch.bfloat16)
+    idx, w0 = routing(16, 8, 4, seed=87)
+    if not L._pdl_capable(x0.device.index):
+        pytest.skip("programmatic dependent launch needs sm_90 or newer")
+    gy = torch.randn(16, 256, device=DEV, dtype=torch.bfloat16)
+    results = []
+    for flag in ("0", "1"):
+        monkeypatch.setenv("NF4MOE_PDL", flag)
+        x, w = x0.clone().requires_grad_(), w0.to(torch.bfloat16).requires_grad_()
+        for p in m.parameters():
+            p.grad = None
+        out = m(x, idx, w)
+        out.backward(gy)
+        results.append([out, x.grad, w.grad] + [p.grad for p in m.parameters() if p.requires_grad])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
 
 
 GEMV_PINS = [  # (BLOCK_M, BLOCK_N, LANES, STEPS, VEC, num_warps, TILES), dtype: the 16- and 8-byte lanes, one row

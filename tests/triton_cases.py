@@ -62,3 +62,12 @@ def routing(t, e, k, *, seed, mode="random"):
         idx[torch.rand(t, k, generator=g) < 0.3] = e  # expert-parallel sentinels
     w = torch.rand(t, k, generator=g) + 0.1
     return idx.to(DEV), w.to(DEV)
+
+
+def refill(x, idx, w, *, e, seed):
+    """Fresh random inputs copied into the buffers a CUDA graph captured (``routing``'s ids and weights over ``e``
+    experts), before a replay."""
+    x.copy_(torch.randn(x.shape, device=x.device, generator=torch.Generator(x.device).manual_seed(seed)))
+    nidx, nw = routing(x.shape[0], e, idx.shape[1], seed=seed)
+    idx.copy_(nidx)
+    w.copy_(nw)

@@ -9,8 +9,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .common import pdl_enter
 from .configs import cdiv, pow2
-from .launch import launch
+from .launch import launch, pdl_options
 
 
 @triton.jit
@@ -35,9 +36,10 @@ def combine_kernel(
     idx_ptr,   # (T, K) expert ids (any integer dtype), contiguous
     out_ptr,   # (T, H) output
     H, E,
-    TOP_K: tl.constexpr, BLOCK_H: tl.constexpr,
+    TOP_K: tl.constexpr, BLOCK_H: tl.constexpr, PDL: tl.constexpr,
 ):
     """Grid: (T, cdiv(H, BLOCK_H))."""
+    pdl_enter(PDL)
     t = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     mask = offs < H
@@ -50,5 +52,5 @@ def launch_combine(y: torch.Tensor, top_k_index: torch.Tensor, out: torch.Tensor
     h = out.shape[1]
     block_h = min(1024, pow2(h))
     launch(combine_kernel, (t, cdiv(h, block_h)), launcher, y, top_k_index, out, h, num_experts, TOP_K=k,
-           BLOCK_H=block_h)
+           BLOCK_H=block_h, **pdl_options(y, launcher))
     return out

@@ -2,10 +2,25 @@
 NF4 GEMM, LoRA grads).
 
 Only @triton.jit helpers live here (no kernel, no launcher): the gate activations with their
-derivatives, and the per-expert row-tile schedule that every grouped kernel uses.
+derivatives, the per-expert row-tile schedule that every grouped kernel uses, and the programmatic
+dependent launch entry (``pdl_enter``) of the inference path's kernels.
 """
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def pdl_enter(PDL: tl.constexpr):
+    """With PDL (a programmatic dependent launch, launch.pdl_options): wait until the kernels this one depends
+    on have finished and their writes are visible, then let the next kernel launch.  Called first thing, before
+    any global memory access: a kernel launched this way may start while its predecessor in the stream still
+    runs, so nothing may be read (the predecessor's outputs) or written (what it still reads) before the wait.
+    Every kernel launched with PDL waits here, so the wait is transitive: when it returns, every earlier kernel
+    in the stream has finished (a kernel that skipped it could finish before its own predecessor).  What the
+    launch saves is the next kernel's launch and start-up, overlapped with this one's run and tail."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
 
 
 @triton.jit

@@ -44,7 +44,8 @@ from .combine import launch_combine
 from .grouped_gemv import gemv_takes, launch_nf4_moe_gemv
 from .lora_xa import launch_lora_xa
 from .nf4_decode import dequant_operand, mma_k_order
-from .common import act_fwd, dot_operand, expert_row_tile, nested_offset, split_k_reduce
+from .common import act_fwd, dot_operand, expert_row_tile, nested_offset, pdl_enter, split_k_reduce
+from .launch import pdl_options
 
 ACT_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
 
@@ -83,9 +84,10 @@ def nf4_moe_gemm_kernel(
     HAS_LORA: tl.constexpr, NESTED: tl.constexpr, BS: tl.constexpr, BS2: tl.constexpr,
     INTERPRET: tl.constexpr, LUT: tl.constexpr, XA_PRE: tl.constexpr, WRITE_GU: tl.constexpr,
     WRITE_OUT: tl.constexpr, KPERM: tl.constexpr, K_HINT: tl.constexpr, SPLIT_K: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Grid: (cdiv(N, BLOCK_N) * SPLIT_K, cdiv(P, BLOCK_M) + min(E, P))."""
+    pdl_enter(PDL)
     pid_n = tl.program_id(0) // SPLIT_K
     split = tl.program_id(0) % SPLIT_K
     pid_m = tl.program_id(1)
@@ -317,9 +319,12 @@ def projection_meta(x: torch.Tensor, w: NF4Operand, *, top_k: int, r_pad: int, g
 
 def launch_key(kind: str, n: int, bucket: int, x: torch.Tensor, w: NF4Operand, out: torch.Tensor,
                lora_b: torch.Tensor | None, meta: dict) -> tuple:
-    """configs.launch_tuned's key: every value the kernel's autotuner keys on or prunes by, and more."""
+    """configs.launch_tuned's key: every value the kernel's autotuner keys on or prunes by, and more.  Not the
+    PDL switch (launch.pdl_options): a launch with it reuses the config tuned without it, the same tiles and so
+    the same bits (and an A/B timing of PDL compares the launches, not two autotuner choices)."""
     return (kind, n, 2 * w.packed.shape[2], bucket, x.dtype, out.dtype, w.absmax.dtype,
-            lora_b.dtype if lora_b is not None else None, *meta.values())
+            lora_b.dtype if lora_b is not None else None,
+            *(v for k, v in meta.items() if k not in ("PDL", "launch_pdl")))
 
 
 def grid(n: int, rows: int, num_experts: int):
@@ -425,7 +430,7 @@ def launch_nf4_moe_gemm(
         cnt = split_k_counters(x.device, (cdiv(rows, 16) + min(num_experts, rows)) * cdiv(n, 16))
     meta = dict(projection_meta(x, w, top_k=top_k, r_pad=rp, gated=gated, act=act, has_lora=has_lora),
                 INTERPRET=interpreting(), XA_PRE=xa is not None, WRITE_GU=gu is not None, WRITE_OUT=write_out,
-                KPERM=use_kperm(), K_HINT=use_k_hint(), SPLIT_K=splits)
+                KPERM=use_kperm(), K_HINT=use_k_hint(), SPLIT_K=splits, **pdl_options(x, launcher))
     key = launch_key("gemm", n, bucket, x, w, out, lora_b if has_lora else None, meta)
     launch_tuned(
         nf4_moe_gemm_kernel, grid(n, rows, num_experts), key, launcher,

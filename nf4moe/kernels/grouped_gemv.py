@@ -42,8 +42,9 @@ import triton
 import triton.language as tl
 
 from .combine import slot_sum
-from .common import act_fwd, expert_row_tile, nested_offset
+from .common import act_fwd, expert_row_tile, nested_offset, pdl_enter
 from .configs import _pinned, cdiv, env_flag, graph_bench, interpreting, launch_tuned, pow2, tune_in_graphs, tuned
+from .launch import pdl_options
 from .lora_xa import MAX_SPLIT, launch_lora_xa
 from .nf4_decode import block_scale, lut_values_f32, nf4_value
 from .operands import NF4Operand, r_pad
@@ -294,8 +295,9 @@ def nf4_moe_gemv_kernel(
     XA_BY_PAIR: tl.constexpr,  # xa rows indexed by pair id (routing_xa_kernel's), not by sorted row
     XA_EARLY: tl.constexpr,  # X·Aᵀ partials loaded and summed while the first K chunk is in flight (gemv_xa_early)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LANES: tl.constexpr, STEPS: tl.constexpr, VEC: tl.constexpr,
-    TILES: tl.constexpr,
+    TILES: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_enter(PDL)
     # TILES N tiles of BLOCK_N weight rows per program, one after another: the first chunk of the next tile is
     # loaded while the current tile's last chunk is decoded, so a program's loads stay in flight across its
     # tiles (one program per tile leaves its loads idle through the expert lookup, the lane sums and the store)
@@ -574,7 +576,8 @@ def launch_nf4_moe_gemv(x, w: NF4Operand, lora_a, lora_b, scaling, sorted_pair_i
         xa = launch_lora_xa(x, lora_a, sorted_pair_ids, expert_offsets, top_k=top_k, gather=gated, r_pad=rp,
                             launcher=launcher)
     bucket = 8 if rows <= 8 else 64
-    meta = projection_meta(x, w, top_k=top_k, r_pad=rp, gated=gated, act=act, has_lora=lora_a is not None)
+    meta = dict(projection_meta(x, w, top_k=top_k, r_pad=rp, gated=gated, act=act, has_lora=lora_a is not None),
+                **pdl_options(x, launcher))
 
     early = xa is not None and gemv_xa_early()
     if early and xa.shape[0] > XA_MAX.value:

@@ -17,9 +17,11 @@ The first launch of a key goes through Triton (which compiles or finds the kerne
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
-from .configs import interpreting
+from .configs import env_flag, interpreting
 
 _COMPILED: dict = {}  # (kernel, device, argument specialisation, keyword arguments) -> (compiled kernel, tail)
 
@@ -98,3 +100,27 @@ def launch(kernel, grid, launcher, *args, **kwargs) -> None:
     compiled, tail = hit  # tail: the parameters after ``args`` in order, constexprs too (fixed by the key)
     g = grid(kwargs) if callable(grid) else grid
     compiled[(g[0], g[1] if len(g) > 1 else 1, g[2] if len(g) > 2 else 1)](*args, *tail)
+
+
+@functools.cache
+def _pdl_capable(device_index: int) -> bool:
+    """Programmatic dependent launch (griddepcontrol) needs sm_90 or newer (cached: a capability query per
+    launch would cost host time)."""
+    return torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
+def use_pdl(t: torch.Tensor, launcher) -> bool:
+    """``NF4MOE_PDL=1`` (default 0 until measured on a GPU; bench/NOTES.md v46): direct launches on a CUDA
+    device of sm_90 or newer, eager or captured into a CUDA graph, of the kernels that take a ``PDL`` constexpr
+    are programmatic dependent launches.  Not under the interpreter (no griddepcontrol) and not traced
+    (``launcher``: Inductor launches the kernels itself)."""
+    return (launcher is None and not _INTERPRET and t.is_cuda and env_flag("NF4MOE_PDL")
+            and _pdl_capable(t.device.index))
+
+
+def pdl_options(t: torch.Tensor, launcher) -> dict:
+    """The ``PDL`` constexpr (the kernel's wait, common.pdl_enter) and, for direct launches, Triton's
+    ``launch_pdl`` option, always together: a kernel launched with PDL that did not wait first could read its
+    predecessor's outputs before they exist.  ``t``: a tensor on the launch's device."""
+    on = use_pdl(t, launcher)
+    return {"PDL": on} if launcher is not None else {"PDL": on, "launch_pdl": on}

@@ -11,8 +11,8 @@ import triton
 import triton.language as tl
 
 from .configs import cdiv, interpreting, pow2
-from .launch import launch
-from .common import dot_operand, expert_row_tile
+from .launch import launch, pdl_options
+from .common import dot_operand, expert_row_tile, pdl_enter
 
 
 @triton.jit
@@ -25,9 +25,10 @@ def lora_xa_kernel(
     eoff_ptr,   # (E + 1,) int32 expert offsets
     K_DIM, E, R, P, K_SLICE,
     TOP_K: tl.constexpr, E_POW2: tl.constexpr, R_PAD: tl.constexpr, GATHER: tl.constexpr,
-    INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
 ):
     """Grid: (cdiv(P, BLOCK_M) + min(E, P), SPLIT); program (m, s) sums columns [s*K_SLICE, (s+1)*K_SLICE)."""
+    pdl_enter(PDL)
     e, row0, row_end = expert_row_tile(eoff_ptr, tl.program_id(0), E, E_POW2, BLOCK_M)
     if e >= E:
         return
@@ -91,5 +92,6 @@ def launch_lora_xa(x: torch.Tensor, lora_a: torch.Tensor, sorted_pair_ids: torch
         k_dim, num_experts, r, rows, k_dim // split,
         TOP_K=top_k, E_POW2=pow2(num_experts), R_PAD=r_pad, GATHER=gather,
         INTERPRET=interpreting(), BLOCK_M=block_m, BLOCK_K=block_k, num_warps=4,
+        **pdl_options(x, launcher),
     )
     return out

@@ -30,9 +30,9 @@ import triton
 import triton.language as tl
 
 from ..reference.routing import Routing
-from .common import dot_operand
+from .common import dot_operand, pdl_enter
 from .configs import cdiv, interpreting, pow2
-from .launch import launch
+from .launch import launch, pdl_options
 
 # One program sorts at most this many pairs (keys in registers; see build_routing for why 1024).
 TRITON_MAX_PAIRS = 1024
@@ -69,9 +69,10 @@ def routing_kernel(
     pairs_ptr,  # (P,) int32 out: pair ids sorted by clamped expert id, stable
     eoff_ptr,   # (E + 1,) int32 out: eoff[e] = number of pairs with clamped id < e
     P, E,
-    P_POW2: tl.constexpr, NUM_BINS: tl.constexpr, CHECK: tl.constexpr,
+    P_POW2: tl.constexpr, NUM_BINS: tl.constexpr, CHECK: tl.constexpr, PDL: tl.constexpr,
 ):
     """Grid: (1,).  One program: P <= P_POW2 keys in registers, NUM_BINS = next_pow2(E + 2) > E + 1."""
+    pdl_enter(PDL)
     _sort_pairs(idx_ptr, pairs_ptr, eoff_ptr, P, E, P_POW2, NUM_BINS, CHECK)
 
 
@@ -84,11 +85,12 @@ def routing_xa_kernel(
     xa_ptr,     # (SPLIT, P, R_PAD) fp32 out: partial X·Aᵀ over K slices, indexed by pair id (dropped pairs: unwritten)
     P, E, R, K_DIM, K_SLICE, SPLIT,
     P_POW2: tl.constexpr, NUM_BINS: tl.constexpr, CHECK: tl.constexpr, TOP_K: tl.constexpr, R_PAD: tl.constexpr,
-    BLOCK_K: tl.constexpr, INTERPRET: tl.constexpr,
+    BLOCK_K: tl.constexpr, INTERPRET: tl.constexpr, PDL: tl.constexpr,
 ):
     """Grid: (1 + P * SPLIT,).  Program 0 sorts (routing_kernel); program 1 + p * SPLIT + s sums
     x[p // TOP_K, k] * A[e_p, :, k] over K slice s (A rounded to x's dtype as lora_xa's tl.dot operands are,
     fp32 under the interpreter as there; fp32 sums).  No program waits for another: by pair id, X·Aᵀ needs no sorted order."""
+    pdl_enter(PDL)
     pid = tl.program_id(0)
     if pid == 0:
         _sort_pairs(idx_ptr, pairs_ptr, eoff_ptr, P, E, P_POW2, NUM_BINS, CHECK)
@@ -247,7 +249,7 @@ def launch_routing(top_k_index: torch.Tensor, num_experts: int, sorted_pair_ids:
         _launch_chunked(top_k_index, num_experts, sorted_pair_ids, expert_offsets, launcher, check)
         return sorted_pair_ids, expert_offsets
     launch(routing_kernel, (1,), launcher, top_k_index.contiguous(), sorted_pair_ids, expert_offsets, p, num_experts,
-           **_one_program(p, num_experts, check))
+           **_one_program(p, num_experts, check), **pdl_options(top_k_index, launcher))
     return sorted_pair_ids, expert_offsets
 
 
@@ -278,7 +280,7 @@ def launch_routing_xa(top_k_index: torch.Tensor, num_experts: int, x: torch.Tens
         routing_xa_kernel, (1 + p * split,), None, top_k_index.contiguous(), pairs, offsets,
         x, x.stride(0), x.stride(1), lora_a.contiguous(), xa, p, num_experts, r, k_dim, k_dim // split, split,
         TOP_K=top_k_index.shape[1], R_PAD=r_pad, BLOCK_K=block_k, INTERPRET=_INTERPRET,
-        **_one_program(p, num_experts, check),
+        **_one_program(p, num_experts, check), **pdl_options(top_k_index, None),
     )
     return pairs, offsets, xa
 
