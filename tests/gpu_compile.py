@@ -130,10 +130,9 @@ def pdl_variants(up: dict, gemv: dict) -> dict:
                                                    XA_BY_PAIR=False, K_DIM=768), 2, 1)),
         "pdl_combine": facts(compile_kernel(combine_kernel, ptrs, dict(H=2048, E=128),
                                             dict(TOP_K=8, BLOCK_H=1024, PDL=True), 4, 1)),
+        # gemm_up_bk128 with PDL on (the comparison's other side)
         "pdl_gemm_up": facts(compile_kernel(nf4_moe_gemm_kernel, ptrs, INTS,
                                             dict(up, PDL=True, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128), 4, 3)),
-        "pdl_off_gemm_up": facts(compile_kernel(nf4_moe_gemm_kernel, ptrs, INTS,
-                                                dict(up, PDL=False, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128), 4, 3)),
     }
 
 

@@ -129,7 +129,7 @@ def test_pdl_kernels_wait_before_any_global_access(compiled, variant):
     assert f["pdl_wait_first"], "a global memory access comes before griddepcontrol.wait"
 
 
-@pytest.mark.parametrize("variant", ["gemm_up_bk128", "gemv_up", "routing_1024", "routing_xa", "pdl_off_gemm_up"])
+@pytest.mark.parametrize("variant", ["gemm_up_bk128", "gemv_up", "routing_1024", "routing_xa"])
 def test_kernels_without_pdl_have_no_grid_dependency_control(compiled, variant):
     f = compiled[variant]
     assert f["pdl_waits"] == 0 and f["pdl_launch_dependents"] == 0, f
@@ -137,7 +137,7 @@ def test_kernels_without_pdl_have_no_grid_dependency_control(compiled, variant):
 
 def test_pdl_leaves_the_gemm_loop_unchanged(compiled):
     """PDL adds the two instructions at entry and nothing to the K loop: same wgmmas, table decodes and copies."""
-    on, off = compiled["pdl_gemm_up"], compiled["pdl_off_gemm_up"]
+    on, off = compiled["pdl_gemm_up"], compiled["gemm_up_bk128"]
     for fact in ("wgmma", "lut_pairs", "cp_async_bytes", "global_v4_loads"):
         assert on[fact] == off[fact], fact
 

@@ -196,6 +196,11 @@ def test_gemv_candidates_fit_and_stay_short(monkeypatch, k_dim, combine, bucket,
 
 # --------------------------------------------------------------------------- PDL (NF4MOE_PDL, v46)
 
+def fake_cuda_tensor():
+    """What launch.use_pdl reads of a tensor, as a CUDA tensor on device 0 has it (the CPU has none)."""
+    return type("CudaTensor", (), {"is_cuda": True, "device": torch.device("cuda", 0)})()
+
+
 @pytest.mark.parametrize("case", ["on", "flag_off", "interpreted", "traced", "cpu_tensor", "pre_hopper"])
 def test_pdl_options_pair_the_wait_with_the_launch_option(monkeypatch, case):
     """A programmatic dependent launch (Triton's launch_pdl) always comes with the kernel's wait (the PDL
@@ -205,8 +210,7 @@ def test_pdl_options_pair_the_wait_with_the_launch_option(monkeypatch, case):
     monkeypatch.setattr(L, "_INTERPRET", case == "interpreted")
     monkeypatch.setattr(L, "_pdl_capable", lambda index: case != "pre_hopper")
     monkeypatch.setenv("NF4MOE_PDL", "0" if case == "flag_off" else "1")
-    t = (torch.zeros(1) if case == "cpu_tensor" else
-         type("CudaTensor", (), {"is_cuda": True, "device": torch.device("cuda", 0)})())
+    t = torch.zeros(1) if case == "cpu_tensor" else fake_cuda_tensor()
     launcher = (lambda kernel: kernel) if case == "traced" else None
     opts = L.pdl_options(t, launcher)
     if case == "traced":
@@ -215,10 +219,10 @@ def test_pdl_options_pair_the_wait_with_the_launch_option(monkeypatch, case):
         assert opts == {"PDL": case == "on", "launch_pdl": case == "on"}
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU suite's process state")
 def test_pdl_is_off_in_this_process_unless_a_gpu_runs_it():
     """The CPU suite runs the interpreter: whatever NF4MOE_PDL says, no kernel is compiled with the wait."""
-    if not torch.cuda.is_available():
-        assert L.pdl_options(torch.zeros(1), None) == {"PDL": False, "launch_pdl": False}
+    assert L.pdl_options(torch.zeros(1), None) == {"PDL": False, "launch_pdl": False}
 
 
 # --------------------------------------------------------------------------- graph_bench (NF4MOE_TUNE_GRAPH)
@@ -233,7 +237,7 @@ def test_env_flags(flag, default, raw, want, monkeypatch):
 
     monkeypatch.setattr(L, "_INTERPRET", False)  # use_pdl reads its flag past the interpreter test
     monkeypatch.setattr(L, "_pdl_capable", lambda index: True)
-    cuda_tensor = type("CudaTensor", (), {"is_cuda": True, "device": torch.device("cuda", 0)})()
+    cuda_tensor = fake_cuda_tensor()
     read = {"NF4MOE_TUNE_GRAPH": configs.tune_in_graphs, "NF4MOE_GEMV_TILES": grouped_gemv.gemv_tiles,
             "NF4MOE_XA_IN_ROUTING": triton_backend.xa_in_routing,
             "NF4MOE_PDL": lambda: L.use_pdl(cuda_tensor, None)}[flag]

@@ -437,6 +437,7 @@ def test_pdl_launches_give_the_same_bits(monkeypatch, t):
     calls and CUDA-graph replays on new inputs give the bits of the same path without PDL (the configs tuned
     without it are reused: grouped_gemm.launch_key), on sm_90 and newer."""
     from nf4moe.kernels import launch as L
+    from nf4moe.kernels.grouped_gemv import gemv_takes
 
     m = make_layer(8, 256, 128, rank=8, seed=81)
     x = torch.randn(t, 256, device=DEV, dtype=torch.bfloat16)
@@ -450,7 +451,7 @@ def test_pdl_launches_give_the_same_bits(monkeypatch, t):
         monkeypatch.setenv("NF4MOE_PDL", "1")
         assert torch.equal(m(x, idx, w), ref)
         pdl = {k[0].__name__ for k in L._COMPILED if ("PDL", True) in k[3] and ("launch_pdl", True) in k[3]}
-        want = {"routing_xa_kernel", "nf4_moe_gemv_kernel", "lora_xa_kernel"} if t * 4 <= 64 else {
+        want = {"routing_xa_kernel", "nf4_moe_gemv_kernel", "lora_xa_kernel"} if gemv_takes(t * 4) else {
             "routing_kernel", "nf4_moe_gemm_kernel", "lora_xa_kernel", "combine_kernel"}
         assert want <= pdl, pdl
         graph = torch.cuda.CUDAGraph()
