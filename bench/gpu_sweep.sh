@@ -270,7 +270,8 @@ case "${1:-}" in
       --check --graph 2>&1 | grep -v "Warn\|_warn" | tee "$OUT/profile_pdl_qwen3_t1.log" || true
     timeout 100 $py -m bench.profile_layer --tokens 16,128 --variants gemm,gemm_pdl,gemm,gemm_pdl --check --graph 2>&1 \
       | grep -v "Warn\|_warn" | tee "$OUT/profile_pdl_qwen3_t128.log" || true
-    for shape in glm45air dsv3; do
+    # WIDE=0 leaves out the other two shapes (their T=1 rows then come from the forward tables).
+    [ "${WIDE:-1}" = 0 ] || for shape in glm45air dsv3; do
       timeout 90 $py -m bench.profile_layer --shape $shape --tokens 1 --variants gemv,gemv_pdl,gemv_xae_pdl,gemv_pdl \
         --check --graph 2>&1 | grep -v "Warn\|_warn" | tee "$OUT/profile_pdl_$shape.log" || true
     done ;;
