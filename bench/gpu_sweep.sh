@@ -54,6 +54,9 @@
 #                                      # training, compile facts), then Qwen3 T=1, 8 (GEMV) and T=16, 128 (MMA GEMM) alternating
 #                                      # without / with NF4MOE_PDL (and the early X·Aᵀ), CUDA graphs; GLM-4.5-Air and DeepSeek-V3
 #                                      # T=1 (~9 min)
+#   bash bench/gpu_sweep.sh auto       # session 19's defaults (PDL and the early X·Aᵀ in CUDA-graph captures only): their GPU
+#                                      # tests (captures compile them after eager calls, same bits), then Qwen3 T=1, 16, 128 with
+#                                      # both forced off against the default, eager and CUDA graphs (~8 min)
 #   bash bench/gpu_sweep.sh largeprof  # GEMM times of every autotuner candidate at T=8192, Qwen3 and DeepSeek-V3 (~2 min)
 set -euo pipefail
 OUT=${OUT:-bench/results/sweep}
@@ -257,24 +260,31 @@ case "${1:-}" in
   v45)
     timeout 100 $py -m pytest -q -p no:cacheprovider tests/test_triton_forward.py tests/test_gpu_compile.py \
       -k "xa_early or xa_in_routing" 2>&1 | tail -6 | tee "$OUT/gpu_v45.log" || true
-    timeout 130 $py -m bench.profile_layer --tokens 1,8 --variants gemv,gemv_xae,gemv,gemv_xae --check --graph 2>&1 \
+    timeout 130 $py -m bench.profile_layer --tokens 1,8 --variants gemv_noxae,gemv_xae,gemv_noxae,gemv_xae --check --graph 2>&1 \
       | grep -v "Warn\|_warn" | tee "$OUT/profile_xa_early_qwen3.log" || true
     for shape in glm45air dsv3; do
-      timeout 100 $py -m bench.profile_layer --shape $shape --tokens 1 --variants gemv,gemv_xae,gemv,gemv_xae --check \
+      timeout 100 $py -m bench.profile_layer --shape $shape --tokens 1 --variants gemv_noxae,gemv_xae,gemv_noxae,gemv_xae --check \
         --graph 2>&1 | grep -v "Warn\|_warn" | tee "$OUT/profile_xa_early_$shape.log" || true
     done ;;
   v46)
     timeout 150 $py -m pytest -q -p no:cacheprovider tests/test_triton_forward.py tests/test_gpu_compile.py \
       tests/test_launch.py -k "pdl or xa_early or xa_in_routing or env_flags" 2>&1 | tail -8 | tee "$OUT/gpu_v46.log" || true
-    timeout 140 $py -m bench.profile_layer --tokens 1,8 --variants gemv,gemv_pdl,gemv_xae,gemv_xae_pdl,gemv,gemv_pdl \
+    timeout 140 $py -m bench.profile_layer --tokens 1,8 --variants gemv_nopdl_noxae,gemv_pdl_noxae,gemv_nopdl_xae,gemv_pdl_xae,gemv_nopdl_noxae,gemv_pdl_noxae \
       --check --graph 2>&1 | grep -v "Warn\|_warn" | tee "$OUT/profile_pdl_qwen3_t1.log" || true
-    timeout 100 $py -m bench.profile_layer --tokens 16,128 --variants gemm,gemm_pdl,gemm,gemm_pdl --check --graph 2>&1 \
+    timeout 100 $py -m bench.profile_layer --tokens 16,128 --variants gemm_nopdl,gemm_pdl,gemm_nopdl,gemm_pdl --check --graph 2>&1 \
       | grep -v "Warn\|_warn" | tee "$OUT/profile_pdl_qwen3_t128.log" || true
     # WIDE=0 leaves out the other two shapes (their T=1 rows then come from the forward tables).
     [ "${WIDE:-1}" = 0 ] || for shape in glm45air dsv3; do
-      timeout 90 $py -m bench.profile_layer --shape $shape --tokens 1 --variants gemv,gemv_pdl,gemv_xae_pdl,gemv_pdl \
+      timeout 90 $py -m bench.profile_layer --shape $shape --tokens 1 --variants gemv_nopdl_noxae,gemv_pdl_noxae,gemv_pdl_xae,gemv \
         --check --graph 2>&1 | grep -v "Warn\|_warn" | tee "$OUT/profile_pdl_$shape.log" || true
     done ;;
+  auto)
+    timeout 300 $py -m pytest -q -p no:cacheprovider tests/test_triton_forward.py tests/test_gpu_compile.py \
+      tests/test_launch.py -k "pdl or xa_early or captures or graph_flags" 2>&1 | tail -8 | tee "$OUT/gpu_auto.log" || true
+    timeout 100 $py -m bench.profile_layer --tokens 1 --variants gemv_nopdl_noxae,gemv,gemv_nopdl_noxae,gemv \
+      --check --graph 2>&1 | grep -v "Warn\|_warn" | tee "$OUT/profile_auto_qwen3.log" || true
+    timeout 100 $py -m bench.profile_layer --tokens 16,128 --variants gemm_nopdl,gemm,gemm_nopdl,gemm \
+      --check --graph 2>&1 | grep -v "Warn\|_warn" | tee -a "$OUT/profile_auto_qwen3.log" || true ;;
   largeprof)
     $py -m bench.profile_layer --tokens 8192 --variants gemm --timings 2>&1 | tee "$OUT/profile_large_qwen3.log"
     $py -m bench.profile_layer --shape dsv3 --tokens 8192 --variants gemm --timings 2>&1 | tee "$OUT/profile_large_dsv3.log" ;;

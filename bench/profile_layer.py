@@ -15,8 +15,8 @@ variant, plus the autotuner's chosen configs.  GPU only; used to write bench/NOT
     python -m bench.profile_layer --tokens 1024,8192 --variants wgmma,wgmma_early --check  # one bar.sync fewer (v29)
     python -m bench.profile_layer --tokens 1,2 --variants gemv,gemv_unfused,gemv_nomemset --graph  # fused combine (v33)
     python -m bench.profile_layer --tokens 1024,8192 --variants wgmma_imm,wgmma --check  # decode table in registers (v42)
-    python -m bench.profile_layer --tokens 1,8 --variants gemv,gemv_xae,gemv,gemv_xae --check --graph  # early X·Aᵀ (v45)
-    python -m bench.profile_layer --tokens 1,8 --variants gemv,gemv_pdl,gemv,gemv_pdl --check --graph  # PDL (v46)
+    python -m bench.profile_layer --tokens 1,8 --variants gemv_noxae,gemv_xae --check --graph  # early X·Aᵀ (v45)
+    python -m bench.profile_layer --tokens 1,8 --variants gemv_nopdl,gemv_pdl,gemv --graph  # PDL (v46)
 
 ``--check`` compares every variant's output with the fp32 reference backend (relative error printed);
 ``--timings`` prints every config the GEMM autotuner benchmarks, with its time; ``--graph`` also times each
@@ -149,11 +149,15 @@ def main(argv=None) -> int:
             # ..._imm (e.g. wgmma_imm): the Gluon GEMM's decode table as immediates (NF4MOE_LUT_REGS=0; default
             # since v42: in registers)
             os.environ["NF4MOE_LUT_REGS"] = "0" if var.endswith("_imm") else "1"
-            # ..._xae (e.g. gemv_xae): the GEMV sums its X·Aᵀ partials early, all at once (NF4MOE_GEMV_XA_EARLY; v45)
-            os.environ["NF4MOE_GEMV_XA_EARLY"] = "1" if "_xae" in var else "0"
-            # ..._pdl (e.g. gemv_pdl, gemv_xae_pdl, gemm_pdl): programmatic dependent launches (NF4MOE_PDL; v46),
-            # with the configs tuned without it (grouped_gemm.launch_key), so an A/B pair times the launches alone
-            os.environ["NF4MOE_PDL"] = "1" if var.endswith("_pdl") else "0"
+            # ..._xae / ..._noxae (e.g. gemv_xae): the GEMV sums its X·Aᵀ partials early, all at once, or in its
+            # epilogue (NF4MOE_GEMV_XA_EARLY=1 / 0; v45), eager and captured alike; neither: the default (auto: in
+            # CUDA-graph captures only, session 19)
+            # ..._pdl / ..._nopdl (e.g. gemv_pdl, gemv_xae_pdl, gemm_nopdl): programmatic dependent launches on or
+            # off (NF4MOE_PDL=1 / 0; v46), with the configs tuned without them (grouped_gemm.launch_key), so an A/B
+            # pair times the launches alone; neither: the default (auto: in CUDA-graph captures only)
+            parts = var.split("_")
+            for flag, on in (("NF4MOE_GEMV_XA_EARLY", "xae"), ("NF4MOE_PDL", "pdl")):
+                os.environ[flag] = "1" if on in parts else "0" if "no" + on in parts else "auto"
             with torch.no_grad():
                 ms = _bench(lambda: ours(x, idx, w))
                 kt = kernel_times(lambda: ours(x, idx, w))

@@ -201,22 +201,31 @@ def fake_cuda_tensor():
     return type("CudaTensor", (), {"is_cuda": True, "device": torch.device("cuda", 0)})()
 
 
-@pytest.mark.parametrize("case", ["on", "flag_off", "interpreted", "traced", "cpu_tensor", "pre_hopper"])
+@pytest.mark.parametrize("case", ["on", "flag_off", "auto_eager", "auto_captured", "unset_captured", "interpreted",
+                                  "traced", "cpu_tensor", "pre_hopper"])
 def test_pdl_options_pair_the_wait_with_the_launch_option(monkeypatch, case):
     """A programmatic dependent launch (Triton's launch_pdl) always comes with the kernel's wait (the PDL
-    constexpr), and only for direct launches on sm_90+ with NF4MOE_PDL=1: never under the interpreter (no
-    griddepcontrol there), never traced (Inductor launches the kernel; no launch option is passed), never for
-    CPU tensors or older GPUs."""
+    constexpr), and only for direct launches on sm_90+: with NF4MOE_PDL=1, or by default (unset or auto) while a
+    CUDA graph is being captured; never under the interpreter (no griddepcontrol there), never traced (Inductor
+    launches the kernel; no launch option is passed), never for CPU tensors or older GPUs."""
+    from nf4moe.kernels import configs
+
     monkeypatch.setattr(L, "_INTERPRET", case == "interpreted")
     monkeypatch.setattr(L, "_pdl_capable", lambda index: case != "pre_hopper")
-    monkeypatch.setenv("NF4MOE_PDL", "0" if case == "flag_off" else "1")
+    monkeypatch.setattr(configs, "capturing", lambda t: case.endswith("_captured"))
+    if case == "unset_captured":
+        monkeypatch.delenv("NF4MOE_PDL", raising=False)
+    else:
+        raw = {"flag_off": "0", "auto_eager": "auto", "auto_captured": "auto"}.get(case, "1")
+        monkeypatch.setenv("NF4MOE_PDL", raw)
     t = torch.zeros(1) if case == "cpu_tensor" else fake_cuda_tensor()
     launcher = (lambda kernel: kernel) if case == "traced" else None
     opts = L.pdl_options(t, launcher)
+    on = case in ("on", "auto_captured", "unset_captured")
     if case == "traced":
         assert opts == {"PDL": False}
     else:
-        assert opts == {"PDL": case == "on", "launch_pdl": case == "on"}
+        assert opts == {"PDL": on, "launch_pdl": on}
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU suite's process state")
@@ -229,18 +238,14 @@ def test_pdl_is_off_in_this_process_unless_a_gpu_runs_it():
 
 @pytest.mark.parametrize("raw,want", [("0", False), ("1", True), ("yes", None), (None, "default")])
 @pytest.mark.parametrize("flag,default", [("NF4MOE_TUNE_GRAPH", True), ("NF4MOE_GEMV_TILES", False),
-                                          ("NF4MOE_XA_IN_ROUTING", True), ("NF4MOE_PDL", False)])
+                                          ("NF4MOE_XA_IN_ROUTING", True)])
 def test_env_flags(flag, default, raw, want, monkeypatch):
     """Each switch reads 0 / 1 (unset: its default) and rejects anything else, naming itself."""
     from nf4moe.kernels import configs, grouped_gemv
     from nf4moe.moe_layers import triton_backend
 
-    monkeypatch.setattr(L, "_INTERPRET", False)  # use_pdl reads its flag past the interpreter test
-    monkeypatch.setattr(L, "_pdl_capable", lambda index: True)
-    cuda_tensor = fake_cuda_tensor()
     read = {"NF4MOE_TUNE_GRAPH": configs.tune_in_graphs, "NF4MOE_GEMV_TILES": grouped_gemv.gemv_tiles,
-            "NF4MOE_XA_IN_ROUTING": triton_backend.xa_in_routing,
-            "NF4MOE_PDL": lambda: L.use_pdl(cuda_tensor, None)}[flag]
+            "NF4MOE_XA_IN_ROUTING": triton_backend.xa_in_routing}[flag]
     if raw is None:
         monkeypatch.delenv(flag, raising=False)
     else:
@@ -250,6 +255,33 @@ def test_env_flags(flag, default, raw, want, monkeypatch):
             read()
     else:
         assert read() is (default if want == "default" else want)
+
+
+@pytest.mark.parametrize("raw,eager,captured", [("0", False, False), ("1", True, True), ("auto", False, True),
+                                                 (None, False, True), ("yes", None, None)])
+@pytest.mark.parametrize("flag", ["NF4MOE_PDL", "NF4MOE_GEMV_XA_EARLY"])
+def test_graph_flags(flag, raw, eager, captured, monkeypatch):
+    """The switches measured faster in CUDA-graph replays only (configs.graph_flag): unset or auto, on while a
+    graph is being captured and off for eager launches; 0 / 1 off / on for both; anything else is refused,
+    naming the switch."""
+    from nf4moe.kernels import configs, grouped_gemv
+
+    monkeypatch.setattr(L, "_INTERPRET", False)  # use_pdl reads its flag past the interpreter test
+    monkeypatch.setattr(L, "_pdl_capable", lambda index: True)
+    cuda_tensor = fake_cuda_tensor()
+    read = {"NF4MOE_PDL": lambda: L.use_pdl(cuda_tensor, None),
+            "NF4MOE_GEMV_XA_EARLY": lambda: grouped_gemv.gemv_xa_early(cuda_tensor)}[flag]
+    if raw is None:
+        monkeypatch.delenv(flag, raising=False)
+    else:
+        monkeypatch.setenv(flag, raw)
+    for is_captured, want in ((False, eager), (True, captured)):
+        monkeypatch.setattr(configs, "capturing", lambda t: is_captured)
+        if want is None:
+            with pytest.raises(ValueError, match=f"{flag} must be 0, 1 or auto"):
+                read()
+        else:
+            assert read() is want
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="graph_bench captures CUDA graphs")

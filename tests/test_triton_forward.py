@@ -429,6 +429,25 @@ def test_cuda_graph_replays_match_eager(monkeypatch, t):
             torch.testing.assert_close(out, fused, rtol=2e-2, atol=2e-2)
 
 
+def pdl_case(t, seed):
+    """A small layer, activations and routing for the PDL tests on this GPU (skipped before sm_90)."""
+    from nf4moe.kernels import launch as L
+
+    m = make_layer(8, 256, 128, rank=8, seed=seed)
+    x = torch.randn(t, 256, device=DEV, dtype=torch.bfloat16)
+    idx, w = routing(t, 8, 4, seed=seed + 1)
+    if not L._pdl_capable(x.device.index):
+        pytest.skip("programmatic dependent launch needs sm_90 or newer")
+    return m, x, idx, w.to(torch.bfloat16)
+
+
+def compiled_kernels(**want):
+    """Names of the kernels launch.launch has compiled with all of the keyword arguments ``want``."""
+    from nf4moe.kernels import launch as L
+
+    return {k[0].__name__ for k in L._COMPILED if all((n, v) in k[3] for n, v in want.items())}
+
+
 @pytest.mark.skipif(DEV != "cuda", reason="programmatic dependent launch needs a GPU")
 @pytest.mark.parametrize("t", [1, 16, 128])
 def test_pdl_launches_give_the_same_bits(monkeypatch, t):
@@ -436,21 +455,15 @@ def test_pdl_launches_give_the_same_bits(monkeypatch, t):
     GEMM, combine) launched as programmatic dependent launches, each waiting for its predecessor first: eager
     calls and CUDA-graph replays on new inputs give the bits of the same path without PDL (the configs tuned
     without it are reused: grouped_gemm.launch_key), on sm_90 and newer."""
-    from nf4moe.kernels import launch as L
     from nf4moe.kernels.grouped_gemv import gemv_takes
 
-    m = make_layer(8, 256, 128, rank=8, seed=81)
-    x = torch.randn(t, 256, device=DEV, dtype=torch.bfloat16)
-    idx, w = routing(t, 8, 4, seed=82)
-    w = w.to(torch.bfloat16)
-    if not L._pdl_capable(x.device.index):
-        pytest.skip("programmatic dependent launch needs sm_90 or newer")
+    m, x, idx, w = pdl_case(t, seed=81)
     with torch.no_grad():
         monkeypatch.setenv("NF4MOE_PDL", "0")
         ref = m(x, idx, w)
         monkeypatch.setenv("NF4MOE_PDL", "1")
         assert torch.equal(m(x, idx, w), ref)
-        pdl = {k[0].__name__ for k in L._COMPILED if ("PDL", True) in k[3] and ("launch_pdl", True) in k[3]}
+        pdl = compiled_kernels(PDL=True, launch_pdl=True)
         want = {"routing_xa_kernel", "nf4_moe_gemv_kernel", "lora_xa_kernel"} if gemv_takes(t * 4) else {
             "routing_kernel", "nf4_moe_gemm_kernel", "lora_xa_kernel", "combine_kernel"}
         assert want <= pdl, pdl
@@ -467,16 +480,40 @@ def test_pdl_launches_give_the_same_bits(monkeypatch, t):
 
 
 @pytest.mark.skipif(DEV != "cuda", reason="programmatic dependent launch needs a GPU")
+@pytest.mark.parametrize("t", [1, 32])  # 4 and 128 routed rows: the decode GEMV, the MMA GEMM
+def test_captures_take_pdl_and_early_xa_by_default(monkeypatch, t):
+    """NF4MOE_PDL and NF4MOE_GEMV_XA_EARLY unset (configs.graph_flag): eager calls launch without either, a CUDA
+    graph captured after them compiles and launches the PDL kernels (and the decode GEMV's early X·Aᵀ sum) with
+    the configs its eager calls tuned, and its replays on new inputs give the eager calls' bits."""
+    from nf4moe.kernels import launch as L
+    from nf4moe.kernels.grouped_gemv import gemv_takes
+
+    for flag in ("NF4MOE_PDL", "NF4MOE_GEMV_XA_EARLY", "NF4MOE_FUSE_COMBINE"):
+        monkeypatch.delenv(flag, raising=False)
+    m, x, idx, w = pdl_case(t, seed=88)
+    with torch.no_grad():
+        assert L.pdl_options(x, None) == {"PDL": False, "launch_pdl": False}  # eager: plain launches
+        m(x, idx, w)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = m(x, idx, w)
+        want = {"routing_xa_kernel", "nf4_moe_gemv_kernel", "lora_xa_kernel", "combine_kernel"} if gemv_takes(
+            t * 4) else {"routing_kernel", "nf4_moe_gemm_kernel", "lora_xa_kernel", "combine_kernel"}
+        assert want <= compiled_kernels(PDL=True, launch_pdl=True), compiled_kernels(PDL=True, launch_pdl=True)
+        if gemv_takes(t * 4):
+            assert "nf4_moe_gemv_kernel" in compiled_kernels(PDL=True, XA_EARLY=True)
+        monkeypatch.setenv("NF4MOE_FUSE_COMBINE", "0")  # eager calls on the captured decode path's kernels
+        for seed in (90, 91):
+            refill(x, idx, w, e=8, seed=seed)
+            graph.replay()
+            assert torch.equal(out, m(x, idx, w))
+
+
+@pytest.mark.skipif(DEV != "cuda", reason="programmatic dependent launch needs a GPU")
 def test_pdl_training_step_gives_the_same_gradients(monkeypatch):
     """The training forward's GEMMs and X·Aᵀ launched with PDL (the backward's kernels without): the same
     output and gradients, bit for bit."""
-    from nf4moe.kernels import launch as L
-
-    m = make_layer(8, 256, 128, rank=8, seed=86)
-    x0 = torch.randn(16, 256, device=DEV, dtype=torch.bfloat16)
-    idx, w0 = routing(16, 8, 4, seed=87)
-    if not L._pdl_capable(x0.device.index):
-        pytest.skip("programmatic dependent launch needs sm_90 or newer")
+    m, x0, idx, w0 = pdl_case(16, seed=86)
     gy = torch.randn(16, 256, device=DEV, dtype=torch.bfloat16)
     results = []
     for flag in ("0", "1"):

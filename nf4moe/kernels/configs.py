@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import threading
 
+import torch
 import triton
 
 _SMEM_BYTES = 227 * 1024  # Hopper's per-block limit; configs that would exceed it are pruned
@@ -35,6 +36,24 @@ def env_flag(name: str, default: bool = False) -> bool:
     raw = os.environ.get(name, "1" if default else "0")
     if raw not in ("0", "1"):
         raise ValueError(f"{name} must be 0 or 1, got {raw!r}")
+    return raw == "1"
+
+
+def capturing(t: torch.Tensor) -> bool:
+    """Whether a CUDA graph is being captured on the current stream of ``t``'s device (never for CPU tensors)."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def graph_flag(name: str, t: torch.Tensor) -> bool:
+    """A switch whose default is on for launches captured into a CUDA graph and off for eager ones: unset or
+    ``auto``, ``capturing(t)``; ``1`` on and ``0`` off for both; anything else is an error.  For changes
+    measured faster in graph replays that eager launches, host-bound at the sizes they affect, cannot gain
+    from (NF4MOE_PDL, NF4MOE_GEMV_XA_EARLY: bench/NOTES.md, session 19)."""
+    raw = os.environ.get(name, "auto")
+    if raw == "auto":
+        return capturing(t)
+    if raw not in ("0", "1"):
+        raise ValueError(f"{name} must be 0, 1 or auto, got {raw!r}")
     return raw == "1"
 
 

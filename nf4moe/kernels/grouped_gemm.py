@@ -320,11 +320,16 @@ def projection_meta(x: torch.Tensor, w: NF4Operand, *, top_k: int, r_pad: int, g
 def launch_key(kind: str, n: int, bucket: int, x: torch.Tensor, w: NF4Operand, out: torch.Tensor,
                lora_b: torch.Tensor | None, meta: dict) -> tuple:
     """configs.launch_tuned's key: every value the kernel's autotuner keys on or prunes by, and more.  Not the
-    PDL switch (launch.pdl_options): a launch with it reuses the config tuned without it, the same tiles and so
-    the same bits (and an A/B timing of PDL compares the launches, not two autotuner choices)."""
+    switches that graph captures turn on by default (configs.graph_flag: the PDL switch of launch.pdl_options, the
+    GEMV's XA_EARLY): a launch with them reuses the config tuned without them, the same tiles and so the same
+    bits; a capture, where no autotuning can run, finds the config its eager calls tuned; and an A/B timing
+    compares the switch, not two autotuner choices."""
     return (kind, n, 2 * w.packed.shape[2], bucket, x.dtype, out.dtype, w.absmax.dtype,
             lora_b.dtype if lora_b is not None else None,
-            *(v for k, v in meta.items() if k not in ("PDL", "launch_pdl")))
+            *(v for k, v in meta.items() if k not in _UNKEYED))
+
+
+_UNKEYED = frozenset(("PDL", "launch_pdl", "XA_EARLY"))  # launch_key leaves these out
 
 
 def grid(n: int, rows: int, num_experts: int):

@@ -43,7 +43,8 @@ import triton.language as tl
 
 from .combine import slot_sum
 from .common import act_fwd, expert_row_tile, nested_offset, pdl_enter
-from .configs import _pinned, cdiv, env_flag, graph_bench, interpreting, launch_tuned, pow2, tune_in_graphs, tuned
+from .configs import (_pinned, capturing, cdiv, env_flag, graph_bench, graph_flag, interpreting, launch_tuned, pow2,
+                      tune_in_graphs, tuned)
 from .launch import pdl_options
 from .lora_xa import MAX_SPLIT, launch_lora_xa
 from .nf4_decode import block_scale, lut_values_f32, nf4_value
@@ -528,23 +529,21 @@ def gemv_takes(rows: int) -> bool:
     return 0 < rows <= gemv_max_rows()
 
 
-def gemv_xa_early() -> bool:
-    """``NF4MOE_GEMV_XA_EARLY=1`` (opt-in, NOT yet measured; NOTES v45): the GEMV loads and sums its rows' X·Aᵀ
-    partials right after issuing its first two K chunks' loads, all partials at once, instead of in the epilogue
-    (pair id, then the partials 4 at a time: 1 + 4 dependent L2 round trips after the K loop at 16 partials, the
-    routing launch's split at Qwen3-30B-A3B T=1).  The sum and so the output are the same bits."""
-    return env_flag("NF4MOE_GEMV_XA_EARLY")
+def gemv_xa_early(x: torch.Tensor) -> bool:
+    """``NF4MOE_GEMV_XA_EARLY`` (default ``auto``: on in CUDA-graph captures, off for eager launches; 1 / 0 on / off
+    for both; NOTES v45, measured in session 19): the GEMV loads and sums its rows' X·Aᵀ partials right after
+    issuing its first two K chunks' loads, all partials at once, instead of in the epilogue (pair id, then the
+    partials 4 at a time: 1 + 4 dependent L2 round trips after the K loop at 16 partials, the routing launch's
+    split at Qwen3-30B-A3B T=1).  The sum and so the output are the same bits.  Measured on an H100 at Qwen3
+    T=1: the GEMVs 21.3 -> 20.6 us in graph replays (layer 0.0320 -> 0.0312 ms) but 22.5 -> 24.4 us as eager
+    kernels, whose calls are host-bound anyway: hence on in captures only."""
+    return graph_flag("NF4MOE_GEMV_XA_EARLY", x)
 
 
 def fuse_combine() -> bool:
     """Whether the down GEMV may sum each token's slot rows itself (``_combine_last``) instead of leaving them
     to the combine kernel; ``NF4MOE_FUSE_COMBINE=0``: the combine kernel always."""
     return os.environ.get("NF4MOE_FUSE_COMBINE", "1") == "1"
-
-
-def capturing(x: torch.Tensor) -> bool:
-    """Whether a CUDA graph is being captured on ``x``'s device's current stream."""
-    return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def launch_nf4_moe_gemv(x, w: NF4Operand, lora_a, lora_b, scaling, sorted_pair_ids, expert_offsets, top_k_weights,
@@ -579,7 +578,7 @@ def launch_nf4_moe_gemv(x, w: NF4Operand, lora_a, lora_b, scaling, sorted_pair_i
     meta = dict(projection_meta(x, w, top_k=top_k, r_pad=rp, gated=gated, act=act, has_lora=lora_a is not None),
                 **pdl_options(x, launcher))
 
-    early = xa is not None and gemv_xa_early()
+    early = xa is not None and gemv_xa_early(x)
     if early and xa.shape[0] > XA_MAX.value:
         raise ValueError(f"launch_nf4_moe_gemv: {xa.shape[0]} X·Aᵀ partials, at most {XA_MAX.value} with "
                          "NF4MOE_GEMV_XA_EARLY")

@@ -21,7 +21,7 @@ import functools
 
 import torch
 
-from .configs import env_flag, interpreting
+from .configs import graph_flag, interpreting
 
 _COMPILED: dict = {}  # (kernel, device, argument specialisation, keyword arguments) -> (compiled kernel, tail)
 
@@ -110,12 +110,15 @@ def _pdl_capable(device_index: int) -> bool:
 
 
 def use_pdl(t: torch.Tensor, launcher) -> bool:
-    """``NF4MOE_PDL=1`` (default 0 until measured on a GPU; bench/NOTES.md v46): direct launches on a CUDA
-    device of sm_90 or newer, eager or captured into a CUDA graph, of the kernels that take a ``PDL`` constexpr
-    are programmatic dependent launches.  Not under the interpreter (no griddepcontrol) and not traced
-    (``launcher``: Inductor launches the kernels itself)."""
-    return (launcher is None and not _INTERPRET and t.is_cuda and env_flag("NF4MOE_PDL")
-            and _pdl_capable(t.device.index))
+    """``NF4MOE_PDL`` (default ``auto``: launches captured into a CUDA graph; 1: eager launches too; 0: none;
+    configs.graph_flag; bench/NOTES.md v46, measured in session 19): direct launches on a CUDA device of sm_90 or
+    newer of the kernels that take a ``PDL`` constexpr are programmatic dependent launches.  Measured on an H100
+    (Qwen3-30B-A3B, CUDA-graph replays): T=1 0.0320 -> 0.0312 ms, T=16 0.2029 -> 0.1994, T=128 0.3094 -> 0.3060;
+    eager calls, host-bound at these sizes, gained nothing and varied more, so they keep plain launches by
+    default.  Not under the interpreter (no griddepcontrol) and not traced (``launcher``: Inductor launches the
+    kernels itself)."""
+    return (launcher is None and not _INTERPRET and t.is_cuda and _pdl_capable(t.device.index)
+            and graph_flag("NF4MOE_PDL", t))
 
 
 def pdl_options(t: torch.Tensor, launcher) -> dict:
