@@ -441,6 +441,18 @@ def pdl_case(t, seed):
     return m, x, idx, w.to(torch.bfloat16)
 
 
+def pdl_chain(t, captured):
+    """The PDL kernels of a layer call at ``t`` tokens (4 slots): routing with the up X·Aᵀ, the down X·Aᵀ and the
+    decode GEMVs, or routing, both X·Aᵀ, the MMA GEMMs and combine; ``captured``: a capture's decode path also
+    launches the combine kernel (eager decode calls fuse it into the GEMV)."""
+    from nf4moe.kernels.grouped_gemv import gemv_takes
+
+    if gemv_takes(t * 4):
+        decode = {"routing_xa_kernel", "nf4_moe_gemv_kernel", "lora_xa_kernel"}
+        return decode | {"combine_kernel"} if captured else decode
+    return {"routing_kernel", "nf4_moe_gemm_kernel", "lora_xa_kernel", "combine_kernel"}
+
+
 def compiled_kernels(**want):
     """Names of the kernels launch.launch has compiled with all of the keyword arguments ``want``."""
     from nf4moe.kernels import launch as L
@@ -455,8 +467,6 @@ def test_pdl_launches_give_the_same_bits(monkeypatch, t):
     GEMM, combine) launched as programmatic dependent launches, each waiting for its predecessor first: eager
     calls and CUDA-graph replays on new inputs give the bits of the same path without PDL (the configs tuned
     without it are reused: grouped_gemm.launch_key), on sm_90 and newer."""
-    from nf4moe.kernels.grouped_gemv import gemv_takes
-
     m, x, idx, w = pdl_case(t, seed=81)
     with torch.no_grad():
         monkeypatch.setenv("NF4MOE_PDL", "0")
@@ -464,9 +474,7 @@ def test_pdl_launches_give_the_same_bits(monkeypatch, t):
         monkeypatch.setenv("NF4MOE_PDL", "1")
         assert torch.equal(m(x, idx, w), ref)
         pdl = compiled_kernels(PDL=True, launch_pdl=True)
-        want = {"routing_xa_kernel", "nf4_moe_gemv_kernel", "lora_xa_kernel"} if gemv_takes(t * 4) else {
-            "routing_kernel", "nf4_moe_gemm_kernel", "lora_xa_kernel", "combine_kernel"}
-        assert want <= pdl, pdl
+        assert pdl_chain(t, captured=False) <= pdl, pdl
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             out = m(x, idx, w)
@@ -497,9 +505,8 @@ def test_captures_take_pdl_and_early_xa_by_default(monkeypatch, t):
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             out = m(x, idx, w)
-        want = {"routing_xa_kernel", "nf4_moe_gemv_kernel", "lora_xa_kernel", "combine_kernel"} if gemv_takes(
-            t * 4) else {"routing_kernel", "nf4_moe_gemm_kernel", "lora_xa_kernel", "combine_kernel"}
-        assert want <= compiled_kernels(PDL=True, launch_pdl=True), compiled_kernels(PDL=True, launch_pdl=True)
+        pdl = compiled_kernels(PDL=True, launch_pdl=True)
+        assert pdl_chain(t, captured=True) <= pdl, pdl
         if gemv_takes(t * 4):
             assert "nf4_moe_gemv_kernel" in compiled_kernels(PDL=True, XA_EARLY=True)
         monkeypatch.setenv("NF4MOE_FUSE_COMBINE", "0")  # eager calls on the captured decode path's kernels
@@ -518,7 +525,7 @@ def test_pdl_training_step_gives_the_same_gradients(monkeypatch):
     results = []
     for flag in ("0", "1"):
         monkeypatch.setenv("NF4MOE_PDL", flag)
-        x, w = x0.clone().requires_grad_(), w0.to(torch.bfloat16).requires_grad_()
+        x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
         for p in m.parameters():
             p.grad = None
         out = m(x, idx, w)
