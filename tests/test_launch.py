@@ -8,6 +8,8 @@ real path (every eager layer call uses it).
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -282,6 +284,68 @@ def test_graph_flags(flag, raw, eager, captured, monkeypatch):
                 read()
         else:
             assert read() is want
+
+
+def test_layer_call_reads_switches_and_capture_state_once(monkeypatch):
+    """Inside configs.layer_call a switch and the capture state are read once (a layer call's launches all ask);
+    a later call, and any read outside one, sees the environment as it is then; nested calls share the outer
+    call's reads."""
+    from nf4moe.kernels import configs
+
+    queries = []
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: queries.append(1) or True)
+    cuda_tensor = fake_cuda_tensor()
+    monkeypatch.setenv("NF4MOE_PDL", "0")
+    with configs.layer_call():
+        assert configs.graph_flag("NF4MOE_PDL", cuda_tensor) is False
+        monkeypatch.setenv("NF4MOE_PDL", "auto")  # not seen until the call ends
+        assert configs.env("NF4MOE_PDL", "auto") == "0"
+        with configs.layer_call():
+            assert configs.graph_flag("NF4MOE_PDL", cuda_tensor) is False
+        assert configs.env("NF4MOE_UNSET_SWITCH", "dflt") == "dflt"
+        assert [configs.capturing(cuda_tensor) for _ in range(3)] == [True] * 3
+        assert len(queries) == 1
+    assert configs.env("NF4MOE_PDL", "x") == "auto"  # outside a call: the environment now
+    with configs.layer_call():
+        assert configs.graph_flag("NF4MOE_PDL", cuda_tensor) is True
+        assert configs.graph_flag("NF4MOE_PDL", cuda_tensor) is True
+    assert len(queries) == 2
+    assert configs.capturing(torch.zeros(1)) is False  # CPU tensors: never, and no query
+    assert len(queries) == 2
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
+                    reason="needs a GPU or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("t", [1, 12])  # the decode GEMV path and the GEMM path (X·Aᵀ launches, combine)
+def test_layer_calls_read_each_switch_once(monkeypatch, t):
+    """An eager layer call of the Triton backend reads each environment switch at most once (they were read per
+    launch: 21 reads for ~6 launches, ~1 us each of a host-bound call)."""
+    import collections
+
+    import nf4moe
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(0)
+    mod = nf4moe.QuantGroupedExperts.from_weights(torch.randn(4, 128, 64, generator=g), torch.randn(4, 64, 64, generator=g),
+                                                  lora_rank=4, lora_alpha=8, backend="triton").to(dev)
+    x = torch.randn(t, 64, generator=g).to(dev)
+    idx = torch.randint(0, 4, (t, 2), generator=g).to(dev)
+    w = torch.rand(t, 2, generator=g).to(dev)
+    monkeypatch.setenv("NF4MOE_GEMV_ROWS", "8")
+    with torch.no_grad():
+        mod(x, idx, w)  # first call: autotuning, compiles
+        reads = collections.Counter()
+        real_get = type(os.environ).get
+
+        def counting_get(self, key, default=None):
+            if key.startswith("NF4MOE_"):
+                reads[key] += 1
+            return real_get(self, key, default)
+
+        monkeypatch.setattr(type(os.environ), "get", counting_get)
+        mod(x, idx, w)
+    assert reads["NF4MOE_GEMV_ROWS"] == 1
+    assert max(reads.values()) == 1, reads
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="graph_bench captures CUDA graphs")

@@ -31,17 +31,69 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+# Triton decides at import whether its kernels run in the interpreter; hot launch paths read this constant
+# instead of the environment (an environment read costs ~1 us of an eager call's host time).
+INTERPRET = interpreting()
+
+
+class _Call(threading.local):
+    memo: dict | None = None  # inside a layer call (``layer_call``): switch name -> raw value, and the capture state
+
+
+_CALL = _Call()
+_UNREAD = object()
+
+
+class layer_call:
+    """``with layer_call():`` around one layer call: inside it every environment switch (``env``) and the capture
+    state (``capturing``) are read once, however many launches ask.  An eager call at small T is host-bound
+    (bench/NOTES.md): before this its ~6 launches made 21 environment reads on a CPU machine (~1 us each) and,
+    on a GPU, 6-7 capture queries more.  Neither can change within a call; nesting keeps the outer call's reads."""
+
+    __slots__ = ("_outer",)
+
+    def __enter__(self):
+        self._outer = _CALL.memo
+        if self._outer is None:
+            _CALL.memo = {}
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        _CALL.memo = self._outer
+        return False
+
+
+def env(name: str, default: str) -> str:
+    """``os.environ.get(name, default)``, read once per layer call (``layer_call``)."""
+    memo = _CALL.memo
+    if memo is None:
+        return os.environ.get(name, default)
+    raw = memo.get(name, _UNREAD)
+    if raw is _UNREAD:
+        raw = memo[name] = os.environ.get(name)
+    return default if raw is None else raw
+
+
 def env_flag(name: str, default: bool = False) -> bool:
     """A switch from the environment: ``0`` or ``1`` (unset: ``default``); anything else is an error."""
-    raw = os.environ.get(name, "1" if default else "0")
+    raw = env(name, "1" if default else "0")
     if raw not in ("0", "1"):
         raise ValueError(f"{name} must be 0 or 1, got {raw!r}")
     return raw == "1"
 
 
 def capturing(t: torch.Tensor) -> bool:
-    """Whether a CUDA graph is being captured on the current stream of ``t``'s device (never for CPU tensors)."""
-    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+    """Whether a CUDA graph is being captured on the current stream of ``t``'s device (never for CPU tensors);
+    asked once per layer call (``layer_call``)."""
+    if not t.is_cuda:
+        return False
+    memo = _CALL.memo
+    if memo is None:
+        return torch.cuda.is_current_stream_capturing()
+    hit = memo.get(capturing)
+    if hit is None:
+        hit = memo[capturing] = torch.cuda.is_current_stream_capturing()
+    return hit
 
 
 def graph_flag(name: str, t: torch.Tensor) -> bool:
@@ -49,7 +101,7 @@ def graph_flag(name: str, t: torch.Tensor) -> bool:
     ``auto``, ``capturing(t)``; ``1`` on and ``0`` off for both; anything else is an error.  For changes
     measured faster in graph replays that eager launches, host-bound at the sizes they affect, cannot gain
     from (NF4MOE_PDL, NF4MOE_GEMV_XA_EARLY: bench/NOTES.md, session 19)."""
-    raw = os.environ.get(name, "auto")
+    raw = env(name, "auto")
     if raw == "auto":
         return capturing(t)
     if raw not in ("0", "1"):

@@ -31,7 +31,6 @@ kernel (launch.launch).
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
@@ -39,7 +38,7 @@ import triton.language as tl
 from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_mode
 
 from .operands import NF4Operand, r_pad
-from .configs import cdiv, gemm_configs, interpreting, launch_tuned, pow2, prune_configs, row_bucket
+from .configs import INTERPRET, cdiv, env, gemm_configs, launch_tuned, pow2, prune_configs, row_bucket
 from .combine import launch_combine
 from .grouped_gemv import gemv_takes, launch_nf4_moe_gemv
 from .lora_xa import launch_lora_xa
@@ -188,7 +187,7 @@ def nf4_moe_gemm_kernel(
 
 def use_kperm() -> bool:
     """Weight tiles decoded in MMA k order (``NF4MOE_KPERM=0``: natural order, for comparison)."""
-    return os.environ.get("NF4MOE_KPERM", "1") == "1"
+    return env("NF4MOE_KPERM", "1") == "1"
 
 
 def use_k_hint() -> bool:
@@ -199,7 +198,7 @@ def use_k_hint() -> bool:
     never overlaps the tensor cores).  With it no config is serialized, some spill a little.  Measured on an
     H100 (bench/NOTES.md v16): no faster (GEMMs T=8192 -1%, DeepSeek-V3 +3%): the wgmmas were not the wait
     (v17), so it stays opt-in."""
-    return os.environ.get("NF4MOE_WGMMA_PIPE", "0") == "1"
+    return env("NF4MOE_WGMMA_PIPE", "0") == "1"
 
 
 def wgmma_min_rows() -> int:
@@ -207,7 +206,7 @@ def wgmma_min_rows() -> int:
     applies (``NF4MOE_WGMMA_ROWS``, default 8192; 0 turns it off).  Measured on an H200 (bench/NOTES.md v23):
     GEMMs 1.16x faster at 8192 routed rows (Qwen3-30B-A3B T=1024), 1.14x at 65536 (T=8192), DeepSeek-V3
     T=8192 1.22x; fewer rows were not measured, so they keep this kernel."""
-    raw = os.environ.get("NF4MOE_WGMMA_ROWS", "8192")
+    raw = env("NF4MOE_WGMMA_ROWS", "8192")
     if not raw.strip().isdigit():
         raise ValueError(f"NF4MOE_WGMMA_ROWS must be a row count >= 0 (0: off), got {raw!r}")
     return int(raw)
@@ -260,7 +259,7 @@ def lora_precompute(rows: int) -> bool:
     above 64 routed rows (once per row instead of once per N tile: -12% GEMM time at T=128, NOTES.md v5);
     in the loop at decode sizes, where the GEMM time was the same (T=1: 56 against 57 us) and the extra
     launch costs host time.  ``NF4MOE_XA_PRE=1`` / ``0`` forces one form."""
-    mode = os.environ.get("NF4MOE_XA_PRE", "auto")
+    mode = env("NF4MOE_XA_PRE", "auto")
     return rows > 64 if mode == "auto" else mode == "1"
 
 
@@ -271,7 +270,7 @@ def split_k(rows: int, k_dim: int, training: bool, launcher) -> int:
     programs of 16 K steps on 132 SMs (Qwen3-30B-A3B); splitting K gives 2-4x the programs with a fixed-order
     reduction.  Measured on an H200 (bench/NOTES.md v22): slower (T=1 GEMMs 44.7 us unsplit, 52.9 / 49.6 us
     with 2 / 4 splits), so it stays opt-in."""
-    raw = os.environ.get("NF4MOE_SPLIT_K", "1")
+    raw = env("NF4MOE_SPLIT_K", "1")
     s = int(raw) if raw.strip().isdigit() else 0
     if s < 1 or s & (s - 1):
         raise ValueError(f"NF4MOE_SPLIT_K must be a power of two >= 1 (1: no split), got {raw!r}")
@@ -303,8 +302,8 @@ def split_k_counters(device: torch.device, size: int) -> torch.Tensor:
 def use_lut(dtype: torch.dtype) -> bool:
     """PTX table decode for compiled code with 16-bit activations; ``NF4MOE_LUT=0`` selects the fp32
     select tree instead (bit-exact weights, slower)."""
-    return (not interpreting() and dtype in (torch.bfloat16, torch.float16)
-            and os.environ.get("NF4MOE_LUT", "1") == "1")
+    return (not INTERPRET and dtype in (torch.bfloat16, torch.float16)
+            and env("NF4MOE_LUT", "1") == "1")
 
 
 def projection_meta(x: torch.Tensor, w: NF4Operand, *, top_k: int, r_pad: int, gated: bool, act: str,
@@ -434,7 +433,7 @@ def launch_nf4_moe_gemm(
         ws = torch.empty(splits, rows, ws_w, device=x.device, dtype=torch.float32)
         cnt = split_k_counters(x.device, (cdiv(rows, 16) + min(num_experts, rows)) * cdiv(n, 16))
     meta = dict(projection_meta(x, w, top_k=top_k, r_pad=rp, gated=gated, act=act, has_lora=has_lora),
-                INTERPRET=interpreting(), XA_PRE=xa is not None, WRITE_GU=gu is not None, WRITE_OUT=write_out,
+                INTERPRET=INTERPRET, XA_PRE=xa is not None, WRITE_GU=gu is not None, WRITE_OUT=write_out,
                 KPERM=use_kperm(), K_HINT=use_k_hint(), SPLIT_K=splits, **pdl_options(x, launcher))
     key = launch_key("gemm", n, bucket, x, w, out, lora_b if has_lora else None, meta)
     launch_tuned(

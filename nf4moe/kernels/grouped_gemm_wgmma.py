@@ -42,7 +42,6 @@ slower, NOTES.md v27): a producer partition copies and decodes, the 8 warps only
 """
 from __future__ import annotations
 
-import os
 
 import torch
 from triton.experimental import gluon
@@ -50,7 +49,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (async_copy, fence_async_shared, mbarrier,
                                                                warpgroup_mma, warpgroup_mma_wait)
 
-from .configs import cdiv, env_flag
+from .configs import cdiv, env, env_flag
 from .launch import launch
 from . import nf4_decode
 
@@ -452,7 +451,7 @@ def tile_shape(rows: int, num_experts: int) -> tuple[int, int]:
     (bench/NOTES.md v25, GEMM kernel times, 256x128 against 128x256, no split): Qwen3-30B-A3B T=8192 (512
     rows per expert) 2.088 / 2.195 ms, GLM-4.5-Air T=8192 (512) 6.681 / 7.182, DeepSeek-V3 T=8192 (256)
     19.52 / 19.90; T <= 1024 (<= 64 rows per expert) 1.7-1.9x slower."""
-    raw = os.environ.get("NF4MOE_WGMMA_TILE", "auto")
+    raw = env("NF4MOE_WGMMA_TILE", "auto")
     if raw == "auto":
         return TILES["256x128"] if rows >= WIDE_TILE_ROWS * num_experts else TILES["128x256"]
     if raw not in TILES:
@@ -477,7 +476,7 @@ def early_copy() -> bool:
     the wgmma, and Triton 3.6's shared-memory barrier analysis adds one ``bar.sync`` per K step fewer (two
     instead of three, SASS for sm_90a read on the CPU; Triton 3.9 keeps three).  Safe: the slot it refills
     held step i-2, whose wgmmas every warp group finished before the barrier at the top of step i."""
-    raw = os.environ.get("NF4MOE_WGMMA_EARLY_COPY", "0")
+    raw = env("NF4MOE_WGMMA_EARLY_COPY", "0")
     if raw not in ("0", "1"):
         raise ValueError(f"NF4MOE_WGMMA_EARLY_COPY must be 0 or 1, got {raw!r}")
     return raw == "1"
@@ -489,7 +488,7 @@ def split_remainders() -> bool:
     padding a whole 256-row tile; 0 pads them.  At a mean of 256 rows per expert (DeepSeek-V3 T=8192) about
     half the experts have such a remainder.  Measured on an H200 (bench/NOTES.md v28, GEMM kernel time):
     DeepSeek-V3 T=8192 17.56 ms against 19.45, Qwen3-30B-A3B T=8192 1.998 against 2.093."""
-    raw = os.environ.get("NF4MOE_WGMMA_SPLIT", "1")
+    raw = env("NF4MOE_WGMMA_SPLIT", "1")
     if raw not in ("0", "1"):
         raise ValueError(f"NF4MOE_WGMMA_SPLIT must be 0 or 1, got {raw!r}")
     return raw == "1"
@@ -498,7 +497,7 @@ def split_remainders() -> bool:
 def stages(block_m: int) -> int:
     """Ring depth from ``NF4MOE_WGMMA_STAGES`` (default 4: copies two steps ahead; 5: three, which fits
     227 KB of shared memory with the 128-row tile only).  5 is not yet measured on a GPU."""
-    raw = os.environ.get("NF4MOE_WGMMA_STAGES", "4")
+    raw = env("NF4MOE_WGMMA_STAGES", "4")
     if raw not in ("4", "5") or (raw == "5" and block_m != 128):
         raise ValueError(f"NF4MOE_WGMMA_STAGES must be 4, or 5 with NF4MOE_WGMMA_TILE=128x256; got {raw!r}")
     return int(raw)
@@ -509,7 +508,7 @@ def warp_specialized() -> tuple[int, int, int, int, int] | None:
     warps of the kernel run the wgmmas, mbarriers between them) in WS_CONFIG; ``pw,regs,maxnreg,xs,ws`` (e.g.
     ``8,96,128,4,3``) sets that configuration instead, for profiling; 0 (the default): the kernel whose 8
     warps do both, with a block barrier per K step.  Returns the configuration or None."""
-    raw = os.environ.get("NF4MOE_WGMMA_WS", "0")
+    raw = env("NF4MOE_WGMMA_WS", "0")
     if raw == "0":
         return None
     if raw == "1":
@@ -559,6 +558,6 @@ def launch_nf4_moe_gemm_wgmma(x, w, lora_b, scaling, xa, sorted_pair_ids, tile_t
         TOP_K=top_k, R_PAD=r_pad, GATED=gated, ACT=act_code, HAS_LORA=has_lora, NESTED=w.nested,
         BS=w.blocksize, BS2=w.blocksize2, WRITE_GU=gu is not None, WRITE_OUT=write_out, BLOCK_M=block_m,
         TILE_N=tile_n, BLOCK_N=bn, STAGES=ring,
-        LEAVE_OUT=int(os.environ.get("NF4MOE_WGMMA_LEAVE_OUT", "0")), num_warps=NUM_WARPS, **extra,
+        LEAVE_OUT=int(env("NF4MOE_WGMMA_LEAVE_OUT", "0")), num_warps=NUM_WARPS, **extra,
     )
     return out

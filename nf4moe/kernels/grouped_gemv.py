@@ -35,7 +35,6 @@ SASS (Triton 3.6, sm_90a, Qwen3-30B-A3B up projection): ~12 instructions per wei
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
@@ -43,7 +42,7 @@ import triton.language as tl
 
 from .combine import slot_sum
 from .common import act_fwd, expert_row_tile, nested_offset, pdl_enter
-from .configs import (_pinned, capturing, cdiv, env_flag, graph_bench, graph_flag, interpreting, launch_tuned, pow2,
+from .configs import (_pinned, capturing, cdiv, env, env_flag, graph_bench, graph_flag, interpreting, launch_tuned, pow2,
                       tune_in_graphs, tuned)
 from .launch import pdl_options
 from .lora_xa import MAX_SPLIT, launch_lora_xa
@@ -520,7 +519,7 @@ def gemv_max_rows() -> int:
     of the MMA GEMM; ``NF4MOE_GEMV_ROWS`` sets it (0: never).  Default 64 (T <= 8 at top-8): on an H200
     (Qwen3-30B-A3B, CUDA graphs, bench/NOTES.md v41) the layer took 0.0738 / 0.1265 ms with the GEMV against
     0.1232 / 0.2120 with the GEMM at 32 / 64 routed rows, and 0.2316 against 0.2074 at 128 (T=16)."""
-    return int(os.environ.get("NF4MOE_GEMV_ROWS", "64"))
+    return int(env("NF4MOE_GEMV_ROWS", "64"))
 
 
 def gemv_takes(rows: int) -> bool:
@@ -543,7 +542,7 @@ def gemv_xa_early(x: torch.Tensor) -> bool:
 def fuse_combine() -> bool:
     """Whether the down GEMV may sum each token's slot rows itself (``_combine_last``) instead of leaving them
     to the combine kernel; ``NF4MOE_FUSE_COMBINE=0``: the combine kernel always."""
-    return os.environ.get("NF4MOE_FUSE_COMBINE", "1") == "1"
+    return env("NF4MOE_FUSE_COMBINE", "1") == "1"
 
 
 def launch_nf4_moe_gemv(x, w: NF4Operand, lora_a, lora_b, scaling, sorted_pair_ids, expert_offsets, top_k_weights,

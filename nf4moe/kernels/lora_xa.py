@@ -6,11 +6,13 @@ kernel read NF4 bytes).  Rows are in expert-sorted order, like the GEMM's.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-from .configs import cdiv, interpreting, pow2
+from .configs import INTERPRET, cdiv, pow2
 from .launch import launch, pdl_options
 from .common import dot_operand, expert_row_tile, pdl_enter
 
@@ -56,6 +58,7 @@ def lora_xa_kernel(
 MAX_SPLIT = 16  # K slices of an X·Aᵀ launch at most (xa_split); the decode GEMV's XA_EARLY unrolls this many
 
 
+@functools.lru_cache(maxsize=1024)
 def xa_split(k_dim: int, rows: int, block_k: int) -> int:
     """K slices of the X·Aᵀ precompute: at small P one slice per program is a long serial K loop (at
     T=1 on Qwen3-30B-A3B 32 steps took ~10 us for 8 rows), so split K up to 16 ways; the consumers sum
@@ -91,7 +94,7 @@ def launch_lora_xa(x: torch.Tensor, lora_a: torch.Tensor, sorted_pair_ids: torch
         x, x.stride(0), x.stride(1), lora_a.contiguous(), out, sorted_pair_ids, expert_offsets,
         k_dim, num_experts, r, rows, k_dim // split,
         TOP_K=top_k, E_POW2=pow2(num_experts), R_PAD=r_pad, GATHER=gather,
-        INTERPRET=interpreting(), BLOCK_M=block_m, BLOCK_K=block_k, num_warps=4,
+        INTERPRET=INTERPRET, BLOCK_M=block_m, BLOCK_K=block_k, num_warps=4,
         **pdl_options(x, launcher),
     )
     return out

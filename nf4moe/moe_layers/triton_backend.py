@@ -10,12 +10,10 @@ share what depends only on the routing (the Gluon GEMM's tile tables: one launch
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
 from ..kernels import ops
-from ..kernels.configs import env_flag
+from ..kernels.configs import env, env_flag, layer_call
 from ..kernels.grouped_gemv import gemv_takes
 from ..kernels.operands import r_pad
 from ..kernels.routing import build_routing, build_routing_xa, routing_xa_fits
@@ -41,7 +39,7 @@ def recompute_enabled(mod) -> bool:
     """Recompute mode: ``mod.recompute`` if set, else the NF4MOE_RECOMPUTE environment variable."""
     flag = getattr(mod, "recompute", None)
     if flag is None:
-        return os.environ.get("NF4MOE_RECOMPUTE", "0") == "1"
+        return env("NF4MOE_RECOMPUTE", "0") == "1"
     return bool(flag)
 
 
@@ -61,6 +59,11 @@ def triton_forward(mod, hidden_states: torch.Tensor, top_k_index: torch.Tensor, 
 
 
 def _forward(mod, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+    with layer_call():  # switches and the capture state read once per call
+        return _layer(mod, hidden_states, top_k_index, top_k_weights)
+
+
+def _layer(mod, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
     e = mod.num_experts
     check_ids = getattr(mod, "check_ids", True)
     gu, dn = mod.gate_up_nf4, mod.down_nf4
