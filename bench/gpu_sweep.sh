@@ -57,10 +57,10 @@
 #   bash bench/gpu_sweep.sh auto       # session 19's defaults (PDL and the early X·Aᵀ in CUDA-graph captures only): their GPU
 #                                      # tests (captures compile them after eager calls, same bits), then Qwen3 T=1, 16, 128 with
 #                                      # both forced off against the default, eager and CUDA graphs (~8 min)
-#   bash bench/gpu_sweep.sh s20        # session 20: auto's GPU tests, then Qwen3 T=16, 128 with the up / down X·Aᵀ in the GEMM's
-#                                      # K loop (NF4MOE_XA_PRE=0: two launches fewer) against the default, eager and CUDA graphs,
-#                                      # then the eager host time with both (profile_host) (~6 min)
-#   bash bench/gpu_sweep.sh s20b       # session 20: the Qwen3 and GLM-4.5-Air forward tables (all T, peers) (~8 min)
+#   bash bench/gpu_sweep.sh s20        # session 20: the Qwen3 forward table (all T, peers), the capture-default GPU tests, Qwen3
+#                                      # T=16, 128 with the up / down X·Aᵀ in the GEMM's K loop (NF4MOE_XA_PRE=0: two launches fewer)
+#                                      # against the default (eager, CUDA graphs), the eager host profile (~9 min)
+#   bash bench/gpu_sweep.sh s20b       # session 20: the GLM-4.5-Air forward table, the host time with NF4MOE_XA_PRE=0 (~5 min)
 #   bash bench/gpu_sweep.sh largeprof  # GEMM times of every autotuner candidate at T=8192, Qwen3 and DeepSeek-V3 (~2 min)
 set -euo pipefail
 OUT=${OUT:-bench/results/sweep}
@@ -290,18 +290,19 @@ case "${1:-}" in
     timeout 100 $py -m bench.profile_layer --tokens 16,128 --variants gemm_nopdl,gemm,gemm_nopdl,gemm \
       --check --graph 2>&1 | grep -v "Warn\|_warn" | tee -a "$OUT/profile_auto_qwen3.log" || true ;;
   s20)
-    timeout 200 $py -m pytest -q -p no:cacheprovider tests/test_triton_forward.py tests/test_gpu_compile.py \
-      tests/test_launch.py -k "pdl or xa_early or captures or graph_flags" 2>&1 | tail -8 | tee "$OUT/gpu_auto.log" || true
-    timeout 110 $py -m bench.profile_layer --tokens 16,128 --variants gemm,xaloop,gemm,xaloop --check --graph 2>&1 \
-      | grep -v "Warn\|_warn" | tee "$OUT/profile_xaloop_qwen3.log" || true
-    timeout 60 $py -m bench.profile_host --tokens 16,128 --top 45 2>&1 | tee "$OUT/host_qwen3.log" || true
-    NF4MOE_XA_PRE=0 timeout 40 $py -m bench.profile_host --tokens 16,128 --top 0 2>&1 | tee "$OUT/host_xaloop_qwen3.log" || true ;;
-  s20b)
-    mkdir -p "$OUT/qwen3" "$OUT/glm"
+    mkdir -p "$OUT/qwen3"
     timeout 200 $py -m nf4moe bench --mode fwd --shapes qwen3 --tokens 1,16,128,1024,8192,16384 --out "$OUT/qwen3" 2>&1 \
       | tee -a "$OUT/qwen3.log" || true
+    timeout 150 $py -m pytest -q -p no:cacheprovider tests/test_triton_forward.py tests/test_launch.py \
+      -k "captures or xa_early or layer_call" 2>&1 | tail -8 | tee "$OUT/gpu_auto.log" || true
+    timeout 110 $py -m bench.profile_layer --tokens 16,128 --variants gemm,xaloop,gemm,xaloop --check --graph 2>&1 \
+      | grep -v "Warn\|_warn" | tee "$OUT/profile_xaloop_qwen3.log" || true
+    timeout 50 $py -m bench.profile_host --tokens 16,128 --top 45 2>&1 | tee "$OUT/host_qwen3.log" || true ;;
+  s20b)
+    mkdir -p "$OUT/glm"
     timeout 280 $py -m nf4moe bench --mode fwd --shapes glm45air --tokens 1,16,128,1024,8192,16384 --out "$OUT/glm" 2>&1 \
-      | tee -a "$OUT/glm.log" || true ;;
+      | tee -a "$OUT/glm.log" || true
+    NF4MOE_XA_PRE=0 timeout 40 $py -m bench.profile_host --tokens 16,128 --top 0 2>&1 | tee "$OUT/host_xaloop_qwen3.log" || true ;;
   largeprof)
     $py -m bench.profile_layer --tokens 8192 --variants gemm --timings 2>&1 | tee "$OUT/profile_large_qwen3.log"
     $py -m bench.profile_layer --shape dsv3 --tokens 8192 --variants gemm --timings 2>&1 | tee "$OUT/profile_large_dsv3.log" ;;
