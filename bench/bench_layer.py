@@ -16,6 +16,7 @@ import datetime
 import json
 import os
 import platform
+import statistics
 import sys
 from dataclasses import asdict, dataclass
 
@@ -41,6 +42,7 @@ class Row:
     rel_err: float | None = None
     extra_mem_gib: float | None = None
     note: str = ""
+    rounds_ms: list[float] | None = None  # eager rows: each round's median (``ms`` is their median)
 
 
 def _bench(fn, *, rep_ms: int = 200) -> float:
@@ -200,7 +202,20 @@ def graph_ms(fn, inputs: list, keep: list | None = None) -> float:
     return _bench(g.replay) / len(inputs)
 
 
-def run_fwd(shape: str, tokens, rank: int, ceil: dict, rows: list, check: bool, graph: bool):
+def rounds_ms(impls: dict, rounds: int, rep_ms: int = 200) -> dict[str, list[float]]:
+    """Each implementation's median time in each of ``rounds`` rounds, the implementations alternating within a
+    round (``rep_ms`` of timing per implementation in all).  Eager calls at small T are host-bound, and the GPU
+    machines' host speed drifts over seconds (session 19 on an H100: the same eager call 0.27 ms in one process
+    and 0.54 in the next, and 0.32-0.74 ms within one); alternating gives every implementation the same drift,
+    and the per-round times show the spread."""
+    out: dict[str, list[float]] = {name: [] for name in impls}
+    for _ in range(rounds):
+        for name, fn in impls.items():
+            out[name].append(_bench(fn, rep_ms=max(20, rep_ms // rounds)))
+    return out
+
+
+def run_fwd(shape: str, tokens, rank: int, ceil: dict, rows: list, check: bool, graph_max_t: int, rounds: int = 3):
     e, h, i, k = SHAPES[shape]
     gen = torch.Generator(device="cuda").manual_seed(0)
     cfg, bf16, ours = build_peers(e, h, i, k, rank, gen)
@@ -220,12 +235,15 @@ def run_fwd(shape: str, tokens, rank: int, ceil: dict, rows: list, check: bool, 
                 "dequant(bnb) + grouped_mm": lambda: deq(x, idx, w),
                 f"nf4moe (LoRA r={rank})": lambda: ours(x, idx, w),
             }
-            for name, fn in impls.items():
-                ms = _bench(fn)
-                rows.append(Row(shape, "fwd", t, name, ms, fl, err if name.startswith("nf4moe") else None))
-                print(f"{shape:9s} T={t:6d} {name:32s} {ms:8.3f} ms  floor {fl:.4f} ms  x{ms / fl:6.1f}"
+            times = rounds_ms(impls, rounds)
+            for name, per_round in times.items():
+                ms = statistics.median(per_round)
+                rows.append(Row(shape, "fwd", t, name, ms, fl, err if name.startswith("nf4moe") else None,
+                                rounds_ms=per_round))
+                print(f"{shape:9s} T={t:6d} {name:32s} {ms:8.3f} ms  floor {fl:.4f} ms  x{ms / fl:6.1f}  rounds "
+                      + " ".join(f"{v:.3f}" for v in per_round)
                       + (f"  err {err:.2e}" if err is not None and name.startswith("nf4moe") else ""), flush=True)
-            if graph and t == 1:
+            if t <= graph_max_t:
                 sets = [(torch.randn(t, h, device="cuda", dtype=torch.bfloat16, generator=gen), *routing(t, e, k, gen))
                         for _ in range(16)]
                 for name, fn in (("transformers grouped_mm bf16", bf16), (f"nf4moe (LoRA r={rank})", ours)):
@@ -263,16 +281,18 @@ def markdown(rows: list[Row], env: dict, ceil: dict) -> str:
         f"Measured ceilings: copy {ceil['copy_bytes_per_s'] / 1e12:.2f} TB/s (read+write), "
         f"bf16 matmul {ceil['bf16_flops_per_s'] / 1e12:.0f} TFLOP/s.",
         "",
-        "| shape | mode | T | implementation | ms | floor ms | x floor | peer ÷ nf4moe (>1: nf4moe faster) | rel err |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| shape | mode | T | implementation | ms | floor ms | x floor | peer ÷ nf4moe (>1: nf4moe faster) | rel err "
+        "| eager rounds, ms |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     ours = {(r.shape, r.mode, r.tokens, r.impl.endswith("[CUDA graph]")): r.ms for r in rows if r.impl.startswith("nf4moe")}
     for r in rows:
         o = ours.get((r.shape, r.mode, r.tokens, r.impl.endswith("[CUDA graph]")))
         sp = f"{r.ms / o:.2f}x" if o and not r.impl.startswith("nf4moe") else ""
         err = f"{r.rel_err:.1e}" if r.rel_err is not None else ""
+        per_round = " / ".join(f"{v:.3f}" for v in r.rounds_ms) if r.rounds_ms else ""
         lines.append(f"| {r.shape} | {r.mode} | {r.tokens} | {r.impl} | {r.ms:.4f} | {r.floor_ms:.4f} | "
-                     f"{r.ms / r.floor_ms:.1f} | {sp} | {err} |")
+                     f"{r.ms / r.floor_ms:.1f} | {sp} | {err} | {per_round} |")
     return "\n".join(lines) + "\n"
 
 
@@ -290,7 +310,9 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", default=",".join(map(str, TOKENS)))
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--no-check", action="store_true", help="skip the correctness check against the reference")
-    ap.add_argument("--no-graph", action="store_true", help="skip CUDA-graph timing at T=1")
+    ap.add_argument("--graph-max-t", type=int, default=128,
+                    help="CUDA-graph rows (bf16 grouped_mm and nf4moe) for T up to this (0: none)")
+    ap.add_argument("--rounds", type=int, default=3, help="eager timing rounds, the implementations alternating")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -304,7 +326,7 @@ def main(argv=None) -> int:
     tokens = [int(t) for t in args.tokens.split(",") if t]
     for shape in args.shapes.split(","):
         if args.mode in ("fwd", "all"):
-            run_fwd(shape, tokens, args.rank, ceil, rows, not args.no_check, not args.no_graph)
+            run_fwd(shape, tokens, args.rank, ceil, rows, not args.no_check, args.graph_max_t, args.rounds)
         if args.mode in ("fwdbwd", "all"):
             from .bench_train import run_fwdbwd
 
