@@ -96,6 +96,17 @@ def capturing(t: torch.Tensor) -> bool:
     return hit
 
 
+def current_device() -> int:
+    """``torch.cuda.current_device()``, asked once per layer call (``layer_call``; each launch keys on it)."""
+    memo = _CALL.memo
+    if memo is None:
+        return torch.cuda.current_device()
+    hit = memo.get(current_device)
+    if hit is None:
+        hit = memo[current_device] = torch.cuda.current_device()
+    return hit
+
+
 def graph_flag(name: str, t: torch.Tensor) -> bool:
     """A switch whose default is on for launches captured into a CUDA graph and off for eager ones: unset or
     ``auto``, ``capturing(t)``; ``1`` on and ``0`` off for both; anything else is an error.  For changes

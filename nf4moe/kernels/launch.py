@@ -21,7 +21,7 @@ import functools
 
 import torch
 
-from .configs import graph_flag, interpreting
+from .configs import current_device, graph_flag, interpreting
 
 _COMPILED: dict = {}  # (kernel, device, argument specialisation, keyword arguments) -> (compiled kernel, tail)
 
@@ -90,7 +90,7 @@ def launch(kernel, grid, launcher, *args, **kwargs) -> None:
     if _INTERPRET:
         kernel[grid](*args, **kwargs)
         return
-    key = (kernel, torch.cuda.current_device(), _spec(args), tuple(kwargs.items()))
+    key = (kernel, current_device(), _spec(args), tuple(kwargs.items()))
     hit = _COMPILED.get(key)
     if hit is None:
         _check_call(kernel, args, kwargs)
@@ -117,8 +117,8 @@ def use_pdl(t: torch.Tensor, launcher) -> bool:
     eager calls, host-bound at these sizes, gained nothing and varied more, so they keep plain launches by
     default.  Not under the interpreter (no griddepcontrol) and not traced (``launcher``: Inductor launches the
     kernels itself)."""
-    return (launcher is None and not _INTERPRET and t.is_cuda and _pdl_capable(t.device.index)
-            and graph_flag("NF4MOE_PDL", t))
+    return (launcher is None and not _INTERPRET and t.is_cuda and graph_flag("NF4MOE_PDL", t)
+            and _pdl_capable(t.device.index))
 
 
 def pdl_options(t: torch.Tensor, launcher) -> dict:
