@@ -82,29 +82,26 @@ def env_flag(name: str, default: bool = False) -> bool:
     return raw == "1"
 
 
+def _per_call(key, query):
+    """``query()``, asked once per layer call (``layer_call``) under ``key``; every time outside one."""
+    memo = _CALL.memo
+    if memo is None:
+        return query()
+    hit = memo.get(key)
+    if hit is None:
+        hit = memo[key] = query()
+    return hit
+
+
 def capturing(t: torch.Tensor) -> bool:
     """Whether a CUDA graph is being captured on the current stream of ``t``'s device (never for CPU tensors);
     asked once per layer call (``layer_call``)."""
-    if not t.is_cuda:
-        return False
-    memo = _CALL.memo
-    if memo is None:
-        return torch.cuda.is_current_stream_capturing()
-    hit = memo.get(capturing)
-    if hit is None:
-        hit = memo[capturing] = torch.cuda.is_current_stream_capturing()
-    return hit
+    return t.is_cuda and _per_call(capturing, torch.cuda.is_current_stream_capturing)
 
 
 def current_device() -> int:
     """``torch.cuda.current_device()``, asked once per layer call (``layer_call``; each launch keys on it)."""
-    memo = _CALL.memo
-    if memo is None:
-        return torch.cuda.current_device()
-    hit = memo.get(current_device)
-    if hit is None:
-        hit = memo[current_device] = torch.cuda.current_device()
-    return hit
+    return _per_call(current_device, torch.cuda.current_device)
 
 
 def graph_flag(name: str, t: torch.Tensor) -> bool:
