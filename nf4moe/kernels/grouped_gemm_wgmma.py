@@ -42,7 +42,6 @@ slower, NOTES.md v27): a producer partition copies and decodes, the 8 warps only
 """
 from __future__ import annotations
 
-
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl

@@ -35,7 +35,6 @@ SASS (Triton 3.6, sm_90a, Qwen3-30B-A3B up projection): ~12 instructions per wei
 """
 from __future__ import annotations
 
-
 import torch
 import triton
 import triton.language as tl
