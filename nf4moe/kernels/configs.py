@@ -37,7 +37,7 @@ INTERPRET = interpreting()
 
 
 class _Call(threading.local):
-    memo: dict | None = None  # inside a layer call (``layer_call``): switch name -> raw value, and the capture state
+    memo: dict | None = None  # inside a layer call (``layer_call``): switch name -> raw value; capture state, device
 
 
 _CALL = _Call()
@@ -45,10 +45,11 @@ _UNREAD = object()
 
 
 class layer_call:
-    """``with layer_call():`` around one layer call: inside it every environment switch (``env``) and the capture
-    state (``capturing``) are read once, however many launches ask.  An eager call at small T is host-bound
-    (bench/NOTES.md): before this its ~6 launches made 21 environment reads on a CPU machine (~1 us each) and,
-    on a GPU, 6-7 capture queries more.  Neither can change within a call; nesting keeps the outer call's reads."""
+    """``with layer_call():`` around one layer call: inside it every environment switch (``env``), the capture
+    state (``capturing``) and the current device (``current_device``) are read once, however many launches ask.
+    An eager call at small T is host-bound (bench/NOTES.md v47): before this its ~6 launches made 21 environment
+    reads on a CPU machine (~1 us each) and, on a GPU, 6-7 capture queries and 6 device queries more.  None of
+    them can change within a call; nesting keeps the outer call's reads."""
 
     __slots__ = ("_outer",)
 
