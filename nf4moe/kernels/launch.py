@@ -21,13 +21,13 @@ import functools
 
 import torch
 
-from .configs import current_device, graph_flag, interpreting
+from .configs import INTERPRET, current_device, graph_flag
 
 _COMPILED: dict = {}  # (kernel, device, argument specialisation, keyword arguments) -> (compiled kernel, tail)
 
 
 _U64 = 1 << 63  # Triton types ints in [2**63, 2**64) as u64, other ints beyond int32 as i64
-_INTERPRET = interpreting()  # fixed at import, as Triton's own choice of the interpreter
+_INTERPRET = INTERPRET  # fixed at import, as Triton's own choice of the interpreter (tests patch this name)
 _TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 

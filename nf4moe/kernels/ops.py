@@ -15,13 +15,13 @@ from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_mode
 
 from .combine import launch_combine
-from .configs import interpreting
+from .configs import INTERPRET
 from .grouped_gemm import launch_nf4_moe_gemm
 from .grouped_gemm_bwd import block_n, launch_nf4_moe_gemm_t
 from .lora_grad import launch_lora_grad
 from .operands import NF4Operand, r_pad
 
-_INTERPRET = interpreting()
+_INTERPRET = INTERPRET
 if _INTERPRET:
     _LAUNCHER = None
 else:

@@ -31,7 +31,7 @@ import triton.language as tl
 
 from ..reference.routing import Routing
 from .common import dot_operand, pdl_enter
-from .configs import cdiv, interpreting, pow2
+from .configs import INTERPRET, cdiv, pow2
 from .launch import launch, pdl_options
 
 # One program sorts at most this many pairs (keys in registers; see build_routing for why 1024).
@@ -44,7 +44,7 @@ _MAX_BINS = 4096
 _MAX_PREFIX_READS = 1 << 24  # int32 histogram entries all programs read together (64 MiB, mostly from L2)
 # Smallest sorted width: one compiled variant covers every P up to it, and a 128-key sort is free.
 _MIN_P_POW2 = 128
-_INTERPRET = interpreting()
+_INTERPRET = INTERPRET
 NEGATIVE_IDS = "top_k_index has negative expert ids; ids must be >= 0 (ids >= E are sentinels)"
 _NEGATIVE_IDS_MSG = tl.constexpr(NEGATIVE_IDS)  # the kernels' copy (a jit function reads constexpr globals only)
 

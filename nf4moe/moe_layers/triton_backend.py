@@ -59,7 +59,7 @@ def triton_forward(mod, hidden_states: torch.Tensor, top_k_index: torch.Tensor, 
 
 
 def _forward(mod, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
-    with layer_call():  # switches and the capture state read once per call
+    with layer_call():  # switches, capture state and device read once per call (configs.layer_call)
         return _layer(mod, hidden_states, top_k_index, top_k_weights)
 
 
