@@ -61,6 +61,9 @@
 #                                      # T=16, 128 with the up / down X·Aᵀ in the GEMM's K loop (NF4MOE_XA_PRE=0: two launches fewer)
 #                                      # against the default (eager, CUDA graphs), the eager host profile (~9 min)
 #   bash bench/gpu_sweep.sh s20b       # session 20: the GLM-4.5-Air forward table, the host time with NF4MOE_XA_PRE=0 (~5 min)
+#   bash bench/gpu_sweep.sh s21        # session 21: the capture-default GPU tests (the early X·Aᵀ test's order fix), then the
+#                                      # Triton GEMM against the Gluon GEMM at Qwen3 T=1024, 2048 and GLM-4.5-Air T=1024,
+#                                      # alternating, one process each (session 17's point 3; ~8 min)
 #   bash bench/gpu_sweep.sh largeprof  # GEMM times of every autotuner candidate at T=8192, Qwen3 and DeepSeek-V3 (~2 min)
 set -euo pipefail
 OUT=${OUT:-bench/results/sweep}
@@ -303,6 +306,13 @@ case "${1:-}" in
     timeout 280 $py -m nf4moe bench --mode fwd --shapes glm45air --tokens 1,16,128,1024,8192,16384 --out "$OUT/glm" 2>&1 \
       | tee -a "$OUT/glm.log" || true
     NF4MOE_XA_PRE=0 timeout 40 $py -m bench.profile_host --tokens 16,128 --top 0 2>&1 | tee "$OUT/host_xaloop_qwen3.log" || true ;;
+  s21)
+    timeout 120 $py -m pytest -q -p no:cacheprovider tests/test_triton_forward.py tests/test_launch.py \
+      -k "captures or xa_early or layer_call" 2>&1 | tail -30 | tee "$OUT/gpu_auto.log" || true
+    timeout 220 $py -m bench.profile_layer --tokens 1024,2048 --variants gemm,wgmma,gemm,wgmma --check 2>&1 \
+      | grep -v "Warn\|_warn" | tee "$OUT/profile_crossover_qwen3.log" || true
+    timeout 150 $py -m bench.profile_layer --shape glm45air --tokens 1024 --variants gemm,wgmma,gemm,wgmma --check 2>&1 \
+      | grep -v "Warn\|_warn" | tee "$OUT/profile_crossover_glm.log" || true ;;
   largeprof)
     $py -m bench.profile_layer --tokens 8192 --variants gemm --timings 2>&1 | tee "$OUT/profile_large_qwen3.log"
     $py -m bench.profile_layer --shape dsv3 --tokens 8192 --variants gemm --timings 2>&1 | tee "$OUT/profile_large_dsv3.log" ;;

@@ -1006,9 +1006,10 @@ def test_gemv_xa_early_changes_no_bit(monkeypatch, nan_new_empty, t):
     with torch.no_grad():
         monkeypatch.setenv("NF4MOE_GEMV_XA_EARLY", "0")
         late = m(x, idx, w)
+        n_late = len(kinds)  # the shape's first call also tunes the plain down GEMV: one launch more than later calls
         monkeypatch.setenv("NF4MOE_GEMV_XA_EARLY", "1")
         early = m(x, idx, w)
-    assert set(kinds[:len(kinds) // 2]) == {False} and set(kinds[len(kinds) // 2:]) == {True}, kinds
+    assert set(kinds[:n_late]) == {False} and set(kinds[n_late:]) == {True}, kinds
     assert torch.equal(early, late)
     assert rel_err(early, reference(m, x, idx, w)) < BOUND[torch.bfloat16]
 
