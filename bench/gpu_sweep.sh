@@ -64,6 +64,11 @@
 #   bash bench/gpu_sweep.sh s21        # session 21: the capture-default GPU tests (the early X·Aᵀ test's order fix), then the
 #                                      # Triton GEMM against the Gluon GEMM at Qwen3 T=1024, 2048 and GLM-4.5-Air T=1024,
 #                                      # alternating, one process each (session 17's point 3; ~8 min)
+#   bash bench/gpu_sweep.sh s21tests   # session 21: the forward GPU suite (forward, routing, launch, compile, decode table,
+#                                      # MMA k order), one pinned GEMM config, cut at $LIMIT s (default 480)
+#   bash bench/gpu_sweep.sh s22        # after session 21: the torch.compile / opcheck GPU tests (the traced counters' fix),
+#                                      # the rest of the forward GPU suite (routing, launch, decode table, k order, compile
+#                                      # facts), the backward suite (~9 min; each part cut at its limit, logs in $OUT)
 #   bash bench/gpu_sweep.sh largeprof  # GEMM times of every autotuner candidate at T=8192, Qwen3 and DeepSeek-V3 (~2 min)
 set -euo pipefail
 OUT=${OUT:-bench/results/sweep}
@@ -313,6 +318,28 @@ case "${1:-}" in
       | grep -v "Warn\|_warn" | tee "$OUT/profile_crossover_qwen3.log" || true
     timeout 150 $py -m bench.profile_layer --shape glm45air --tokens 1024 --variants gemm,wgmma,gemm,wgmma --check 2>&1 \
       | grep -v "Warn\|_warn" | tee "$OUT/profile_crossover_glm.log" || true ;;
+  s21tests)
+    # the forward GPU suite with today's defaults, one pinned GEMM config (the GEMV then runs one config too); every
+    # test's outcome in $OUT even if the time limit cuts the run
+    NF4MOE_CONFIG=BLOCK_M=16,BLOCK_N=32,BLOCK_K=64,num_warps=4,num_stages=3 timeout ${LIMIT:-480} $py -m pytest -v -rfE \
+      -p no:cacheprovider tests/test_triton_forward.py tests/test_routing_device.py tests/test_launch.py \
+      tests/test_gpu_compile.py tests/test_lut_decode.py tests/test_mma_k_order.py > "$OUT/gpu_s21tests.log" 2>&1 || true
+    grep -cE " PASSED" "$OUT/gpu_s21tests.log" || true
+    grep -E " FAILED| ERROR|^FAILED|^ERROR|passed|failed" "$OUT/gpu_s21tests.log" | tail -40 ;;
+  s22)
+    # session 21's leftovers: the torch.compile tests on the GPU after the traced counters' fix (one failed there),
+    # then the rest of the forward GPU suite past where s21tests' time ran out, then the backward suite
+    pin=BLOCK_M=16,BLOCK_N=32,BLOCK_K=64,num_warps=4,num_stages=3
+    NF4MOE_CONFIG=$pin timeout 150 $py -m pytest -v -rfE -p no:cacheprovider tests/ -k "torch_compile or opcheck or fullgraph" \
+      > "$OUT/gpu_s22_compile.log" 2>&1 || true
+    grep -E "^FAILED|^ERROR|passed|failed" "$OUT/gpu_s22_compile.log" | tail -15
+    NF4MOE_CONFIG=$pin timeout 200 $py -m pytest -v -rfE -p no:cacheprovider tests/test_routing_device.py \
+      tests/test_launch.py tests/test_lut_decode.py tests/test_mma_k_order.py tests/test_gpu_compile.py \
+      > "$OUT/gpu_s22_rest.log" 2>&1 || true
+    grep -E "^FAILED|^ERROR|passed|failed" "$OUT/gpu_s22_rest.log" | tail -15
+    NF4MOE_CONFIG=$pin timeout 200 $py -m pytest -v -rfE -p no:cacheprovider tests/test_triton_backward.py \
+      tests/test_module.py > "$OUT/gpu_s22_bwd.log" 2>&1 || true
+    grep -E "^FAILED|^ERROR|passed|failed" "$OUT/gpu_s22_bwd.log" | tail -15 ;;
   largeprof)
     $py -m bench.profile_layer --tokens 8192 --variants gemm --timings 2>&1 | tee "$OUT/profile_large_qwen3.log"
     $py -m bench.profile_layer --shape dsv3 --tokens 8192 --variants gemm --timings 2>&1 | tee "$OUT/profile_large_dsv3.log" ;;

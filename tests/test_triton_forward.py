@@ -1036,6 +1036,53 @@ def test_gemv_xa_early_refuses_more_partials_than_it_unrolls(monkeypatch):
                             top_k=k, gated=True, act="silu", xa_pairs=xa)
 
 
+def test_traced_fused_combine_takes_fresh_counters(monkeypatch):
+    """A traced launch (wrap_triton's launcher, under torch.compile) of the down GEMV's fused combine takes a fresh
+    zeroed counter buffer, never the cached one: a cached buffer made during one trace holds that trace's fake
+    tensor, and Inductor's lowering, under another fake mode, refused it ("Mixing fake modes", H100, session
+    21).  The launch's output is the unfused path's (the launcher here runs the kernel directly)."""
+    from nf4moe.kernels import grouped_gemm as gg
+    from nf4moe.kernels.grouped_gemv import launch_nf4_moe_gemv
+    from nf4moe.kernels.operands import NF4Operand
+    from nf4moe.kernels.routing import build_routing
+
+    e, k, t, h, n = 4, 2, 3, 64, 128
+    m = make_layer(e, n, h, rank=0, seed=86)
+    dn = m.down_nf4
+    op = NF4Operand(dn.packed, dn.absmax, dn.absmax2, dn.code2, dn.offset, dn.blocksize, dn.blocksize2)
+    idx, w = routing(t, e, k, seed=87)
+    r = build_routing(idx, e)
+    x = torch.randn(t * k, h, device=DEV)
+    seen = []
+    real = gg.split_k_counters
+
+    def spy(device, size, traced=False):
+        buf = real(device, size, traced)
+        seen.append((traced, buf))
+        return buf
+
+    monkeypatch.setattr(gg, "split_k_counters", spy)
+    outs = []
+    for launcher in (lambda kernel: kernel, None):
+        cached = dict(gg._COUNTERS)
+        out = torch.full((t * k, n), float("nan"), device=DEV)
+        comb = torch.full((t, n), float("nan"), device=DEV)
+        fused = launch_nf4_moe_gemv(x, op, None, None, 1.0, r.sorted_pair_ids, r.expert_offsets, w.reshape(-1),
+                                    out, n=n, top_k=k, gated=False, act="silu", combine=(comb, idx.contiguous()),
+                                    launcher=launcher)
+        assert fused
+        outs.append(comb)
+        if launcher is not None:  # a fresh buffer, neither cached nor taken from the cache
+            assert len(seen) == 1 and seen[0][0] is True and gg._COUNTERS == cached
+            assert all(seen[0][1] is not buf for buf in cached.values())
+    assert [traced for traced, _ in seen[1:]] == [False]
+    assert torch.equal(outs[0], outs[1]) and torch.isfinite(outs[0]).all()
+    with torch._subclasses.fake_tensor.FakeTensorMode():
+        before = dict(gg._COUNTERS)
+        fresh = real(torch.device(DEV), 64, traced=True)
+        assert fresh.shape == (64,) and gg._COUNTERS == before
+
+
 def test_xa_in_routing_off_when_a_gradient_is_needed_or_without_lora(monkeypatch):
     from nf4moe.moe_layers import triton_backend as tb
 

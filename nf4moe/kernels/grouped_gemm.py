@@ -284,10 +284,15 @@ def split_k(rows: int, k_dim: int, training: bool, launcher) -> int:
 _COUNTERS: dict = {}  # (device, stream) -> int32 arrival counters for split-K (zero between launches)
 
 
-def split_k_counters(device: torch.device, size: int) -> torch.Tensor:
+def split_k_counters(device: torch.device, size: int, traced: bool = False) -> torch.Tensor:
     """Zeroed int32 arrival counters, at least ``size``.  Kept per device and stream (launches on one stream
     run one after another and each leaves them zero; two streams must not share them); while a CUDA graph
-    is being captured, a fresh zeroed buffer owned by that graph."""
+    is being captured, a fresh zeroed buffer owned by that graph.  ``traced`` (a launch through wrap_triton,
+    under torch.compile): a fresh zeroed buffer too, part of the traced graph; a cached one would hold the
+    first trace's fake tensor, which Inductor's lowering, under another fake mode, refuses ("Mixing fake
+    modes", an H100 run in session 21)."""
+    if traced:
+        return torch.zeros(size, device=device, dtype=torch.int32)
     stream = None
     if device.type == "cuda":
         if torch.cuda.is_current_stream_capturing():
@@ -431,7 +436,8 @@ def launch_nf4_moe_gemm(
     ws_w = 2 * n + cdiv(n, 16) * rp  # gate | up | one X·Aᵀ slot per N tile (BLOCK_N >= 16)
     if splits > 1:
         ws = torch.empty(splits, rows, ws_w, device=x.device, dtype=torch.float32)
-        cnt = split_k_counters(x.device, (cdiv(rows, 16) + min(num_experts, rows)) * cdiv(n, 16))
+        cnt = split_k_counters(x.device, (cdiv(rows, 16) + min(num_experts, rows)) * cdiv(n, 16),
+                              launcher is not None)
     meta = dict(projection_meta(x, w, top_k=top_k, r_pad=rp, gated=gated, act=act, has_lora=has_lora),
                 INTERPRET=INTERPRET, XA_PRE=xa is not None, WRITE_GU=gu is not None, WRITE_OUT=write_out,
                 KPERM=use_kperm(), K_HINT=use_k_hint(), SPLIT_K=splits, **pdl_options(x, launcher))

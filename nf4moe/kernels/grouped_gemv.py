@@ -592,7 +592,7 @@ def launch_nf4_moe_gemv(x, w: NF4Operand, lora_a, lora_b, scaling, sorted_pair_i
         if fused:
             comb, idx = combine
             # one counter per (token, N tile); BLOCK_N >= 4 in every config
-            cnt = split_k_counters(x.device, idx.shape[0] * cdiv(n, 4))
+            cnt = split_k_counters(x.device, idx.shape[0] * cdiv(n, 4), launcher is not None)
         launch_tuned(
             nf4_moe_gemv_kernel, grid(n, rows, num_experts), key, launcher,
             x, x.stride(0), x.stride(1),
