@@ -1122,3 +1122,51 @@ def test_xa_in_routing_leaves_other_index_dtypes_to_the_plain_routing(monkeypatc
         calls = count_calls(monkeypatch, tb, "build_routing_xa")
         out = m(x, idx.to(torch.int16), w)
     assert calls == [] and torch.equal(out, default)
+
+
+@pytest.mark.skipif(DEV != "cpu", reason="drives the GPU ops' traced bodies with fake tensors and a checking launcher")
+@pytest.mark.parametrize("t", [2, 40])  # the decode GEMV with its fused combine; the MMA GEMM and the combine kernel
+def test_traced_bodies_launch_only_the_current_traces_tensors(monkeypatch, t):
+    """On a GPU each op is a triton_op whose body torch.compile traces with fake tensors, more than once (Dynamo,
+    then Inductor's lowering, each under its own fake mode), launching through wrap_triton.  A tensor kept across
+    calls (a cache) would hand one trace's fake tensor to the next: Inductor then fails with "Mixing fake modes"
+    (the fused combine's arrival counters, H100, session 21).  Here the ops run their bodies under two fake modes
+    in turn, each kernel launch checked: every tensor argument belongs to the trace that launches it."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    from nf4moe.kernels import ops
+
+    active = {}
+    launched = []
+
+    def checking_launcher(kernel):
+        class Grid:
+            def __getitem__(self, grid):
+                def launch(*args, **kwargs):
+                    for a in (*args, *kwargs.values()):
+                        if isinstance(a, torch.Tensor):
+                            assert isinstance(a, FakeTensor) and a.fake_mode is active["mode"], \
+                                f"{kernel.fn.__name__ if hasattr(kernel, 'fn') else kernel}: a tensor of another trace"
+                    launched.append(getattr(kernel, "fn", kernel).__name__)
+                return launch
+        return Grid()
+
+    monkeypatch.setattr(ops, "_LAUNCHER", checking_launcher)
+    for name, body in ops._BODIES.items():  # the bodies stand for the registered ops, as triton_op traces them
+        monkeypatch.setitem(ops._OPS, name, body)
+    m = make_layer(4, 128, 64, rank=8, seed=88)
+    m.check_ids = False  # the CPU's id check reads a value (the GPU's is an asynchronous device assert)
+    x = torch.randn(t, 128, dtype=torch.bfloat16)
+    idx, w = routing(t, 4, 2, seed=89)
+    w = w.to(torch.bfloat16)
+    shapes = []
+    for _ in range(2):
+        launched.clear()
+        with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            active["mode"] = mode
+            state = {k: mode.from_tensor(v) for k, v in (*m.named_parameters(), *m.named_buffers())}
+            out = torch.func.functional_call(m, state, (mode.from_tensor(x), mode.from_tensor(idx),
+                                                        mode.from_tensor(w)))
+        shapes.append(tuple(out.shape))
+        assert "nf4_moe_gemv_kernel" in launched if t == 2 else "nf4_moe_gemm_kernel" in launched, launched
+    assert shapes == [(t, 128)] * 2
