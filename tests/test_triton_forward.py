@@ -1124,6 +1124,27 @@ def test_xa_in_routing_leaves_other_index_dtypes_to_the_plain_routing(monkeypatc
     assert calls == [] and torch.equal(out, default)
 
 
+def _checking_launcher(active: dict, launched: list):
+    """A stand-in for wrap_triton: each launch checks that every tensor argument is a fake tensor of the trace
+    in ``active["mode"]``, and records the kernel's name."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    def launcher(kernel):
+        fn = getattr(kernel, "fn", kernel)
+
+        class Grid:
+            def __getitem__(self, grid):
+                def launch(*args, **kwargs):
+                    for a in (*args, *kwargs.values()):
+                        if isinstance(a, torch.Tensor):
+                            assert isinstance(a, FakeTensor) and a.fake_mode is active["mode"], \
+                                f"{fn.__name__}: a tensor of another trace"
+                    launched.append(fn.__name__)
+                return launch
+        return Grid()
+    return launcher
+
+
 @pytest.mark.skipif(DEV != "cpu", reason="drives the GPU ops' traced bodies with fake tensors and a checking launcher")
 @pytest.mark.parametrize("t", [2, 40])  # the decode GEMV with its fused combine; the MMA GEMM and the combine kernel
 def test_traced_bodies_launch_only_the_current_traces_tensors(monkeypatch, t):
@@ -1132,26 +1153,12 @@ def test_traced_bodies_launch_only_the_current_traces_tensors(monkeypatch, t):
     calls (a cache) would hand one trace's fake tensor to the next: Inductor then fails with "Mixing fake modes"
     (the fused combine's arrival counters, H100, session 21).  Here the ops run their bodies under two fake modes
     in turn, each kernel launch checked: every tensor argument belongs to the trace that launches it."""
-    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+    from torch._subclasses.fake_tensor import FakeTensorMode
 
     from nf4moe.kernels import ops
 
-    active = {}
-    launched = []
-
-    def checking_launcher(kernel):
-        class Grid:
-            def __getitem__(self, grid):
-                def launch(*args, **kwargs):
-                    for a in (*args, *kwargs.values()):
-                        if isinstance(a, torch.Tensor):
-                            assert isinstance(a, FakeTensor) and a.fake_mode is active["mode"], \
-                                f"{kernel.fn.__name__ if hasattr(kernel, 'fn') else kernel}: a tensor of another trace"
-                    launched.append(getattr(kernel, "fn", kernel).__name__)
-                return launch
-        return Grid()
-
-    monkeypatch.setattr(ops, "_LAUNCHER", checking_launcher)
+    active, launched = {}, []
+    monkeypatch.setattr(ops, "_LAUNCHER", _checking_launcher(active, launched))
     for name, body in ops._BODIES.items():  # the bodies stand for the registered ops, as triton_op traces them
         monkeypatch.setitem(ops._OPS, name, body)
     m = make_layer(4, 128, 64, rank=8, seed=88)
@@ -1170,3 +1177,35 @@ def test_traced_bodies_launch_only_the_current_traces_tensors(monkeypatch, t):
         shapes.append(tuple(out.shape))
         assert "nf4_moe_gemv_kernel" in launched if t == 2 else "nf4_moe_gemm_kernel" in launched, launched
     assert shapes == [(t, 128)] * 2
+
+
+@pytest.mark.skipif(DEV != "cpu", reason="drives the GPU ops' traced bodies with fake tensors and a checking launcher")
+def test_traced_training_bodies_launch_only_the_current_traces_tensors(monkeypatch):
+    """The same for every op a training step calls (the forward with its stores, the backward's GEMMs, LoRA
+    gradients and combine): each call of a real CPU step is replayed through the op's body under two fake modes
+    in turn, every launch checked."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from nf4moe.kernels import ops
+
+    calls = []
+    real_run, real_experts = ops.run, ops.moe_experts
+    monkeypatch.setattr(ops, "run", lambda name, *args: calls.append((name, args)) or real_run(name, *args))
+    monkeypatch.setattr(ops, "moe_experts", lambda *args: calls.append(("moe_experts", args)) or real_experts(*args))
+    m = make_layer(4, 128, 64, rank=8, seed=90)
+    m.check_ids = False
+    x = torch.randn(40, 128, dtype=torch.bfloat16, requires_grad=True)
+    idx, w = routing(40, 4, 2, seed=91)
+    m(x, idx, w.to(torch.bfloat16)).float().square().sum().backward()
+    names = [name for name, _ in calls]
+    assert {"moe_experts", "moe_down_bwd", "moe_up_bwd", "lora_grad", "combine"} <= set(names), names
+
+    active, launched = {}, []
+    monkeypatch.setattr(ops, "_LAUNCHER", _checking_launcher(active, launched))
+    for _ in range(2):
+        launched.clear()
+        with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            active["mode"] = mode
+            for name, args in calls:
+                ops._BODIES[name](*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args))
+        assert "nf4_moe_gemm_kernel" in launched and "lora_grad_kernel" in launched, launched
