@@ -67,8 +67,8 @@
 #   bash bench/gpu_sweep.sh s21tests   # session 21: the forward GPU suite (forward, routing, launch, compile, decode table,
 #                                      # MMA k order), one pinned GEMM config, cut at $LIMIT s (default 480)
 #   bash bench/gpu_sweep.sh s22        # after session 21: the torch.compile / opcheck GPU tests (the traced counters' fix),
-#                                      # the rest of the forward GPU suite (routing, launch, decode table, k order, compile
-#                                      # facts), the backward suite (~9 min; each part cut at its limit, logs in $OUT)
+#                                      # the rest of the forward GPU suite (routing, launch, decode table, k order), the
+#                                      # backward suite (~9 min; each part cut at its limit, logs in $OUT)
 #   bash bench/gpu_sweep.sh largeprof  # GEMM times of every autotuner candidate at T=8192, Qwen3 and DeepSeek-V3 (~2 min)
 set -euo pipefail
 OUT=${OUT:-bench/results/sweep}
@@ -334,10 +334,10 @@ case "${1:-}" in
       > "$OUT/gpu_s22_compile.log" 2>&1 || true
     grep -E "^FAILED|^ERROR|passed|failed" "$OUT/gpu_s22_compile.log" | tail -15
     NF4MOE_CONFIG=$pin timeout 200 $py -m pytest -v -rfE -p no:cacheprovider tests/test_routing_device.py \
-      tests/test_launch.py tests/test_lut_decode.py tests/test_mma_k_order.py tests/test_gpu_compile.py \
-      > "$OUT/gpu_s22_rest.log" 2>&1 || true
+      tests/test_launch.py tests/test_lut_decode.py tests/test_mma_k_order.py \
+      > "$OUT/gpu_s22_rest.log" 2>&1 || true  # (test_gpu_compile.py compiles for sm_90 on the CPU: CI runs it)
     grep -E "^FAILED|^ERROR|passed|failed" "$OUT/gpu_s22_rest.log" | tail -15
-    NF4MOE_CONFIG=$pin timeout 200 $py -m pytest -v -rfE -p no:cacheprovider tests/test_triton_backward.py \
+    NF4MOE_CONFIG=$pin timeout 220 $py -m pytest -v -rfE -p no:cacheprovider tests/test_triton_backward.py \
       tests/test_module.py > "$OUT/gpu_s22_bwd.log" 2>&1 || true
     grep -E "^FAILED|^ERROR|passed|failed" "$OUT/gpu_s22_bwd.log" | tail -15 ;;
   largeprof)
