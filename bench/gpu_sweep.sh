@@ -75,13 +75,14 @@ OUT=${OUT:-bench/results/sweep}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
+# the GEMM config the GPU test runs pin (autotuning every test shape over every config would take most of an hour)
+PIN=BLOCK_M=16,BLOCK_N=32,BLOCK_K=64,num_warps=4,num_stages=3
 case "${1:-}" in
   tests|tests_fwd|tests_bwd)
-    # Autotuning every test shape over every config would take most of an hour: pin one config.
     files="tests/test_triton_forward.py tests/test_routing_device.py tests/test_launch.py"
     [ "$1" = tests_bwd ] && files="tests/test_triton_backward.py tests/test_module.py"
     [ "$1" = tests ] && files="$files tests/test_triton_backward.py tests/test_module.py"
-    NF4MOE_CONFIG=BLOCK_M=16,BLOCK_N=32,BLOCK_K=64,num_warps=4,num_stages=3 \
+    NF4MOE_CONFIG=$PIN \
       $py -m pytest -q -p no:cacheprovider $files 2>&1 | tee "$OUT/gpu_$1.log" ;;
   qwen3)
     mkdir -p "$OUT/qwen3"
@@ -108,7 +109,7 @@ case "${1:-}" in
     $py -m bench.profile_layer --tokens 128,1024,8192 --variants gemm,pipe 2>&1 | tee "$OUT/profile_pipe_qwen3.log"
     $py -m bench.profile_layer --shape dsv3 --tokens 8192 --variants gemm,pipe 2>&1 | tee "$OUT/profile_pipe_dsv3.log" ;;
   splitk)
-    NF4MOE_CONFIG=BLOCK_M=16,BLOCK_N=32,BLOCK_K=64,num_warps=4,num_stages=3 \
+    NF4MOE_CONFIG=$PIN \
       $py -m pytest -q -p no:cacheprovider tests/test_triton_forward.py -k split_k 2>&1 | tee "$OUT/gpu_split_k.log"
     $py -m bench.profile_layer --tokens 1,2,8 --variants gemm,split2,split4 --check 2>&1 | tee "$OUT/profile_split_k.log"
     $py -m bench.profile_layer --shape dsv3 --tokens 1,8 --variants gemm,split2,split4 --check 2>&1 \
@@ -155,7 +156,7 @@ case "${1:-}" in
         $py -m bench.ncu_case --tokens 8192 --calls 2 2>&1 | tee "$OUT/ncu_ws_up_t8192_${ws//,/_}.txt"
     done ;;
   gemv)
-    NF4MOE_CONFIG=BLOCK_M=16,BLOCK_N=32,BLOCK_K=64,num_warps=4,num_stages=3 $py -m pytest -q -p no:cacheprovider \
+    NF4MOE_CONFIG=$PIN $py -m pytest -q -p no:cacheprovider \
       tests/test_triton_forward.py -k "gemv or torch_compile or opcheck or poisoned or matches_reference" 2>&1 \
       | tee "$OUT/gpu_gemv.log"
     $py -m bench.profile_layer --tokens 1,2,4,8 --variants gemm,gemv --check --timings 2>&1 | grep -v "bench nf4_moe_gemm" \
@@ -168,13 +169,13 @@ case "${1:-}" in
   gemv_combine)
     # the decode GEMV with its fused combine (session 9): its GPU tests (reference, bit-identical to down then
     # combine, CUDA-graph replays against eager, compile, opcheck), then the host time per eager call
-    NF4MOE_CONFIG=BLOCK_M=16,BLOCK_N=32,BLOCK_K=64,num_warps=4,num_stages=3 $py -m pytest -q -p no:cacheprovider \
+    NF4MOE_CONFIG=$PIN $py -m pytest -q -p no:cacheprovider \
       tests/test_triton_forward.py -k "gemv or combine or cuda_graph or torch_compile or opcheck or poisoned or deterministic" \
       2>&1 | tee "$OUT/gpu_gemv_combine.log"
     $py -m bench.host_cpu --tokens 1,16 2>&1 | grep T= | tee "$OUT/host_cpu.log"
     $py -m bench.profile_host --tokens 1,16 2>&1 | tee "$OUT/host_profile.log" ;;
   graph_combine)
-    NF4MOE_CONFIG=BLOCK_M=16,BLOCK_N=32,BLOCK_K=64,num_warps=4,num_stages=3 $py -m pytest -q -p no:cacheprovider \
+    NF4MOE_CONFIG=$PIN $py -m pytest -q -p no:cacheprovider \
       tests/test_triton_forward.py -k "gemv or combine or cuda_graph or decode" 2>&1 | tee "$OUT/gpu_graph_combine.log" || true
     for s in qwen3 glm45air dsv3; do
       timeout 200 $py -m bench.profile_layer --shape $s --tokens 1,2 --variants gemv,gemv_unfused,gemv_nomemset --graph \
@@ -191,7 +192,7 @@ case "${1:-}" in
       --section WarpStateStats --section SchedulerStats --section Occupancy --section MemoryWorkloadAnalysis \
       --section LaunchStats --print-details all $py -m bench.ncu_case --tokens 128 2>&1 | tee "$OUT/ncu_gemm_t128.txt" || true ;;
   tiles)
-    NF4MOE_CONFIG=BLOCK_M=16,BLOCK_N=32,BLOCK_K=64,num_warps=4,num_stages=3 timeout 240 $py -m pytest -q -p no:cacheprovider \
+    NF4MOE_CONFIG=$PIN timeout 240 $py -m pytest -q -p no:cacheprovider \
       tests/test_triton_forward.py tests/test_gpu_compile.py -k "gemv or combine or cuda_graph or decode or poisoned or compile" \
       2>&1 | tee "$OUT/gpu_gemv_tiles.log" || true
     timeout 150 $py -m pytest -q -p no:cacheprovider tests/test_triton_forward.py -k "wgmma and not ws" 2>&1 | tee "$OUT/gpu_wgmma.log" || true
@@ -321,7 +322,7 @@ case "${1:-}" in
   s21tests)
     # the forward GPU suite with today's defaults, one pinned GEMM config (the GEMV then runs one config too); every
     # test's outcome in $OUT even if the time limit cuts the run
-    NF4MOE_CONFIG=BLOCK_M=16,BLOCK_N=32,BLOCK_K=64,num_warps=4,num_stages=3 timeout ${LIMIT:-480} $py -m pytest -v -rfE \
+    NF4MOE_CONFIG=$PIN timeout ${LIMIT:-480} $py -m pytest -v -rfE \
       -p no:cacheprovider tests/test_triton_forward.py tests/test_routing_device.py tests/test_launch.py \
       tests/test_gpu_compile.py tests/test_lut_decode.py tests/test_mma_k_order.py > "$OUT/gpu_s21tests.log" 2>&1 || true
     grep -cE " PASSED" "$OUT/gpu_s21tests.log" || true
@@ -329,15 +330,14 @@ case "${1:-}" in
   s22)
     # session 21's leftovers: the torch.compile tests on the GPU after the traced counters' fix (one failed there),
     # then the rest of the forward GPU suite past where s21tests' time ran out, then the backward suite
-    pin=BLOCK_M=16,BLOCK_N=32,BLOCK_K=64,num_warps=4,num_stages=3
-    NF4MOE_CONFIG=$pin timeout 150 $py -m pytest -v -rfE -p no:cacheprovider tests/ -k "torch_compile or opcheck or fullgraph" \
+    NF4MOE_CONFIG=$PIN timeout 150 $py -m pytest -v -rfE -p no:cacheprovider tests/ -k "torch_compile or opcheck or fullgraph" \
       > "$OUT/gpu_s22_compile.log" 2>&1 || true
     grep -E "^FAILED|^ERROR|passed|failed" "$OUT/gpu_s22_compile.log" | tail -15
-    NF4MOE_CONFIG=$pin timeout 200 $py -m pytest -v -rfE -p no:cacheprovider tests/test_routing_device.py \
+    NF4MOE_CONFIG=$PIN timeout 200 $py -m pytest -v -rfE -p no:cacheprovider tests/test_routing_device.py \
       tests/test_launch.py tests/test_lut_decode.py tests/test_mma_k_order.py \
       > "$OUT/gpu_s22_rest.log" 2>&1 || true  # (test_gpu_compile.py compiles for sm_90 on the CPU: CI runs it)
     grep -E "^FAILED|^ERROR|passed|failed" "$OUT/gpu_s22_rest.log" | tail -15
-    NF4MOE_CONFIG=$pin timeout 220 $py -m pytest -v -rfE -p no:cacheprovider tests/test_triton_backward.py \
+    NF4MOE_CONFIG=$PIN timeout 220 $py -m pytest -v -rfE -p no:cacheprovider tests/test_triton_backward.py \
       tests/test_module.py > "$OUT/gpu_s22_bwd.log" 2>&1 || true
     grep -E "^FAILED|^ERROR|passed|failed" "$OUT/gpu_s22_bwd.log" | tail -15 ;;
   largeprof)

@@ -291,13 +291,10 @@ def split_k_counters(device: torch.device, size: int, traced: bool = False) -> t
     under torch.compile): a fresh zeroed buffer too, part of the traced graph; a cached one would hold the
     first trace's fake tensor, which Inductor's lowering, under another fake mode, refuses ("Mixing fake
     modes", an H100 run in session 21)."""
-    if traced:
+    on_gpu = device.type == "cuda"
+    if traced or (on_gpu and torch.cuda.is_current_stream_capturing()):
         return torch.zeros(size, device=device, dtype=torch.int32)
-    stream = None
-    if device.type == "cuda":
-        if torch.cuda.is_current_stream_capturing():
-            return torch.zeros(size, device=device, dtype=torch.int32)
-        stream = torch.cuda.current_stream(device).cuda_stream
+    stream = torch.cuda.current_stream(device).cuda_stream if on_gpu else None
     buf = _COUNTERS.get((device, stream))
     if buf is None or buf.numel() < size:
         buf = _COUNTERS[(device, stream)] = torch.zeros(max(size, 4096), device=device, dtype=torch.int32)
