@@ -16,7 +16,7 @@ import torch
 
 from nf4moe.reference import Lora, moe_forward
 
-from triton_cases import DEV, assert_negative_ids_trap, count_calls, make_layer, refill, routing
+from triton_cases import DEV, assert_negative_ids_trap, count_calls, make_layer, refill, routing, training_step_calls
 INTERP = os.environ.get("TRITON_INTERPRET") == "1"
 pytestmark = pytest.mark.skipif(not (INTERP or DEV == "cuda"), reason="needs a GPU or TRITON_INTERPRET=1")
 
@@ -1188,18 +1188,7 @@ def test_traced_training_bodies_launch_only_the_current_traces_tensors(monkeypat
 
     from nf4moe.kernels import ops
 
-    calls = []
-    real_run, real_experts = ops.run, ops.moe_experts
-    monkeypatch.setattr(ops, "run", lambda name, *args: calls.append((name, args)) or real_run(name, *args))
-    monkeypatch.setattr(ops, "moe_experts", lambda *args: calls.append(("moe_experts", args)) or real_experts(*args))
-    m = make_layer(4, 128, 64, rank=8, seed=90)
-    m.check_ids = False
-    x = torch.randn(40, 128, dtype=torch.bfloat16, requires_grad=True)
-    idx, w = routing(40, 4, 2, seed=91)
-    m(x, idx, w.to(torch.bfloat16)).float().square().sum().backward()
-    names = [name for name, _ in calls]
-    assert {"moe_experts", "moe_down_bwd", "moe_up_bwd", "lora_grad", "combine"} <= set(names), names
-
+    calls = training_step_calls(monkeypatch, 40, seed=90)
     active, launched = {}, []
     monkeypatch.setattr(ops, "_LAUNCHER", _checking_launcher(active, launched))
     for _ in range(2):

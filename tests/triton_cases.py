@@ -71,3 +71,25 @@ def refill(x, idx, w, *, e, seed):
     nidx, nw = routing(x.shape[0], e, idx.shape[1], seed=seed)
     idx.copy_(nidx)
     w.copy_(nw)
+
+
+def training_step_calls(monkeypatch, t: int, *, seed: int) -> list:
+    """(op name, args) of every registered op one CPU training step calls (the forward with its stores, the
+    backward's GEMMs, the LoRA gradients and the combine), recorded through ``ops.run`` / ``ops.moe_experts``
+    while the step runs for real; for replaying the ops' traced bodies."""
+    from nf4moe.kernels import ops
+
+    calls = []
+    real_run, real_experts = ops.run, ops.moe_experts
+    monkeypatch.setattr(ops, "run", lambda name, *args: calls.append((name, args)) or real_run(name, *args))
+    monkeypatch.setattr(ops, "moe_experts", lambda *args: calls.append(("moe_experts", args)) or real_experts(*args))
+    m = make_layer(4, 128, 64, rank=8, seed=seed)
+    m.check_ids = False
+    x = torch.randn(t, 128, dtype=torch.bfloat16, requires_grad=True)
+    idx, w = routing(t, 4, 2, seed=seed + 1)
+    m(x, idx, w.to(torch.bfloat16)).float().square().sum().backward()
+    monkeypatch.setattr(ops, "run", real_run)
+    monkeypatch.setattr(ops, "moe_experts", real_experts)
+    names = [name for name, _ in calls]
+    assert {"moe_experts", "moe_down_bwd", "moe_up_bwd", "lora_grad", "combine"} <= set(names), names
+    return calls

@@ -80,10 +80,14 @@ def row_bytes(K_DIM, BS: tl.constexpr):
 
     K_DIM is a multiple of the blocksize (the layer checks it), so for BS % 32 == 0 every row starts on a
     16-byte boundary; the launch's own hint (K_DIM divisible by 16) gives only 8, which halves the width of
-    the weight bytes' copies (cp.async 8 instead of 16 bytes; v44).
+    the weight bytes' copies (cp.async 8 instead of 16 bytes; v44).  Written as (K_DIM // 32) * 16 rather
+    than tl.multiple_of(K_DIM // 2, 16): the product carries the same divisibility, and it also compiles
+    when K_DIM is a constexpr, as torch 2.11's wrap_triton mutation analysis makes every scalar argument
+    (tl.multiple_of of a constexpr fails there, and torch.compile then takes every input as mutated:
+    the backward through a compiled layer failed on an H100, session 22).
     """
     if BS % 32 == 0 and _ROW_ALIGN:
-        return tl.multiple_of(K_DIM // 2, 16)
+        return (K_DIM // 32) * 16
     else:
         return K_DIM // 2
 
