@@ -79,6 +79,14 @@ export PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
 # the GEMM config the GPU test runs pin (autotuning every test shape over every config would take most of an hour)
 PIN=BLOCK_M=16,BLOCK_N=32,BLOCK_K=64,num_warps=4,num_stages=3
+# pinned_tests LIMIT LOG PYTEST_ARGS...: the GPU tests with the pinned config, cut at LIMIT s, every test's outcome
+# in $OUT/LOG (kept if the limit cuts the run), the failures and the summary line printed
+pinned_tests() {
+  local limit=$1 log=$OUT/$2
+  shift 2
+  NF4MOE_CONFIG=$PIN timeout "$limit" $py -m pytest -v -rfE -p no:cacheprovider "$@" > "$log" 2>&1 || true
+  grep -E "^FAILED|^ERROR|passed|failed" "$log" | tail -15
+}
 case "${1:-}" in
   tests|tests_fwd|tests_bwd)
     files="tests/test_triton_forward.py tests/test_routing_device.py tests/test_launch.py"
@@ -332,33 +340,23 @@ case "${1:-}" in
   s22)
     # session 21's leftovers: the torch.compile tests on the GPU after the traced counters' fix (one failed there),
     # then the rest of the forward GPU suite past where s21tests' time ran out, then the backward suite
-    NF4MOE_CONFIG=$PIN timeout 150 $py -m pytest -v -rfE -p no:cacheprovider tests/ -k "torch_compile or opcheck or fullgraph" \
-      > "$OUT/gpu_s22_compile.log" 2>&1 || true
-    grep -E "^FAILED|^ERROR|passed|failed" "$OUT/gpu_s22_compile.log" | tail -15
-    NF4MOE_CONFIG=$PIN timeout 200 $py -m pytest -v -rfE -p no:cacheprovider tests/test_routing_device.py \
-      tests/test_launch.py tests/test_lut_decode.py tests/test_mma_k_order.py \
-      > "$OUT/gpu_s22_rest.log" 2>&1 || true  # (test_gpu_compile.py compiles for sm_90 on the CPU: CI runs it)
-    grep -E "^FAILED|^ERROR|passed|failed" "$OUT/gpu_s22_rest.log" | tail -15
-    NF4MOE_CONFIG=$PIN timeout 220 $py -m pytest -v -rfE -p no:cacheprovider tests/test_triton_backward.py \
-      tests/test_module.py > "$OUT/gpu_s22_bwd.log" 2>&1 || true
-    grep -E "^FAILED|^ERROR|passed|failed" "$OUT/gpu_s22_bwd.log" | tail -15 ;;
+    pinned_tests 150 gpu_s22_compile.log tests/ -k "torch_compile or opcheck or fullgraph"
+    # (test_gpu_compile.py compiles for sm_90 on the CPU: CI runs it)
+    pinned_tests 200 gpu_s22_rest.log tests/test_routing_device.py tests/test_launch.py tests/test_lut_decode.py \
+      tests/test_mma_k_order.py
+    pinned_tests 220 gpu_s22_bwd.log tests/test_triton_backward.py tests/test_module.py ;;
   s22b)
     # after s22: the compiled layer's backward failed (torch 2.11's mutation analysis could not lower the GEMMs:
     # tl.multiple_of on a scalar it makes a constant); with row_bytes fixed, the compile / opcheck tests again,
     # then the whole backward file
-    NF4MOE_CONFIG=$PIN timeout 120 $py -m pytest -v -rfE -p no:cacheprovider tests/test_routing_device.py \
-      tests/test_triton_forward.py -k "torch_compile or opcheck or fullgraph" > "$OUT/gpu_s22b_compile.log" 2>&1 || true
-    grep -E "^FAILED|^ERROR|passed|failed" "$OUT/gpu_s22b_compile.log" | tail -15
+    pinned_tests 120 gpu_s22b_compile.log tests/test_routing_device.py tests/test_triton_forward.py \
+      -k "torch_compile or opcheck or fullgraph"
     grep -c "Encountered an exception in identify" "$OUT/gpu_s22b_compile.log" || true
-    NF4MOE_CONFIG=$PIN timeout 420 $py -m pytest -v -rfE -p no:cacheprovider tests/test_triton_backward.py \
-      > "$OUT/gpu_s22b_bwd.log" 2>&1 || true
-    grep -E "^FAILED|^ERROR|passed|failed" "$OUT/gpu_s22b_bwd.log" | tail -15 ;;
+    pinned_tests 420 gpu_s22b_bwd.log tests/test_triton_backward.py ;;
   s22c)
     # the module tests on the GPU (s22 reached 38% of the backward part), then the Qwen3 forward rows after
     # the row_bytes change (same GEMM bytes expected: the 16-byte copies are kept, test_gpu_compile)
-    NF4MOE_CONFIG=$PIN timeout 420 $py -m pytest -v -rfE -p no:cacheprovider tests/test_module.py \
-      > "$OUT/gpu_s22c_module.log" 2>&1 || true
-    grep -E "^FAILED|^ERROR|passed|failed" "$OUT/gpu_s22c_module.log" | tail -15
+    pinned_tests 420 gpu_s22c_module.log tests/test_module.py
     mkdir -p "$OUT/qwen3"
     timeout 150 $py -m nf4moe bench --mode fwd --shapes qwen3 --tokens 1,128,1024 --out "$OUT/qwen3" 2>&1 \
       | tee "$OUT/qwen3_fwd.log" || true ;;

@@ -18,16 +18,13 @@ What it checks, per kernel variant:
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 triton = pytest.importorskip("triton")
-HERE = Path(__file__).resolve().parent
+from triton_cases import run_uninterpreted  # noqa: E402  (nf4moe needs triton)
 PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
 
 
@@ -35,12 +32,7 @@ PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
 def compiled():
     if not PTXAS.exists() and shutil.which("ptxas") is None:
         pytest.skip("Triton's NVIDIA backend (ptxas) is not installed")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent), env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, str(HERE / "gpu_compile.py")], env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout)
+    return json.loads(run_uninterpreted("gpu_compile.py"))
 
 
 @pytest.mark.parametrize("variant", ["gemm_up_bk128", "gemm_up_bk64", "gemm_up_bk128_natural_k", "gemm_up_bk128_k_hint",

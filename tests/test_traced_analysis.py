@@ -8,17 +8,11 @@ replays a real CPU step's op calls in a subprocess without the interpreter and c
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from triton_cases import DEV, training_step_calls
-
-HERE = Path(__file__).resolve().parent
+from triton_cases import DEV, run_uninterpreted, training_step_calls
 
 
 @pytest.mark.skipif(DEV != "cpu", reason="replays a CPU step's calls; on a GPU test_torch_compile runs for real")
@@ -26,12 +20,7 @@ HERE = Path(__file__).resolve().parent
 def test_every_traced_launch_passes_torchs_mutation_analysis(monkeypatch, tmp_path, t):
     calls = training_step_calls(monkeypatch, t, seed=90)
     torch.save(calls, tmp_path / "calls.pt")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent), str(HERE), env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, str(HERE / "traced_analysis.py"), str(tmp_path / "calls.pt")], env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    report = json.loads(proc.stdout)
+    report = json.loads(run_uninterpreted("traced_analysis.py", str(tmp_path / "calls.pt")))
     kernels = {r["kernel"] for r in report}
     gemm = "nf4_moe_gemv_kernel" if t == 2 else "nf4_moe_gemm_kernel"
     assert {gemm, "nf4_moe_gemm_t_kernel", "lora_grad_kernel", "routing_kernel"} <= kernels, kernels

@@ -29,15 +29,13 @@ import torch
 import triton
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.multiprocessing.reductions import StorageWeakRef
-from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.autotuner import Autotuner
 from triton.runtime.jit import mangle_type
 
 import torch._higher_order_ops.triton_kernel_wrap as tkw
+from gpu_compile import TARGET  # (this script's directory, tests/, is on its path)
 from nf4moe.kernels import ops
-
-TARGET = GPUTarget("cuda", 90, 32)
 
 
 class _Target:
@@ -112,6 +110,8 @@ def main(path: str) -> None:
                         lower_with_constant_scalars(fn, {n: full[n] for n in fn.arg_names})
                         const_error = None
                     except triton.compiler.errors.CompilationError as e:
+                        while isinstance(e.__cause__, triton.compiler.errors.CompilationError):
+                            e = e.__cause__  # the innermost frame names the failing call
                         const_error = " ".join(str(e).split())[-600:]
                     report.append({"op": current["op"], "kernel": fn.__name__, "writes": writes,
                                    "written_float_inputs": written_inputs,

@@ -26,6 +26,24 @@ def assert_negative_ids_trap(setup: str, call: str, *argv: str) -> None:
     assert "top_k_index has negative expert ids" in proc.stderr, proc.stderr[-2000:]
 
 
+def run_uninterpreted(script: str, *argv: str) -> str:
+    """Run ``tests/<script>`` in a child process with TRITON_INTERPRET unset (the kernels are then real JIT
+    functions, compiled for a target given by hand) and the repository on its path; returns its stdout after
+    checking it exited 0."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(here.parent), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, str(here / script), *argv], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc.stdout
+
+
 def count_calls(monkeypatch, owner, name: str) -> list:
     """Replace ``owner.name`` (for the rest of the test) by a wrapper that records each call in the
     returned list, then calls the original."""
