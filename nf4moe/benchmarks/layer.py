@@ -5,9 +5,11 @@ NF4 weight with bitsandbytes then the same grouped_mm; PEFT LoRA on the 3D exper
 (fwd+bwd mode).  Every row is also reported as a fraction of the floor, whose two ceilings (copy
 bandwidth, bf16 matmul rate) are measured in the same run.
 
-    python -m nf4moe bench [--mode fwd|fwdbwd] [--shapes qwen3,glm45air,dsv3] [--tokens 1,16,...]
+    python -m nf4moe bench [--mode fwd|fwdbwd|all] [--shapes qwen3,glm45air,dsv3] [--tokens 1,16,...]
 
-Writes JSON and a markdown table to --out (default bench/results).
+(``python bench/bench_layer.py`` in a checkout is the same.)  Writes JSON and a markdown table to --out
+(default: $OUT, else bench/results under the current directory).  Part of the package so that it runs from
+an installed wheel; ``import nf4moe`` does not import it (only the ``bench`` command does).
 """
 from __future__ import annotations
 
@@ -323,7 +325,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
-        print("bench_layer needs a CUDA GPU", file=sys.stderr)
+        print("nf4moe bench needs a CUDA GPU", file=sys.stderr)
         return 2
     os.makedirs(args.out, exist_ok=True)
     env = environment()
@@ -335,7 +337,7 @@ def main(argv=None) -> int:
         if args.mode in ("fwd", "all"):
             run_fwd(shape, tokens, args.rank, ceil, rows, not args.no_check, args.graph_max_t, args.rounds)
         if args.mode in ("fwdbwd", "all"):
-            from .bench_train import run_fwdbwd
+            from .train import run_fwdbwd
 
             run_fwdbwd(shape, tokens, args.rank, ceil, rows)
         write_results(args.out, args.mode, rows, env, ceil)  # after every shape: a crash later keeps these

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .bench_layer import SHAPES, Row, _bench, build_peers, dequant_peer, floor_ms, routing
+from .layer import SHAPES, Row, _bench, build_peers, dequant_peer, floor_ms, routing
 
 
 class _Holder(torch.nn.Module):
