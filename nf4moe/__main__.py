@@ -9,13 +9,13 @@ Commands:
     layer-demo  one MoE expert layer of Qwen3-30B-A3B's shape, scaled down to fit a CPU: random bf16
                 weights quantized to NF4, run on random routed tokens; prints bf16 vs NF4 memory, the
                 output error against the bf16 layer, and the time per call.
-    bench       the layer benchmark against its peers (bench/bench_layer.py, source checkout only).
-    plot        PNG plots of benchmark JSON (bench/results/*.json) under bench/plots/.
+    bench       the layer benchmark against its peers on a GPU (nf4moe/benchmarks/layer.py).
+    plot        PNG plots of benchmark JSON (bench/results/*.json) under bench/plots/ (needs the
+                `plot` extra: pip install nf4moe[plot]).
 """
 from __future__ import annotations
 
 import argparse
-import importlib
 import math
 import sys
 import time
@@ -345,30 +345,12 @@ def plot(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------------ bench
-def _bench_dir() -> Path:
-    """bench/ of the source checkout this package was imported from (absent in an installed wheel)."""
-    return Path(__file__).resolve().parent.parent / "bench"
-
-
 def bench(args: argparse.Namespace) -> int:
-    # ==== `python -m nf4moe bench` hands over to bench/bench_layer.py (issue 4). ====
-    # Contract: bench/bench_layer.py defines `main(argv: list[str]) -> int | None`; every argument after
-    # `bench` is passed through untouched.  The module is imported only here, so the demo and the
+    # Every argument after `bench` goes to the benchmark's own parser.  Imported here only, so the demo and the
     # library never import benchmark code.
-    path = _bench_dir() / "bench_layer.py"
-    if not path.is_file():
-        raise SystemExit(
-            f"nf4moe bench: {path} not found. The layer benchmark lives in the source checkout "
-            "(bench/bench_layer.py) and is not part of the installed package; run it from a clone."
-        )
-    root = str(path.parent.parent)
-    if root not in sys.path:
-        sys.path.insert(0, root)
-    module = importlib.import_module("bench.bench_layer")
-    if Path(module.__file__).resolve() != path:
-        raise SystemExit(f"nf4moe bench: imported bench.bench_layer from {module.__file__}, expected {path}")
-    rc = module.main(list(args.bench_args))
-    return int(rc or 0)
+    from nf4moe.benchmarks.layer import main as bench_main
+
+    return int(bench_main(list(args.bench_args)) or 0)
 
 
 # ------------------------------------------------------------------------------------------- main
@@ -419,9 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds spent timing each layer beyond --min-calls (default 1.0)")
     d.set_defaults(func=layer_demo)
 
-    b = sub.add_parser("bench", help="layer benchmark against the peers (bench/bench_layer.py)",
+    b = sub.add_parser("bench", help="layer benchmark against the peers (nf4moe/benchmarks/layer.py)",
                        add_help=False)  # --help goes to the benchmark itself
-    b.set_defaults(func=bench)  # every argument after `bench` goes to bench/bench_layer.py (see main)
+    b.set_defaults(func=bench)  # every argument after `bench` goes to the benchmark (see main)
 
     p = sub.add_parser("plot", help="PNG plots of benchmark JSON (nf4moe/plot.py)", add_help=False)
     p.set_defaults(func=plot)  # arguments after `plot` go to nf4moe.plot.main

@@ -2,7 +2,7 @@
 
 Inputs (default: ``bench/results/`` of the source checkout) are the files the benchmarks write:
 
-- layer benchmarks (``bench/bench_layer.py``): rows with ``shape, mode, tokens, impl, ms, floor_ms,
+- layer benchmarks (``python -m nf4moe bench``): rows with ``shape, mode, tokens, impl, ms, floor_ms,
   extra_mem_gib``.  Per mode, ``<stem>_<mode>_time.png``: time per call against tokens, log-log, one
   panel per shape, every implementation beside the floor (CUDA-graph rows as hollow markers);
   where rows carry ``extra_mem_gib`` (fwd+bwd), ``<stem>_<mode>_memory.png``: extra peak memory bars.
@@ -308,6 +308,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise SystemExit("nf4moe plot needs matplotlib, an optional dependency: pip install nf4moe[plot]") from None
     inputs = [Path(p) for p in args.inputs] or [_checkout_bench() / "results"]
     files: list[Path] = []
     for p in inputs:

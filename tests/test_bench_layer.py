@@ -1,10 +1,14 @@
-"""bench/bench_layer.py's host-side logic (no GPU): eager rounds alternate the implementations, and the table
-shows each round beside the median."""
+"""The layer benchmark's host-side logic (nf4moe/benchmarks/layer.py, no GPU): eager rounds alternate the
+implementations, and the table shows each round beside the median; bench/'s entry points run it."""
 from __future__ import annotations
 
 import random
+import sys
+from pathlib import Path
 
-from bench import bench_layer
+import pytest
+
+from nf4moe.benchmarks import layer as bench_layer
 
 
 def test_rounds_alternate_the_implementations(monkeypatch):
@@ -37,3 +41,17 @@ def test_markdown_shows_rounds_and_ratios():
     assert lines["transformers grouped_mm bf16"].endswith("| 0.410 / 0.400 / 0.390 |")
     assert lines["nf4moe (LoRA r=16)"].endswith("| 0.250 / 0.200 / 0.190 |")
     assert lines["nf4moe (LoRA r=16) [CUDA graph]"].endswith("|  |")
+
+
+def test_checkout_entry_points_run_the_packaged_benchmark(monkeypatch):
+    import runpy
+
+    calls = []
+    monkeypatch.setattr(bench_layer, "main", lambda argv=None: calls.append(argv) or 0)
+    root = Path(__file__).resolve().parent.parent / "bench"
+    for script, argv in (("bench_layer.py", None), ("bench_train.py", ["--mode", "fwdbwd", "--tokens", "1024"])):
+        monkeypatch.setattr(sys, "argv", [script, "--tokens", "1024"])
+        with pytest.raises(SystemExit) as exc:
+            runpy.run_path(str(root / script), run_name="__main__")
+        assert exc.value.code == 0
+        assert calls.pop() == argv

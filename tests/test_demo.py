@@ -72,28 +72,32 @@ def test_demo_rejects_unknown_flags(capsys, command):
     assert "--no-such-flag" in capsys.readouterr().err
 
 
-def test_bench_missing_file_errors_clearly(monkeypatch, tmp_path):
-    monkeypatch.setattr(cli, "_bench_dir", lambda: tmp_path / "bench")
-    with pytest.raises(SystemExit, match=r"bench_layer\.py not found.*source checkout"):
-        cli.main(["bench"])
+def test_bench_hands_over_all_arguments(monkeypatch):
+    from nf4moe.benchmarks import layer
+
+    calls = []
+    monkeypatch.setattr(layer, "main", lambda argv: calls.append(list(argv)) or 0)
+    assert cli.main(["bench", "--shapes", "qwen3", "--out", "x"]) == 0
+    assert calls == [["--shapes", "qwen3", "--out", "x"]]
 
 
-def test_bench_hands_over_all_arguments(monkeypatch, tmp_path):
-    bench_dir = tmp_path / "bench"
-    bench_dir.mkdir()
-    (bench_dir / "__init__.py").write_text("")  # a regular package, like the checkout's bench/
-    (bench_dir / "bench_layer.py").write_text(
-        "CALLS = []\n"
-        "def main(argv):\n"
-        "    CALLS.append(list(argv))\n"
-        "    return 0\n"
-    )
-    monkeypatch.setattr(cli, "_bench_dir", lambda: bench_dir)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    for name in ("bench", "bench.bench_layer"):
-        monkeypatch.delitem(sys.modules, name, raising=False)
-    assert cli.main(["bench", "--shape", "qwen3", "--json", "x.json"]) == 0
-    assert sys.modules["bench.bench_layer"].CALLS == [["--shape", "qwen3", "--json", "x.json"]]
+def test_bench_runs_from_the_package_not_the_checkout(tmp_path):
+    """`python -m nf4moe bench` imports the packaged benchmark (no bench/ on the path, as in an installed wheel),
+    and `import nf4moe` imports no benchmark code."""
+    code = ("import sys, nf4moe, nf4moe.__main__ as cli\n"
+            "assert not any(m.startswith(('nf4moe.benchmarks', 'bench')) for m in sys.modules), sorted(sys.modules)\n"
+            "sys.exit(cli.main(['bench', '--help']))\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "--mode" in res.stdout and "--shapes" in res.stdout
+
+
+def test_plot_without_matplotlib_names_the_extra(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    with pytest.raises(SystemExit, match=r"pip install nf4moe\[plot\]"):
+        cli.main(["plot"])
 
 
 # ---------------------------------------------------------------------------------------------- demo (QLoRA)
