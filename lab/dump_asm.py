@@ -1,7 +1,7 @@
 """Compile the NF4 grouped GEMM for one pinned config and write its TTGIR, PTX and SASS statistics to
---out: registers, spills, and the instruction mix of the K loop (what bench/NOTES.md reasons from).
+--out: registers, spills, and the instruction mix of the K loop (what lab/NOTES-history.md reasons from).
 
-    NF4MOE_CONFIG="BLOCK_M=128,BLOCK_N=128,BLOCK_K=64,num_warps=8,num_stages=3" python -m bench.dump_asm --tokens 8192
+    NF4MOE_CONFIG="BLOCK_M=128,BLOCK_N=128,BLOCK_K=64,num_warps=8,num_stages=3" python -m lab.dump_asm --tokens 8192
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch
 
 
 def main(argv=None) -> int:
-    from .bench_layer import SHAPES, build_peers, routing
+    from nf4moe.benchmarks.layer import SHAPES, build_peers, routing
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="qwen3")

@@ -7,7 +7,7 @@ projection (K = 768, with and without the fused combine) with tests/gpu_compile.
 bundled ptxas with ``-v`` on the PTX and prints registers, spill bytes and the warps per SM that 64K registers
 allow.  Nothing runs on a GPU.
 
-    python -m bench.gemv_regs [--tiles 0|1]
+    python -m lab.gemv_regs [--tiles 0|1]
 """
 from __future__ import annotations
 

@@ -5,9 +5,9 @@ the module's forward and Triton's launcher: input checks, routing, launch keys, 
 script runs that path on CPU tensors with Triton's launch itself replaced by a no-op (every launch goes
 through the cached direct-launch path of ``nf4moe.kernels.launch``, as on the GPU after the first call), so
 its time is nf4moe's share alone; Triton's launcher and torch's allocations on the GPU come on top
-(``bench/profile_host.py`` measures the whole on the GPU).
+(``lab/profile_host.py`` measures the whole on the GPU).
 
-    python -m bench.host_cpu [--tokens 1,16] [--rank 16] [--profile] [--wgmma] [--xa-in-routing {0,1}]
+    python -m lab.host_cpu [--tokens 1,16] [--rank 16] [--profile] [--wgmma] [--xa-in-routing {0,1}]
 
 ``--wgmma``: the projections that would run the MMA GEMM take the Gluon GEMM's path instead (its tile tables,
 X·Aᵀ precompute and launches; ``use_wgmma`` forced), to compare the two paths' host time at the same T.

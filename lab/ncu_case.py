@@ -2,9 +2,9 @@
 
     NF4MOE_CONFIG=BLOCK_M=16,BLOCK_N=64,BLOCK_K=128,num_warps=4,num_stages=3 ncu --clock-control none \
         --kernel-name regex:nf4_moe_gemm --launch-skip 2 --launch-count 2 --section WarpStateStats \
-        python3 -m bench.ncu_case --tokens 128
+        python3 -m lab.ncu_case --tokens 128
     ncu --profile-from-start off --kernel-name regex:nf4_moe_gemv --section WarpStateStats \
-        python3 -m bench.ncu_case --tokens 1 --profile-last   # autotuned first, then one profiled call
+        python3 -m lab.ncu_case --tokens 1 --profile-last   # autotuned first, then one profiled call
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch
 
 
 def main(argv=None) -> int:
-    from .bench_layer import profile_cases
+    from nf4moe.benchmarks.layer import profile_cases
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="qwen3")

@@ -1,10 +1,10 @@
-"""Feasibility probe for the next large-T GEMM (bench/NOTES.md v21): compile, for an H100 (sm_90) on any
+"""Feasibility probe for the next large-T GEMM (lab/NOTES-history.md v21): compile, for an H100 (sm_90) on any
 machine, a Gluon kernel whose producer warps decode a weight tile (a uint8 stand-in for NF4 codes) into an
 NVMMA-swizzled shared-memory buffer and whose consumer warp group runs an asynchronous wgmma on it, the two
 partitions handing over through an mbarrier (``gl.warp_specialize``).  No GPU needed; prints PTX facts.
 
-    python bench/probe_gluon_ws.py        # Triton >= 3.6 (the GPU image's 3.6.0 and the CPU's 3.9.0 both compile it)
-    python bench/probe_gluon_ws.py --run  # on a GPU: launch it and compare with torch
+    python lab/probe_gluon_ws.py        # Triton >= 3.6 (the GPU image's 3.6.0 and the CPU's 3.9.0 both compile it)
+    python lab/probe_gluon_ws.py --run  # on a GPU: launch it and compare with torch
 """
 import sys
 

@@ -1,8 +1,8 @@
 """Where the host (Python) time of one eager nf4moe layer call goes, on the GPU: enqueue time per call
 (no synchronisation, GPU idle enough not to back-pressure), the GPU time of the same call under a CUDA
-graph, and the cProfile functions that cost the most.  Used to write bench/NOTES.md.
+graph, and the cProfile functions that cost the most.  Used to write lab/NOTES-history.md.
 
-    python -m bench.profile_host --shape qwen3 --tokens 1,128
+    python -m lab.profile_host --shape qwen3 --tokens 1,128
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def host_us(fn, iters: int = 200) -> float:
 
 
 def main(argv=None) -> int:
-    from .bench_layer import graph_ms, profile_cases
+    from nf4moe.benchmarks.layer import graph_ms, profile_cases
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="qwen3")

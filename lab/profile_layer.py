@@ -1,22 +1,22 @@
 """Where the time of one nf4moe layer call goes: per-kernel CUDA times (torch.profiler) for each kernel
-variant, plus the autotuner's chosen configs.  GPU only; used to write bench/NOTES.md.
+variant, plus the autotuner's chosen configs.  GPU only; used to write lab/NOTES-history.md.
 
-    python -m bench.profile_layer --shape qwen3 --tokens 1,128,8192 --variants lut,select
-    python -m bench.profile_layer --tokens 1,2,16 --variants gemv,gemm   # the decode kernel against the GEMM
-    python -m bench.profile_layer --tokens 128,8192 --variants lut,natk  # MMA k order against natural order
-    python -m bench.profile_layer --tokens 1024,8192 --variants gemm,pipe  # the K-loop hint (NOTES.md v14)
-    python -m bench.profile_layer --tokens 1024,8192 --variants gemm --check --timings
-    python -m bench.profile_layer --tokens 1,2,4 --variants gemm,split2,split4 --check  # opt-in split-K (NOTES v20)
-    python -m bench.profile_layer --tokens 1024,8192 --variants triton,wgmma --check  # the Gluon GEMM (NOTES v23)
-    python -m bench.profile_layer --tokens 8192 --variants wgmma,wgmma_nodecode,wgmma_nomma  # where its time goes
-    python -m bench.profile_layer --tokens 1024,8192 --variants wgmma128,wgmma256,wgmma5 --check  # its tiles, rings
-    python -m bench.profile_layer --tokens 8192 --variants wgmma,ws,ws:8:96:128:4:3 --check  # warp-specialised (v27)
-    python -m bench.profile_layer --shape dsv3 --tokens 8192 --variants wgmma_nosplit,wgmma_split  # (v28)
-    python -m bench.profile_layer --tokens 1024,8192 --variants wgmma,wgmma_early --check  # one bar.sync fewer (v29)
-    python -m bench.profile_layer --tokens 1,2 --variants gemv,gemv_unfused,gemv_nomemset --graph  # fused combine (v33)
-    python -m bench.profile_layer --tokens 1024,8192 --variants wgmma_imm,wgmma --check  # decode table in registers (v42)
-    python -m bench.profile_layer --tokens 1,8 --variants gemv_noxae,gemv_xae --check --graph  # early X·Aᵀ (v45)
-    python -m bench.profile_layer --tokens 1,8 --variants gemv_nopdl,gemv_pdl,gemv --graph  # PDL (v46)
+    python -m lab.profile_layer --shape qwen3 --tokens 1,128,8192 --variants lut,select
+    python -m lab.profile_layer --tokens 1,2,16 --variants gemv,gemm   # the decode kernel against the GEMM
+    python -m lab.profile_layer --tokens 128,8192 --variants lut,natk  # MMA k order against natural order
+    python -m lab.profile_layer --tokens 1024,8192 --variants gemm,pipe  # the K-loop hint (NOTES.md v14)
+    python -m lab.profile_layer --tokens 1024,8192 --variants gemm --check --timings
+    python -m lab.profile_layer --tokens 1,2,4 --variants gemm,split2,split4 --check  # opt-in split-K (NOTES v20)
+    python -m lab.profile_layer --tokens 1024,8192 --variants triton,wgmma --check  # the Gluon GEMM (NOTES v23)
+    python -m lab.profile_layer --tokens 8192 --variants wgmma,wgmma_nodecode,wgmma_nomma  # where its time goes
+    python -m lab.profile_layer --tokens 1024,8192 --variants wgmma128,wgmma256,wgmma5 --check  # its tiles, rings
+    python -m lab.profile_layer --tokens 8192 --variants wgmma,ws,ws:8:96:128:4:3 --check  # warp-specialised (v27)
+    python -m lab.profile_layer --shape dsv3 --tokens 8192 --variants wgmma_nosplit,wgmma_split  # (v28)
+    python -m lab.profile_layer --tokens 1024,8192 --variants wgmma,wgmma_early --check  # one bar.sync fewer (v29)
+    python -m lab.profile_layer --tokens 1,2 --variants gemv,gemv_unfused,gemv_nomemset --graph  # fused combine (v33)
+    python -m lab.profile_layer --tokens 1024,8192 --variants wgmma_imm,wgmma --check  # decode table in registers (v42)
+    python -m lab.profile_layer --tokens 1,8 --variants gemv_noxae,gemv_xae --check --graph  # early X·Aᵀ (v45)
+    python -m lab.profile_layer --tokens 1,8 --variants gemv_nopdl,gemv_pdl,gemv --graph  # PDL (v46)
 
 ``--check`` compares every variant's output with the fp32 reference backend (relative error printed);
 ``--timings`` prints every config the GEMM autotuner benchmarks, with its time; ``--graph`` also times each
@@ -57,7 +57,7 @@ def graph_times(ours, x, idx, w, calls: int = 16, shared_counters: bool = False)
     per call (unsafe where graphs replay concurrently on several streams)."""
     from nf4moe.kernels import grouped_gemm as gg
 
-    from .bench_layer import graph_ms
+    from nf4moe.benchmarks.layer import graph_ms
 
     real = gg.split_k_counters
     if shared_counters:
@@ -83,7 +83,7 @@ def graph_times(ours, x, idx, w, calls: int = 16, shared_counters: bool = False)
 
 
 def main(argv=None) -> int:
-    from .bench_layer import _bench, profile_cases
+    from nf4moe.benchmarks.layer import _bench, profile_cases
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="qwen3")
