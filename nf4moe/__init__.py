@@ -4,6 +4,7 @@ from .moe_layers import NF4Weight, QuantGroupedExperts
 __version__ = "0.1.0"
 
 # Model-facing API, imported on first use so `import nf4moe` does not import transformers / PEFT.
+_KERNELS_API = ("plan_overrides",)  # imports triton: on first use too
 _ADAPTERS_API = (
     "replace_experts",
     "from_pretrained",
@@ -22,11 +23,15 @@ def __getattr__(name):
         from . import adapters
 
         return getattr(adapters, name)
+    if name in _KERNELS_API:
+        from .kernels import plan
+
+        return getattr(plan, name)
     raise AttributeError(f"module 'nf4moe' has no attribute {name!r}")
 
 
 def __dir__():
-    return sorted(list(globals()) + list(_ADAPTERS_API))
+    return sorted(list(globals()) + list(_ADAPTERS_API) + list(_KERNELS_API))
 
 
-__all__ = ["NF4Weight", "QuantGroupedExperts", "__version__", *_ADAPTERS_API]
+__all__ = ["NF4Weight", "QuantGroupedExperts", "__version__", *_ADAPTERS_API, *_KERNELS_API]

@@ -9,25 +9,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import pdl_enter
-from .configs import cdiv, pow2
+from .common import pdl_enter, slot_sum
+from .host import cdiv, pow2
 from .launch import launch, pdl_options
-
-
-@triton.jit
-def slot_sum(y_ptr, stride_ym, idx_ptr, t, offs, mask, E, TOP_K: tl.constexpr, BLOCK: tl.constexpr,
-             CACHE: tl.constexpr):
-    """fp32 sum over token ``t``'s slots in slot order of its slot rows y[t * TOP_K + k, offs], skipping slots
-    whose expert id is outside [0, E); shared by combine_kernel and the down GEMV's fused combine, so both
-    add the same values in the same order.  CACHE: the rows' load cache modifier (no default: Triton 3.6
-    passes a jit function's default string unwrapped, which fails to compile)."""
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for k in tl.static_range(TOP_K):
-        eid = tl.load(idx_ptr + t * TOP_K + k)
-        if (eid >= 0) & (eid < E):
-            acc += tl.load(y_ptr + (t * TOP_K + k) * stride_ym + offs, mask=mask, other=0.0,
-                           cache_modifier=CACHE).to(tl.float32)
-    return acc
 
 
 @triton.jit
@@ -47,10 +31,12 @@ def combine_kernel(
     tl.store(out_ptr + t * H + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def launch_combine(y: torch.Tensor, top_k_index: torch.Tensor, out: torch.Tensor, num_experts: int, launcher=None):
+def launch_combine(y: torch.Tensor, top_k_index: torch.Tensor, out: torch.Tensor, num_experts: int, *, pdl: bool = False,
+                   launcher=None) -> torch.Tensor:
+    """out (T, H) = each token's K slot rows of ``y`` (P, H) summed in slot order; ``pdl``: the plan's choice."""
     t, k = top_k_index.shape
     h = out.shape[1]
     block_h = min(1024, pow2(h))
     launch(combine_kernel, (t, cdiv(h, block_h)), launcher, y, top_k_index, out, h, num_experts, TOP_K=k,
-           BLOCK_H=block_h, **pdl_options(y, launcher))
+           BLOCK_H=block_h, **pdl_options(pdl, launcher))
     return out

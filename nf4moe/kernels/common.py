@@ -1,9 +1,9 @@
-"""Device helpers shared by the grouped kernels (forward GEMM, LoRA X·Aᵀ, up pre-activation, transposed
-NF4 GEMM, LoRA grads).
+"""Device helpers shared by the grouped kernels (forward GEMM and GEMV, LoRA X·Aᵀ, transposed NF4 GEMM, LoRA
+grads, routing, combine).
 
 Only @triton.jit helpers live here (no kernel, no launcher): the gate activations with their
 derivatives, the per-expert row-tile schedule that every grouped kernel uses, and the programmatic
-dependent launch entry (``pdl_enter``) of the inference path's kernels.
+dependent launch entry (``pdl_enter``) of the inference path's kernels, and the slot sum of the combine.
 """
 import triton
 import triton.language as tl
@@ -105,37 +105,16 @@ def dot_operand(x, dt, INTERPRET: tl.constexpr):
 
 
 @triton.jit
-def split_k_reduce(acc, acc_up, acc_xa, ws_ptr, cnt_ptr, split, tile, xa_col, offs_m, m_mask, offs_n, n_mask, offs_r,
-                   N, P, WS_W, GATED: tl.constexpr, XA: tl.constexpr, SPLIT_K: tl.constexpr):
-    """Split-K for one (row tile, N tile): every split stores its fp32 partials (acc and acc_up as (BLOCK_N,
-    BLOCK_M), the in-loop X·Aᵀ as (R_PAD, BLOCK_M) at column ``xa_col``) to row ``split`` of the workspace,
-    then counts its arrival on the tile's counter.  The split that arrives last resets the counter and sums
-    every split's partials in split order (so the result does not depend on which split came last) and
-    returns them with ``last`` = True; the others return ``last`` = False and exit.  Ordering: a block
-    barrier puts every thread's partial stores before the one thread's release (the acq_rel atomic); on the
-    last split its acquire, then the block barrier that broadcasts the count, put the read-back after every
-    split's stores (the barrier-then-atomic pattern of CUTLASS's semaphore).  The read-back also bypasses L1
-    (``.cg``), which costs nothing here and keeps no stale line in play."""
-    rows = (split * P + offs_m[None, :]).to(tl.int64) * WS_W
-    mask = n_mask[:, None] & m_mask[None, :]
-    tl.store(ws_ptr + rows + offs_n[:, None], acc, mask=mask)
-    if GATED:
-        tl.store(ws_ptr + rows + N + offs_n[:, None], acc_up, mask=mask)
-    if XA:
-        tl.store(ws_ptr + rows + xa_col + offs_r[:, None], acc_xa, mask=m_mask[None, :])
-    tl.debug_barrier()
-    last = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel") == SPLIT_K - 1
-    if last:
-        tl.atomic_xchg(cnt_ptr + tile, 0)  # zero again for the next launch (and CUDA-graph replays)
-        acc = tl.zeros_like(acc)
-        acc_up = tl.zeros_like(acc_up)
-        acc_xa = tl.zeros_like(acc_xa)
-        for s in tl.static_range(SPLIT_K):
-            r_s = (s * P + offs_m[None, :]).to(tl.int64) * WS_W
-            acc += tl.load(ws_ptr + r_s + offs_n[:, None], mask=mask, other=0.0, cache_modifier=".cg")
-            if GATED:
-                acc_up += tl.load(ws_ptr + r_s + N + offs_n[:, None], mask=mask, other=0.0, cache_modifier=".cg")
-            if XA:
-                acc_xa += tl.load(ws_ptr + r_s + xa_col + offs_r[:, None], mask=m_mask[None, :], other=0.0,
-                                  cache_modifier=".cg")
-    return acc, acc_up, acc_xa, last
+def slot_sum(y_ptr, stride_ym, idx_ptr, t, offs, mask, E, TOP_K: tl.constexpr, BLOCK: tl.constexpr,
+             CACHE: tl.constexpr):
+    """fp32 sum over token ``t``'s slots in slot order of its slot rows y[t * TOP_K + k, offs], skipping slots
+    whose expert id is outside [0, E); shared by combine_kernel and the down GEMV's fused combine, so both
+    add the same values in the same order.  CACHE: the rows' load cache modifier (no default: Triton 3.6
+    passes a jit function's default string unwrapped, which fails to compile)."""
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for k in tl.static_range(TOP_K):
+        eid = tl.load(idx_ptr + t * TOP_K + k)
+        if (eid >= 0) & (eid < E):
+            acc += tl.load(y_ptr + (t * TOP_K + k) * stride_ym + offs, mask=mask, other=0.0,
+                           cache_modifier=CACHE).to(tl.float32)
+    return acc

@@ -1,129 +1,22 @@
-"""Autotune configurations for the NF4 grouped GEMM, generated per weight shape and token bucket.
+"""Autotune configurations for the NF4 grouped GEMM, generated per weight shape and token bucket, and the
+autotuners' CUDA-graph timer.
 
 Configs are keyed on the weight dims (N, K) and a bucketed row count (not the exact token count, so a
 new T does not re-tune), pruned by shared-memory size, and cached by Triton's autotuner after the first
-call.  ``NF4MOE_CONFIG="BLOCK_M=16,BLOCK_N=64,BLOCK_K=64,num_warps=4,num_stages=3"`` pins one config.
-Under the Triton interpreter a single small config is used (the interpreter cannot benchmark).
+call.  ``NF4MOE_CONFIG="BLOCK_M=16,BLOCK_N=64,BLOCK_K=64,num_warps=4,num_stages=3"`` (the one environment
+variable nf4moe reads) pins one config, for debugging and for GPU test runs.  Under the Triton interpreter
+a single small config is used (the interpreter cannot benchmark).
 """
 from __future__ import annotations
 
 import os
-import threading
 
 import torch
 import triton
 
+from .host import interpreting, pow2
+
 _SMEM_BYTES = 227 * 1024  # Hopper's per-block limit; configs that would exceed it are pruned
-
-
-def cdiv(a: int, b: int) -> int:
-    """Host-side ceil(a / b).  triton.cdiv and triton.next_power_of_2 are Triton constexpr functions whose
-    Python calls unwrap every argument: ~3 us each, a measurable part of an eager layer call's host time."""
-    return -(-a // b)
-
-
-def pow2(n: int) -> int:
-    """Host-side next power of two >= n, as triton.next_power_of_2 (0 for n = 0)."""
-    return 1 << (n - 1).bit_length() if n > 0 else 0
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-# Triton decides at import whether its kernels run in the interpreter; hot launch paths read this constant
-# instead of the environment (an environment read costs ~1 us of an eager call's host time).
-INTERPRET = interpreting()
-
-
-class _Call(threading.local):
-    memo: dict | None = None  # inside a layer call (``layer_call``): switch name -> raw value; capture state, device
-
-
-_CALL = _Call()
-_UNREAD = object()
-
-
-class layer_call:
-    """``with layer_call():`` around one layer call: inside it every environment switch (``env``), the capture
-    state (``capturing``) and the current device (``current_device``) are read once, however many launches ask.
-    An eager call at small T is host-bound (bench/NOTES.md v47): before this its ~6 launches made 21 environment
-    reads on a CPU machine (~1 us each) and, on a GPU, 6-7 capture queries and 6 device queries more.  None of
-    them can change within a call; nesting keeps the outer call's reads."""
-
-    __slots__ = ("_outer",)
-
-    def __enter__(self):
-        self._outer = _CALL.memo
-        if self._outer is None:
-            _CALL.memo = {}
-        return self
-
-    def __exit__(self, *exc) -> bool:
-        _CALL.memo = self._outer
-        return False
-
-
-def env(name: str, default: str) -> str:
-    """``os.environ.get(name, default)``, read once per layer call (``layer_call``)."""
-    memo = _CALL.memo
-    if memo is None:
-        return os.environ.get(name, default)
-    raw = memo.get(name, _UNREAD)
-    if raw is _UNREAD:
-        raw = memo[name] = os.environ.get(name)
-    return default if raw is None else raw
-
-
-def env_flag(name: str, default: bool = False) -> bool:
-    """A switch from the environment: ``0`` or ``1`` (unset: ``default``); anything else is an error."""
-    raw = env(name, "1" if default else "0")
-    if raw not in ("0", "1"):
-        raise ValueError(f"{name} must be 0 or 1, got {raw!r}")
-    return raw == "1"
-
-
-def _per_call(key, query):
-    """``query()``, asked once per layer call (``layer_call``) under ``key``; every time outside one."""
-    memo = _CALL.memo
-    if memo is None:
-        return query()
-    hit = memo.get(key)
-    if hit is None:
-        hit = memo[key] = query()
-    return hit
-
-
-def capturing(t: torch.Tensor) -> bool:
-    """Whether a CUDA graph is being captured on the current stream of ``t``'s device (never for CPU tensors);
-    asked once per layer call (``layer_call``)."""
-    return t.is_cuda and _per_call(capturing, torch.cuda.is_current_stream_capturing)
-
-
-def current_device() -> int:
-    """``torch.cuda.current_device()``, asked once per layer call (``layer_call``; each launch keys on it)."""
-    return _per_call(current_device, torch.cuda.current_device)
-
-
-def graph_flag(name: str, t: torch.Tensor) -> bool:
-    """A switch whose default is on for launches captured into a CUDA graph and off for eager ones: unset or
-    ``auto``, ``capturing(t)``; ``1`` on and ``0`` off for both; anything else is an error.  For changes
-    measured faster in graph replays that eager launches, host-bound at the sizes they affect, cannot gain
-    from (NF4MOE_PDL, NF4MOE_GEMV_XA_EARLY: bench/NOTES.md, session 19)."""
-    raw = env(name, "auto")
-    if raw == "auto":
-        return capturing(t)
-    if raw not in ("0", "1"):
-        raise ValueError(f"{name} must be 0, 1 or auto, got {raw!r}")
-    return raw == "1"
-
-
-def tune_in_graphs() -> bool:
-    """``NF4MOE_TUNE_GRAPH`` (default 1, read at import): the decode GEMV's autotuner times its candidates with
-    ``graph_bench`` instead of Triton's do_bench (0: do_bench).  NOTES v38, measured in session 15 on an H200:
-    Qwen3 T=1 under a CUDA graph 0.0339 / 0.0316 ms with it against 0.0452 without (do_bench chose a down GEMV
-    config 1.5x slower)."""
-    return env_flag("NF4MOE_TUNE_GRAPH", default=True)
 
 
 def graph_bench(kernel_call, quantiles=None, *, launches: int = 32, rounds: int = 7):
@@ -138,8 +31,6 @@ def graph_bench(kernel_call, quantiles=None, *, launches: int = 32, rounds: int 
     alternately ``rounds`` times; each round gives (t_both - t_flush) / launches.  The flush writes twice the
     L2 (as the weights of a real layer call are not in L2: other layers ran in between).
     """
-    import torch
-
     dev = torch.cuda.current_device()
     l2 = getattr(torch.cuda.get_device_properties(dev), "L2_cache_size", 0) or (64 << 20)
     # per call, as Triton's do_bench (not held: the layer's users need the memory; the allocator caches it)
@@ -183,7 +74,8 @@ def row_bucket(rows: int) -> int:
     return 1 << 20
 
 
-def _pinned() -> list[triton.Config] | None:
+def pinned() -> list[triton.Config] | None:
+    """The config ``NF4MOE_CONFIG`` pins, or None."""
     spec = os.environ.get("NF4MOE_CONFIG")
     if not spec:
         return None
@@ -196,9 +88,9 @@ def gemm_configs() -> list[triton.Config]:
     """All candidates; the pruner below keeps those that fit the shape, the NF4 blocksize and the bucket."""
     # A single candidate would skip the pruner (and its K-step checks): pinned and interpreter lists
     # carry fallbacks, and the pruner keeps exactly one there (so the interpreter never benchmarks).
-    pinned = _pinned()
-    if pinned:
-        return pinned + [_fallback()]
+    pin = pinned()
+    if pin:
+        return pin + [_fallback()]
     if interpreting():  # 64-wide: half the interpreted programs of 32 (the GPU tests pin 32-wide tiles)
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=1), _fallback()]
     out = []
@@ -225,25 +117,23 @@ def gemm_configs() -> list[triton.Config]:
 
 
 def _fallback() -> triton.Config:
-    """Valid for every shape: a K step of 32 divides any NF4 blocksize (>= 32) and so any K (and K / SPLIT_K:
-    grouped_gemm.split_k only splits where it does)."""
+    """Valid for every shape: a K step of 32 divides any NF4 blocksize (>= 32) and so any K."""
     return triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4,
                          num_stages=1 if interpreting() else 3)
 
 
 def prune_configs(configs, named_args, **kwargs):
-    """Keep configs suited to the row bucket and shape: the K step must divide K / SPLIT_K (each split's K
-    range) and either divide the NF4 blocksize (one absmax per tile row) or be a multiple of it (one per
-    block); drop those over the shared-memory limit."""
+    """Keep configs suited to the row bucket and shape: the K step must divide K and either divide the NF4
+    blocksize (one absmax per tile row) or be a multiple of it (one per block); drop those over the
+    shared-memory limit."""
     def arg(name):
         return named_args[name] if name in named_args else kwargs[name]
 
     k_dim, bs, bucket, n = arg("K_DIM"), arg("BS"), arg("ROW_BUCKET"), arg("N")
     has_lora, xa_pre, r_pad = arg("HAS_LORA"), arg("XA_PRE"), arg("R_PAD")
-    splits = named_args.get("SPLIT_K", kwargs.get("SPLIT_K", 1))  # each split loops over K / splits
     valid = [c for c in configs if (bs % c.kwargs["BLOCK_K"] == 0 or c.kwargs["BLOCK_K"] % bs == 0)
-             and k_dim % (c.kwargs["BLOCK_K"] * splits) == 0]
-    if _pinned() or interpreting():
+             and k_dim % c.kwargs["BLOCK_K"] == 0]
+    if pinned() or interpreting():
         return valid[:1]
     kept = []
     for c in valid:
@@ -267,37 +157,3 @@ def prune_configs(configs, named_args, **kwargs):
             continue
         kept.append(c)
     return kept or valid[-1:]
-
-
-_TUNED: dict = {}  # launch key -> the keyword arguments (meta-parameters, options) of the config chosen for it
-# The autotuner reports its choice in one attribute (best_config) shared by all its keys and set before it
-# compiles and launches (which can release the GIL): first launches hold this lock until it is read.
-_TUNE_LOCK = threading.Lock()
-
-
-def tuned(key: tuple) -> bool:
-    """Whether ``launch_tuned`` has chosen a config for ``key``."""
-    return _TUNED.get(key) is not None
-
-
-def launch_tuned(kernel, grid, key: tuple, launcher, *args, **kwargs) -> None:
-    """Launch the autotuned ``kernel``.  Once its autotuner has chosen a config for ``key``, later eager
-    launches call the JIT function with that config directly: the autotuner's per-call key building (a
-    pass over every argument with str() of each dtype) was about a quarter of the Triton launch time in
-    the host-bound small-T layer (cProfile on an H100).  ``key`` must hold everything the autotuner keys on
-    or prunes by (finer is harmless: a new key just goes through the autotuner once more, which answers
-    from its own cache).  Traced launches (``launcher`` = wrap_triton) always go through the autotuner,
-    which Inductor understands.
-    """
-    if launcher is not None:
-        launcher(kernel)[grid](*args, **kwargs)
-        return
-    cfg = _TUNED.get(key)
-    if cfg is None:
-        with _TUNE_LOCK:
-            kernel[grid](*args, **kwargs)
-            _TUNED[key] = kernel.best_config.all_kwargs()
-        return
-    from .launch import launch  # launch imports this module
-
-    launch(kernel.fn, grid, None, *args, **kwargs, **cfg)

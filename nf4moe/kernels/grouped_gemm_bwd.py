@@ -32,9 +32,10 @@ import triton
 import triton.language as tl
 
 from .common import act_and_grad, dot_operand, expert_row_tile, nested_offset
-from .operands import NF4Operand
-from .configs import cdiv, interpreting, pow2, row_bucket
+from .configs import row_bucket
+from .host import ACT_CODES, cdiv, interpreting, pow2, r_pad
 from .nf4_decode import dequant_operand
+from .operands import NF4Operand, use_lut
 
 
 def _configs():
@@ -210,9 +211,6 @@ def launch_nf4_moe_gemm_t(
     (cdiv(I, block_n), P) zero-filled, xa_part (cdiv(I, block_n), P, R_PAD); up: dy = dgu (P, 2I),
     out = dx per pair (P, H).  dzb (P, R_PAD) fp32 in both.
     """
-    from .grouped_gemm import ACT_CODES, use_lut
-    from .operands import r_pad
-
     packed, absmax, nested = w.packed, w.absmax, w.nested
     blocksize, blocksize2 = w.blocksize, w.blocksize2
     num_experts, kr, half_n = packed.shape

@@ -7,8 +7,8 @@ decode and MMA alternate (Nsight Compute at T=8192: 2 warps per scheduler, 1.34 
 bench/NOTES.md v17-v18).  Here every K step i is:
 
     1. wait for this thread's cp.async group of step i (activation rows and packed weight bytes, issued two
-       steps earlier, three with NF4MOE_WGMMA_STAGES=5; each thread copies exactly the 16 weight bytes it
-       decodes, so no barrier is needed before the decode reads them);
+       steps earlier; each thread copies exactly the 16 weight bytes it decodes, so no barrier is needed
+       before the decode reads them);
     2. load the absmax codes of step i+2 into registers (nested double-quant decoded in-kernel);
     3. decode the weight bytes of step i with the PTX table (nf4_decode's pair decode: each byte's two weights
        as one bf16x2/f16x2 word, which is already the tile's memory order) into a shared-memory ring of 3
@@ -29,42 +29,35 @@ larger one, per row and step), one 256-row weight tile and one wgmma of N = 256 
 then the matching 128 up rows (so the activation tile is read once for both); down: 256 output rows.
 Epilogue: LoRA as one more wgmma (scaling·X·Aᵀ, precomputed by lora_xa.py and rounded to the activation
 dtype once, times Bᵀ) into the same accumulator, then SwiGLU of its two halves (up) or the routing weight
-and the scatter to pair rows (down); training stores the pre-activations as the Triton GEMM does.  Used for
-eager launches with 16-bit activations from 8192 routed rows and 64 per expert on Hopper (grouped_gemm.use_wgmma);
-torch.compile traces the Triton GEMM.  Memory: the same output buffers as the Triton kernel plus a
+and the scatter to pair rows (down); training stores the pre-activations as the Triton GEMM does.  The launch
+plan (plan.py) runs it for eager launches with 16-bit activations from 8192 routed rows and 64 per expert on
+Hopper; torch.compile traces the Triton GEMM.  Memory: the same output buffers as the Triton kernel plus a
 (tiles, 3) int32 table (tile_table.py); 192 KB of shared memory per program (one program per SM).
 
-Tiles (``tile_shape``): 128 rows x 256 weight rows, or 256 x 128 (each weight decoded once per 256 rows), the
-latter from 256 routed rows per expert (measured 2-7% faster at T=8192 on all three shapes, NOTES.md v25);
-with it, an expert's last <= 128 rows run as a 128x256 tile in a second launch (``split_remainders``, v28).
-``nf4_moe_gemm_ws_kernel`` is the same GEMM warp-specialised (NF4MOE_WGMMA_WS=1, opt-in: measured 7-14%
-slower, NOTES.md v27): a producer partition copies and decodes, the 8 warps only issue wgmma, mbarriers between.
+Tiles (the plan's ``wgmma_tile``): 128 rows x 256 weight rows, or 256 x 128 (each weight decoded once per 256
+rows), the latter from 256 routed rows per expert (measured 2-7% faster at T=8192 on all three shapes, NOTES.md
+v25); with it, an expert's last <= 128 rows run as a 128x256 tile in a second launch (v28: DeepSeek-V3 T=8192
+17.56 against 19.45 ms, H200).  The decode's 8 table words stay in registers (v42: 0.3-2%).  Measured and
+dropped (bench/NOTES.md, git history): a warp-specialised form (producer warps decode, mbarriers; 7-14% slower,
+v27), copies three steps ahead, and the activation copies issued before the block barrier.
 """
 from __future__ import annotations
 
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import (async_copy, fence_async_shared, mbarrier,
-                                                               warpgroup_mma, warpgroup_mma_wait)
+from triton.experimental.gluon.language.nvidia.hopper import (async_copy, fence_async_shared, warpgroup_mma,
+                                                               warpgroup_mma_wait)
 
-from .configs import cdiv, env, env_flag
-from .launch import launch
 from . import nf4_decode
+from .host import cdiv
+from .launch import launch
 
 # The Triton kernels' pair decode (nf4_decode), compiled as Gluon functions: one PTX decode for both GEMMs
 _scale_pair = gluon.jit(nf4_decode.scale_pair.fn)
 _lut_scaled_pairs = gluon.jit(nf4_decode.lut_scaled_pairs.fn)
 
 NUM_WARPS = 8
-TILES = {"128x256": (128, 256), "256x128": (256, 128)}  # (rows, weight rows) per program: same MMA work per step
-# The warp-specialised kernel's default configuration: (producer warps, their registers a thread, the kernel's
-# register cap, activation/byte ring depth, decoded-weight ring depth).  One producer warp group of 112 registers
-# (no spills in its loop, ptxas for sm_90a, Triton 3.6 and 3.9); 12 warps x 168 = the 64K register file, the
-# consumers get 192 inside the partitioned region.
-WS_CONFIG = (4, 112, 168, 4, 3)
-WS_PRODUCER_WARPS, WS_PRODUCER_REGS, WS_MAXNREG = WS_CONFIG[:3]
-WIDE_TILE_ROWS = 256  # mean routed rows per expert from which tile_shape picks 256x128
 # cp.async of a pointer tensor into shared memory: async_load from Triton 3.7 on, the older name before
 _cp_async = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
 _block_barrier = getattr(gl, "barrier", None) or gl.thread_barrier  # bar.sync of the CTA (renamed in 3.7)
@@ -126,20 +119,16 @@ def _load_scales(am_ptr, am2_ptr, w_rows, n_mask, k0, K_DIM, NESTED: gl.constexp
 
 
 @gluon.jit
-def _decode_store(packed, am, am2, code2_ptr, offset, dst, NESTED: gl.constexpr, DT: gl.constexpr, tz,
-                  LUT_REGS: gl.constexpr):
+def _decode_store(packed, am, am2, code2_ptr, offset, dst, NESTED: gl.constexpr, DT: gl.constexpr, tz):
     """Decode a (R, BLOCK_K/2) byte tile into (R, BLOCK_K) DT weights in ``dst`` (a (R, BLOCK_K/2) int32
-    view of the tile: one (even, odd) pair per word, which is the tile's memory order).  LUT_REGS: the table
-    words in registers made from ``tz``, a runtime 0 (nf4_decode.lut_scaled_pairs), else immediates."""
+    view of the tile: one (even, odd) pair per word, which is the tile's memory order); the table words in
+    registers made from ``tz``, a runtime 0 (nf4_decode.lut_scaled_pairs)."""
     if NESTED:
         s = gl.load(code2_ptr + am.to(gl.int32)) * am2 + offset
     else:
         s = am
     s2 = gl.zeros_like(packed).to(gl.int32) + _scale_pair(s, DT)[:, None]
-    if LUT_REGS:
-        dst.store(_lut_scaled_pairs(packed, s2, DT, gl.zeros_like(s2) + tz))
-    else:
-        dst.store(_lut_scaled_pairs(packed, s2, DT, None))
+    dst.store(_lut_scaled_pairs(packed, s2, DT, gl.zeros_like(s2) + tz))
 
 
 @gluon.jit
@@ -147,7 +136,7 @@ def _feed_prologue(x_ptr, stride_xm, w_ptr, am_ptr, am2_ptr, off_ptr, pair_ptr, 
                    K_HALF, N_TOTAL, x_s, wb_s, TOP_K: gl.constexpr, GATED: gl.constexpr, NESTED: gl.constexpr,
                    BS: gl.constexpr, BS2: gl.constexpr, BM: gl.constexpr, TN: gl.constexpr, BLOCK_N: gl.constexpr,
                    XL: gl.constexpr, WL: gl.constexpr):
-    """The copying warps' addresses and the K loop's prologue, for both GEMM kernels: the tile's activation
+    """The copying warps' addresses and the K loop's prologue: the tile's activation
     rows (gathered by token for the up projection; layout XL) and its weight rows (one wgmma of N = TN covers
     gate and up, so the activations are read once; layout WL), the nested offset, the K step count; then the
     activation rows and weight bytes of steps 0 .. D-1 in flight (one cp.async group per step, D = ring - 2)
@@ -256,18 +245,15 @@ def nf4_moe_gemm_wgmma_kernel(
     N, K_DIM, K_HALF, N_TOTAL, E, R, P,
     TOP_K: gl.constexpr, R_PAD: gl.constexpr, GATED: gl.constexpr, ACT: gl.constexpr, HAS_LORA: gl.constexpr,
     NESTED: gl.constexpr, BS: gl.constexpr, BS2: gl.constexpr, WRITE_GU: gl.constexpr, WRITE_OUT: gl.constexpr,
-    BLOCK_M: gl.constexpr, TILE_N: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-    LEAVE_OUT: gl.constexpr, EARLY_COPY: gl.constexpr = False, LUT_REGS: gl.constexpr = False,
+    BLOCK_M: gl.constexpr, TILE_N: gl.constexpr, BLOCK_N: gl.constexpr,
 ):
     """Grid: (cdiv(N, BLOCK_N), row tiles); 8 warps.  Program (n, m): row tile m of the table (BLOCK_M rows),
     features n*BLOCK_N ... of gate and up (GATED) or of the output (down); (BLOCK_M, TILE_N) is (128, 256) or
-    (256, 128) (``tile_shape``); STAGES (4 or 5: copies 2 or 3 steps ahead) sizes the activation and byte
-    rings.  LEAVE_OUT (profiling only, wrong results):
-    1 skips the NF4 decode and its stores, 2 the wgmmas, so timings of the variants place the time."""
+    (256, 128).  Rings of 4 activation and byte slots: copies run two steps ahead."""
     BM: gl.constexpr = BLOCK_M
     BK: gl.constexpr = 64
-    XS: gl.constexpr = STAGES  # activation and weight-byte rings; copies run XS - 2 steps ahead
-    D: gl.constexpr = STAGES - 2
+    XS: gl.constexpr = 4  # activation and weight-byte rings; copies run XS - 2 steps ahead
+    D: gl.constexpr = XS - 2
     WS: gl.constexpr = 3
     DT: gl.constexpr = x_ptr.dtype.element_ty
     pid_n = gl.program_id(0)
@@ -298,7 +284,7 @@ def nf4_moe_gemm_wgmma_kernel(
         N_TOTAL, x_s, wb_s, TOP_K, GATED, NESTED, BS, BS2, BM, TN, BLOCK_N, XL, WL)
 
     acc = gl.zeros([BM, TN], gl.float32, ACC)
-    tz = N >> 31  # 0, unknown to the compiler: with LUT_REGS the decode's table words stay in registers
+    tz = N >> 31  # 0, unknown to the compiler: the decode's table words stay in registers
     for i in range(n_k):
         ws = i % WS
         # 1. this thread's copies of step i have landed (each thread decodes the bytes it copied itself)
@@ -307,219 +293,23 @@ def nf4_moe_gemm_wgmma_kernel(
         am2n, a22 = _load_scales(am_ptr, am2_ptr, w_rows, wn_mask, gl.minimum(i + 2, n_k - 1) * BK, K_DIM, NESTED, BS,
                                  BS2)
         # 3. decode step i into the weight ring
-        if LEAVE_OUT != 1:
-            _decode_store(wb_s.index(i % XS).load(WL), am0, a20, code2_ptr, offset, w32.index(ws), NESTED, DT, tz, LUT_REGS)
+        _decode_store(wb_s.index(i % XS).load(WL), am0, a20, code2_ptr, offset, w32.index(ws), NESTED, DT, tz)
         am0, a20, am1, a21 = am1, a21, am2n, a22
-        if EARLY_COPY:  # the activation copies of step i+D before the barrier (NF4MOE_WGMMA_EARLY_COPY)
-            _cp_async(x_s.index((i + D) % XS), x_base + (i + D) * BK, mask=x_mask & (i + D < n_k))
         # 4. every thread's stores and copies of step i visible to the wgmma
         fence_async_shared()
         _block_barrier()
         # 5. activations and bytes of step i+D (the slots of step i+D-XS = i-2, whose wgmmas and decode every
         #    warp has finished), then the wgmma of step i
-        if not EARLY_COPY:
-            _cp_async(x_s.index((i + D) % XS), x_base + (i + D) * BK, mask=x_mask & (i + D < n_k))
+        _cp_async(x_s.index((i + D) % XS), x_base + (i + D) * BK, mask=x_mask & (i + D < n_k))
         _cp_async(wb_s.index((i + D) % XS), wb_base + (i + D) * (BK // 2), mask=wb_mask & (i + D < n_k))
         async_copy.commit_group()
-        if LEAVE_OUT != 2:
-            acc = warpgroup_mma(x_s.index(i % XS), w_s.index(ws).permute((1, 0)), acc, is_async=True)
-            acc = warpgroup_mma_wait(1, deps=[acc])
+        acc = warpgroup_mma(x_s.index(i % XS), w_s.index(ws).permute((1, 0)), acc, is_async=True)
+        acc = warpgroup_mma_wait(1, deps=[acc])
     acc = warpgroup_mma_wait(0, deps=[acc])
     async_copy.wait_group(0)
 
     _epilogue(acc, e, pid_n, row_lo, row_hi, lb_ptr, scaling, xa_ptr, XA_SPLIT, gu_ptr, out_ptr, stride_om, pair_ptr,
               topw_ptr, N, N_TOTAL, R, P, R_PAD, GATED, ACT, HAS_LORA, WRITE_GU, WRITE_OUT, BM, TN, BLOCK_N, DT)
-
-
-@gluon.jit
-def _ws_producer(x_ptr, stride_xm, w_ptr, am_ptr, am2_ptr, code2_ptr, off_ptr, pair_ptr, e, pid_n, row_lo, row_hi,
-                 N, K_DIM, K_HALF, N_TOTAL, x_s, wb_s, w32, ready, done, TOP_K: gl.constexpr, GATED: gl.constexpr,
-                 NESTED: gl.constexpr, BS: gl.constexpr, BS2: gl.constexpr, BM: gl.constexpr, TN: gl.constexpr,
-                 BLOCK_N: gl.constexpr, PW: gl.constexpr, LEAVE_OUT: gl.constexpr):
-    """The warp-specialised GEMM's producer partition (PW warps): cp.async of the activation rows and packed
-    weight bytes XS - 2 steps ahead, absmax two steps ahead in registers, the NF4 decode of step i into weight
-    slot i % WS, then ``ready[i % WS]``.  Before copying into the slots of step i + XS - 2 it waits until the
-    consumer has finished the wgmma of step i - 2 (``done``), which also frees weight slot i + 1 - WS."""
-    BK: gl.constexpr = 64
-    XS: gl.constexpr = x_s.type.shape[0]
-    WS: gl.constexpr = w32.type.shape[0]
-    D: gl.constexpr = XS - 2
-    DT: gl.constexpr = x_ptr.dtype.element_ty
-    XL: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [PW, 1], [1, 0])
-    WL: gl.constexpr = gl.BlockedLayout([1, 16], [16, 2], [PW, 1], [1, 0])
-    x_base, x_mask, wb_base, wb_mask, w_rows, wn_mask, offset, n_k, am0, a20, am1, a21 = _feed_prologue(
-        x_ptr, stride_xm, w_ptr, am_ptr, am2_ptr, off_ptr, pair_ptr, e, pid_n, row_lo, row_hi, N, K_DIM, K_HALF,
-        N_TOTAL, x_s, wb_s, TOP_K, GATED, NESTED, BS, BS2, BM, TN, BLOCK_N, XL, WL)
-    for i in range(n_k):
-        # the slots of step i + D held step i - 2: wait for its wgmma (and with it for weight slot (i+1) % WS)
-        j = gl.maximum(i - 2, 0)
-        mbarrier.wait(done.index(j % XS), (j // XS) & 1, pred=i >= 2)
-        _cp_async(x_s.index((i + D) % XS), x_base + (i + D) * BK, mask=x_mask & (i + D < n_k))
-        _cp_async(wb_s.index((i + D) % XS), wb_base + (i + D) * (BK // 2), mask=wb_mask & (i + D < n_k))
-        async_copy.commit_group()
-        async_copy.wait_group(D)  # this thread's copies of step i have landed
-        am2n, a22 = _load_scales(am_ptr, am2_ptr, w_rows, wn_mask, gl.minimum(i + 2, n_k - 1) * BK, K_DIM, NESTED, BS,
-                                 BS2)
-        if LEAVE_OUT != 1:
-            _decode_store(wb_s.index(i % XS).load(WL), am0, a20, code2_ptr, offset, w32.index(i % WS), NESTED, DT,
-                          0, False)
-        am0, a20, am1, a21 = am1, a21, am2n, a22
-        fence_async_shared()  # the decoded weights and the landed activations, for the consumer's wgmma
-        mbarrier.arrive(ready.index(i % WS))  # after a barrier of this partition's warps
-    async_copy.wait_group(0)
-
-
-@gluon.jit
-def _ws_consumer(x_s, w32, ready, done, n_k, BM: gl.constexpr, TN: gl.constexpr, LEAVE_OUT: gl.constexpr):
-    """The warp-specialised GEMM's consumer partition (the kernel's 8 warps, two warp groups): per step, wait
-    for ``ready``, the asynchronous wgmma, wait until only it is in flight, then ``done`` of the step before."""
-    XS: gl.constexpr = x_s.type.shape[0]
-    WS: gl.constexpr = w32.type.shape[0]
-    DT: gl.constexpr = x_s.dtype
-    X_SL: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
-    w_s = _as_16bit(w32, DT, X_SL)
-    ACC: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[8, 1], instr_shape=[16, TN, 16])
-    acc = gl.zeros([BM, TN], gl.float32, ACC)
-    for i in range(n_k):
-        mbarrier.wait(ready.index(i % WS), (i // WS) & 1)
-        if LEAVE_OUT != 2:
-            acc = warpgroup_mma(x_s.index(i % XS), w_s.index(i % WS).permute((1, 0)), acc, is_async=True)
-            acc = warpgroup_mma_wait(1, deps=[acc])
-        j = gl.maximum(i - 1, 0)
-        mbarrier.arrive(done.index(j % XS), pred=i >= 1)  # the wgmma of step i - 1 is complete
-    acc = warpgroup_mma_wait(0, deps=[acc])
-    return (acc,)
-
-
-@gluon.jit
-def nf4_moe_gemm_ws_kernel(
-    x_ptr, stride_xm, w_ptr, am_ptr, am2_ptr, code2_ptr, off_ptr, lb_ptr, scaling, xa_ptr, XA_SPLIT, gu_ptr, out_ptr,
-    stride_om, pair_ptr, tile_ptr, topw_ptr,
-    N, K_DIM, K_HALF, N_TOTAL, E, R, P,
-    TOP_K: gl.constexpr, R_PAD: gl.constexpr, GATED: gl.constexpr, ACT: gl.constexpr, HAS_LORA: gl.constexpr,
-    NESTED: gl.constexpr, BS: gl.constexpr, BS2: gl.constexpr, WRITE_GU: gl.constexpr, WRITE_OUT: gl.constexpr,
-    BLOCK_M: gl.constexpr, TILE_N: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PW: gl.constexpr,
-    PREGS: gl.constexpr, WSLOTS: gl.constexpr, LEAVE_OUT: gl.constexpr,
-):
-    """The same GEMM as nf4_moe_gemm_wgmma_kernel (same arguments, grid and results), warp-specialised: a
-    producer partition of PW warps copies and decodes (``_ws_producer``), the kernel's 8 warps run the wgmmas
-    (``_ws_consumer``); they hand over through mbarriers instead of a block barrier per step, so neither side
-    waits for the other's slowest warp.  Then the same epilogue in the 8 warps."""
-    BM: gl.constexpr = BLOCK_M
-    BK: gl.constexpr = 64
-    TN: gl.constexpr = TILE_N
-    XS: gl.constexpr = STAGES
-    WS: gl.constexpr = WSLOTS
-    DT: gl.constexpr = x_ptr.dtype.element_ty
-    pid_n = gl.program_id(0)
-    pid_m = gl.program_id(1)
-    e = gl.load(tile_ptr + 3 * pid_m)
-    if e >= E:
-        return
-    row_lo = gl.load(tile_ptr + 3 * pid_m + 1)
-    row_hi = gl.load(tile_ptr + 3 * pid_m + 2)
-    X_SL: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
-    W32_SL: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=2)
-    WB_SL: gl.constexpr = gl.SwizzledSharedLayout(vec=16, per_phase=1, max_phase=1, order=[1, 0])
-    x_s = gl.allocate_shared_memory(DT, [XS, BM, BK], X_SL)
-    w32 = gl.allocate_shared_memory(gl.int32, [WS, TN, BK // 2], W32_SL)
-    wb_s = gl.allocate_shared_memory(gl.uint8, [XS, TN, BK // 2], WB_SL)
-    ready = gl.allocate_shared_memory(gl.int64, [WS, 1], mbarrier.MBarrierLayout())
-    done = gl.allocate_shared_memory(gl.int64, [XS, 1], mbarrier.MBarrierLayout())
-    for s in gl.static_range(WS):
-        mbarrier.init(ready.index(s), count=1)
-    for s in gl.static_range(XS):
-        mbarrier.init(done.index(s), count=1)
-    n_k = K_DIM // BK
-    res = gl.warp_specialize([
-        (_ws_consumer, (x_s, w32, ready, done, n_k, BM, TN, LEAVE_OUT)),
-        (_ws_producer, (x_ptr, stride_xm, w_ptr, am_ptr, am2_ptr, code2_ptr, off_ptr, pair_ptr, e, pid_n, row_lo,
-                        row_hi, N, K_DIM, K_HALF, N_TOTAL, x_s, wb_s, w32, ready, done, TOP_K, GATED, NESTED, BS, BS2,
-                        BM, TN, BLOCK_N, PW, LEAVE_OUT)),
-    ], [PW], [PREGS])
-    _epilogue(res[0], e, pid_n, row_lo, row_hi, lb_ptr, scaling, xa_ptr, XA_SPLIT, gu_ptr, out_ptr, stride_om,
-              pair_ptr, topw_ptr, N, N_TOTAL, R, P, R_PAD, GATED, ACT, HAS_LORA, WRITE_GU, WRITE_OUT, BM, TN, BLOCK_N,
-              DT)
-
-
-def tile_shape(rows: int, num_experts: int) -> tuple[int, int]:
-    """(BLOCK_M, TILE_N) from ``NF4MOE_WGMMA_TILE``: ``auto`` (the default) takes 256x128 from a mean of
-    ``WIDE_TILE_ROWS`` routed rows per expert on, 128x256 below; ``128x256`` / ``256x128`` pin one.  256x128
-    decodes each weight once per 256 rows (half the decode per FLOP) but reads twice the activation bytes per
-    FLOP and pads each expert to 256 rows (to 128 with ``split_remainders``).  Measured on an H200
-    (bench/NOTES.md v25, GEMM kernel times, 256x128 against 128x256, no split): Qwen3-30B-A3B T=8192 (512
-    rows per expert) 2.088 / 2.195 ms, GLM-4.5-Air T=8192 (512) 6.681 / 7.182, DeepSeek-V3 T=8192 (256)
-    19.52 / 19.90; T <= 1024 (<= 64 rows per expert) 1.7-1.9x slower."""
-    raw = env("NF4MOE_WGMMA_TILE", "auto")
-    if raw == "auto":
-        return TILES["256x128"] if rows >= WIDE_TILE_ROWS * num_experts else TILES["128x256"]
-    if raw not in TILES:
-        raise ValueError(f"NF4MOE_WGMMA_TILE must be auto or one of {sorted(TILES)}, got {raw!r}")
-    return TILES[raw]
-
-
-def lut_regs() -> bool:
-    """``NF4MOE_LUT_REGS`` (default 1; 0: immediates): the Gluon GEMM's PTX table decode takes its 8 table words
-    in registers kept live through the K loop instead of as immediates (nf4_decode.lut_scaled_pairs).  ptxas
-    moves immediate table words in from uniform registers before each lookup: 68 of the 455 K-loop instructions
-    of the 128x256 up tile, 30 of 308 of the 256x128 one (SASS for sm_90a compiled on the CPU, Triton 3.9), for
-    9 / 0 more registers.  Measured on an H200 (bench/NOTES.md v42, GEMM kernel time): Qwen3-30B-A3B T=1024
-    0.484 against 0.495 ms, T=8192 2.003 against 2.009, DeepSeek-V3 T=8192 17.25 against 17.47: 0.3-2% (the
-    kernel is bound by its block barriers, v26, not by issue)."""
-    return env_flag("NF4MOE_LUT_REGS", default=True)
-
-
-def early_copy() -> bool:
-    """``NF4MOE_WGMMA_EARLY_COPY=1`` (opt-in, not yet measured): issue step i+D's activation cp.async before the
-    kernel's block barrier of step i instead of after it.  The barrier then also orders those copies before
-    the wgmma, and Triton 3.6's shared-memory barrier analysis adds one ``bar.sync`` per K step fewer (two
-    instead of three, SASS for sm_90a read on the CPU; Triton 3.9 keeps three).  Safe: the slot it refills
-    held step i-2, whose wgmmas every warp group finished before the barrier at the top of step i."""
-    raw = env("NF4MOE_WGMMA_EARLY_COPY", "0")
-    if raw not in ("0", "1"):
-        raise ValueError(f"NF4MOE_WGMMA_EARLY_COPY must be 0 or 1, got {raw!r}")
-    return raw == "1"
-
-
-def split_remainders() -> bool:
-    """``NF4MOE_WGMMA_SPLIT`` (default 1): with the 256-row tile, an expert's last rows, when no more than 128
-    remain after its full 256-row tiles, run as a 128-row tile in a second launch (tile_table.py) instead of
-    padding a whole 256-row tile; 0 pads them.  At a mean of 256 rows per expert (DeepSeek-V3 T=8192) about
-    half the experts have such a remainder.  Measured on an H200 (bench/NOTES.md v28, GEMM kernel time):
-    DeepSeek-V3 T=8192 17.56 ms against 19.45, Qwen3-30B-A3B T=8192 1.998 against 2.093."""
-    raw = env("NF4MOE_WGMMA_SPLIT", "1")
-    if raw not in ("0", "1"):
-        raise ValueError(f"NF4MOE_WGMMA_SPLIT must be 0 or 1, got {raw!r}")
-    return raw == "1"
-
-
-def stages(block_m: int) -> int:
-    """Ring depth from ``NF4MOE_WGMMA_STAGES`` (default 4: copies two steps ahead; 5: three, which fits
-    227 KB of shared memory with the 128-row tile only).  5 is not yet measured on a GPU."""
-    raw = env("NF4MOE_WGMMA_STAGES", "4")
-    if raw not in ("4", "5") or (raw == "5" and block_m != 128):
-        raise ValueError(f"NF4MOE_WGMMA_STAGES must be 4, or 5 with NF4MOE_WGMMA_TILE=128x256; got {raw!r}")
-    return int(raw)
-
-
-def warp_specialized() -> tuple[int, int, int, int, int] | None:
-    """``NF4MOE_WGMMA_WS=1``: the warp-specialised kernel (nf4_moe_gemm_ws_kernel: producer warps decode, the 8
-    warps of the kernel run the wgmmas, mbarriers between them) in WS_CONFIG; ``pw,regs,maxnreg,xs,ws`` (e.g.
-    ``8,96,128,4,3``) sets that configuration instead, for profiling; 0 (the default): the kernel whose 8
-    warps do both, with a block barrier per K step.  Returns the configuration or None."""
-    raw = env("NF4MOE_WGMMA_WS", "0")
-    if raw == "0":
-        return None
-    if raw == "1":
-        return WS_CONFIG
-    parts = raw.split(",")
-    if len(parts) != 5 or not all(p.strip().isdigit() for p in parts):
-        raise ValueError(f"NF4MOE_WGMMA_WS must be 0, 1 or pw,regs,maxnreg,xs,ws; got {raw!r}")
-    pw, regs, maxnreg, xs, ws = (int(p) for p in parts)
-    if pw not in (4, 8) or xs not in (4, 5) or ws not in (2, 3) or regs % 8 or not 24 <= regs <= 256:
-        raise ValueError("NF4MOE_WGMMA_WS: pw 4 or 8, regs a multiple of 8 in 24..256, xs 4 or 5, ws 2 or 3; "
-                         f"got {raw!r}")
-    return pw, regs, maxnreg, xs, ws
 
 
 def block_n(gated: bool, tile_n: int) -> int:
@@ -539,15 +329,10 @@ def launch_nf4_moe_gemm_wgmma(x, w, lora_b, scaling, xa, sorted_pair_ids, tile_t
     has_lora = xa is not None
     dummy = w.absmax
     grid = (cdiv(n, bn), tile_table.shape[0])
-    ws = warp_specialized()
-    kernel, extra, ring = nf4_moe_gemm_wgmma_kernel, {"EARLY_COPY": early_copy(), "LUT_REGS": lut_regs()}, stages(block_m)
-    if ws:  # producer warps, their registers, the register cap that lets all warps share the file, ring depths
-        pw, regs, maxnreg, ring, wslots = ws
-        kernel, extra = nf4_moe_gemm_ws_kernel, dict(PW=pw, PREGS=regs, maxnreg=maxnreg, WSLOTS=wslots)
     # through launch.py's compiled-kernel cache like every other kernel: Triton's JITFunction.run re-binds and
     # re-keys the ~35 arguments on every call, which made eager Qwen3-30B-A3B T=1024 host-bound (NOTES v34)
     launch(
-        kernel, grid, None,
+        nf4_moe_gemm_wgmma_kernel, grid, None,
         x, x.stride(0), *w.pointer_args(),
         lora_b if has_lora else dummy, float(scaling),
         xa if has_lora else dummy, xa.shape[0] if has_lora else 1,
@@ -556,7 +341,6 @@ def launch_nf4_moe_gemm_wgmma(x, w, lora_b, scaling, xa, sorted_pair_ids, tile_t
         n, 2 * half_k, half_k, n_total, num_experts, r, sorted_pair_ids.numel(),
         TOP_K=top_k, R_PAD=r_pad, GATED=gated, ACT=act_code, HAS_LORA=has_lora, NESTED=w.nested,
         BS=w.blocksize, BS2=w.blocksize2, WRITE_GU=gu is not None, WRITE_OUT=write_out, BLOCK_M=block_m,
-        TILE_N=tile_n, BLOCK_N=bn, STAGES=ring,
-        LEAVE_OUT=int(env("NF4MOE_WGMMA_LEAVE_OUT", "0")), num_warps=NUM_WARPS, **extra,
+        TILE_N=tile_n, BLOCK_N=bn, num_warps=NUM_WARPS,
     )
     return out

@@ -22,16 +22,13 @@ Here a program owns BLOCK_N weight rows of one expert (32 // LANES rows share a 
 - LoRA: X·Aᵀ comes precomputed (lora_xa.py, as split-K partials summed here), and
   ``scaling * B · xa`` is added in the epilogue.
 
-A program takes TILES N tiles one after another, its chunk sequence (and so the one-ahead prefetch) running
-across them: the loads of the next tile are in flight while the current one is decoded, summed and stored.
-
-Grid: (cdiv(N, BLOCK_N * TILES), cdiv(P, BLOCK_M) + min(E, P)), the GEMM kernel's per-expert row-tile schedule;
-with BLOCK_M = 1, (cdiv(N, BLOCK_N * TILES), P): tile i is sorted row i, and its expert is found from the
-expert offsets without a scan.
+Grid: (cdiv(N, BLOCK_N), cdiv(P, BLOCK_M) + min(E, P)), the GEMM kernel's per-expert row-tile schedule;
+with BLOCK_M = 1, (cdiv(N, BLOCK_N), P): tile i is sorted row i, and its expert is found from the expert
+offsets without a scan.
 SASS (Triton 3.6, sm_90a, Qwen3-30B-A3B up projection): ~12 instructions per weight byte in the K loop, from
 ~29 before (bench/NOTES.md v31).  Measured on an H200: Qwen3-30B-A3B layer under a CUDA graph at T=1 0.040 ms
-(0.046 with the v30 GEMV, 0.060 with the MMA GEMM).  Used up to ``NF4MOE_GEMV_ROWS`` routed rows
-(``gemv_max_rows``).
+(0.046 with the v30 GEMV, 0.060 with the MMA GEMM).  The launch plan (plan.py) runs it for inference calls
+of up to 64 routed rows.
 """
 from __future__ import annotations
 
@@ -39,14 +36,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .combine import slot_sum
-from .common import act_fwd, expert_row_tile, nested_offset, pdl_enter
-from .configs import (_pinned, capturing, cdiv, env, env_flag, graph_bench, graph_flag, interpreting, launch_tuned, pow2,
-                      tune_in_graphs, tuned)
-from .launch import pdl_options
-from .lora_xa import MAX_SPLIT, launch_lora_xa
+from .common import act_fwd, expert_row_tile, nested_offset, pdl_enter, slot_sum
+from .configs import graph_bench, pinned
+from .host import XA_MAX_SPLIT, cdiv, interpreting, pow2, r_pad
+from .launch import arrival_counters, launch_tuned, pdl_options, tuned
 from .nf4_decode import block_scale, lut_values_f32, nf4_value
-from .operands import NF4Operand, r_pad
+from .operands import NF4Operand, grid, launch_key, projection_meta
 
 
 def gemv_configs() -> list[triton.Config]:
@@ -54,46 +49,34 @@ def gemv_configs() -> list[triton.Config]:
     (its tail past K masked), lanes of VEC bytes; 32 // LANES weight rows share a warp.  VEC = 16: one 16-byte
     load and one absmax per lane and step.  The last is the fallback (VEC = 4 bytes = 8 columns lie in one
     NF4 block of any blocksize >= 8)."""
-    def cfg(bm, bn, lanes, steps, vec, warps, tiles=1):
-        return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "LANES": lanes, "STEPS": steps, "VEC": vec,
-                              "TILES": tiles}, num_warps=warps, num_stages=1)
+    def cfg(bm, bn, lanes, steps, vec, warps):
+        return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "LANES": lanes, "STEPS": steps, "VEC": vec},
+                             num_warps=warps, num_stages=1)
 
     fallback = cfg(1, 4, 8, 1, 4, 1)
-    # pinned / interpreter: the pruner keeps the first that fits (one row per program for the fused combine,
-    # there with two N tiles per program, so that the cross-tile prefetch runs in every such test)
-    if _pinned():  # NF4MOE_CONFIG pins the GEMM: the GEMV then also runs one config (GPU test runs)
-        return [cfg(2, 8, 32, 1, 16, 4), cfg(1, 8, 32, 1, 16, 4, 2), fallback]
+    # pinned / interpreter: the pruner keeps the first that fits (one row per program for the fused combine)
+    if pinned():  # NF4MOE_CONFIG pins the GEMM: the GEMV then also runs one config (GPU test runs)
+        return [cfg(2, 8, 32, 1, 16, 4), cfg(1, 8, 32, 1, 16, 4), fallback]
     if interpreting():
-        return [cfg(2, 64, 4, 4, 4, 1), cfg(1, 64, 4, 4, 4, 1, 2), fallback]
+        return [cfg(2, 64, 4, 4, 4, 1), cfg(1, 64, 4, 4, 4, 1), fallback]
     # the best of 19 candidates on an H200 (Qwen3-30B-A3B, GLM-4.5-Air, DeepSeek-V3 at T=1, NOTES.md v31): whole
     # warps on one row (K >= 2048) or 8 lanes to a row (short K: the down projections)
     out = [cfg(1, 4, 32, 1, 16, 4), cfg(1, 16, 32, 1, 16, 8), cfg(1, 4, 32, 2, 16, 4), cfg(1, 16, 8, 1, 16, 4),
            cfg(1, 8, 8, 1, 16, 2), cfg(2, 4, 32, 1, 16, 4), cfg(2, 16, 8, 1, 16, 4)]
-    # (8-byte lanes under a register cap, 56-64 registers and 32-36 warps per SM, measured slower: NOTES v40)
-    if gemv_tiles():  # the up and down winners with 2 or 4 N tiles per program (NOTES v35: not yet measured)
-        out += [cfg(1, 4, 32, 1, 16, 4, 2), cfg(1, 4, 32, 1, 16, 4, 4), cfg(1, 16, 8, 1, 16, 4, 2),
-                cfg(1, 8, 8, 1, 16, 2, 2), cfg(1, 8, 8, 1, 16, 2, 4)]
+    # (8-byte lanes under a register cap, 56-64 registers and 32-36 warps per SM, measured slower: NOTES v40;
+    # several N tiles per program, 1.3-2.5x slower at Qwen3-30B-A3B T=1 on an H200: v35, session 14)
     return out + [fallback]
 
 
-def gemv_tiles() -> bool:
-    """``NF4MOE_GEMV_TILES=1`` (opt-in, read at import): the autotuner also tries configs of several N tiles per
-    program (the kernel's TILES).  Built to keep loads in flight across a program's tiles (the v34 profile: the
-    GEMVs at 10-15% of DRAM bandwidth, bound by load latency); measured on an H200 (session 14, NOTES): never the
-    autotuner's choice at Qwen3-30B-A3B T=1, two- and four-tile forms 1.3-2.5x slower than the best one-tile
-    candidate, so they stay out of the default list (their extra compiles also lengthen the first call's tuning)."""
-    return env_flag("NF4MOE_GEMV_TILES")
-
-
-XA_MAX: tl.constexpr = tl.constexpr(MAX_SPLIT)  # X·Aᵀ partials at most (routing_xa and lora_xa split K by xa_split)
+XA_MAX: tl.constexpr = tl.constexpr(XA_MAX_SPLIT)  # X·Aᵀ partials at most (routing_xa and lora_xa split K by xa_split)
 
 MAX_CHUNKS = 16  # K chunks per program at most (they are unrolled: compile time and code size grow with them)
 
 
 def prune_gemv(configs, named_args, **kwargs):
     """One lane's 2 * VEC columns must lie in one NF4 block; BLOCK_M must not exceed the bucket's rows; at most
-    MAX_CHUNKS unrolled K chunks over a program's TILES tiles (else the widest chunks: a config of 8-byte or
-    4-lane chunks at K = 7168 took minutes to compile).  The fallback (the list's last) only when no other config fits."""
+    MAX_CHUNKS unrolled K chunks (else the widest chunks: a config of 8-byte or 4-lane chunks at K = 7168 took
+    minutes to compile).  The fallback (the list's last) only when no other config fits."""
     def arg(name):
         return named_args[name] if name in named_args else kwargs[name]
 
@@ -101,10 +84,9 @@ def prune_gemv(configs, named_args, **kwargs):
     max_m = 1 if arg("COMBINE") else max(1, bucket)  # the fused combine takes one row per program
     fits = [c for c in configs if bs % (2 * c.kwargs["VEC"]) == 0
             and c.kwargs["BLOCK_M"] <= max_m and c.kwargs["BLOCK_N"] <= max(4, pow2(n))]
-    if interpreting() or _pinned():
+    if interpreting() or pinned():
         return fits[:1] or configs[-1:]
-    chunks = {id(c): c.kwargs["TILES"] * cdiv(k_dim, 2 * c.kwargs["LANES"] * c.kwargs["STEPS"] * c.kwargs["VEC"])
-              for c in fits}
+    chunks = {id(c): cdiv(k_dim, 2 * c.kwargs["LANES"] * c.kwargs["STEPS"] * c.kwargs["VEC"]) for c in fits}
     short = [c for c in fits if chunks[id(c)] <= MAX_CHUNKS]
     if not short and fits:  # a very long K: the fewest chunks
         short = [c for c in fits if chunks[id(c)] == min(chunks.values())]
@@ -268,7 +250,8 @@ def _lane_dot(acc, we, wo, xe, xo, s, VEC: tl.constexpr):
     configs=gemv_configs(),
     key=["N", "K_DIM", "ROW_BUCKET", "GATED", "HAS_LORA", "BS"],
     prune_configs_by={"early_config_prune": prune_gemv},
-    do_bench=graph_bench if tune_in_graphs() else None,
+    # timed in CUDA graphs: Qwen3 T=1 graphed 0.0339 / 0.0316 ms against 0.0452 with do_bench's choice (H200, v38)
+    do_bench=graph_bench,
 )
 @triton.jit
 def nf4_moe_gemv_kernel(
@@ -294,13 +277,10 @@ def nf4_moe_gemv_kernel(
     XA_BY_PAIR: tl.constexpr,  # xa rows indexed by pair id (routing_xa_kernel's), not by sorted row
     XA_EARLY: tl.constexpr,  # X·Aᵀ partials loaded and summed while the first K chunk is in flight (gemv_xa_early)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LANES: tl.constexpr, STEPS: tl.constexpr, VEC: tl.constexpr,
-    TILES: tl.constexpr, PDL: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     pdl_enter(PDL)
-    # TILES N tiles of BLOCK_N weight rows per program, one after another: the first chunk of the next tile is
-    # loaded while the current tile's last chunk is decoded, so a program's loads stay in flight across its
-    # tiles (one program per tile leaves its loads idle through the expert lookup, the lane sums and the store)
-    tile0 = tl.program_id(0) * TILES
+    tile = tl.program_id(0)
     if BLOCK_M == 1:  # one row per tile: tile i is sorted row i, its expert the number of experts ending by it
         row_lo = tl.program_id(1)
         e_ids = tl.arange(0, E_POW2)
@@ -316,10 +296,9 @@ def nf4_moe_gemv_kernel(
                 pair0 = tl.load(pair_ptr + row_lo)
                 tok = pair0 // SLOTS
                 if (_routed_slots(idx_ptr, tok, E, SLOTS) == 0) & (pair0 % SLOTS == 0):
-                    for tile in tl.static_range(TILES):
-                        offs_n = (tile0 + tile) * BLOCK_N + tl.arange(0, BLOCK_N)
-                        tl.store(comb_ptr + tok.to(tl.int64) * N + offs_n, tl.zeros((BLOCK_N,), tl.float32).to(
-                            comb_ptr.dtype.element_ty), mask=offs_n < N)
+                    offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+                    tl.store(comb_ptr + tok.to(tl.int64) * N + offs_n, tl.zeros((BLOCK_N,), tl.float32).to(
+                        comb_ptr.dtype.element_ty), mask=offs_n < N)
         return
     e64 = e.to(tl.int64)
     offset = nested_offset(off_ptr, NESTED)
@@ -332,33 +311,24 @@ def nf4_moe_gemv_kernel(
     # next chunk's by hand before the current one is decoded (Triton's pipeliner stages only loads that
     # feed a tl.dot), so each thread keeps up to two chunks of bytes in flight.  (A runtime loop compiles
     # faster but carries the bytes as separate i8 values: ~20% more instructions per chunk, NOTES v31.)
-    # The chunk sequence runs over the TILES tiles, so the prefetch crosses from one tile into the next.
     CHUNK: tl.constexpr = 2 * LANES * STEPS * VEC
     NCH: tl.constexpr = (K_DIM + CHUNK - 1) // CHUNK
-    offs_n, g_rows = _tile_rows(e64, N_TOTAL, N, tile0, BLOCK_N)
-    nxt_offs, nxt_rows = offs_n, g_rows  # the next tile's, once its first chunk is loaded (defined here for Triton)
+    offs_n, g_rows = _tile_rows(e64, N_TOTAL, N, tile, BLOCK_N)
     acc0, acc1, up0, up1 = _zero_sums(LANES, BLOCK_N, STEPS)
     nxt_g, nsc_g, nxt_u, nsc_u = _chunk_loads(w_ptr, am_ptr, am2_ptr, code2_ptr, offset, g_rows, g_rows + N, 0,
                                               K_DIM, LANES, STEPS, VEC, NESTED, BS, BS2, GATED, CHUNK > K_DIM)
-    xa_pre = tl.zeros((R_PAD, BLOCK_M), dtype=tl.float32)  # XA_EARLY: the rows' X·Aᵀ (the same for every tile)
-    for j in tl.static_range(TILES * NCH):
-        tile = j // NCH
-        it = j % NCH
+    xa_pre = tl.zeros((R_PAD, BLOCK_M), dtype=tl.float32)  # XA_EARLY: the rows' X·Aᵀ
+    for it in tl.static_range(NCH):
         k0 = it * CHUNK
         cur_g = nxt_g
         sc_g = nsc_g
         cur_u = nxt_u
         sc_u = nsc_u
-        if it + 1 < NCH:  # the next chunk of this tile
+        if it + 1 < NCH:  # the next chunk
             nxt_g, nsc_g, nxt_u, nsc_u = _chunk_loads(w_ptr, am_ptr, am2_ptr, code2_ptr, offset, g_rows, g_rows + N,
                                                       k0 + CHUNK, K_DIM, LANES, STEPS, VEC, NESTED, BS, BS2, GATED,
                                                       k0 + 2 * CHUNK > K_DIM)
-        elif tile + 1 < TILES:  # the first chunk of the next tile
-            nxt_offs, nxt_rows = _tile_rows(e64, N_TOTAL, N, tile0 + tile + 1, BLOCK_N)
-            nxt_g, nsc_g, nxt_u, nsc_u = _chunk_loads(w_ptr, am_ptr, am2_ptr, code2_ptr, offset, nxt_rows, nxt_rows + N,
-                                                      0, K_DIM, LANES, STEPS, VEC, NESTED, BS, BS2, GATED,
-                                                      CHUNK > K_DIM)
-        if HAS_LORA and XA_EARLY and j == 0:  # behind chunks 0 and 1's loads, while the first is in flight
+        if HAS_LORA and XA_EARLY and it == 0:  # behind chunks 0 and 1's loads, while the first is in flight
             xa_pre = _xa_sum(xa_ptr, XA_SPLIT, pair_ptr, offs_m, m_mask, P, R_PAD, BLOCK_M, XA_BY_PAIR, XA_MAX)
         ge, go = _chunk_weights(cur_g, tz, LUT)
         if GATED:
@@ -379,15 +349,9 @@ def nf4_moe_gemv_kernel(
                 acc1 = _lane_dot(acc1, ge, go, xe, xo, sc_g, VEC)
                 if GATED:
                     up1 = _lane_dot(up1, ue, uo, xe, xo, sc_u, VEC)
-        if it == NCH - 1:
-            _tile_epilogue(acc0, acc1, up0, up1, x_ptr, lb_ptr, scaling, xa_ptr, XA_SPLIT, xa_pre, out_ptr, stride_om,
-                           pair_ptr, topw_ptr, idx_ptr, comb_ptr, cnt_ptr, offs_n, g_rows, offs_m, m_mask, row_lo,
-                           tile0 + tile, N, E, R, P, R_PAD, GATED, ACT, SCATTER, HAS_LORA, COMBINE, SLOTS, XA_BY_PAIR,
-                           XA_EARLY, BLOCK_M, BLOCK_N)
-            if tile + 1 < TILES:  # the next tile's rows (those its first chunk was loaded from) and fresh sums
-                offs_n = nxt_offs
-                g_rows = nxt_rows
-                acc0, acc1, up0, up1 = _zero_sums(LANES, BLOCK_N, STEPS)
+    _tile_epilogue(acc0, acc1, up0, up1, x_ptr, lb_ptr, scaling, xa_ptr, XA_SPLIT, xa_pre, out_ptr, stride_om,
+                   pair_ptr, topw_ptr, idx_ptr, comb_ptr, cnt_ptr, offs_n, g_rows, offs_m, m_mask, row_lo, tile, N, E,
+                   R, P, R_PAD, GATED, ACT, SCATTER, HAS_LORA, COMBINE, SLOTS, XA_BY_PAIR, XA_EARLY, BLOCK_M, BLOCK_N)
 
 
 @triton.jit
@@ -411,9 +375,8 @@ def _tile_epilogue(acc0, acc1, up0, up1, x_ptr, lb_ptr, scaling, xa_ptr, XA_SPLI
                    R, P, R_PAD: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr, SCATTER: tl.constexpr,
                    HAS_LORA: tl.constexpr, COMBINE: tl.constexpr, SLOTS: tl.constexpr, XA_BY_PAIR: tl.constexpr,
                    XA_EARLY: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One N tile's end: the lane partial sums reduced, LoRA, the gate, the routing weight, the store, and with
-    COMBINE the token's slot rows summed by its last arriving slot.  A tile past N (the program's last tiles,
-    when TILES * BLOCK_N does not divide N) stores nothing and does not arrive."""
+    """The N tile's end: the lane partial sums reduced, LoRA, the gate, the routing weight, the store, and with
+    COMBINE the token's slot rows summed by its last arriving slot."""
     n_mask = offs_n < N
     u_rows = g_rows + N
     # (BLOCK_N, BLOCK_M): steps and lanes summed once
@@ -449,9 +412,8 @@ def _tile_epilogue(acc0, acc1, up0, up1, x_ptr, lb_ptr, scaling, xa_ptr, XA_SPLI
     tl.store(out_ptr + out_rows[None, :] * stride_om + offs_n[:, None], acc2.to(out_ptr.dtype.element_ty),
              mask=n_mask[:, None] & m_mask[None, :])
     if COMBINE:
-        if tile * BLOCK_N < N:
-            _combine_last(out_ptr, stride_om, idx_ptr, comb_ptr, cnt_ptr, tl.load(pair_ptr + row_lo), tile, offs_n,
-                          n_mask, N, E, SLOTS, BLOCK_N)
+        _combine_last(out_ptr, stride_om, idx_ptr, comb_ptr, cnt_ptr, tl.load(pair_ptr + row_lo), tile, offs_n,
+                      n_mask, N, E, SLOTS, BLOCK_N)
 
 
 @triton.jit
@@ -498,9 +460,10 @@ def _combine_last(y_ptr, stride_ym, idx_ptr, comb_ptr, cnt_ptr, pair, tile, offs
     its N tile; it counts its arrival on the (token, N tile) counter, and the token's last routed slot to
     arrive sums the token's slot rows with combine_kernel's own ``slot_sum`` (the same values in the same
     order, so the same result whichever slot came last), writes the token's row and zeroes the counter
-    again (for the next launch and CUDA-graph replays).  Ordering as in common.split_k_reduce: a block barrier
-    puts every thread's stores before the one thread's release (acq_rel atomic); the last program's acquire
-    and the barrier that broadcasts the count put its reads (.cg, past L1) after every slot's stores."""
+    again (for the next launch and CUDA-graph replays).  Ordering: a block barrier puts every thread's stores
+    before the one thread's release (acq_rel atomic); the last program's acquire and the barrier that broadcasts
+    the count put its reads (.cg, past L1) after every slot's stores (the barrier-then-atomic pattern of
+    CUTLASS's semaphore)."""
     tok = pair // TOP_K
     routed = _routed_slots(idx_ptr, tok, E, TOP_K)
     mine = tl.load(idx_ptr + pair)
@@ -513,92 +476,54 @@ def _combine_last(y_ptr, stride_ym, idx_ptr, comb_ptr, cnt_ptr, pair, tile, offs
             tl.store(comb_ptr + tok.to(tl.int64) * N + offs_n, acc.to(comb_ptr.dtype.element_ty), mask=n_mask)
 
 
-def gemv_max_rows() -> int:
-    """Routed rows up to which the inference projections run the GEMV kernel (grouped_gemv.py) instead
-    of the MMA GEMM; ``NF4MOE_GEMV_ROWS`` sets it (0: never).  Default 64 (T <= 8 at top-8): on an H200
-    (Qwen3-30B-A3B, CUDA graphs, bench/NOTES.md v41) the layer took 0.0738 / 0.1265 ms with the GEMV against
-    0.1232 / 0.2120 with the GEMM at 32 / 64 routed rows, and 0.2316 against 0.2074 at 128 (T=16)."""
-    return int(env("NF4MOE_GEMV_ROWS", "64"))
+def launch_nf4_moe_gemv(x, w: NF4Operand, lora_b, scaling, xa, sorted_pair_ids, expert_offsets, top_k_weights,
+                        out, *, n, top_k, gated, act, xa_by_pair=False, combine=None, fuse_combine=False,
+                        capturing=False, xa_early=False, pdl=False, launcher=None) -> bool:
+    """The inference projection (the GEMM's arguments, no training stores); ``out`` (P, n) as the GEMM's.
 
-
-def gemv_takes(rows: int) -> bool:
-    """Whether an inference projection of ``rows`` routed rows runs the GEMV (launch_nf4_moe_gemm's choice; the
-    layer asks it too, to compute the up projection's X·Aᵀ in the routing launch only where the GEMV reads it)."""
-    return 0 < rows <= gemv_max_rows()
-
-
-def gemv_xa_early(x: torch.Tensor) -> bool:
-    """``NF4MOE_GEMV_XA_EARLY`` (default ``auto``: on in CUDA-graph captures, off for eager launches; 1 / 0 on / off
-    for both; NOTES v45, measured in session 19): the GEMV loads and sums its rows' X·Aᵀ partials right after
-    issuing its first two K chunks' loads, all partials at once, instead of in the epilogue (pair id, then the
-    partials 4 at a time: 1 + 4 dependent L2 round trips after the K loop at 16 partials, the routing launch's
-    split at Qwen3-30B-A3B T=1).  The sum and so the output are the same bits.  Measured on an H100 at Qwen3
-    T=1: the GEMVs 21.3 -> 20.6 us in graph replays (layer 0.0320 -> 0.0312 ms) but 22.5 -> 24.4 us as eager
-    kernels, whose calls are host-bound anyway: hence on in captures only."""
-    return graph_flag("NF4MOE_GEMV_XA_EARLY", x)
-
-
-def fuse_combine() -> bool:
-    """Whether the down GEMV may sum each token's slot rows itself (``_combine_last``) instead of leaving them
-    to the combine kernel; ``NF4MOE_FUSE_COMBINE=0``: the combine kernel always."""
-    return env("NF4MOE_FUSE_COMBINE", "1") == "1"
-
-
-def launch_nf4_moe_gemv(x, w: NF4Operand, lora_a, lora_b, scaling, sorted_pair_ids, expert_offsets, top_k_weights,
-                        out, *, n, top_k, gated, act, combine=None, xa_pairs=None, launcher=None) -> bool:
-    """The inference projection of grouped_gemm.launch_nf4_moe_gemm (same arguments, no training stores).
-
-    ``combine`` = (comb (T, n), top_k_index (T, K) contiguous), down projection only: the kernel may also sum
-    each token's slot rows of ``out`` into ``comb`` (combine.py's fixed-order fp32 sum, fused).  Returns whether
-    it did; if not, the caller runs the combine kernel.  Fused in eager calls (one launch and one host-side
-    dispatch fewer: eager decode is host-bound), not while a CUDA graph is captured: there the GPU time counts,
-    and there the fused kernel and its counters' memset measured slower than the plain GEMV and the combine
-    kernel (H200, per layer call: Qwen3-30B-A3B T=1 5 us, DeepSeek-V3 T=2 12 us; NOTES v33).  The first eager fused launch of a shape also
-    tunes the plain GEMV, so that a later capture needs no autotuning (which cannot run inside one).
-    ``xa_pairs``: the up projection's X·Aᵀ partials by pair id, computed in the routing launch
-    (routing.launch_routing_xa); the kernel then reads them by pair id instead of launching lora_xa."""
-    from .grouped_gemm import grid, launch_key, projection_meta, split_k_counters  # grouped_gemm imports this module
+    LoRA: ``xa`` (split, P, R_PAD) fp32 X·Aᵀ partials, by sorted row (lora_xa.py) or with ``xa_by_pair`` by pair
+    id (routing.launch_routing_xa); None without LoRA.  ``combine`` = (comb (T, n), top_k_index (T, K)
+    contiguous), down projection only, with ``fuse_combine`` (the plan's ``combine == "gemv"``): the kernel also
+    sums each token's slot rows of ``out`` into ``comb`` (combine.py's fixed-order fp32 sum, fused).  Returns
+    whether it did; if not, the caller runs the combine kernel.  Autotuning cannot run inside a CUDA-graph
+    capture, so the first eager fused launch of a shape also tunes the plain GEMV (which captures then take),
+    and a ``capturing`` launch whose plain GEMV has no tuned config (a capture without an eager call before it)
+    runs the fused one.  ``xa_early``: the X·Aᵀ partials are summed while the first K chunk is in flight."""
     num_experts, n_total, half_k = w.packed.shape
     rows = sorted_pair_ids.numel()
     if x.dtype == torch.bfloat16 and x.stride(1) != 1:  # the kernel reads bf16 activations as 32-bit pairs
         x = x.contiguous()
     dummy = w.absmax
-    r = lora_a.shape[1] if lora_a is not None else 0
+    has_lora = xa is not None
+    r = lora_b.shape[2] if has_lora else 0
     rp = r_pad(r)
-    xa = xa_pairs
-    if xa is not None and (lora_a is None or not gated or xa.shape[1:] != (rows, rp)):
-        raise ValueError(f"launch_nf4_moe_gemv: xa_pairs {tuple(xa.shape)} is the up projection's X·Aᵀ, "
-                         f"(split, {rows}, {rp}) with LoRA")
-    if lora_a is not None and xa is None:
-        xa = launch_lora_xa(x, lora_a, sorted_pair_ids, expert_offsets, top_k=top_k, gather=gated, r_pad=rp,
-                            launcher=launcher)
+    if has_lora and (xa.shape[1:] != (rows, rp) or (xa_by_pair and not gated)):
+        raise ValueError(f"launch_nf4_moe_gemv: xa {tuple(xa.shape)} must be (split, {rows}, {rp}) X·Aᵀ partials; "
+                         "by pair id for the up projection only")
+    if xa_early and has_lora and xa.shape[0] > XA_MAX.value:
+        raise ValueError(f"launch_nf4_moe_gemv: {xa.shape[0]} X·Aᵀ partials, at most {XA_MAX.value} with xa_early")
     bucket = 8 if rows <= 8 else 64
-    meta = dict(projection_meta(x, w, top_k=top_k, r_pad=rp, gated=gated, act=act, has_lora=lora_a is not None),
-                **pdl_options(x, launcher))
-
-    early = xa is not None and gemv_xa_early(x)
-    if early and xa.shape[0] > XA_MAX.value:
-        raise ValueError(f"launch_nf4_moe_gemv: {xa.shape[0]} X·Aᵀ partials, at most {XA_MAX.value} with "
-                         "NF4MOE_GEMV_XA_EARLY")
+    meta = dict(projection_meta(x, w, top_k=top_k, r_pad=rp, gated=gated, act=act, has_lora=has_lora),
+                **pdl_options(pdl, launcher))
 
     def spec(fused: bool) -> tuple[dict, tuple]:
-        kw = dict(meta, COMBINE=fused, SLOTS=combine[1].shape[1] if fused else 1, XA_BY_PAIR=xa_pairs is not None,
-                  XA_EARLY=early)
+        kw = dict(meta, COMBINE=fused, SLOTS=combine[1].shape[1] if fused else 1, XA_BY_PAIR=xa_by_pair,
+                  XA_EARLY=xa_early and has_lora)
         return kw, launch_key("gemv_combine" if fused else "gemv", n, bucket, x, w, out,
-                              lora_b if lora_a is not None else None, kw)
+                              lora_b if has_lora else None, kw)
 
     def run(fused: bool, kw: dict, key: tuple) -> None:
         comb = idx = cnt = dummy
         if fused:
             comb, idx = combine
             # one counter per (token, N tile); BLOCK_N >= 4 in every config
-            cnt = split_k_counters(x.device, idx.shape[0] * cdiv(n, 4), launcher is not None)
+            cnt = arrival_counters(x.device, idx.shape[0] * cdiv(n, 4), launcher is not None)
         launch_tuned(
             nf4_moe_gemv_kernel, grid(n, rows, num_experts), key, launcher,
             x, x.stride(0), x.stride(1),
             *w.pointer_args(),
-            lora_b if lora_a is not None else dummy, float(scaling),
-            xa if xa is not None else dummy, xa.shape[0] if xa is not None else 1,
+            lora_b if has_lora else dummy, float(scaling),
+            xa if has_lora else dummy, xa.shape[0] if has_lora else 1,
             out, out.stride(0),
             sorted_pair_ids, expert_offsets, top_k_weights if top_k_weights is not None else dummy,
             idx, comb, cnt,
@@ -606,14 +531,13 @@ def launch_nf4_moe_gemv(x, w: NF4Operand, lora_a, lora_b, scaling, sorted_pair_i
             K_DIM=2 * half_k, **kw,
         )
 
-    fused = combine is not None and fuse_combine()
+    fused = combine is not None and fuse_combine
+    if combine is not None and capturing and not fused and launcher is None:
+        plain, fused_spec = spec(False), spec(True)
+        if not tuned(plain[1]) and tuned(fused_spec[1]):  # never autotune inside a capture
+            fused = True
     kw, key = spec(fused)
-    if fused and launcher is None:  # (traced and wrap_triton launches: fused always; Triton's autotuner keys them)
-        if capturing(x):
-            plain = spec(False)
-            if tuned(plain[1]):  # the plain GEMV, once tuned (never autotune inside a capture)
-                fused, kw, key = False, *plain
-        elif not tuned(key):
-            run(False, *spec(False))  # the first fused launch of this shape: tune the plain GEMV too
+    if fused and launcher is None and not capturing and not tuned(key):
+        run(False, *spec(False))  # the first fused launch of this shape: tune the plain GEMV too, for captures
     run(fused, kw, key)
     return fused

@@ -17,11 +17,11 @@ The first launch of a key goes through Triton (which compiles or finds the kerne
 """
 from __future__ import annotations
 
-import functools
+import threading
 
 import torch
 
-from .configs import INTERPRET, current_device, graph_flag
+from .host import INTERPRET
 
 _COMPILED: dict = {}  # (kernel, device, argument specialisation, keyword arguments) -> (compiled kernel, tail)
 
@@ -90,7 +90,7 @@ def launch(kernel, grid, launcher, *args, **kwargs) -> None:
     if _INTERPRET:
         kernel[grid](*args, **kwargs)
         return
-    key = (kernel, current_device(), _spec(args), tuple(kwargs.items()))
+    key = (kernel, torch.cuda.current_device(), _spec(args), tuple(kwargs.items()))
     hit = _COMPILED.get(key)
     if hit is None:
         _check_call(kernel, args, kwargs)
@@ -102,28 +102,63 @@ def launch(kernel, grid, launcher, *args, **kwargs) -> None:
     compiled[(g[0], g[1] if len(g) > 1 else 1, g[2] if len(g) > 2 else 1)](*args, *tail)
 
 
-@functools.cache
-def _pdl_capable(device_index: int) -> bool:
-    """Programmatic dependent launch (griddepcontrol) needs sm_90 or newer (cached: a capability query per
-    launch would cost host time)."""
-    return torch.cuda.get_device_capability(device_index)[0] >= 9
-
-
-def use_pdl(t: torch.Tensor, launcher) -> bool:
-    """``NF4MOE_PDL`` (default ``auto``: launches captured into a CUDA graph; 1: eager launches too; 0: none;
-    configs.graph_flag; bench/NOTES.md v46, measured in session 19): direct launches on a CUDA device of sm_90 or
-    newer of the kernels that take a ``PDL`` constexpr are programmatic dependent launches.  Measured on an H100
-    (Qwen3-30B-A3B, CUDA-graph replays): T=1 0.0320 -> 0.0312 ms, T=16 0.2029 -> 0.1994, T=128 0.3094 -> 0.3060;
-    eager calls, host-bound at these sizes, gained nothing and varied more, so they keep plain launches by
-    default.  Not under the interpreter (no griddepcontrol) and not traced (``launcher``: Inductor launches the
-    kernels itself)."""
-    return (launcher is None and not _INTERPRET and t.is_cuda and graph_flag("NF4MOE_PDL", t)
-            and _pdl_capable(t.device.index))
-
-
-def pdl_options(t: torch.Tensor, launcher) -> dict:
+def pdl_options(pdl: bool, launcher) -> dict:
     """The ``PDL`` constexpr (the kernel's wait, common.pdl_enter) and, for direct launches, Triton's
     ``launch_pdl`` option, always together: a kernel launched with PDL that did not wait first could read its
-    predecessor's outputs before they exist.  ``t``: a tensor on the launch's device."""
-    on = use_pdl(t, launcher)
+    predecessor's outputs before they exist.  ``pdl``: the launch plan's choice (plan.LaunchPlan.pdl), which is
+    never on for traced launches (``launcher`` set: Inductor launches the kernels itself)."""
+    on = pdl and launcher is None
     return {"PDL": on} if launcher is not None else {"PDL": on, "launch_pdl": on}
+
+
+_TUNED: dict = {}  # launch key -> the keyword arguments (meta-parameters, options) of the config chosen for it
+# The autotuner reports its choice in one attribute (best_config) shared by all its keys and set before it
+# compiles and launches (which can release the GIL): first launches hold this lock until it is read.
+_TUNE_LOCK = threading.Lock()
+
+
+def tuned(key: tuple) -> bool:
+    """Whether ``launch_tuned`` has chosen a config for ``key``."""
+    return _TUNED.get(key) is not None
+
+
+def launch_tuned(kernel, grid, key: tuple, launcher, *args, **kwargs) -> None:
+    """Launch the autotuned ``kernel``.  Once its autotuner has chosen a config for ``key``, later eager
+    launches call the JIT function with that config directly: the autotuner's per-call key building (a
+    pass over every argument with str() of each dtype) was about a quarter of the Triton launch time in
+    the host-bound small-T layer (cProfile on an H100).  ``key`` must hold everything the autotuner keys on
+    or prunes by (finer is harmless: a new key just goes through the autotuner once more, which answers
+    from its own cache).  Traced launches (``launcher`` = wrap_triton) always go through the autotuner,
+    which Inductor understands.
+    """
+    if launcher is not None:
+        launcher(kernel)[grid](*args, **kwargs)
+        return
+    cfg = _TUNED.get(key)
+    if cfg is None:
+        with _TUNE_LOCK:
+            kernel[grid](*args, **kwargs)
+            _TUNED[key] = kernel.best_config.all_kwargs()
+        return
+    launch(kernel.fn, grid, None, *args, **kwargs, **cfg)
+
+
+_COUNTERS: dict = {}  # (device, stream) -> int32 arrival counters (zero between launches)
+
+
+def arrival_counters(device: torch.device, size: int, traced: bool = False) -> torch.Tensor:
+    """Zeroed int32 arrival counters, at least ``size`` (the decode GEMV's fused combine: the last slot of a
+    token to arrive sums its rows; it leaves them zero).  Kept per device and stream (launches on one stream run
+    one after another and each leaves them zero; two streams must not share them); while a CUDA graph is being
+    captured, a fresh zeroed buffer owned by that graph.  ``traced`` (a launch through wrap_triton, under
+    torch.compile): a fresh zeroed buffer too, part of the traced graph; a cached one would hold the first
+    trace's fake tensor, which Inductor's lowering, under another fake mode, refuses ("Mixing fake modes", an
+    H100 run in session 21)."""
+    on_gpu = device.type == "cuda"
+    if traced or (on_gpu and torch.cuda.is_current_stream_capturing()):
+        return torch.zeros(size, device=device, dtype=torch.int32)
+    stream = torch.cuda.current_stream(device).cuda_stream if on_gpu else None
+    buf = _COUNTERS.get((device, stream))
+    if buf is None or buf.numel() < size:
+        buf = _COUNTERS[(device, stream)] = torch.zeros(max(size, 4096), device=device, dtype=torch.int32)
+    return buf

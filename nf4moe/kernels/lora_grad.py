@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from .common import act_fwd
-from .configs import cdiv, interpreting
+from .host import ACT_CODES, cdiv, interpreting, r_pad
 
 
 def _configs():
@@ -114,9 +114,6 @@ def launch_lora_grad(
 ) -> torch.Tensor:
     """out (E, DA, DB).  lhs_is_rank: d A (DA = r, lhs is a (P, R_PAD) fp32 buffer); else d B (DB = r,
     rhs is that buffer).  ``top_k_weights`` given: lhs rows are scaled by the pair's weight."""
-    from .grouped_gemm import ACT_CODES
-    from .operands import r_pad
-
     num_experts, da, db = out.shape
     rank, d = (da, db) if lhs_is_rank else (db, da)
     kern = launcher(lora_grad_kernel) if launcher is not None else lora_grad_kernel

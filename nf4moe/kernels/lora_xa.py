@@ -6,15 +6,13 @@ kernel read NF4 bytes).  Rows are in expert-sorted order, like the GEMM's.
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
-from .configs import INTERPRET, cdiv, pow2
-from .launch import launch, pdl_options
 from .common import dot_operand, expert_row_tile, pdl_enter
+from .host import INTERPRET, cdiv, pow2, xa_block_k, xa_split
+from .launch import launch, pdl_options
 
 
 @triton.jit
@@ -55,30 +53,8 @@ def lora_xa_kernel(
     tl.store(out_ptr + out_rows * R_PAD + offs_r[None, :], acc, mask=m_mask[:, None])
 
 
-MAX_SPLIT = 16  # K slices of an X·Aᵀ launch at most (xa_split); the decode GEMV's XA_EARLY unrolls this many
-
-
-@functools.lru_cache(maxsize=1024)
-def xa_split(k_dim: int, rows: int, block_k: int) -> int:
-    """K slices of the X·Aᵀ precompute: at small P one slice per program is a long serial K loop (at
-    T=1 on Qwen3-30B-A3B 32 steps took ~10 us for 8 rows), so split K up to 16 ways; the consumers sum
-    the partials in a fixed order.  One slice for large P, where the row tiles fill the GPU."""
-    if rows > 4096:
-        return 1
-    best = 1
-    for s in range(1, MAX_SPLIT + 1):
-        if k_dim % (s * block_k) == 0 and k_dim // s >= 128:
-            best = s
-    return best
-
-
-def xa_block_k(k_dim: int) -> int:
-    """The K step of the X·Aᵀ kernels (lora_xa_kernel, routing.routing_xa_kernel)."""
-    return 64 if k_dim % 64 == 0 else 32
-
-
 def launch_lora_xa(x: torch.Tensor, lora_a: torch.Tensor, sorted_pair_ids: torch.Tensor, expert_offsets: torch.Tensor,
-                   *, top_k: int, gather: bool, r_pad: int, out: torch.Tensor | None = None,
+                   *, top_k: int, gather: bool, r_pad: int, out: torch.Tensor | None = None, pdl: bool = False,
                    launcher=None) -> torch.Tensor:
     """Fill ``out`` (P, r_pad) fp32 when given (one slice: the training forward saves it), else return
     new (split, P, r_pad) fp32 partials whose sum over dim 0 is X·Aᵀ."""
@@ -95,6 +71,6 @@ def launch_lora_xa(x: torch.Tensor, lora_a: torch.Tensor, sorted_pair_ids: torch
         k_dim, num_experts, r, rows, k_dim // split,
         TOP_K=top_k, E_POW2=pow2(num_experts), R_PAD=r_pad, GATHER=gather,
         INTERPRET=INTERPRET, BLOCK_M=block_m, BLOCK_K=block_k, num_warps=4,
-        **pdl_options(x, launcher),
+        **pdl_options(pdl, launcher),
     )
     return out

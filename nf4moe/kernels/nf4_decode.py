@@ -7,7 +7,6 @@ import triton
 import triton.language as tl
 
 from ..reference.nf4 import NF4_CODE
-from .configs import env_flag
 
 _Q0: tl.constexpr = tl.constexpr(NF4_CODE[0])
 _Q1: tl.constexpr = tl.constexpr(NF4_CODE[1])
@@ -25,10 +24,6 @@ _Q12: tl.constexpr = tl.constexpr(NF4_CODE[12])
 _Q13: tl.constexpr = tl.constexpr(NF4_CODE[13])
 _Q14: tl.constexpr = tl.constexpr(NF4_CODE[14])
 _Q15: tl.constexpr = tl.constexpr(NF4_CODE[15])
-
-# NF4MOE_ROW_ALIGN (default 1, read at import; 0 restores the launch's own 8-byte alignment): see row_bytes
-_ROW_ALIGN: tl.constexpr = tl.constexpr(env_flag("NF4MOE_ROW_ALIGN", True))
-
 
 @triton.jit
 def nf4_value(q):
@@ -86,7 +81,7 @@ def row_bytes(K_DIM, BS: tl.constexpr):
     (tl.multiple_of of a constexpr fails there, and torch.compile then takes every input as mutated:
     the backward through a compiled layer failed on an H100, session 22).
     """
-    if BS % 32 == 0 and _ROW_ALIGN:
+    if BS % 32 == 0:
         return (K_DIM // 32) * 16
     else:
         return K_DIM // 2

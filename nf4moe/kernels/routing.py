@@ -29,12 +29,14 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference.routing import Routing
 from .common import dot_operand, pdl_enter
-from .configs import INTERPRET, cdiv, pow2
+from .host import INTERPRET, cdiv, pow2, xa_block_k, xa_split
 from .launch import launch, pdl_options
 
-# One program sorts at most this many pairs (keys in registers; see build_routing for why 1024).
+# One program sorts at most this many pairs (keys in registers).  Why 1024, measured on an H100 (Qwen3-30B-A3B
+# layer): the one-program bitonic sort took 2.1 us at P=8 and 8 us at P=1024 (torch's radix sort alone 18 us
+# there), but 189 us at P=8192, where torch's radix sort over the whole GPU takes ~30 us; above it the chunked
+# sort keeps each program's sort at 1024 keys.
 TRITON_MAX_PAIRS = 1024
 # The chunked counting sort: pairs per chunk (one program each) and the most pairs it takes (every program
 # reads all chunks' histograms, so its work grows with the square of the chunk count).
@@ -227,8 +229,8 @@ def _one_program(p: int, num_experts: int, check: bool) -> dict:
 
 
 def launch_routing(top_k_index: torch.Tensor, num_experts: int, sorted_pair_ids: torch.Tensor | None = None,
-                   expert_offsets: torch.Tensor | None = None, launcher=None,
-                   check: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                   expert_offsets: torch.Tensor | None = None, launcher=None, check: bool = False,
+                   pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Fill ``sorted_pair_ids`` (P,) and ``expert_offsets`` (E+1,) int32 (allocated when None); one launch up
     to TRITON_MAX_PAIRS pairs, two above (the chunked counting sort).  ``check``: the (first) kernel asserts
     on the device that no id is negative (CUDA and direct launches only: see build_routing)."""
@@ -249,17 +251,15 @@ def launch_routing(top_k_index: torch.Tensor, num_experts: int, sorted_pair_ids:
         _launch_chunked(top_k_index, num_experts, sorted_pair_ids, expert_offsets, launcher, check)
         return sorted_pair_ids, expert_offsets
     launch(routing_kernel, (1,), launcher, top_k_index.contiguous(), sorted_pair_ids, expert_offsets, p, num_experts,
-           **_one_program(p, num_experts, check), **pdl_options(top_k_index, launcher))
+           **_one_program(p, num_experts, check), **pdl_options(pdl, launcher))
     return sorted_pair_ids, expert_offsets
 
 
 def launch_routing_xa(top_k_index: torch.Tensor, num_experts: int, x: torch.Tensor, lora_a: torch.Tensor, r_pad: int,
-                      check: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      check: bool = False, pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """launch_routing's one-program sort and, in the same launch, the up projection's LoRA X·Aᵀ of every pair:
     (sorted_pair_ids, expert_offsets, xa (split, P, r_pad) fp32 partials indexed by pair id).  Direct launches
     only (the decode path of an eager inference call), P <= TRITON_MAX_PAIRS."""
-    from .lora_xa import xa_block_k, xa_split  # lora_xa imports nothing from here
-
     _check_index_dtype(top_k_index)
     p = top_k_index.numel()
     if not 0 < p <= TRITON_MAX_PAIRS or not triton_fits(p, num_experts):
@@ -280,12 +280,14 @@ def launch_routing_xa(top_k_index: torch.Tensor, num_experts: int, x: torch.Tens
         routing_xa_kernel, (1 + p * split,), None, top_k_index.contiguous(), pairs, offsets,
         x, x.stride(0), x.stride(1), lora_a.contiguous(), xa, p, num_experts, r, k_dim, k_dim // split, split,
         TOP_K=top_k_index.shape[1], R_PAD=r_pad, BLOCK_K=block_k, INTERPRET=_INTERPRET,
-        **_one_program(p, num_experts, check), **pdl_options(top_k_index, None),
+        **_one_program(p, num_experts, check), **pdl_options(pdl, None),
     )
     return pairs, offsets, xa
 
 
-def _torch_routing(top_k_index: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+def torch_routing(top_k_index: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same (sorted_pair_ids, expert_offsets) by torch's stable sort + searchsorted: for sizes the kernels
+    do not take (``triton_fits``) and for CPU tensors outside the interpreter."""
     flat = top_k_index.reshape(-1)
     if flat.dtype == torch.int64:  # clamp first: a huge int64 sentinel must not wrap when narrowed
         key = flat.clamp(-1, num_experts).to(torch.int32)
@@ -295,60 +297,6 @@ def _torch_routing(top_k_index: torch.Tensor, num_experts: int) -> tuple[torch.T
     bounds = torch.arange(num_experts + 1, device=flat.device, dtype=torch.int32)
     offsets = torch.searchsorted(sorted_key, bounds, out_int32=True)
     return order.to(torch.int32), offsets
-
-
-def build_routing(top_k_index: torch.Tensor, num_experts: int, check_ids: bool = False) -> Routing:
-    """Sort the (token, slot) pairs of ``top_k_index`` (T, K) by expert id; see the module docstring.
-
-    The one-program kernel takes P = T*K <= ``TRITON_MAX_PAIRS`` (1024).  Why 1024, measured on an H100
-    (Qwen3-30B-A3B layer, bench.profile_layer): the one-program bitonic sort took 2.1 us at P=8 and 8 us at
-    P=1024 (the torch path: radix sort alone 18 us there), but 189 us at P=8192, where torch's radix sort over
-    the whole GPU takes ~30 us.  Above it, up to ``CHUNKED_MAX_PAIRS``, the chunked counting sort (one
-    program per 1024 pairs, so each sort stays at the 1024-key size).  Both go through ``ops.run``: a direct
-    launch eagerly (the cheapest host path), the registered op ``nf4moe::routing`` under torch.compile, fake
-    tensors or a dispatch mode.
-
-    ``check_ids``: reject negative ids (check_routing_ids), without a host sync on a GPU.  A direct launch on
-    a GPU checks inside the routing kernel (a device-side assert, as torch._assert_async's); every other path
-    (CPU, traced, the torch sort) checks the offsets afterwards, two launches more on a GPU (a compare and
-    torch._assert_async: 3.2 us of GPU time per Qwen3-30B-A3B T=1 CUDA-graph replay on an H200, NOTES v37).
-    """
-    in_kernel = False
-    if _on_triton(top_k_index, num_experts):
-        from . import ops  # ops imports this module's launcher
-
-        in_kernel = check_ids and top_k_index.is_cuda and ops.runs_direct((top_k_index,))
-        pairs, offsets = ops.run("routing", top_k_index, num_experts, in_kernel)
-    else:
-        pairs, offsets = _torch_routing(top_k_index, num_experts)
-    if check_ids and not in_kernel:
-        check_routing_ids(offsets)
-    return Routing(sorted_pair_ids=pairs, expert_offsets=offsets, num_experts=num_experts, top_k=top_k_index.shape[1])
-
-
-def _on_triton(top_k_index: torch.Tensor, num_experts: int) -> bool:
-    """Whether build_routing takes the Triton kernels (else torch's sort): a GPU or the interpreter, int32 / int64
-    ids, a size ``triton_fits``."""
-    return ((top_k_index.is_cuda or _INTERPRET) and top_k_index.dtype in (torch.int32, torch.int64)
-            and triton_fits(top_k_index.numel(), num_experts))
-
-
-def routing_xa_fits(top_k_index: torch.Tensor, num_experts: int) -> bool:
-    """Whether build_routing_xa takes these ids: build_routing's Triton path with the one-program sort."""
-    return _on_triton(top_k_index, num_experts) and top_k_index.numel() <= TRITON_MAX_PAIRS
-
-
-def build_routing_xa(top_k_index: torch.Tensor, num_experts: int, x: torch.Tensor, lora_a: torch.Tensor, r_pad: int,
-                     check_ids: bool = False) -> tuple[Routing, torch.Tensor]:
-    """build_routing and the up projection's X·Aᵀ by pair id in one launch (launch_routing_xa): for the decode
-    GEMV of an eager inference call (direct launches on a GPU or under the interpreter, P <= TRITON_MAX_PAIRS).
-    ``check_ids`` as build_routing's: in the kernel on a GPU, on the offsets after it otherwise."""
-    in_kernel = check_ids and top_k_index.is_cuda
-    pairs, offsets, xa = launch_routing_xa(top_k_index, num_experts, x, lora_a, r_pad, check=in_kernel)
-    if check_ids and not in_kernel:
-        check_routing_ids(offsets)
-    return Routing(sorted_pair_ids=pairs, expert_offsets=offsets, num_experts=num_experts,
-                   top_k=top_k_index.shape[1]), xa
 
 
 def check_routing_ids(expert_offsets: torch.Tensor) -> None:

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from .common import expert_row_tile
-from .configs import cdiv, pow2
+from .host import cdiv, pow2
 from .launch import launch
 
 

@@ -36,9 +36,10 @@ activation dtype (plus x·A_upᵀ (P, R_PAD) fp32 when LoRA is trained: r/(2I) o
 in registers wherever it is needed.  Saving h as well would add P·I; saving nothing would re-run the
 up GEMM (half the forward FLOPs, a third more backward work).  Qwen3-30B-A3B at T = 8192 (P = 65536,
 I = 768, bf16): gu is 192 MiB per layer.
-Recompute mode (``module.recompute = True`` or ``NF4MOE_RECOMPUTE=1``): the forward runs the
+Recompute mode (``QuantGroupedExperts(recompute=True)`` or ``module.recompute = True``): the forward runs the
 inference kernels and saves no activation beyond its inputs; the backward re-runs the up GEMM once
-(``moe_up_preact``) to rebuild gu.  Use it when activation memory across layers is the limit.
+(``moe_up_preact``, by the call's launch plan) to rebuild gu.  Use it when activation memory across layers is
+the limit.
 
 The training forward's up projection is the inference kernel (grouped_gemm.py) with its extra
 stores switched on (gu, and the X·A_upᵀ rows its LoRA precompute already produces), so it shares the
@@ -58,83 +59,86 @@ from __future__ import annotations
 import torch
 
 from ..kernels import ops
+from ..kernels.plan import LaunchPlan
 
-# Positions of the differentiable inputs of nf4moe::moe_experts.
-_X, _IDX, _W, _SORTED, _EOFF = 0, 1, 2, 3, 4
-_GU = slice(5, 10)
-_DN = slice(10, 15)
-_LA_U, _LB_U, _LA_D, _LB_D = 15, 16, 17, 18
-_N_INPUTS = 26  # the last, xa_up, is inference's only (None when a gradient is needed)
+_N_INPUTS = len(ops.LayerInputs._fields)
+_GRAD_OF = {name: i for i, name in enumerate(ops.LayerInputs._fields)}  # input name -> position of its gradient
+
+# the tensor inputs the backward reads: every one but the scalars and the routing launch's xa_up (inference only)
+_SAVED = tuple(n for n in ops.LayerInputs._fields
+               if n not in ("scaling", "act", "blocksize", "gu_blocksize2", "dn_blocksize2", "plan", "xa_up"))
 
 
 def _setup_context(ctx, inputs, output):
-    x, idx, w, sorted_ids, eoff = inputs[:5]
-    gu5, dn5 = list(inputs[_GU]), list(inputs[_DN])
-    la_u, lb_u, la_d, lb_d = inputs[_LA_U:_LB_D + 1]
-    scaling, act, blocksize, gu_bs2, dn_bs2, save_preact = inputs[19:25]
+    inp = ops.LayerInputs(*inputs)
     _, gu, xa = output
     # gu and xa are residuals returned only so they can be saved (custom ops save inputs and outputs):
     # no gradient flows into them, and none is materialized for them.
     ctx.mark_non_differentiable(gu, xa)
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(x, idx, w, sorted_ids, eoff, *gu5, *dn5, la_u, lb_u, la_d, lb_d, gu, xa)
-    ctx.meta = dict(scaling=scaling, act=act, blocksize=blocksize, gu_bs2=gu_bs2, dn_bs2=dn_bs2,
-                    saved=save_preact)
+    tensors = [getattr(inp, n) for n in _SAVED]
+    ctx.save_for_backward(*tensors, gu, xa)
+    ctx.meta = dict(scaling=inp.scaling, act=inp.act, blocksize=inp.blocksize, gu_blocksize2=inp.gu_blocksize2,
+                    dn_blocksize2=inp.dn_blocksize2, plan=inp.plan)
 
 
 def _backward(ctx, dout, _dgu, _dxa):
-    needs = ctx.needs_input_grad
+    needs = dict(zip(ops.LayerInputs._fields, ctx.needs_input_grad))
     grads = [None] * _N_INPUTS
     if dout is None:
         return tuple(grads)
-    (x, idx, w, sorted_ids, eoff, *rest) = ctx.saved_tensors
-    gu5, dn5 = rest[0:5], rest[5:10]
-    la_u, lb_u, la_d, lb_d, gu, xa_u = rest[10:16]
+    *tensors, gu, xa_u = ctx.saved_tensors
     m = ctx.meta
-    s, act, bs = m["scaling"], m["act"], m["blocksize"]
-    num_experts = gu5[0].shape[0]
-    t, k = idx.shape
+    inp = ops.LayerInputs(**dict(zip(_SAVED, tensors)), scaling=m["scaling"], act=m["act"],
+                          blocksize=m["blocksize"], gu_blocksize2=m["gu_blocksize2"], dn_blocksize2=m["dn_blocksize2"],
+                          plan=m["plan"])
+    s, act, bs = inp.scaling, inp.act, inp.blocksize
+    la_u, lb_u, la_d, lb_d = inp.lora()
+    sorted_ids, eoff = inp.sorted_pair_ids, inp.expert_offsets
+    num_experts = inp.gu_packed.shape[0]
+    t, k = inp.top_k_index.shape
     has_lora = la_u is not None
-    n_x, n_w = needs[_X], needs[_W]
-    n_la_u, n_lb_u = has_lora and needs[_LA_U], has_lora and needs[_LB_U]
-    n_la_d, n_lb_d = has_lora and needs[_LA_D], has_lora and needs[_LB_D]
+    n_x, n_w = needs["x"], needs["top_k_weights"]
+    n_la_u, n_lb_u = has_lora and needs["lora_a_up"], has_lora and needs["lora_b_up"]
+    n_la_d, n_lb_d = has_lora and needs["lora_a_down"], has_lora and needs["lora_b_down"]
     need_dgu = n_x or n_la_u or n_lb_u
     if not (need_dgu or n_w or n_la_d or n_lb_d):
         return tuple(grads)
+    w = inp.top_k_weights
     w_flat = w.reshape(-1)
-    if not m["saved"]:  # recompute mode: one up pass rebuilds the pre-activation (and x·A_upᵀ)
-        gu, xa_u = ops.run("moe_up_preact", x, *gu5, la_u, lb_u, s, sorted_ids, eoff, k, bs, m["gu_bs2"], act, n_lb_u)
+    gu5, dn5 = inp.gate_up().fields(), inp.down().fields()
+    if not LaunchPlan.from_key(inp.plan).save_preact:  # recompute mode: one up pass rebuilds the pre-activation
+        gu, xa_u = ops.run("moe_up_preact", inp.x, *gu5, la_u, lb_u, s, sorted_ids, eoff, k, bs, inp.gu_blocksize2,
+                           act, n_lb_u, inp.plan)
 
     dgu, dw, dzb_d, xa_d = ops.run(
-        "moe_down_bwd", dout, gu, w_flat, *dn5, la_d, lb_d, s, sorted_ids, eoff, k, bs, m["dn_bs2"], act,
+        "moe_down_bwd", dout, gu, w_flat, *dn5, la_d, lb_d, s, sorted_ids, eoff, k, bs, inp.dn_blocksize2, act,
         need_dgu, n_w, n_lb_d, n_la_d,
     )
+
+    def lora_grad(lhs, rhs, top_k_weights, like, *, lhs_is_rank, lhs_gather, rhs_gather, rhs_gated):
+        return ops.run("lora_grad", lhs, rhs, sorted_ids, eoff, top_k_weights, num_experts, like.shape[1],
+                       like.shape[2], s, k, lhs_is_rank, lhs_gather, rhs_gather, rhs_gated, act, like.dtype)
+
     if n_w:
-        grads[_W] = dw.view(t, k).to(w.dtype)
+        grads[_GRAD_OF["top_k_weights"]] = dw.view(t, k).to(w.dtype)
     if n_lb_d:  # d B_d = s · Σ (w·dout[t])ᵀ ⊗ (h A_dᵀ)
-        grads[_LB_D] = ops.run(
-            "lora_grad", dout, xa_d, sorted_ids, eoff, w_flat, num_experts, lb_d.shape[1], lb_d.shape[2],
-            s, k, False, True, False, False, act, lb_d.dtype,
-        )
+        grads[_GRAD_OF["lora_b_down"]] = lora_grad(dout, xa_d, w_flat, lb_d, lhs_is_rank=False, lhs_gather=True,
+                                                    rhs_gather=False, rhs_gated=False)
     if n_la_d:  # d A_d = s · Σ (w·dout B_d)ᵀ ⊗ h, h = act(g)·u re-derived from gu
-        grads[_LA_D] = ops.run(
-            "lora_grad", dzb_d, gu, sorted_ids, eoff, None, num_experts, la_d.shape[1], la_d.shape[2],
-            s, k, True, False, False, True, act, la_d.dtype,
-        )
+        grads[_GRAD_OF["lora_a_down"]] = lora_grad(dzb_d, gu, None, la_d, lhs_is_rank=True, lhs_gather=False,
+                                                    rhs_gather=False, rhs_gated=True)
     if n_x or n_la_u:
-        dxp, dzb_u = ops.run("moe_up_bwd", dgu, *gu5, la_u, lb_u, s, sorted_ids, eoff, bs, m["gu_bs2"], n_x, n_la_u)
+        dxp, dzb_u = ops.run("moe_up_bwd", dgu, *gu5, la_u, lb_u, s, sorted_ids, eoff, bs, inp.gu_blocksize2, n_x,
+                             n_la_u)
         if n_x:
-            grads[_X] = ops.run("combine", dxp, idx, num_experts)
+            grads[_GRAD_OF["x"]] = ops.run("combine", dxp, inp.top_k_index, num_experts)
         if n_la_u:  # d A_u = s · Σ (dgu B_u)ᵀ ⊗ x[t]
-            grads[_LA_U] = ops.run(
-                "lora_grad", dzb_u, x, sorted_ids, eoff, None, num_experts, la_u.shape[1], la_u.shape[2],
-                s, k, True, False, True, False, act, la_u.dtype,
-            )
+            grads[_GRAD_OF["lora_a_up"]] = lora_grad(dzb_u, inp.x, None, la_u, lhs_is_rank=True, lhs_gather=False,
+                                                      rhs_gather=True, rhs_gated=False)
     if n_lb_u:  # d B_u = s · Σ dguᵀ ⊗ (x A_uᵀ)
-        grads[_LB_U] = ops.run(
-            "lora_grad", dgu, xa_u, sorted_ids, eoff, None, num_experts, lb_u.shape[1], lb_u.shape[2],
-            s, k, False, False, False, False, act, lb_u.dtype,
-        )
+        grads[_GRAD_OF["lora_b_up"]] = lora_grad(dgu, xa_u, None, lb_u, lhs_is_rank=False, lhs_gather=False,
+                                                  rhs_gather=False, rhs_gated=False)
     return tuple(grads)
 
 

@@ -63,14 +63,15 @@ class QuantGroupedExperts(nn.Module):
         dtype: torch.dtype = torch.bfloat16,
         lora_dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
-        recompute: bool | None = None,
+        recompute: bool = False,
     ):
         super().__init__()
         _check_config(act, backend, lora_rank)
         # Training memory mode of the Triton backward (moe_layers/autograd.py): True recomputes the up
-        # projection in the backward instead of saving its (T*K, 2I) pre-activation; None defers to the
-        # NF4MOE_RECOMPUTE environment variable.
-        self.recompute = recompute
+        # projection in the backward instead of saving its (T*K, 2I) pre-activation.
+        if recompute is not None and not isinstance(recompute, bool):
+            raise ValueError(f"recompute must be True or False, got {recompute!r}")
+        self.recompute = bool(recompute)
         for name, v in (("hidden_size", hidden_size), ("intermediate_size", intermediate_size)):
             if v % blocksize:
                 raise ValueError(f"{name} ({v}) must be a multiple of blocksize ({blocksize})")
@@ -183,6 +184,19 @@ class QuantGroupedExperts(nn.Module):
         return "triton" if (x.is_cuda or _interpreting()) else "reference"
 
     # ------------------------------------------------------------------ forward
+    def launch_plan(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        """The Triton backend's launch plan (kernels.plan.LaunchPlan) for a call with these inputs, under the
+        ``nf4moe.plan_overrides`` in force here and the current grad mode, without launching anything."""
+        if self.resolve_backend(hidden_states) != "triton":
+            raise ValueError(f"launch_plan: these inputs run the {self.resolve_backend(hidden_states)!r} backend, "
+                             "which has no launch plan (the Triton backend runs on CUDA tensors or under "
+                             "TRITON_INTERPRET=1)")
+        check_forward_inputs(hidden_states, top_k_index, top_k_weights, hidden_size=self.hidden_size,
+                             device=self.gate_up_nf4.packed.device, allow_float64=False)
+        from .triton_backend import launch_plan
+
+        return launch_plan(self, hidden_states, top_k_index, top_k_weights)
+
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         backend = self.resolve_backend(hidden_states) if isinstance(hidden_states, torch.Tensor) else self.backend
         self._check_lora_containers()

@@ -191,6 +191,14 @@ class NF4Weight(nn.Module):
 
     # ------------------------------------------------------------------ use
     @property
+    def operand(self):
+        """The kernels' view of this weight (kernels.operands.NF4Operand): the buffers and the blocksizes."""
+        from ..kernels.operands import NF4Operand  # the kernels import triton: not at `import nf4moe`
+
+        return NF4Operand(self.packed, self.absmax, self.absmax2, self.code2, self.offset, self.blocksize,
+                          self.blocksize2)
+
+    @property
     def shape(self) -> tuple[int, int, int]:
         return (self.num_experts, self.out_features, self.in_features)
 
