@@ -31,7 +31,7 @@ FAMILIES = (
     ("grouped_mm bf16", "#1f77b4"),
     ("transformers", "#1f77b4"),
 )
-# Shape names of bench/bench_layer.py -> what they are, for panel titles.
+# Shape names of nf4moe/benchmarks/layer.py -> what they are, for panel titles.
 SHAPE_TITLES = {
     "qwen3": "Qwen3-30B-A3B layer (E=128, H=2048, I=768, top-8)",
     "glm45air": "GLM-4.5-Air layer (E=128, H=4096, I=1408, top-8)",

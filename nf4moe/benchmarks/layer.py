@@ -313,7 +313,8 @@ def write_results(out: str, mode: str, rows, env: dict, ceil: dict) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m nf4moe bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mode", choices=("fwd", "fwdbwd", "all"), default="fwd")
     ap.add_argument("--shapes", default="qwen3,glm45air,dsv3")
     ap.add_argument("--tokens", default=",".join(map(str, TOKENS)))
