@@ -23,7 +23,7 @@ def graph_bench(kernel_call, quantiles=None, *, launches: int = 32, rounds: int 
     """Time of one ``kernel_call`` (ms) with a cold L2, measured without the host in the loop; the Autotuner's
     ``do_bench`` interface (``quantiles`` given: the time at each, in their order; else the median).
 
-    Why (session 14, H200): Triton's do_bench records an event pair per launch after an L2-flush memset; for
+    Why (measured on an H200): Triton's do_bench records an event pair per launch after an L2-flush memset; for
     the decode GEMV (12-20 us) the host's work per launch (the memset, two events and the Autotuner's Python
     launch, ~60 us) is close to the GPU's (~90 us), so a slow stretch on the host shows up as GPU time: one
     candidate timed 17.0 us in one run and 39.8 us in the next, and the chosen configs differed.  Here two

@@ -4,7 +4,7 @@ asynchronous wgmma from it, so the NF4 decode of step i+1 runs while the tensor 
 Why a second GEMM: the Triton kernel (grouped_gemm.py) decodes each weight tile into registers as the
 wgmma A operand, and Triton's software pipeline puts a block barrier and a wgmma wait in every K step, so
 decode and MMA alternate (Nsight Compute at T=8192: 2 warps per scheduler, 1.34 IPC, 35% of the bf16 rate;
-bench/NOTES.md v17-v18).  Here every K step i is:
+NOTES v17-v18).  Here every K step i is:
 
     1. wait for this thread's cp.async group of step i (activation rows and packed weight bytes, issued two
        steps earlier; each thread copies exactly the 16 weight bytes it decodes, so no barrier is needed
@@ -20,7 +20,7 @@ bench/NOTES.md v17-v18).  Here every K step i is:
 The block barrier of step i comes after every warp finished step i-1's wait, so every warp group's
 wgmma of step i-2 is complete: the slots written after it (step i+2 = i-2 mod 4) and the weight slot written
 before it (step i = i-3 mod 3) are free.  Each weight is decoded once per 128-row tile (as in the Triton
-GEMM); the tensor cores run while the warps decode.  Measured (H200, NOTES.md v23): the version that loaded
+GEMM); the tensor cores run while the warps decode.  Measured (H200, NOTES v23): the version that loaded
 the weight bytes into registers one step ahead was latency-bound on those loads (no faster than the Triton
 GEMM); with the cp.async ring it is 1.14-1.22x faster at T >= 1024.
 
@@ -35,10 +35,10 @@ Hopper; torch.compile traces the Triton GEMM.  Memory: the same output buffers a
 (tiles, 3) int32 table (tile_table.py); 192 KB of shared memory per program (one program per SM).
 
 Tiles (the plan's ``wgmma_tile``): 128 rows x 256 weight rows, or 256 x 128 (each weight decoded once per 256
-rows), the latter from 256 routed rows per expert (measured 2-7% faster at T=8192 on all three shapes, NOTES.md
+rows), the latter from 256 routed rows per expert (measured 2-7% faster at T=8192 on all three shapes, NOTES
 v25); with it, an expert's last <= 128 rows run as a 128x256 tile in a second launch (v28: DeepSeek-V3 T=8192
 17.56 against 19.45 ms, H200).  The decode's 8 table words stay in registers (v42: 0.3-2%).  Measured and
-dropped (bench/NOTES.md, git history): a warp-specialised form (producer warps decode, mbarriers; 7-14% slower,
+dropped (lab/VARIANTS.md, git history): a warp-specialised form (producer warps decode, mbarriers; 7-14% slower,
 v27), copies three steps ahead, and the activation copies issued before the block barrier.
 """
 from __future__ import annotations

@@ -26,7 +26,7 @@ Grid: (cdiv(N, BLOCK_N), cdiv(P, BLOCK_M) + min(E, P)), the GEMM kernel's per-ex
 with BLOCK_M = 1, (cdiv(N, BLOCK_N), P): tile i is sorted row i, and its expert is found from the expert
 offsets without a scan.
 SASS (Triton 3.6, sm_90a, Qwen3-30B-A3B up projection): ~12 instructions per weight byte in the K loop, from
-~29 before (bench/NOTES.md v31).  Measured on an H200: Qwen3-30B-A3B layer under a CUDA graph at T=1 0.040 ms
+~29 before (NOTES v31).  Measured on an H200: Qwen3-30B-A3B layer under a CUDA graph at T=1 0.040 ms
 (0.046 with the v30 GEMV, 0.060 with the MMA GEMM).  The launch plan (plan.py) runs it for inference calls
 of up to 64 routed rows.
 """
@@ -59,12 +59,12 @@ def gemv_configs() -> list[triton.Config]:
         return [cfg(2, 8, 32, 1, 16, 4), cfg(1, 8, 32, 1, 16, 4), fallback]
     if interpreting():
         return [cfg(2, 64, 4, 4, 4, 1), cfg(1, 64, 4, 4, 4, 1), fallback]
-    # the best of 19 candidates on an H200 (Qwen3-30B-A3B, GLM-4.5-Air, DeepSeek-V3 at T=1, NOTES.md v31): whole
+    # the best of 19 candidates on an H200 (Qwen3-30B-A3B, GLM-4.5-Air, DeepSeek-V3 at T=1, NOTES v31): whole
     # warps on one row (K >= 2048) or 8 lanes to a row (short K: the down projections)
     out = [cfg(1, 4, 32, 1, 16, 4), cfg(1, 16, 32, 1, 16, 8), cfg(1, 4, 32, 2, 16, 4), cfg(1, 16, 8, 1, 16, 4),
            cfg(1, 8, 8, 1, 16, 2), cfg(2, 4, 32, 1, 16, 4), cfg(2, 16, 8, 1, 16, 4)]
     # (8-byte lanes under a register cap, 56-64 registers and 32-36 warps per SM, measured slower: NOTES v40;
-    # several N tiles per program, 1.3-2.5x slower at Qwen3-30B-A3B T=1 on an H200: v35, session 14)
+    # several N tiles per program, 1.3-2.5x slower at Qwen3-30B-A3B T=1 on an H200: NOTES v35)
     return out + [fallback]
 
 

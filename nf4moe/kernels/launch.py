@@ -2,7 +2,7 @@
 
 Triton's ``JITFunction.run`` rebuilds its compilation key on every call (argument binding, specialisation,
 knob and hook checks): measured on an H100 host it was half of the host time of an eager layer call
-(cProfile, bench/profile_host.py), and eager calls at small T are host-bound.  ``launch`` keys the compiled
+(cProfile, lab/profile_host.py), and eager calls at small T are host-bound.  ``launch`` keys the compiled
 kernel by everything Triton specialises a launch on, computed here from the arguments, and launches that
 compiled kernel directly on later calls:
 
@@ -153,7 +153,7 @@ def arrival_counters(device: torch.device, size: int, traced: bool = False) -> t
     captured, a fresh zeroed buffer owned by that graph.  ``traced`` (a launch through wrap_triton, under
     torch.compile): a fresh zeroed buffer too, part of the traced graph; a cached one would hold the first
     trace's fake tensor, which Inductor's lowering, under another fake mode, refuses ("Mixing fake modes", an
-    H100 run in session 21)."""
+    H100 run)."""
     on_gpu = device.type == "cuda"
     if traced or (on_gpu and torch.cuda.is_current_stream_capturing()):
         return torch.zeros(size, device=device, dtype=torch.int32)

@@ -79,7 +79,7 @@ def row_bytes(K_DIM, BS: tl.constexpr):
     than tl.multiple_of(K_DIM // 2, 16): the product carries the same divisibility, and it also compiles
     when K_DIM is a constexpr, as torch 2.11's wrap_triton mutation analysis makes every scalar argument
     (tl.multiple_of of a constexpr fails there, and torch.compile then takes every input as mutated:
-    the backward through a compiled layer failed on an H100, session 22).
+    the backward through a compiled layer failed on an H100).
     """
     if BS % 32 == 0:
         return (K_DIM // 32) * 16
@@ -234,7 +234,7 @@ def dequant_rows_lut(
     """``dequant_rows`` for compiled GPU code with 16-bit activations: the table lookup and the absmax
     multiply run in PTX byte permutes and packed f16x2/bf16x2 FMAs (``_lut_pairs_asm``: each byte's two
     weights land in one register, consecutive columns here, so the join below costs nothing; ~18% fewer
-    K-loop instructions than the earlier nibble-compacting table decode, NOTES.md v15).  The NF4 value is
+    K-loop instructions than the earlier nibble-compacting table decode, NOTES v15).  The NF4 value is
     rounded to DT before the multiply, so results differ from bitsandbytes' fp32 product by <= 1 ulp of
     DT per weight (the reference comparison bounds this).  ``w_ptr`` is the uint8 packed tensor.
     """
@@ -291,7 +291,7 @@ def lut_scaled_pairs(packed, s2, DT: tl.constexpr, z):
     stay live through the kernel: 8 registers for ~1 move instruction fewer per decoded byte (ptxas re-moves
     immediate words from uniform registers before each lookup).  Only the Gluon GEMM passes ``z``: in a Triton
     kernel the extra operands made Triton lay the decode out differently, and the tile then went through
-    shared memory to the wgmma (SASS compiled on the CPU, bench/NOTES.md v42)."""
+    shared memory to the wgmma (SASS compiled on the CPU, NOTES v42)."""
     if z is not None:
         if DT == tl.bfloat16:
             return tl.inline_asm_elementwise(

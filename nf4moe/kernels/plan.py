@@ -12,8 +12,8 @@ Overrides come from ``plan_overrides(...)`` (a context manager, also ``nf4moe.pl
 environment.  Forcing a kernel that cannot run on the call's inputs raises ``ValueError`` naming the override;
 thresholds and the Gluon tile apply to the calls they concern.
 
-Each default below is a measurement (bench/NOTES.md; the variants measured slower are gone from the code and
-recorded there and in git history).
+Each default below is a measurement; "NOTES vNN" throughout the package is entry vNN of lab/NOTES-history.md
+(the variants measured slower are gone from the code: lab/VARIANTS.md and git history).
 """
 from __future__ import annotations
 

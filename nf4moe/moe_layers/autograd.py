@@ -45,10 +45,9 @@ The training forward's up projection is the inference kernel (grouped_gemm.py) w
 stores switched on (gu, and the X·A_upᵀ rows its LoRA precompute already produces), so it shares the
 PTX table decode; recompute mode runs the same kernel with only those stores.
 
-Measured (H100, torch 2.11 / triton 3.6, Qwen3-30B-A3B layer, T = 8192, r = 16, bf16; 2026-11-25,
-bench/RESULTS.md): forward + backward 8.50 ms, peak memory above weights and inputs 0.70 GiB (bf16
-grouped_mm without LoRA: 8.99 ms / 1.31 GiB; PEFT LoRA: 15.33 ms / 2.76 GiB).  Recompute mode was 14.2 ms
-with the earlier kernels (the extra up pass) and has not been re-measured.
+Measured (H100, torch 2.11 / triton 3.6, Qwen3-30B-A3B layer, T = 8192, r = 16, bf16; 2026-12-07,
+bench/RESULTS.md "Issue 32"): forward + backward 8.07 ms, peak memory above weights and inputs 0.73 GiB.  The
+peers of a training step and recompute mode's time are issue 31's measurements.
 
 Determinism: every reduction has a fixed order (per-expert row loops, fixed-order sums of column-tile
 partials, the slot-ordered combine); there are no atomics, so two backward passes are bit-identical
