@@ -126,49 +126,18 @@ def profile_cases(shape: str, tokens: str, rank: int):
 
 
 def dequant_peer(bf16_mod, ours):
-    """The dequantize-whole-weight path: bitsandbytes dequantize_4bit then transformers grouped_mm.
-
-    bitsandbytes' kernels index with 32-bit ints, so tensors over 2**31 elements (DeepSeek-V3's
-    gate_up_proj) are held as per-chunk QuantStates and dequantized chunk by chunk into one bf16 tensor.
-    """
-    import bitsandbytes.functional as bnbf
+    """The dequantize-whole-weight path: bitsandbytes dequantize_4bit (split_lora.bnb_dequantizer) of the layer's
+    NF4 weights on every call, then transformers grouped_mm."""
     from torch.func import functional_call
 
-    def chunks(w):
-        e, o, i = w.shape
-        step = max(1, (1 << 30) // (o * i))
-        parts = []
-        for s in range(0, e, step):
-            deq = bnbf.dequantize_4bit(*_bnb_slice(w, s, min(e, s + step)))
-            parts.append((s, min(e, s + step), *bnbf.quantize_4bit(deq, blocksize=w.blocksize,
-                          compress_statistics=w.compress_statistics, quant_type="nf4")))
-        return parts
+    from .split_lora import bnb_dequantizer
 
-    def deq_all(parts, shape):
-        out = torch.empty(shape, dtype=torch.bfloat16, device="cuda")
-        for s, t, q, st in parts:
-            bnbf.dequantize_4bit(q, st, out=out[s:t])
-        return out
-
-    gu_parts, dn_parts = chunks(ours.gate_up_nf4), chunks(ours.down_nf4)
+    gate_up, down = bnb_dequantizer(ours.gate_up_nf4), bnb_dequantizer(ours.down_nf4)
 
     def fwd(x, idx, w):
-        params = {"gate_up_proj": deq_all(gu_parts, ours.gate_up_nf4.shape),
-                  "down_proj": deq_all(dn_parts, ours.down_nf4.shape)}
-        return functional_call(bf16_mod, params, (x, idx, w))
+        return functional_call(bf16_mod, {"gate_up_proj": gate_up(), "down_proj": down()}, (x, idx, w))
 
     return fwd
-
-
-def _bnb_slice(w, s: int, t: int):
-    """(packed, QuantState) of experts s..t of an NF4Weight, plain fp32 absmax (bitsandbytes format)."""
-    import bitsandbytes.functional as bnbf
-
-    o, i = w.out_features, w.in_features
-    absmax = w.scales()[s:t].reshape(-1).contiguous()
-    qs = bnbf.QuantState(absmax=absmax, shape=torch.Size((t - s, o, i)), code=bnbf.get_4bit_type("nf4", device="cuda"),
-                         blocksize=w.blocksize, quant_type="nf4", dtype=torch.bfloat16)
-    return w.packed[s:t].reshape(-1, 1), qs
 
 
 def ref_output(ours, x, idx, w) -> torch.Tensor:
@@ -291,8 +260,8 @@ def markdown(rows: list[Row], env: dict, ceil: dict) -> str:
         f"bf16 matmul {ceil['bf16_flops_per_s'] / 1e12:.0f} TFLOP/s.",
         "",
         "| shape | mode | T | implementation | ms | floor ms | x floor | peer ÷ nf4moe (>1: nf4moe faster) | rel err "
-        "| eager rounds, ms |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| extra GiB | note | eager rounds, ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     ours = {(r.shape, r.mode, r.tokens, r.impl.endswith("[CUDA graph]")): r.ms for r in rows if r.impl.startswith("nf4moe")}
     for r in rows:
@@ -300,8 +269,9 @@ def markdown(rows: list[Row], env: dict, ceil: dict) -> str:
         sp = f"{r.ms / o:.2f}x" if o and not r.impl.startswith("nf4moe") else ""
         err = f"{r.rel_err:.1e}" if r.rel_err is not None else ""
         per_round = " / ".join(f"{v:.3f}" for v in r.rounds_ms) if r.rounds_ms else ""
+        mem = f"{r.extra_mem_gib:.2f}" if r.extra_mem_gib is not None else ""
         lines.append(f"| {r.shape} | {r.mode} | {r.tokens} | {r.impl} | {r.ms:.4f} | {r.floor_ms:.4f} | "
-                     f"{r.ms / r.floor_ms:.1f} | {sp} | {err} | {per_round} |")
+                     f"{r.ms / r.floor_ms:.1f} | {sp} | {err} | {mem} | {r.note} | {per_round} |")
     return "\n".join(lines) + "\n"
 
 
@@ -322,7 +292,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-check", action="store_true", help="skip the correctness check against the reference")
     ap.add_argument("--graph-max-t", type=int, default=128,
                     help="CUDA-graph rows (bf16 grouped_mm and nf4moe) for T up to this (0: none)")
-    ap.add_argument("--rounds", type=int, default=3, help="eager timing rounds, the implementations alternating")
+    ap.add_argument("--rounds", type=int, default=3, help="eager timing rounds, the implementations alternating "
+                    "(fwd: each round a do_bench median; fwdbwd: each round 8 steps back to back, one synchronize)")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -340,7 +311,7 @@ def main(argv=None) -> int:
         if args.mode in ("fwdbwd", "all"):
             from .train import run_fwdbwd
 
-            run_fwdbwd(shape, tokens, args.rank, ceil, rows)
+            run_fwdbwd(shape, tokens, args.rank, ceil, rows, args.rounds)
         write_results(args.out, args.mode, rows, env, ceil)  # after every shape: a crash later keeps these
     print(markdown(rows, env, ceil))
     return 0

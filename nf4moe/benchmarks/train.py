@@ -1,15 +1,28 @@
 """fwd+bwd of one expert layer (QLoRA training step of the layer): nf4moe against its peers, one run.
 
-Peers: transformers grouped_mm autograd on bf16 weights (no LoRA, weights frozen); PEFT LoRA on the 3D
-expert parameters (``target_parameters``) over the same bf16 grouped_mm; dequantize-then-grouped_mm
-autograd (no LoRA).  Reported: median time of forward + backward, and the extra peak memory above the
-weights and inputs (``torch.cuda.max_memory_allocated`` during the step minus before it).
+Peers, all on the same weights, routing, inputs and upstream gradient:
+- the split-LoRA method of MoE fine-tuning libraries (split_lora.py), with the same LoRA values as nf4moe: on bf16
+  weights; on the NF4 weights dequantized by bitsandbytes per call and again in the backward; and the same keeping
+  the dequantized weights for the backward.  Their output, dX, d(top_k_weights) and LoRA gradients are checked
+  against nf4moe's (the table's rel err: the largest of them);
+- transformers grouped_mm autograd on bf16 weights and dequantize-then-grouped_mm, both without LoRA; PEFT LoRA on
+  the 3D expert parameters (``target_parameters``) over the bf16 grouped_mm.
+Reported: ``ms``, the headline, is N steps back to back with one synchronize, divided by N (what an N-layer model
+sees), the median of alternating rounds; the note holds the synchronized per-step latency (Triton's do_bench) and
+the extra peak memory above the weights and inputs (``torch.cuda.max_memory_allocated`` during a step minus
+before it).
 """
 from __future__ import annotations
+
+import statistics
+import time
 
 import torch
 
 from .layer import SHAPES, Row, _bench, build_peers, dequant_peer, floor_ms, routing
+from .split_lora import SplitLoraExperts, rel_errors, step_grads
+
+STEPS = 8  # steps back to back per timing
 
 
 class _Holder(torch.nn.Module):
@@ -38,16 +51,28 @@ def _peft_peer(bf16_mod, rank: int):
     return model
 
 
-def _step_fn(fn, x, idx, w, params):
+def _step_fn(fn, x, idx, w, params, gout):
     def step():
         for p in params:
             p.grad = None
         if x.grad is not None:
             x.grad = None
+        if w.grad is not None:
+            w.grad = None
         out = fn(x, idx, w)
-        out.backward(torch.ones_like(out))  # fixed upstream gradient; fresh inputs per shape
+        out.backward(gout)
 
     return step
+
+
+def back_to_back_ms(step, n: int = STEPS) -> float:
+    """``n`` steps launched back to back, one synchronize, wall time / n."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        step()
+    torch.cuda.synchronize()
+    return 1e3 * (time.perf_counter() - t0) / n
 
 
 def _extra_peak_gib(step) -> float:
@@ -59,33 +84,50 @@ def _extra_peak_gib(step) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2**30
 
 
-def run_fwdbwd(shape: str, tokens, rank: int, ceil: dict, rows: list):
+def run_fwdbwd(shape: str, tokens, rank: int, ceil: dict, rows: list, rounds: int = 3):
     e, h, i, k = SHAPES[shape]
     gen = torch.Generator(device="cuda").manual_seed(0)
     _, bf16, ours = build_peers(e, h, i, k, rank, gen)
     deq = dequant_peer(bf16, ours)
     peft_model = _peft_peer(bf16, rank)
+    split = {f"split LoRA r={rank} on bf16 grouped_mm": SplitLoraExperts(ours, "bf16", (bf16.gate_up_proj, bf16.down_proj)),
+             f"split LoRA r={rank}, NF4 dequant(bnb) per call and in bwd": SplitLoraExperts(ours, "nf4"),
+             f"split LoRA r={rank}, NF4 dequant(bnb) per call, kept for bwd": SplitLoraExperts(ours, "nf4_keep")}
+    ours_name = f"nf4moe (LoRA r={rank})"
     for t in tokens:
         if t < 1024:
             continue  # training shapes only
         x = torch.randn(t, h, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_(True)
         idx, w = routing(t, e, k, gen)
         w = w.requires_grad_(True)
+        gout = torch.randn(t, h, device="cuda", dtype=torch.bfloat16, generator=gen)
         fl = floor_ms(ceil, ours, idx, t, h, i, rank, backward=True)
+        ref = step_grads(ours, x, idx, w, gout)
+        errs = {name: max(rel_errors(step_grads(m, x, idx, w, gout), ref).values()) for name, m in split.items()}
         impls = {
+            ours_name: (lambda a, b, c: ours(a, b, c), list(ours.parameters())),
+            **{name: (m, list(m.parameters())) for name, m in split.items()},
             "transformers grouped_mm bf16 (no LoRA)": (lambda a, b, c: bf16(a, b, c), []),
             f"PEFT LoRA r={rank} on bf16 grouped_mm": (lambda a, b, c: peft_model(a, b, c),
                                                       [p for p in peft_model.parameters() if p.requires_grad]),
             "dequant(bnb) + grouped_mm (no LoRA)": (deq, []),
-            f"nf4moe (LoRA r={rank})": (lambda a, b, c: ours(a, b, c), list(ours.parameters())),
         }
-        for name, (fn, params) in impls.items():
-            step = _step_fn(fn, x, idx, w, params)
+        steps = {name: _step_fn(fn, x, idx, w, params, gout) for name, (fn, params) in impls.items()}
+        mem, lat = {}, {}
+        for name, step in steps.items():
             step()
-            mem = _extra_peak_gib(step)
-            ms = _bench(step)
-            rows.append(Row(shape, "fwdbwd", t, name, ms, fl, None, mem))
-            print(f"{shape:9s} T={t:6d} fwd+bwd {name:40s} {ms:8.3f} ms  extra peak {mem:6.2f} GiB  x{ms / fl:5.1f} floor",
-                  flush=True)
-    del bf16, ours, peft_model
+            mem[name] = _extra_peak_gib(step)
+            lat[name] = _bench(step)
+        per_round = {name: [] for name in steps}
+        for r in range(rounds):  # alternating order: host and clock drift fall on every implementation alike
+            for name in (list(steps) if r % 2 == 0 else list(steps)[::-1]):
+                per_round[name].append(back_to_back_ms(steps[name]))
+        for name in steps:
+            ms = statistics.median(per_round[name])
+            rows.append(Row(shape, "fwdbwd", t, name, ms, fl, errs.get(name), mem[name],
+                            note=f"synchronized per step {lat[name]:.3f} ms", rounds_ms=per_round[name]))
+            err = f"  rel err vs nf4moe {errs[name]:.1e}" if name in errs else ""
+            print(f"{shape:9s} T={t:6d} fwd+bwd {name:56s} {ms:8.3f} ms (per step synchronized {lat[name]:8.3f})  "
+                  f"extra peak {mem[name]:6.2f} GiB  x{ms / fl:5.1f} floor{err}", flush=True)
+    del bf16, ours, peft_model, split
     torch.cuda.empty_cache()
