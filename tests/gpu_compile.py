@@ -100,8 +100,9 @@ COMMON = dict(TOP_K=8, E_POW2=128, R_PAD=16, ACT=0, HAS_LORA=True, NESTED=True, 
 
 
 def pdl_variants(up: dict, gemv: dict) -> dict:
-    """Every kernel of the inference path (v46, NF4MOE_PDL) compiled with PDL on: the Qwen3-30B-A3B T=1 chain
-    (routing + up X·Aᵀ, up GEMV, down X·Aᵀ, down GEMV, combine) and the T=128 up GEMM."""
+    """Every kernel of the inference path compiled with PDL on (v46; the launch plan's ``pdl``, on in CUDA-graph
+    captures on sm_90+): the Qwen3-30B-A3B T=1 chain (routing + up X·Aᵀ, up GEMV, down X·Aᵀ, down GEMV, combine)
+    and the T=128 up GEMM."""
     from nf4moe.kernels.combine import combine_kernel
     from nf4moe.kernels.grouped_gemm import nf4_moe_gemm_kernel
     from nf4moe.kernels.grouped_gemv import nf4_moe_gemv_kernel
@@ -111,7 +112,7 @@ def pdl_variants(up: dict, gemv: dict) -> dict:
     t1 = dict(INTS, XA_SPLIT=16, P=8, ROW_BUCKET=8)
     down_ints = dict(t1, N=2048, N_TOTAL=2048, K_DIM=768, stride_xm=768, stride_om=2048, XA_SPLIT=6)
     gemv_t1 = dict(gemv, PDL=True, COMBINE=False, SLOTS=1, XA_EARLY=False, BLOCK_M=1, BLOCK_N=8, LANES=8, STEPS=1,
-                   VEC=16, TILES=1)
+                   VEC=16)
     xa = dict(TOP_K=8, E_POW2=128, R_PAD=16, INTERPRET=False, BLOCK_M=16, BLOCK_K=64, PDL=True)
     ptrs = dict(PTRS, a_ptr="*bf16", y_ptr="*bf16")
     return {
@@ -136,6 +137,13 @@ def pdl_variants(up: dict, gemv: dict) -> dict:
     }
 
 
+def gluon_available() -> bool:
+    """Triton ships Gluon's Hopper API (3.6 and later; the layer's own test: moe_layers.triton_backend)."""
+    import importlib.util
+
+    return importlib.util.find_spec("triton.experimental.gluon.language.nvidia.hopper") is not None
+
+
 def main() -> int:
     from nf4moe.kernels.grouped_gemm import nf4_moe_gemm_kernel
     from nf4moe.kernels.grouped_gemm_bwd import nf4_moe_gemm_t_kernel
@@ -145,33 +153,34 @@ def main() -> int:
     ptrs, ints, common = PTRS, INTS, COMMON
     out = {}
     up = dict(common, GATED=True, GATHER=True, SCATTER=False, INTERPRET=False, LUT=True, XA_PRE=True,
-              WRITE_GU=False, WRITE_OUT=True, KPERM=True, K_HINT=False, SPLIT_K=1)
+              WRITE_GU=False, WRITE_OUT=True)
+    # tiles of up to 32 rows take their K steps in MMA k order (nf4_decode.mma_k_order), larger ones in natural order
     out["gemm_up_bk128"] = facts(compile_kernel(nf4_moe_gemm_kernel, ptrs, ints,
                                                 dict(up, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128), 4, 3))
     out["gemm_up_bk64"] = facts(compile_kernel(nf4_moe_gemm_kernel, ptrs, ints,
                                                dict(up, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64), 4, 3))
     out["gemm_up_bk64_bm16"] = facts(compile_kernel(nf4_moe_gemm_kernel, ptrs, ints,
                                                     dict(up, BLOCK_M=16, BLOCK_N=64, BLOCK_K=64), 4, 4))
-    out["gemm_up_bk128_k_hint"] = facts(compile_kernel(nf4_moe_gemm_kernel, ptrs, ints,
-                                                       dict(up, K_HINT=True, BLOCK_M=128, BLOCK_N=128, BLOCK_K=128), 8, 3))
-    out["gemm_up_split_k"] = facts(compile_kernel(nf4_moe_gemm_kernel, ptrs, ints,
-                                                  dict(up, XA_PRE=False, SPLIT_K=4, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128),
-                                                  4, 3))
-    out["gemm_up_bk128_natural_k"] = facts(compile_kernel(nf4_moe_gemm_kernel, ptrs, ints,
-                                                          dict(up, KPERM=False, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128), 4, 3))
-    gemv = {k: v for k, v in up.items() if k not in ("INTERPRET", "XA_PRE", "WRITE_GU", "WRITE_OUT", "KPERM", "K_HINT", "SPLIT_K")}
+    out["gemm_up_bm128_bk128"] = facts(compile_kernel(nf4_moe_gemm_kernel, ptrs, ints,
+                                                      dict(up, BLOCK_M=128, BLOCK_N=128, BLOCK_K=128), 8, 3))
+    out["gemm_up_bm64_bk128"] = facts(compile_kernel(nf4_moe_gemm_kernel, ptrs, ints,
+                                                     dict(up, BLOCK_M=64, BLOCK_N=64, BLOCK_K=128), 4, 3))
+    gemv = {k: v for k, v in up.items() if k not in ("INTERPRET", "XA_PRE", "WRITE_GU", "WRITE_OUT")}
     out["gemv_up"] = facts(compile_kernel(nf4_moe_gemv_kernel, ptrs, ints,
                                           dict(gemv, COMBINE=False, SLOTS=1, XA_BY_PAIR=False, XA_EARLY=False, K_DIM=2048, BLOCK_M=1, BLOCK_N=4,
-                                               LANES=32, STEPS=1, VEC=16, TILES=1), 4, 1))
-    out["gemv_up_tiles2"] = facts(compile_kernel(nf4_moe_gemv_kernel, ptrs, ints,
-                                                 dict(gemv, COMBINE=False, SLOTS=1, XA_BY_PAIR=False, XA_EARLY=False, K_DIM=2048, BLOCK_M=1,
-                                                      BLOCK_N=4, LANES=32, STEPS=1, VEC=16, TILES=2), 4, 1))
+                                               LANES=32, STEPS=1, VEC=16), 4, 1))
+    # the down GEMV with the fused combine (the plan's combine="gemv", eager decode calls): Qwen3-30B-A3B T=1
+    down_t1 = dict(ints, N=2048, N_TOTAL=2048, stride_xm=768, stride_om=2048, XA_SPLIT=6, P=8, ROW_BUCKET=8)
+    out["gemv_down_combine"] = facts(compile_kernel(
+        nf4_moe_gemv_kernel, ptrs, down_t1,
+        dict(gemv, TOP_K=1, GATED=False, GATHER=False, SCATTER=True, COMBINE=True, SLOTS=8, XA_BY_PAIR=False,
+             XA_EARLY=False, K_DIM=768, BLOCK_M=1, BLOCK_N=8, LANES=8, STEPS=1, VEC=16), 2, 1))
     # the routing launch's X·Aᵀ (16 partials by pair id) summed while the first chunk is in flight (XA_EARLY)
     for when, early in (("early", True), ("late", False)):  # (the Qwen3-30B-A3B T=1 up winner's config)
         out["gemv_up_xa_" + when] = facts(compile_kernel(
             nf4_moe_gemv_kernel, ptrs, dict(ints, XA_SPLIT=16, P=8, ROW_BUCKET=8),
             dict(gemv, COMBINE=False, SLOTS=1, XA_BY_PAIR=True, XA_EARLY=early, K_DIM=2048, BLOCK_M=1, BLOCK_N=8,
-                 LANES=8, STEPS=1, VEC=16, TILES=1), 2, 1))
+                 LANES=8, STEPS=1, VEC=16), 2, 1))
     bwd = dict(common, DOWN=False, NEED_DY=True, NEED_OUT=True, NEED_DW=False, NEED_XA=False, NEED_DZB=True,
                INTERPRET=False, LUT=True)
     out["bwd_up_dx"] = facts(compile_kernel(nf4_moe_gemm_t_kernel, ptrs, dict(ints, N=2048, KR=1536),
@@ -188,38 +197,23 @@ def main() -> int:
                               PDL=False), 4, 1, debug=True)
     out["routing_xa"] = dict(facts(ptx), assertfail=ptx.count("__assertfail"), local=ptx.count(".local"))
     out.update(pdl_variants(up, gemv))
-    from nf4moe.kernels.grouped_gemm import gluon_available
-
     if gluon_available():  # the Gluon GEMM for many rows (grouped_gemm_wgmma.py), up and down, nested absmax
-        from nf4moe.kernels import grouped_gemm_wgmma as gw
         from nf4moe.kernels.grouped_gemm_wgmma import nf4_moe_gemm_wgmma_kernel
 
         wg_ptrs = dict(ptrs, am_ptr="*u8", xa_ptr="*fp32", tile_ptr="*i32")
         wg_ints = dict(ints, K_HALF=1024, P=65536)
-        wg = dict(TOP_K=8, R_PAD=16, ACT=0, HAS_LORA=True, NESTED=True, BS=64, BS2=256, WRITE_GU=False, WRITE_OUT=True,
-                  LEAVE_OUT=0, STAGES=4, EARLY_COPY=False, LUT_REGS=False)
+        wg = dict(TOP_K=8, R_PAD=16, ACT=0, HAS_LORA=True, NESTED=True, BS=64, BS2=256, WRITE_GU=False, WRITE_OUT=True)
         down_ints = dict(wg_ints, N=2048, K_DIM=768, K_HALF=384, N_TOTAL=2048)
-        for name, bm, tn in (("", 128, 256), ("_256rows", 256, 128)):
+        from nf4moe.kernels.plan import TILES
+
+        for bm, tn in TILES.values():  # every tile the plan can choose: 128x256 ("") and 256x128 ("_256rows")
+            name = "" if (bm, tn) == (128, 256) else f"_{bm}rows"
             tile = dict(wg, BLOCK_M=bm, TILE_N=tn)
             out["wgmma_up" + name] = facts(compile_kernel(nf4_moe_gemm_wgmma_kernel, wg_ptrs, wg_ints,
                                                           dict(tile, GATED=True, BLOCK_N=tn // 2), 8, 1, gluon=True))
             out["wgmma_down" + name] = facts(compile_kernel(nf4_moe_gemm_wgmma_kernel, wg_ptrs, down_ints,
                                                             dict(tile, TOP_K=1, GATED=False, BLOCK_N=tn), 8, 1,
                                                             gluon=True))
-            out["wgmma_up_early" + name] = facts(compile_kernel(nf4_moe_gemm_wgmma_kernel, wg_ptrs, wg_ints,
-                                                                dict(tile, GATED=True, BLOCK_N=tn // 2, EARLY_COPY=True),
-                                                                8, 1, gluon=True))
-            out["wgmma_up_lut_regs" + name] = facts(compile_kernel(nf4_moe_gemm_wgmma_kernel, wg_ptrs, wg_ints,
-                                                                   dict(tile, GATED=True, BLOCK_N=tn // 2, LUT_REGS=True),
-                                                                   8, 1, gluon=True))
-            ws = dict({k: v for k, v in tile.items() if k not in ("EARLY_COPY", "LUT_REGS")},  # the warp-specialised kernel
-                      PW=gw.WS_PRODUCER_WARPS, PREGS=gw.WS_PRODUCER_REGS, WSLOTS=gw.WS_CONFIG[4])
-            out["wgmma_ws_up" + name] = facts(compile_kernel(gw.nf4_moe_gemm_ws_kernel, wg_ptrs, wg_ints,
-                                                             dict(ws, GATED=True, BLOCK_N=tn // 2), 8, 1, gluon=True,
-                                                             maxnreg=gw.WS_MAXNREG))
-            out["wgmma_ws_down" + name] = facts(compile_kernel(gw.nf4_moe_gemm_ws_kernel, wg_ptrs, down_ints,
-                                                               dict(ws, TOP_K=1, GATED=False, BLOCK_N=tn), 8, 1,
-                                                               gluon=True, maxnreg=gw.WS_MAXNREG))
     json.dump(out, sys.stdout)
     return 0
 

@@ -4,14 +4,15 @@ CI has no GPU, so the GPU suite runs only in device sessions; this catches a ker
 longer lower for Hopper (inline PTX, layouts, the pipeliner) before device time is spent.  The compile runs
 in a subprocess without TRITON_INTERPRET (tests/gpu_compile.py), through Triton's own compiler and ptxas.
 What it checks, per kernel variant:
-- the forward GEMM (both K-step kinds) and the backward's transposed GEMM issue Hopper wgmma and stage
-  their loads with cp.async (the software pipeline), and decode NF4 with the scaled PTX table;
+- the forward GEMM (both K-step kinds, tiles of up to 32 rows in MMA k order and larger ones in natural
+  order) and the backward's transposed GEMM issue Hopper wgmma and stage their loads with cp.async (the
+  software pipeline), and decode NF4 with the scaled PTX table;
 - the forward GEMM in MMA k order reads the staged weight bytes as words (the natural order byte by byte);
-- the decode GEMV uses the unscaled table and no tensor cores; the routing kernel compiles at 1024 keys;
-- the opt-in split-K GEMM counts arrivals with one acq_rel atomic and reads the partials past L1;
-- the Gluon GEMM for many rows (grouped_gemm_wgmma.py) issues asynchronous wgmma from shared memory fed by
-  cp.async (activations) and 16-byte weight-byte loads decoded by the pair PTX, with no local memory; its
-  warp-specialised form hands over through mbarriers and splits the registers between its partitions;
+- the decode GEMV uses the unscaled table and no tensor cores; with the fused combine it counts arrivals with
+  one acq_rel atomic and reads the slot rows past L1; the routing kernel compiles at 1024 keys;
+- the Gluon GEMM for many rows (grouped_gemm_wgmma.py), both of the plan's tiles, issues asynchronous wgmma
+  from shared memory fed by cp.async (activations) and 16-byte weight-byte loads decoded by the pair PTX with
+  its table words in registers, with no local memory;
 - with PDL (programmatic dependent launch, v46) every kernel of the inference path waits for its predecessor
   before its first global memory access, and without it none has grid dependency control.
 """
@@ -35,8 +36,11 @@ def compiled():
     return json.loads(run_uninterpreted("gpu_compile.py"))
 
 
-@pytest.mark.parametrize("variant", ["gemm_up_bk128", "gemm_up_bk64", "gemm_up_bk128_natural_k", "gemm_up_bk128_k_hint",
-                                     "bwd_up_dx"])
+GEMMS = ["gemm_up_bk128", "gemm_up_bk64", "gemm_up_bk64_bm16", "gemm_up_bm64_bk128", "gemm_up_bm128_bk128",
+         "bwd_up_dx"]
+
+
+@pytest.mark.parametrize("variant", GEMMS)
 def test_gemms_use_wgmma_pipelined_loads_and_the_table_decode(compiled, variant):
     f = compiled[variant]
     assert f["wgmma"] > 0, "no Hopper tensor-core instruction"
@@ -44,8 +48,7 @@ def test_gemms_use_wgmma_pipelined_loads_and_the_table_decode(compiled, variant)
     assert f["lut_decodes"] > 0 and f["lut_scaled"], "NF4 decode is not the scaled PTX table"
 
 
-@pytest.mark.parametrize("variant", ["gemm_up_bk128", "gemm_up_bk64", "gemm_up_bk128_natural_k", "gemm_up_bk128_k_hint",
-                                     "bwd_up_dx"])
+@pytest.mark.parametrize("variant", [v for v in GEMMS if v != "gemm_up_bk64_bm16"])
 def test_weight_bytes_staged_in_16_byte_copies(compiled, variant):
     """nf4_decode.row_bytes tells the compiler packed rows start 16-byte aligned (K_DIM is a multiple of the
     blocksize), so each K step's weight runs of 16+ bytes are staged by 16-byte cp.async; the launch's own
@@ -54,9 +57,17 @@ def test_weight_bytes_staged_in_16_byte_copies(compiled, variant):
     assert 16 in f["cp_async_bytes"] and 8 not in f["cp_async_bytes"], f["cp_async_bytes"]
 
 
+def test_short_mma_order_runs_staged_whole(compiled):
+    """A 16-row tile's K step of 64 in MMA k order gives each lane group a run of 64 / 8 = 8 bytes per row
+    (nf4_decode.mma_k_order): staged by 8-byte cp.async, nothing narrower than the 4-byte activation and absmax
+    copies."""
+    f = compiled["gemm_up_bk64_bm16"]
+    assert max(f["cp_async_bytes"]) == 8 and min(f["cp_async_bytes"]) >= 4, f["cp_async_bytes"]
+
+
 def test_gemv_xa_early_sums_the_partials_without_a_loop(compiled):
-    """XA_EARLY (grouped_gemv.gemv_xa_early): the 16 X·Aᵀ partials are masked straight-line loads, so the
-    kernel loses the epilogue's partial loop (its branches) and spills nothing."""
+    """XA_EARLY (the plan's ``gemv_xa_early``, on in CUDA-graph captures): the 16 X·Aᵀ partials are masked
+    straight-line loads, so the kernel loses the epilogue's partial loop (its branches) and spills nothing."""
     early, late = compiled["gemv_up_xa_early"], compiled["gemv_up_xa_late"]
     assert early["branches"] < late["branches"], (early["branches"], late["branches"])
     assert not any("local" in op for op in early["ptx_ops"]), "registers spilled to local memory"
@@ -64,11 +75,13 @@ def test_gemv_xa_early_sums_the_partials_without_a_loop(compiled):
 
 @pytest.mark.parametrize("variant", ["gemm_up_bk128", "gemm_up_bk64_bm16"])
 def test_mma_k_order_loads_weight_words_and_decodes_pairs(compiled, variant):
-    """K steps in MMA k order (nf4_decode.mma_k_order): the staged weight bytes are read as words, not one
-    byte at a time, and decoded straight into (even, odd) operand pairs; the natural order reads bytes."""
+    """K steps in MMA k order (nf4_decode.mma_k_order, tiles of up to 32 rows): the staged weight bytes are read
+    as words, not one byte at a time, and decoded straight into (even, odd) operand pairs; the natural order
+    (larger tiles) reads K steps of 128 as bytes."""
     f = compiled[variant]
     assert f["smem_byte_loads"] == 0 and f["lut_pairs"] > 0, f
-    assert compiled["gemm_up_bk128_natural_k"]["smem_byte_loads"] > 0
+    assert compiled["gemm_up_bm64_bk128"]["smem_byte_loads"] > 0
+    assert compiled["gemm_up_bm128_bk128"]["smem_byte_loads"] > 0
     assert compiled["gemm_up_bk64"]["lut_pairs"] > 0  # the natural order (64-row tiles) decodes pairs too
 
 
@@ -81,12 +94,15 @@ def test_gemv_uses_the_pair_table_without_tensor_cores(compiled):
     assert f["global_v4_loads"] > 0 and f["smem_byte_loads"] == 0, f
 
 
-def test_gemv_tiles_unroll_each_tiles_loads(compiled):
-    """Two N tiles per program: each tile's weight and activation loads are emitted (twice the 16-byte loads of
-    one tile), still with no shared memory and no tensor cores."""
-    one, two = compiled["gemv_up"], compiled["gemv_up_tiles2"]
-    assert two["global_v4_loads"] == 2 * one["global_v4_loads"], (one, two)
-    assert two["lut_pairs"] == 2 * one["lut_pairs"] and two["smem_byte_loads"] == 0 and two["wgmma"] == 0, two
+def test_gemv_fused_combine_counts_arrivals_with_an_acq_rel_atomic(compiled):
+    """The down GEMV with the fused combine (grouped_gemv._combine_last): one acq_rel arrival per program (one
+    thread, then broadcast), and the last slot to arrive reads the token's slot rows with ld.global.cg (past L1,
+    where another SM's stores are not); still the pair table, 16-byte loads, no tensor cores."""
+    f = compiled["gemv_down_combine"]
+    assert f["acq_rel_counter"] == 1, f
+    assert f["l2_loads"] > 0, f
+    assert f["lut_pairs"] > 0 and f["global_v4_loads"] > 0 and f["wgmma"] == 0 and f["smem_byte_loads"] == 0, f
+    assert compiled["pdl_gemv_down"]["acq_rel_counter"] == 0  # the plain down GEMV: no counter
 
 
 def test_routing_kernel_compiles_at_the_threshold(compiled):
@@ -113,7 +129,7 @@ PDL_KERNELS = ["pdl_routing", "pdl_routing_xa", "pdl_gemv_up", "pdl_lora_xa_down
 
 @pytest.mark.parametrize("variant", PDL_KERNELS)
 def test_pdl_kernels_wait_before_any_global_access(compiled, variant):
-    """v46 (NF4MOE_PDL): a kernel launched as a programmatic dependent launch may start while its predecessor
+    """v46 (the launch plan's ``pdl``): a kernel launched as a programmatic dependent launch may start while its predecessor
     runs, so it must wait (griddepcontrol.wait) before its first global load, store, atomic or cp.async, and it
     lets its own dependent launch (launch_dependents); once each, on the entry path."""
     f = compiled[variant]
@@ -134,16 +150,7 @@ def test_pdl_leaves_the_gemm_loop_unchanged(compiled):
         assert on[fact] == off[fact], fact
 
 
-def test_split_k_counts_arrivals_with_an_acq_rel_atomic(compiled):
-    f = compiled["gemm_up_split_k"]
-    assert f["wgmma"] > 0 and f["lut_pairs"] > 0
-    assert f["acq_rel_counter"] == 1, f  # one arrival per program (executed by one thread, then broadcast)
-    assert f["l2_loads"] > 0, f  # the last split reads the others' partials with ld.global.cg
-
-
-@pytest.mark.parametrize("variant", ["wgmma_up", "wgmma_down", "wgmma_up_256rows", "wgmma_down_256rows",
-                                     "wgmma_up_early", "wgmma_up_early_256rows", "wgmma_up_lut_regs",
-                                     "wgmma_up_lut_regs_256rows"])
+@pytest.mark.parametrize("variant", ["wgmma_up", "wgmma_down", "wgmma_up_256rows", "wgmma_down_256rows"])
 def test_wgmma_gemm_decodes_into_shared_memory_for_async_wgmma(compiled, variant):
     if variant not in compiled:
         pytest.skip("this Triton has no Gluon Hopper API")
@@ -153,22 +160,6 @@ def test_wgmma_gemm_decodes_into_shared_memory_for_async_wgmma(compiled, variant
     assert 16 in f["cp_async_bytes"], "activation rows not copied with 16-byte cp.async"
     assert f["global_v4_loads"] > 0, "weight bytes not loaded 16 bytes at a time"
     assert f["lut_pairs"] > 0, "NF4 not decoded by the pair PTX"
-    # NF4MOE_LUT_REGS: the table words reach the decode as registers, otherwise as immediates
-    assert (f["lut_table_regs"] > 0) == ("lut_regs" in variant), f["lut_table_regs"]
+    assert f["lut_table_regs"] > 0, "the decode's table words are immediates, not registers (v42)"
     assert any(op.startswith("fence.proxy.async") for op in ops), "decoded tiles not fenced for the async proxy"
-    assert not any("local" in op for op in ops), "registers spilled to local memory"
-
-
-@pytest.mark.parametrize("variant", ["wgmma_ws_up", "wgmma_ws_down", "wgmma_ws_up_256rows", "wgmma_ws_down_256rows"])
-def test_warp_specialised_gemm_hands_over_through_mbarriers(compiled, variant):
-    """The warp-specialised Gluon GEMM: the same cp.async feed, pair decode and asynchronous wgmma, handed over
-    between the partitions through mbarriers, with the register file split between them (setmaxnreg)."""
-    if variant not in compiled:
-        pytest.skip("this Triton has no Gluon Hopper API")
-    f = compiled[variant]
-    ops = f["ptx_ops"]
-    assert f["wgmma"] > 0 and ops.get("wgmma.wait_group.sync.aligned", 0) > 0, "no asynchronous wgmma"
-    assert 16 in f["cp_async_bytes"] and f["lut_pairs"] > 0
-    assert any(op.startswith("mbarrier.try_wait") for op in ops), "no mbarrier wait"
-    assert any(op.startswith("setmaxnreg") for op in ops), "registers not split between the partitions"
     assert not any("local" in op for op in ops), "registers spilled to local memory"

@@ -1,10 +1,14 @@
-"""launch.launch's compiled-kernel cache, with a stand-in kernel (the CPU has no compiled Triton kernels).
+"""launch.py, the launchers' shared host layer, with stand-in kernels (the CPU has no compiled Triton kernels).
 
-The first launch of a specialisation goes through ``kernel[grid]`` (Triton compiles and returns the
-kernel); later launches with the same specialisation call the compiled kernel with every parameter in
-signature order; any change Triton specialises on (dtype, 16-byte alignment, an int equal to 1 or a
-multiple of 16 or beyond int32, a constexpr, an option) goes through Triton again.  The GPU suite runs the
-real path (every eager layer call uses it).
+- ``launch``'s compiled-kernel cache: the first launch of a specialisation goes through ``kernel[grid]``
+  (Triton compiles and returns the kernel); later launches with the same specialisation call the compiled
+  kernel with every parameter in signature order; any change Triton specialises on (dtype, 16-byte alignment,
+  an int equal to 1 or a multiple of 16 or beyond int32, a constexpr, an option) goes through Triton again.
+- ``launch_tuned``: the autotuner once per key, then its config through the cache.
+- ``pdl_options``: the plan's PDL choice as the kernel's wait and Triton's launch option, always together; every
+  launcher of the inference path passes the plan's choice.
+- ``arrival_counters``: zeroed buffers per device and stream, fresh ones when traced or captured.
+The GPU suite runs the real path (every eager layer call uses it).
 """
 from __future__ import annotations
 
@@ -121,7 +125,7 @@ def test_unknown_argument_type_is_refused(direct):
 def test_host_integer_helpers_match_triton():
     import triton
 
-    from nf4moe.kernels.configs import cdiv, pow2
+    from nf4moe.kernels.host import cdiv, pow2
 
     for n in list(range(70)) + [1023, 1024, 1025, (1 << 20) + 1]:
         assert pow2(n) == triton.next_power_of_2(n)
@@ -165,10 +169,9 @@ def test_key_is_as_fine_as_tritons_own_specialisation():
     assert all(len(t) == 1 for t in theirs_by_ours.values()), theirs_by_ours
 
 
-@pytest.mark.parametrize("k_dim,combine,bucket,tiles", [(7168, False, 8, "0"), (2048, True, 8, "0"), (768, False, 64, "0"),
-                                                        (65536, False, 8, "0"), (7168, False, 8, "1"),
-                                                        (2048, True, 8, "1")])
-def test_gemv_candidates_fit_and_stay_short(monkeypatch, k_dim, combine, bucket, tiles):
+@pytest.mark.parametrize("k_dim,combine,bucket", [(7168, False, 8), (2048, True, 8), (768, False, 64),
+                                                 (65536, False, 8)])
+def test_gemv_candidates_fit_and_stay_short(monkeypatch, k_dim, combine, bucket):
     """The GEMV's tuned candidates (the GPU list, pruned): lanes inside one NF4 block, one row per program with
     the fused combine, at most MAX_CHUNKS unrolled K chunks (else only the widest chunks), and never the
     4-byte-lane fallback while another config fits (at K = 7168 it took minutes to compile)."""
@@ -176,13 +179,11 @@ def test_gemv_candidates_fit_and_stay_short(monkeypatch, k_dim, combine, bucket,
 
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # the GPU candidate list (nothing is compiled here)
     monkeypatch.delenv("NF4MOE_CONFIG", raising=False)
-    monkeypatch.setenv("NF4MOE_GEMV_TILES", tiles)  # 1: also the opt-in configs of several N tiles per program
     configs = gv.gemv_configs()
-    assert any(c.kwargs["TILES"] > 1 for c in configs) == (tiles == "1")
     kept = gv.prune_gemv(configs, {}, ROW_BUCKET=bucket, N=2048, BS=64, K_DIM=k_dim, COMBINE=combine)
 
     def chunks(c):
-        return c.kwargs["TILES"] * -(-k_dim // (2 * c.kwargs["LANES"] * c.kwargs["STEPS"] * c.kwargs["VEC"]))
+        return -(-k_dim // (2 * c.kwargs["LANES"] * c.kwargs["STEPS"] * c.kwargs["VEC"]))
 
     assert kept and configs[-1] not in kept
     assert all(64 % (2 * c.kwargs["VEC"]) == 0 and c.kwargs["BLOCK_M"] <= (1 if combine else bucket) for c in kept)
@@ -196,130 +197,139 @@ def test_gemv_candidates_fit_and_stay_short(monkeypatch, k_dim, combine, bucket,
         assert {c.kwargs["BLOCK_M"] for c in kept} == {1}
 
 
-# --------------------------------------------------------------------------- PDL (NF4MOE_PDL, v46)
+# --------------------------------------------------------------------------- launch_tuned
 
-def fake_cuda_tensor():
-    """What launch.use_pdl reads of a tensor, as a CUDA tensor on device 0 has it (the CPU has none)."""
-    return type("CudaTensor", (), {"is_cuda": True, "device": torch.device("cuda", 0)})()
+class FakeAutotuner:
+    """What launch_tuned uses of a Triton Autotuner: ``fn`` (the JIT function), ``[grid](...)`` (tune, then
+    launch) and ``best_config`` (the choice of the last tuning launch)."""
+
+    def __init__(self, block=32):
+        self.fn = FakeKernel()
+        self.tunings = []
+        self.block = block
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            self.tunings.append((grid, args, kwargs))
+            self.best_config = type("Cfg", (), {"all_kwargs": lambda _: {"BLOCK": self.block, "num_warps": 4}})()
+
+        return run
 
 
-@pytest.mark.parametrize("case", ["on", "flag_off", "auto_eager", "auto_captured", "unset_captured", "interpreted",
-                                  "traced", "cpu_tensor", "pre_hopper"])
-def test_pdl_options_pair_the_wait_with_the_launch_option(monkeypatch, case):
+@pytest.fixture
+def fresh_tuned(monkeypatch):
+    monkeypatch.setattr(L, "_TUNED", {})
+
+
+def test_launch_tuned_asks_the_autotuner_once_per_key(direct, fresh_tuned):
+    """The first launch of a key goes through the autotuner (which tunes and launches); later ones launch the
+    JIT function with its config through the compiled-kernel cache (Triton once, then the compiled kernel);
+    another key asks the autotuner again."""
+    at = FakeAutotuner()
+    x = torch.zeros(64)
+    key = ("gemm", 768, 2048)
+    assert not L.tuned(key)
+    L.launch_tuned(at, (5,), key, None, x, 7, 0.5)
+    assert len(at.tunings) == 1 and at.fn.log == [] and L.tuned(key)
+    y = torch.ones(64)
+    L.launch_tuned(at, (5,), key, None, x, 7, 0.5)
+    L.launch_tuned(at, (5,), key, None, y, 9, 2.0)
+    assert len(at.tunings) == 1
+    assert [e[0] for e in at.fn.log] == ["triton", "compiled"]
+    assert at.fn.log[0][3] == {"BLOCK": 32, "num_warps": 4}  # the tuned config, by keyword
+    args = at.fn.log[1][2]
+    assert args[0] is y and args[1:] == (9, 2.0, 32)  # every parameter, the config's constexpr last
+    other = ("gemm", 768, 4096)
+    L.launch_tuned(at, (5,), other, None, x, 7, 0.5)
+    assert len(at.tunings) == 2 and L.tuned(other)
+
+
+def test_traced_launch_tuned_always_goes_through_the_autotuner(direct, fresh_tuned):
+    """With a launcher (wrap_triton) every launch is the autotuner's, which Inductor understands; nothing is
+    recorded, so a later eager launch still tunes."""
+    at = FakeAutotuner()
+    wrapped = []
+    key = ("gemv", 2048)
+    for _ in range(2):
+        L.launch_tuned(at, (1,), key, lambda kern: wrapped.append(kern) or kern, torch.zeros(4), 7, 0.5)
+    assert wrapped == [at, at] and len(at.tunings) == 2 and at.fn.log == []
+    assert not L.tuned(key)
+
+
+# --------------------------------------------------------------------------- PDL (the plan's pdl, v46)
+
+@pytest.mark.parametrize("pdl", [False, True])
+@pytest.mark.parametrize("traced", [False, True])
+def test_pdl_options_pair_the_wait_with_the_launch_option(pdl, traced):
     """A programmatic dependent launch (Triton's launch_pdl) always comes with the kernel's wait (the PDL
-    constexpr), and only for direct launches on sm_90+: with NF4MOE_PDL=1, or by default (unset or auto) while a
-    CUDA graph is being captured; never under the interpreter (no griddepcontrol there), never traced (Inductor
-    launches the kernel; no launch option is passed), never for CPU tensors or older GPUs."""
-    from nf4moe.kernels import configs
-
-    monkeypatch.setattr(L, "_INTERPRET", case == "interpreted")
-    monkeypatch.setattr(L, "_pdl_capable", lambda index: case != "pre_hopper")
-    monkeypatch.setattr(configs, "capturing", lambda t: case.endswith("_captured"))
-    if case == "unset_captured":
-        monkeypatch.delenv("NF4MOE_PDL", raising=False)
-    else:
-        raw = {"flag_off": "0", "auto_eager": "auto", "auto_captured": "auto"}.get(case, "1")
-        monkeypatch.setenv("NF4MOE_PDL", raw)
-    t = torch.zeros(1) if case == "cpu_tensor" else fake_cuda_tensor()
-    launcher = (lambda kernel: kernel) if case == "traced" else None
-    opts = L.pdl_options(t, launcher)
-    on = case in ("on", "auto_captured", "unset_captured")
-    if case == "traced":
-        assert opts == {"PDL": False}
-    else:
-        assert opts == {"PDL": on, "launch_pdl": on}
+    constexpr), as the plan says (plan.LaunchPlan.pdl); traced launches (a launcher: Inductor launches the
+    kernel) never wait and pass no launch option."""
+    opts = L.pdl_options(pdl, (lambda kernel: kernel) if traced else None)
+    assert opts == ({"PDL": False} if traced else {"PDL": pdl, "launch_pdl": pdl})
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU suite's process state")
-def test_pdl_is_off_in_this_process_unless_a_gpu_runs_it():
-    """The CPU suite runs the interpreter: whatever NF4MOE_PDL says, no kernel is compiled with the wait."""
-    assert L.pdl_options(torch.zeros(1), None) == {"PDL": False, "launch_pdl": False}
-
-
-# --------------------------------------------------------------------------- graph_bench (NF4MOE_TUNE_GRAPH)
-
-@pytest.mark.parametrize("raw,want", [("0", False), ("1", True), ("yes", None), (None, "default")])
-@pytest.mark.parametrize("flag,default", [("NF4MOE_TUNE_GRAPH", True), ("NF4MOE_GEMV_TILES", False),
-                                          ("NF4MOE_XA_IN_ROUTING", True)])
-def test_env_flags(flag, default, raw, want, monkeypatch):
-    """Each switch reads 0 / 1 (unset: its default) and rejects anything else, naming itself."""
-    from nf4moe.kernels import configs, grouped_gemv
-    from nf4moe.moe_layers import triton_backend
-
-    read = {"NF4MOE_TUNE_GRAPH": configs.tune_in_graphs, "NF4MOE_GEMV_TILES": grouped_gemv.gemv_tiles,
-            "NF4MOE_XA_IN_ROUTING": triton_backend.xa_in_routing}[flag]
-    if raw is None:
-        monkeypatch.delenv(flag, raising=False)
-    else:
-        monkeypatch.setenv(flag, raw)
-    if want is None:
-        with pytest.raises(ValueError, match=f"{flag} must be 0 or 1"):
-            read()
-    else:
-        assert read() is (default if want == "default" else want)
-
-
-@pytest.mark.parametrize("raw,eager,captured", [("0", False, False), ("1", True, True), ("auto", False, True),
-                                                 (None, False, True), ("yes", None, None)])
-@pytest.mark.parametrize("flag", ["NF4MOE_PDL", "NF4MOE_GEMV_XA_EARLY"])
-def test_graph_flags(flag, raw, eager, captured, monkeypatch):
-    """The switches measured faster in CUDA-graph replays only (configs.graph_flag): unset or auto, on while a
-    graph is being captured and off for eager launches; 0 / 1 off / on for both; anything else is refused,
-    naming the switch."""
-    from nf4moe.kernels import configs, grouped_gemv
-
-    monkeypatch.setattr(L, "_INTERPRET", False)  # use_pdl reads its flag past the interpreter test
-    monkeypatch.setattr(L, "_pdl_capable", lambda index: True)
-    cuda_tensor = fake_cuda_tensor()
-    read = {"NF4MOE_PDL": lambda: L.use_pdl(cuda_tensor, None),
-            "NF4MOE_GEMV_XA_EARLY": lambda: grouped_gemv.gemv_xa_early(cuda_tensor)}[flag]
-    if raw is None:
-        monkeypatch.delenv(flag, raising=False)
-    else:
-        monkeypatch.setenv(flag, raw)
-    for is_captured, want in ((False, eager), (True, captured)):
-        monkeypatch.setattr(configs, "capturing", lambda t: is_captured)
-        if want is None:
-            with pytest.raises(ValueError, match=f"{flag} must be 0, 1 or auto"):
-                read()
-        else:
-            assert read() is want
-
-
-def test_layer_call_reads_switches_and_capture_state_once(monkeypatch):
-    """Inside configs.layer_call a switch and the capture state are read once (a layer call's launches all ask);
-    a later call, and any read outside one, sees the environment as it is then; nested calls share the outer
-    call's reads."""
-    from nf4moe.kernels import configs
-
-    queries = []
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: queries.append(1) or True)
-    cuda_tensor = fake_cuda_tensor()
-    monkeypatch.setenv("NF4MOE_PDL", "0")
-    with configs.layer_call():
-        assert configs.graph_flag("NF4MOE_PDL", cuda_tensor) is False
-        monkeypatch.setenv("NF4MOE_PDL", "auto")  # not seen until the call ends
-        assert configs.env("NF4MOE_PDL", "auto") == "0"
-        with configs.layer_call():
-            assert configs.graph_flag("NF4MOE_PDL", cuda_tensor) is False
-        assert configs.env("NF4MOE_UNSET_SWITCH", "dflt") == "dflt"
-        assert [configs.capturing(cuda_tensor) for _ in range(3)] == [True] * 3
-        assert len(queries) == 1
-    assert configs.env("NF4MOE_PDL", "x") == "auto"  # outside a call: the environment now
-    with configs.layer_call():
-        assert configs.graph_flag("NF4MOE_PDL", cuda_tensor) is True
-        assert configs.graph_flag("NF4MOE_PDL", cuda_tensor) is True
-    assert len(queries) == 2
-    assert configs.capturing(torch.zeros(1)) is False  # CPU tensors: never, and no query
-    assert len(queries) == 2
+_PDL_LAUNCHERS = ("routing", "grouped_gemm", "grouped_gemv", "lora_xa", "combine")
 
 
 @pytest.mark.skipif(not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
                     reason="needs a GPU or TRITON_INTERPRET=1")
-@pytest.mark.parametrize("t", [1, 12])  # the decode GEMV path and the GEMM path (X·Aᵀ launches, combine)
-def test_layer_calls_read_each_switch_once(monkeypatch, t):
-    """An eager layer call of the Triton backend reads each environment switch at most once (they were read per
-    launch: 21 reads for ~6 launches, ~1 us each of a host-bound call)."""
+@pytest.mark.parametrize("plan_pdl", [False, True])
+@pytest.mark.parametrize("path,t,choices,launchers", [
+    ("decode", 1, {}, {"routing", "grouped_gemv", "lora_xa"}),  # routing + up X·Aᵀ, GEMVs, fused combine
+    ("decode_combine", 1, {"combine": "kernel"}, {"routing", "grouped_gemv", "lora_xa", "combine"}),
+    ("gemm", 12, {"up": "gemm", "down": "gemm", "xa": "kernel"}, {"routing", "lora_xa", "grouped_gemm", "combine"}),
+])
+def test_every_inference_launch_takes_the_plans_pdl(monkeypatch, plan_pdl, path, t, choices, launchers):
+    """An eager inference call hands its plan's ``pdl`` to every kernel launch with a PDL constexpr (the kernel's
+    wait), direct launches all: the routing, the X·Aᵀ, the GEMV or GEMM of each projection and the combine.
+    The real plan here (the interpreter: no PDL), and a plan with ``pdl`` on (the plan a capture on sm_90 gets;
+    the launch options themselves stay off, the interpreter has no griddepcontrol)."""
+    import dataclasses
+    import importlib
+
+    import nf4moe
+    from nf4moe.moe_layers import triton_backend as tb
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    seen = []
+    for name in _PDL_LAUNCHERS:
+        mod = importlib.import_module(f"nf4moe.kernels.{name}")
+
+        def spy(pdl, launcher, _name=name):
+            seen.append((_name, pdl, launcher is None))
+            return L.pdl_options(False, launcher)
+
+        monkeypatch.setattr(mod, "pdl_options", spy)
+    plans = []
+    real_make_plan = tb.make_plan
+
+    def make_plan(inputs, overrides):
+        plan = real_make_plan(inputs, overrides)
+        plans.append(plan)
+        return dataclasses.replace(plan, pdl=True) if plan_pdl else plan
+
+    monkeypatch.setattr(tb, "make_plan", make_plan)
+    g = torch.Generator().manual_seed(t)
+    mod = nf4moe.QuantGroupedExperts.from_weights(torch.randn(4, 128, 64, generator=g), torch.randn(4, 64, 64, generator=g),
+                                                  lora_rank=4, lora_alpha=8, backend="triton").to(dev)
+    x = torch.randn(t, 64, generator=g).to(dev)
+    idx = torch.stack([torch.randperm(4, generator=g)[:2] for _ in range(t)]).to(dev)
+    w = torch.rand(t, 2, generator=g).to(dev)
+    with torch.no_grad(), nf4moe.plan_overrides(**choices):
+        mod(x, idx, w)
+    assert len(plans) == 1 and plans[0].pdl is False  # never on for eager calls by default
+    assert plans[0].combine == ("gemv" if path == "decode" else "kernel")
+    assert {name for name, _, _ in seen} == launchers, seen
+    assert all(pdl is plan_pdl and direct for _, pdl, direct in seen), seen
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
+                    reason="needs a GPU or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("t", [1, 12])  # the decode GEMV path and the GEMM path (combine kernel)
+def test_layer_calls_read_no_environment_switch(monkeypatch, t):
+    """Overrides come from nf4moe.plan_overrides, not the environment: after its first call (autotuning, which
+    reads NF4MOE_CONFIG when it prunes), an eager layer call reads no NF4MOE_* variable (the switches were read
+    per launch once, ~1 us each of a host-bound call)."""
     import collections
 
     import nf4moe
@@ -331,8 +341,7 @@ def test_layer_calls_read_each_switch_once(monkeypatch, t):
     x = torch.randn(t, 64, generator=g).to(dev)
     idx = torch.randint(0, 4, (t, 2), generator=g).to(dev)
     w = torch.rand(t, 2, generator=g).to(dev)
-    monkeypatch.setenv("NF4MOE_GEMV_ROWS", "8")
-    with torch.no_grad():
+    with torch.no_grad(), nf4moe.plan_overrides(gemv_max_rows=8):
         mod(x, idx, w)  # first call: autotuning, compiles
         reads = collections.Counter()
         real_get = type(os.environ).get
@@ -344,8 +353,54 @@ def test_layer_calls_read_each_switch_once(monkeypatch, t):
 
         monkeypatch.setattr(type(os.environ), "get", counting_get)
         mod(x, idx, w)
-    assert reads["NF4MOE_GEMV_ROWS"] == 1
-    assert max(reads.values()) == 1, reads
+    assert not reads, reads
+
+
+# --------------------------------------------------------------------------- arrival counters
+
+def test_arrival_counters_are_kept_per_device_and_stream(monkeypatch):
+    """Zeroed int32 counters of at least the size asked for (4096 at least), the same buffer for later launches
+    on the device (each launch leaves them zero), a larger one when more are needed."""
+    monkeypatch.setattr(L, "_COUNTERS", {})
+    cpu = torch.device("cpu")
+    a = L.arrival_counters(cpu, 100)
+    assert a.dtype == torch.int32 and a.numel() >= 4096 and not a.count_nonzero()
+    assert L.arrival_counters(cpu, 4096) is a
+    b = L.arrival_counters(cpu, 5000)
+    assert b.numel() >= 5000 and not b.count_nonzero() and L.arrival_counters(cpu, 10) is b
+
+
+def test_traced_arrival_counters_are_fresh(monkeypatch):
+    """A launch through wrap_triton (torch.compile) gets a fresh zeroed buffer, part of its own graph: a cached
+    one would hold the first trace's fake tensor (``Mixing fake modes``)."""
+    monkeypatch.setattr(L, "_COUNTERS", {})
+    cpu = torch.device("cpu")
+    cached = L.arrival_counters(cpu, 64)
+    fresh = [L.arrival_counters(cpu, 64, traced=True) for _ in range(2)]
+    assert fresh[0] is not fresh[1] and all(f is not cached and not f.count_nonzero() for f in fresh)
+    assert fresh[0].numel() == 64 and fresh[0].dtype == torch.int32
+    assert L.arrival_counters(cpu, 64) is cached
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA streams and graph captures")
+def test_arrival_counters_of_other_streams_and_captures_are_their_own(monkeypatch):
+    """Two streams never share counters (their launches may overlap); a CUDA-graph capture gets a fresh zeroed
+    buffer owned by the graph (its replays leave it zero, whatever runs eagerly in between)."""
+    monkeypatch.setattr(L, "_COUNTERS", {})
+    dev = torch.device("cuda", torch.cuda.current_device())
+    main = L.arrival_counters(dev, 64)
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        other = L.arrival_counters(dev, 64)
+        assert L.arrival_counters(dev, 64) is other
+    assert other.data_ptr() != main.data_ptr()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = L.arrival_counters(dev, 64)
+    assert captured.data_ptr() not in (main.data_ptr(), other.data_ptr())
+    graph.replay()
+    torch.cuda.synchronize()
+    assert not captured.count_nonzero() and L.arrival_counters(dev, 64) is main
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="graph_bench captures CUDA graphs")

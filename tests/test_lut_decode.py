@@ -86,7 +86,8 @@ def run(asm: str, regs: dict, dtype) -> dict:
 @pytest.mark.parametrize("dtype,fma", [(torch.bfloat16, "fma.rn.bf16x2"), (torch.float16, "fma.rn.f16x2")])
 def test_lut_pairs_asm_gives_each_bytes_even_odd_pair(dtype, fma, table_operands):
     """The MMA-order variant: register j holds byte j's (high nibble, low nibble) values times its scale; with
-    ``table_operands`` (the Gluon GEMM's NF4MOE_LUT_REGS) the table words come in as operands $9 + 4i."""
+    ``table_operands`` (the Gluon GEMM's decode, whose table words stay in registers) they come in as operands
+    $9 + 4i, as immediates otherwise (the Triton GEMMs)."""
     from nf4moe.kernels.nf4_decode import _BF16_TABLE, _F16_TABLE
 
     asm = _lut_pairs_asm(dtype, fma, table_operands)

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from nf4moe.kernels.common import nested_offset
-from nf4moe.kernels.configs import interpreting
+from nf4moe.kernels.host import interpreting
 from nf4moe.kernels.nf4_decode import dequant_rows_mma, mma_k_order
 from nf4moe.moe_layers.nf4_weight import NF4Weight
 from triton_cases import DEV

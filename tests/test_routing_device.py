@@ -1,7 +1,8 @@
-"""The device routing (kernels.routing.build_routing, no host sync) against the reference routing, on
-arbitrary id tensors including sentinels and negative ids; and its three paths (the one-launch Triton kernel
-up to TRITON_MAX_PAIRS pairs, the chunked counting sort up to CHUNKED_MAX_PAIRS, torch's stable sort +
-searchsorted above) against each other, bit for bit."""
+"""The device routing (kernels.ops.route under the launch plan's routing choice, no host sync) against the
+reference routing, on arbitrary id tensors including sentinels and negative ids; and its three paths (the
+one-launch Triton kernel up to TRITON_MAX_PAIRS pairs, the chunked counting sort up to CHUNKED_MAX_PAIRS,
+torch's stable sort + searchsorted above) against each other, bit for bit.  ``build_routing`` (triton_cases)
+is the layer's routing alone: make_plan's choice of the routing form, then ops.route."""
 from __future__ import annotations
 
 import os
@@ -11,10 +12,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from nf4moe.kernels import ops
 from nf4moe.kernels import routing as R
-from nf4moe.kernels.routing import build_routing
 from nf4moe.reference import route
-from triton_cases import assert_negative_ids_trap, count_calls
+from nf4moe.reference.routing import Routing
+from triton_cases import assert_negative_ids_trap, build_routing, count_calls, routing_plan
 
 
 @settings(max_examples=60, deadline=None)
@@ -44,8 +46,8 @@ def test_negative_ids_are_counted_before_expert_zero():
 
 
 # --------------------------------------------------------------------------- the one-launch Triton path
-# Under TRITON_INTERPRET=1 (or on a GPU) build_routing takes the single-program kernel for P <= the module
-# threshold; forced each way by monkeypatching it, both paths must agree bit for bit.
+# Under TRITON_INTERPRET=1 (or on a GPU) the plan takes the single-program kernel for P <= the module
+# threshold (routing.triton_fits); forced each way by monkeypatching it, both paths must agree bit for bit.
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 _TRITON = os.environ.get("TRITON_INTERPRET") == "1" or DEV == "cuda"
@@ -72,7 +74,8 @@ def _torch_path(idx, e, monkeypatch):
     with monkeypatch.context() as m:
         m.setattr(R, "TRITON_MAX_PAIRS", 0)
         m.setattr(R, "CHUNKED_MAX_PAIRS", 0)
-        return R.build_routing(idx, e)
+        assert routing_plan(idx, e).routing == "torch"
+        return build_routing(idx, e)
 
 
 def _triton_path(idx, e, monkeypatch):
@@ -80,13 +83,14 @@ def _triton_path(idx, e, monkeypatch):
         raise AssertionError("took the torch path")
 
     with monkeypatch.context() as m:
-        m.setattr(R, "_torch_routing", no_torch)
-        return R.build_routing(idx, e)
+        m.setattr(ops, "torch_routing", no_torch)  # ops.route's torch sort
+        assert routing_plan(idx, e).routing == "kernel"
+        return build_routing(idx, e)
 
 
 def route_like_torch(idx, e):
-    pairs, offsets = R._torch_routing(idx, e)
-    return R.Routing(sorted_pair_ids=pairs, expert_offsets=offsets, num_experts=e, top_k=idx.shape[1])
+    pairs, offsets = R.torch_routing(idx, e)
+    return Routing(sorted_pair_ids=pairs, expert_offsets=offsets, num_experts=e, top_k=idx.shape[1])
 
 
 def _assert_same(a, b):
@@ -131,7 +135,7 @@ def test_triton_path_at_the_threshold(monkeypatch):
     over = _ids(t + 1, k, e, torch.int64, "mixed", seed=6)
     assert R.triton_fits(over.numel(), e)
     launched = _count_launches(monkeypatch)
-    _assert_same(R.build_routing(over, e), route_like_torch(over, e))
+    _assert_same(build_routing(over, e), route_like_torch(over, e))
     assert launched == ["routing_count_kernel", "routing_scatter_kernel"]
 
 
@@ -179,11 +183,11 @@ def test_chunked_path_at_its_size_limit(monkeypatch):
     monkeypatch.setattr(R, "CHUNKED_MAX_PAIRS", 96)
     idx = _ids(48, 2, 9, torch.int32, "mixed", seed=1)
     launched = _count_launches(monkeypatch)
-    _assert_same(R.build_routing(idx, 9), route_like_torch(idx, 9))
+    _assert_same(build_routing(idx, 9), route_like_torch(idx, 9))
     assert len(launched) == 2
     over = _ids(97, 1, 9, torch.int32, "mixed", seed=2)
     assert not R.triton_fits(97, 9)
-    _assert_same(R.build_routing(over, 9), route_like_torch(over, 9))
+    _assert_same(build_routing(over, 9), route_like_torch(over, 9))
     assert len(launched) == 2
 
 
@@ -192,7 +196,7 @@ def test_chunked_path_at_full_chunk_size(monkeypatch):
     """The shipped CHUNK (1024) over two chunks, as a prefill call of 129 tokens x top-8 runs it."""
     idx = _ids(129, 8, 128, torch.int64, "mixed", seed=9)
     launched = _count_launches(monkeypatch)
-    _assert_same(R.build_routing(idx, 128), route_like_torch(idx, 128))
+    _assert_same(build_routing(idx, 128), route_like_torch(idx, 128))
     assert launched == ["routing_count_kernel", "routing_scatter_kernel"]
 
 
@@ -203,10 +207,8 @@ def test_lowered_threshold_dispatch(p, monkeypatch):
     monkeypatch.setattr(R, "TRITON_MAX_PAIRS", 48)
     monkeypatch.setattr(R, "CHUNKED_MAX_PAIRS", 48)
     idx = _ids(p, 1, 10, torch.int32, "mixed", seed=p)
-    from nf4moe.kernels import ops  # build_routing launches through ops.run, whose body calls this name
-
-    calls = count_calls(monkeypatch, ops, "launch_routing")
-    _assert_same(R.build_routing(idx, 10), route_like_torch(idx, 10))
+    calls = count_calls(monkeypatch, ops, "launch_routing")  # the routing op's body calls this name
+    _assert_same(build_routing(idx, 10), route_like_torch(idx, 10))
     assert len(calls) == (1 if p <= 48 else 0)
 
 
@@ -224,14 +226,14 @@ def test_launcher_writes_every_output_element(dtype, path, monkeypatch):
     offsets = torch.full((e + 1,), -7777, dtype=torch.int32, device=DEV)
     got = R.launch_routing(idx, e, pairs, offsets)
     assert got[0] is pairs and got[1] is offsets
-    ref_pairs, ref_offsets = R._torch_routing(idx, e)
+    ref_pairs, ref_offsets = R.torch_routing(idx, e)
     assert torch.equal(pairs, ref_pairs) and torch.equal(offsets, ref_offsets)
 
 
 @needs_triton
 def test_non_contiguous_ids():
     idx = _ids(12, 6, 9, torch.int64, "mixed", seed=3)[:, ::2]
-    _assert_same(R.build_routing(idx, 9), route_like_torch(idx, 9))
+    _assert_same(build_routing(idx, 9), route_like_torch(idx, 9))
 
 
 def test_triton_fits_keeps_int32_keys_from_overflowing():
@@ -275,7 +277,7 @@ def test_check_ids_passes_valid_ids_unchanged(path, monkeypatch):
     _force_path(monkeypatch, path)
     idx = _ids(40, 4, 9, torch.int64, "valid", seed=21)
     idx[3, 1], idx[30, 0] = 9, 2**40  # sentinels pass
-    _assert_same(R.build_routing(idx, 9, check_ids=True), R.build_routing(idx, 9))
+    _assert_same(build_routing(idx, 9, check_ids=True), build_routing(idx, 9))
 
 
 @pytest.mark.parametrize("path", ["one_program", "chunked", "torch"])
@@ -286,20 +288,24 @@ def test_check_ids_rejects_negative_ids_on_the_cpu(path, monkeypatch):
     idx = _ids(40, 4, 9, torch.int64, "valid", seed=22).cpu()
     idx[17, 2] = -3
     with pytest.raises(ValueError, match="top_k_index has negative expert ids"):
-        R.build_routing(idx, 9, check_ids=True)
-    assert int(R.build_routing(idx, 9).expert_offsets[0]) == 1  # unchecked: counted before expert 0, dropped
+        build_routing(idx, 9, check_ids=True)
+    assert int(build_routing(idx, 9).expert_offsets[0]) == 1  # unchecked: counted before expert 0, dropped
 
 
 def test_check_ids_checks_in_the_kernel_only_on_a_gpu(monkeypatch):
-    """On a GPU the layer's eager routing checks in the kernel: check_routing_ids (two launches) is not called."""
-    calls = count_calls(monkeypatch, R, "check_routing_ids")
-    R.build_routing(_ids(6, 2, 5, torch.int64, "valid", seed=23), 5, check_ids=True)
+    """On a GPU the layer's eager routing checks in the kernel (the plan's check_ids_in_kernel):
+    check_routing_ids (two launches) is not called; elsewhere it is."""
+    calls = count_calls(monkeypatch, ops, "check_routing_ids")
+    idx = _ids(6, 2, 5, torch.int64, "valid", seed=23)
+    assert routing_plan(idx, 5).check_ids_in_kernel == (DEV == "cuda")
+    build_routing(idx, 5, check_ids=True)
     assert len(calls) == (0 if DEV == "cuda" else 1)
 
 
 _DEVICE_ASSERT = """
 import sys, torch
 from nf4moe.kernels import routing as R
+from triton_cases import build_routing
 p = int(sys.argv[1])
 idx = torch.randint(0, 8, (p // 4, 4), device="cuda")
 idx[p // 8, 1] = -1
@@ -313,23 +319,23 @@ if p > R.TRITON_MAX_PAIRS:
 def test_check_ids_device_assert_fires_on_the_gpu(pairs):
     """A negative id traps the one-program and the chunked kernel (a child process: a device assert leaves
     the CUDA context unusable; the chunked path's second launch already sees the first one's trap)."""
-    assert_negative_ids_trap(_DEVICE_ASSERT, "R.build_routing(idx, 8, check_ids=True)", str(pairs))
+    assert_negative_ids_trap(_DEVICE_ASSERT, "build_routing(idx, 8, check_ids=True)", str(pairs))
 
 
 @needs_triton
-def test_opcheck_routing_op():
-    from nf4moe.kernels import ops
-
+@pytest.mark.parametrize("args", [(), (False, False)])
+def test_opcheck_routing_op(args):
     idx = _ids(10, 4, 6, torch.int64, "mixed", seed=8)
-    torch.library.opcheck(ops.routing, (idx, 6), test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(ops.routing, (idx, 6, *args), test_utils=("test_schema", "test_faketensor"))
 
 
 @needs_triton
 @pytest.mark.parametrize("dynamic", [False, True])
 @pytest.mark.parametrize("path", ["one_program", "chunked"])
 def test_torch_compile_fullgraph_goes_through_the_op(dynamic, path, monkeypatch):
-    """Traced by dynamo (as inside triton_forward), build_routing must reach the kernels through the
-    registered op nf4moe::routing, in one graph, with the eager results (the chunked path: small chunks)."""
+    """Traced by dynamo (as inside triton_forward, the plan built in the trace), the routing must reach the
+    kernels through the registered op nf4moe::routing, in one graph, with the eager results (the chunked path:
+    small chunks)."""
     if path == "chunked":
         monkeypatch.setattr(R, "TRITON_MAX_PAIRS", 4)
         monkeypatch.setattr(R, "CHUNK", 16)
@@ -341,7 +347,7 @@ def test_torch_compile_fullgraph_goes_through_the_op(dynamic, path, monkeypatch)
         return gm.forward if DEV == "cpu" else torch._inductor.compile(gm, example_inputs)
 
     def f(idx):
-        r = R.build_routing(idx, 7)
+        r = build_routing(idx, 7)
         return r.sorted_pair_ids, r.expert_offsets
 
     compiled = torch.compile(f, fullgraph=True, backend=backend, dynamic=dynamic)
@@ -356,13 +362,15 @@ def test_torch_compile_fullgraph_goes_through_the_op(dynamic, path, monkeypatch)
 
 @needs_triton
 def test_fake_tensors_take_the_op_path():
-    """Under FakeTensorMode (memory planning, tracing) build_routing must not launch the kernel on fake
-    storage: it goes through the registered op and its meta function."""
+    """Under FakeTensorMode (memory planning, tracing) the routing must not launch the kernel on fake
+    storage: it goes through the registered op and its meta function (the plan sees a traced call)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with FakeTensorMode() as mode:
         idx = mode.from_tensor(_ids(5, 2, 4, torch.int64, "valid", seed=7))
-        rt = R.build_routing(idx, 4)
+        plan = routing_plan(idx, 4)
+        assert plan.routing == "kernel" and not plan.check_ids_in_kernel and not plan.pdl
+        rt = build_routing(idx, 4)
     assert rt.sorted_pair_ids.shape == (10,) and rt.expert_offsets.shape == (5,)
     assert rt.sorted_pair_ids.dtype == rt.expert_offsets.dtype == torch.int32
 

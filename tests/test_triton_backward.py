@@ -24,6 +24,7 @@ import torch
 import torch.utils.checkpoint
 
 import nf4moe
+from nf4moe.kernels.plan import GEMV_MAX_ROWS, LaunchPlan
 from nf4moe.reference import Lora, moe_forward
 
 from triton_cases import DEV, make_layer, routing
@@ -36,13 +37,17 @@ ALL = ("x", "w", "A.gate_up_proj", "B.gate_up_proj", "A.down_proj", "B.down_proj
 
 
 @pytest.fixture(autouse=True)
-def _gemv_rows_16(monkeypatch):
-    """The training forward's down projection takes the decode GEMV up to NF4MOE_GEMV_ROWS routed rows (default
-    64).  The interpreter runs the GEMV one program per row, ~7x slower than the GEMM's 16-row tiles at this
-    file's larger cases (T=21, top-3: 98 s against 14 s), so here the threshold stays at 16 rows: the cases of
-    T = 1 and 7 at top-2 still take that path, the forward tests cover the GEMV up to 64 rows."""
-    if INTERP and "NF4MOE_GEMV_ROWS" not in os.environ:
-        monkeypatch.setenv("NF4MOE_GEMV_ROWS", "16")
+def _gemv_rows_16():
+    """Forwards that need no stored pre-activations (recompute mode's, and the down projection's where the plan
+    gives it the decode GEMV) take it up to the plan's ``gemv_max_rows`` routed rows (default 64).  The
+    interpreter runs the GEMV one program per row, ~7x slower than the GEMM's 16-row tiles at this file's larger
+    cases (T=21, top-3: 98 s against 14 s), so here the threshold stays at 16 rows: the cases of T = 1 and 7 at
+    top-2 still take that path, the forward tests cover the GEMV up to 64 rows."""
+    if not INTERP:
+        yield
+        return
+    with nf4moe.plan_overrides(gemv_max_rows=16):
+        yield
 
 
 def _params(m):
@@ -214,20 +219,33 @@ def _all_grads(m, x, idx, w, dout):
     return grads
 
 
-def test_recompute_mode_matches_save_mode(monkeypatch):
+# 51 routed rows (the GEMM forward under the interpreter's 16-row GEMV threshold, the GEMV on a GPU) and 6 (the GEMV)
+@pytest.mark.parametrize("t,k", [(17, 3), (3, 2)])
+def test_recompute_mode_matches_save_mode(monkeypatch, t, k):
+    """Recompute mode (``recompute=True``): the forward saves no pre-activation and runs the inference kernels
+    (the decode GEMV at the small case), the backward rebuilds gate|up by one more up pass
+    (``nf4moe::moe_up_preact``, the GEMM) with the plan of the forward."""
+    from nf4moe.kernels import ops
+
     m = make_layer(6, 128, 64, rank=8, seed=31)
-    x = torch.randn(17, 128, generator=torch.Generator().manual_seed(32)).to(DEV, torch.bfloat16)
-    idx, w = routing(17, 6, 3, seed=33, mode="sentinels")
-    dout = torch.randn(17, 128, device=DEV, dtype=torch.bfloat16)
+    x = torch.randn(t, 128, generator=torch.Generator().manual_seed(32)).to(DEV, torch.bfloat16)
+    idx, w = routing(t, 6, k, seed=33, mode="sentinels")
+    dout = torch.randn(t, 128, device=DEV, dtype=torch.bfloat16)
     saved = _all_grads(m, x, idx, w, dout)
     m.recompute = True
+    runs = []
+    real_run = ops.run
+    monkeypatch.setattr(ops, "run", lambda name, *a, **kw: runs.append((name, a)) or real_run(name, *a, **kw))
     recomputed = _all_grads(m, x, idx, w, dout)
-    del m.recompute
-    monkeypatch.setenv("NF4MOE_RECOMPUTE", "1")
-    from_env = _all_grads(m, x, idx, w, dout)
+    forward = [a for name, a in runs if name == "moe_experts"]
+    assert len(forward) == 1
+    plan = LaunchPlan.from_key(ops.LayerInputs(*forward[0]).plan)
+    gemv_rows = 16 if INTERP else GEMV_MAX_ROWS  # (_gemv_rows_16)
+    assert not plan.save_preact and plan.up == ("gemv" if t * k <= gemv_rows else "gemm")
+    preact = [a for name, a in runs if name == "moe_up_preact"]
+    assert len(preact) == 1 and preact[0][-1] == plan.key
     for name in ALL:  # the backward rebuilds the same gate|up rows with the same kernel: bit-identical
         assert torch.equal(saved[name], recomputed[name]), name
-        assert torch.equal(saved[name], from_env[name]), name
 
 
 def test_deterministic():
@@ -339,23 +357,30 @@ def test_outputs_poisoned_before_run(nan_new_empty):
 
 def test_opcheck_backward_ops():
     from nf4moe.kernels import ops
-    from nf4moe.kernels.routing import build_routing
+    from nf4moe.moe_layers.triton_backend import launch_plan
 
     m = make_layer(4, 128, 64, rank=8, seed=49)
     x = torch.randn(6, 128, device=DEV)
     idx, w = routing(6, 4, 2, seed=50)
-    r = build_routing(idx, 4)
-    gu = (m.gate_up_nf4.packed, m.gate_up_nf4.absmax, m.gate_up_nf4.absmax2, m.gate_up_nf4.code2,
-          m.gate_up_nf4.offset)
-    dn = (m.down_nf4.packed, m.down_nf4.absmax, m.down_nf4.absmax2, m.down_nf4.code2, m.down_nf4.offset)
+    plan = launch_plan(m, x, idx, w)  # the LoRA factors require grad: the training plan
+    assert plan.save_preact
+    r, xa_up = ops.route(plan, idx, 4, check_ids=False)
+    assert xa_up is None
+    gu, dn = m.gate_up_nf4.operand.fields(), m.down_nf4.operand.fields()
     lo = {k: v.detach() for k, v in _params(m).items()}
+    lora = (lo["A.gate_up_proj"], lo["B.gate_up_proj"], lo["A.down_proj"], lo["B.down_proj"])
     s, sp, eo = m.scaling, r.sorted_pair_ids, r.expert_offsets
     utils = ("test_schema", "test_faketensor")
-    fwd = (x, idx, w, sp, eo, *gu, *dn, lo["A.gate_up_proj"], lo["B.gate_up_proj"], lo["A.down_proj"],
-           lo["B.down_proj"], s, "silu", 64, 256, 256, True)
+    fwd = tuple(ops.LayerInputs.of(x, idx, w, r, m.gate_up_nf4.operand, m.down_nf4.operand, lora, s, "silu", plan))
+    assert fwd[-2:] == (plan.key, None)
     torch.library.opcheck(ops.moe_experts, fwd, test_utils=utils)
     out, g, xa = ops.moe_experts(*fwd)
-    pre = (x, *gu, lo["A.gate_up_proj"], lo["B.gate_up_proj"], s, sp, eo, 2, 64, 256, "silu", True)
+    assert g.shape == (12, 128) and xa.shape == (12, 16)  # saved for the backward
+    m.recompute = True
+    recompute_plan = launch_plan(m, x, idx, w)
+    assert not recompute_plan.save_preact
+    pre = (x, *gu, lo["A.gate_up_proj"], lo["B.gate_up_proj"], s, sp, eo, 2, 64, 256, "silu", True,
+           recompute_plan.key)
     torch.library.opcheck(ops.moe_up_preact, pre, test_utils=utils)
     dout = torch.randn_like(out)
     down = (dout, g, w.reshape(-1), *dn, lo["A.down_proj"], lo["B.down_proj"], s, sp, eo, 2, 64, 256, "silu",

@@ -82,6 +82,45 @@ def routing(t, e, k, *, seed, mode="random"):
     return idx.to(DEV), w.to(DEV)
 
 
+def routing_plan(top_k_index, num_experts):
+    """The launch plan of a layer call routing ``top_k_index`` over ``num_experts`` experts (no LoRA, inference),
+    for tests of the routing alone: plan.make_plan's own choice of the routing form, uncached (tests move
+    routing.py's thresholds, which make_plan's cache cannot see).  CPU tensors outside the interpreter (where a
+    layer takes the reference backend) get torch's sort."""
+    from nf4moe.kernels import ops
+    from nf4moe.kernels.host import INTERPRET
+    from nf4moe.kernels.plan import LaunchPlan, PlanInputs, make_plan
+
+    t, k = top_k_index.shape
+    cuda = top_k_index.is_cuda
+    if not (cuda or INTERPRET):
+        return LaunchPlan(routing="torch", up="gemm", down="gemm", up_xa="none", down_xa="none", combine="kernel",
+                          wgmma_tile=None, pdl=False, gemv_xa_early=False, capturing=False, save_preact=False,
+                          check_ids_in_kernel=False)
+    traced = ops.traced((top_k_index,))
+    direct_cuda = cuda and not traced  # (a traced call's plan never reads the device's capability or capture state)
+    inputs = PlanInputs(
+        tokens=t, top_k=k, num_experts=num_experts, hidden=64, intermediate=64, rank=0, blocksize=64,
+        dtype=torch.float32, cuda=cuda,
+        capability=torch.cuda.get_device_capability(top_k_index.device) if direct_cuda else None,
+        interpret=INTERPRET, gluon=False, index_ok=top_k_index.dtype in (torch.int32, torch.int64), x_aligned=False,
+        training=False, recompute=False, capturing=direct_cuda and torch.cuda.is_current_stream_capturing(),
+        traced=traced)
+    plan = make_plan.__wrapped__(inputs)
+    assert plan.routing in ("kernel", "torch"), plan  # no LoRA: never the routing launch with X·Aᵀ
+    return plan
+
+
+def build_routing(top_k_index, num_experts, check_ids=False):
+    """The layer's routing of ``top_k_index`` (ops.route under ``routing_plan``): a Routing (sorted pair ids,
+    expert offsets); ``check_ids`` rejects negative ids as the layer does."""
+    from nf4moe.kernels import ops
+
+    routing, xa = ops.route(routing_plan(top_k_index, num_experts), top_k_index, num_experts, check_ids=check_ids)
+    assert xa is None
+    return routing
+
+
 def refill(x, idx, w, *, e, seed):
     """Fresh random inputs copied into the buffers a CUDA graph captured (``routing``'s ids and weights over ``e``
     experts), before a replay."""
@@ -92,22 +131,37 @@ def refill(x, idx, w, *, e, seed):
 
 
 def training_step_calls(monkeypatch, t: int, *, seed: int) -> list:
-    """(op name, args) of every registered op one CPU training step calls (the forward with its stores, the
-    backward's GEMMs, the LoRA gradients and the combine), recorded through ``ops.run`` / ``ops.moe_experts``
-    while the step runs for real; for replaying the ops' traced bodies."""
+    """(op name, args) of every registered op one CPU training step calls (the routing, the forward with its
+    stores, the backward's GEMMs, the LoRA gradients and the combine), recorded through ``ops.run`` while the
+    step runs for real; for replaying the ops' traced bodies."""
+    calls = _step_calls(monkeypatch, t, seed=seed, grad=True)
+    names = [name for name, _ in calls]
+    assert {"routing", "moe_experts", "moe_down_bwd", "moe_up_bwd", "lora_grad", "combine"} <= set(names), names
+    return calls
+
+
+def inference_step_calls(monkeypatch, t: int, *, seed: int) -> list:
+    """``training_step_calls`` of one CPU inference call (no gradient): the routing and the layer op, under the
+    plan overrides in force."""
+    calls = _step_calls(monkeypatch, t, seed=seed, grad=False)
+    assert [name for name, _ in calls] == ["routing", "moe_experts"], calls
+    return calls
+
+
+def _step_calls(monkeypatch, t: int, *, seed: int, grad: bool) -> list:
     from nf4moe.kernels import ops
 
     calls = []
-    real_run, real_experts = ops.run, ops.moe_experts
+    real_run = ops.run  # ops.route, the layer and its backward all call the module's ``run``
     monkeypatch.setattr(ops, "run", lambda name, *args: calls.append((name, args)) or real_run(name, *args))
-    monkeypatch.setattr(ops, "moe_experts", lambda *args: calls.append(("moe_experts", args)) or real_experts(*args))
     m = make_layer(4, 128, 64, rank=8, seed=seed)
     m.check_ids = False
-    x = torch.randn(t, 128, dtype=torch.bfloat16, requires_grad=True)
+    x = torch.randn(t, 128, dtype=torch.bfloat16, requires_grad=grad)
     idx, w = routing(t, 4, 2, seed=seed + 1)
-    m(x, idx, w.to(torch.bfloat16)).float().square().sum().backward()
+    if grad:
+        m(x, idx, w.to(torch.bfloat16)).float().square().sum().backward()
+    else:
+        with torch.no_grad():
+            m(x, idx, w.to(torch.bfloat16))
     monkeypatch.setattr(ops, "run", real_run)
-    monkeypatch.setattr(ops, "moe_experts", real_experts)
-    names = [name for name, _ in calls]
-    assert {"moe_experts", "moe_down_bwd", "moe_up_bwd", "lora_grad", "combine"} <= set(names), names
     return calls
