@@ -96,9 +96,13 @@ def test_misaligned_hidden_states_keep_the_up_projection_on_the_triton_gemm():
 
 
 def test_training_stores_pre_activations_through_the_gemms():
+    """The up projection stores the pre-activations (the GEMMs only); the down projection stores nothing and keeps
+    the decode GEMV with its fused combine at decode sizes."""
     p = plan(1, training=True)
-    assert p.kernels == ("gemm", "gemm") and p.save_preact
-    assert (p.routing, p.up_xa, p.down_xa) == ("kernel", "kernel", "loop")  # X·A_upᵀ saved by lora_xa
+    assert p.kernels == ("gemm", "gemv") and p.save_preact and p.combine == "gemv"
+    assert (p.routing, p.up_xa, p.down_xa) == ("kernel", "kernel", "kernel")  # X·A_upᵀ saved by lora_xa
+    assert plan(9, training=True).kernels == ("gemm", "gemm")
+    assert plan(1, training=True, ov=PlanOverrides(down="gemm")).down_xa == "loop"
     assert not plan(1, training=True, capturing=True).pdl  # autograd launches through wrap_triton
     assert plan(8192, training=True).kernels == ("wgmma", "wgmma")
 

@@ -20,7 +20,6 @@ import torch
 from .combine import launch_combine
 from .grouped_gemm import launch_nf4_moe_gemm
 from .grouped_gemm_bwd import block_n, launch_nf4_moe_gemm_t
-from .grouped_gemm_wgmma import launch_nf4_moe_gemm_wgmma
 from .grouped_gemv import launch_nf4_moe_gemv
 from .host import ACT_CODES, r_pad
 from .lora_grad import launch_lora_grad
@@ -82,6 +81,9 @@ def _wgmma(plan, x, w, lora_b, scaling, xa, sorted_pair_ids, expert_offsets, top
            act, r, r_pad, gu, write_out, tables):
     """The Gluon GEMM over the plan's tile: full tiles, then with the 256-row tile each expert's remainder of at
     most 128 rows as a 128x256 tile in a second launch (tile_table.py builds both tables in one launch)."""
+    # imported here: Gluon's Hopper API (Triton 3.6+) is needed only where the plan runs this GEMM
+    from .grouped_gemm_wgmma import launch_nf4_moe_gemm_wgmma
+
     block_m, tile_n = plan.wgmma_tile
     small = TILES["128x256"] if block_m == 256 else None
     tkey = (block_m, small[0] if small else 0)

@@ -24,6 +24,7 @@ from dataclasses import dataclass, fields, replace
 from typing import NamedTuple
 
 import torch
+import torch.compiler
 
 from .routing import TRITON_MAX_PAIRS, triton_fits
 
@@ -109,8 +110,10 @@ def plan_overrides(**choices):
         _OVERRIDES.reset(token)
 
 
+@torch.compiler.assume_constant_result
 def current_overrides() -> PlanOverrides:
-    """The overrides in force here (``plan_overrides``)."""
+    """The overrides in force here (``plan_overrides``).  Under torch.compile the value at trace time is compiled
+    into the graph (Dynamo cannot trace a ContextVar read): later overrides need a new trace."""
     return _OVERRIDES.get()
 
 
@@ -154,14 +157,14 @@ class LaunchPlan:
     save_preact: bool  # training: the forward stores gate|up pre-activations (and X·A_upᵀ) for the backward
     check_ids_in_kernel: bool  # negative ids rejected by the routing kernel's device assert
 
-    @functools.cached_property
-    def key(self) -> str:
-        """The plan as a string (the registered op's ``plan`` argument); ``from_key`` reads it back."""
+    def __post_init__(self):
+        # ``key``: the plan as a string (the registered op's ``plan`` argument; ``from_key`` reads it back), made
+        # once here, a plain attribute (torch.compile traces the layer call that reads it)
         out = []
         for f in fields(self):
             v = getattr(self, f.name)
             out.append(f"{f.name}={'x'.join(map(str, v)) if isinstance(v, tuple) else '-' if v is None else v}")
-        return ",".join(out)
+        object.__setattr__(self, "key", ",".join(out))
 
     @staticmethod
     @functools.lru_cache(maxsize=256)
@@ -203,10 +206,11 @@ def _wgmma_fits(inp: PlanInputs, k_dim: int, aligned: bool) -> str | None:
 
 
 def _kernel(name: str, forced: str | None, inp: PlanInputs, rows: int, k_dim: int, aligned: bool,
-            ov: PlanOverrides) -> str:
-    """The kernel of one projection: forced by ``forced`` (checked), else by the thresholds."""
+            ov: PlanOverrides, *, stores: bool) -> str:
+    """The kernel of one projection: forced by ``forced`` (checked), else by the thresholds.  ``stores``: the
+    projection stores the training forward's pre-activations (the up projection, unless in recompute mode), which
+    only the GEMMs do."""
     why_not_wgmma = _wgmma_fits(inp, k_dim, aligned)
-    stores = inp.training and not inp.recompute  # the forward stores pre-activations: the GEMMs only
     if forced is not None:
         if forced == "gemv" and stores:
             raise ValueError(f"plan_overrides: {name}='gemv' cannot store the training forward's pre-activations")
@@ -250,8 +254,9 @@ def make_plan(inp: PlanInputs, ov: PlanOverrides = NO_OVERRIDES) -> LaunchPlan:
     routing = ov.routing or ("kernel" if kernel_routing else "torch")
     direct = not inp.traced and not inp.training  # launched by our own cache, not through wrap_triton
 
-    up = _kernel("up", ov.up, inp, rows, inp.hidden, inp.x_aligned, ov)
-    down = _kernel("down", ov.down, inp, rows, inp.intermediate, True, ov)  # h: our own aligned buffer
+    stores = inp.training and not inp.recompute
+    up = _kernel("up", ov.up, inp, rows, inp.hidden, inp.x_aligned, ov, stores=stores)
+    down = _kernel("down", ov.down, inp, rows, inp.intermediate, True, ov, stores=False)  # h: our aligned buffer
     up_xa = _xa(up, inp, rows, ov, up=True)
     down_xa = _xa(down, inp, rows, ov, up=False)
     if up == "gemv" and up_xa == "kernel" and routing == "kernel" and rows <= TRITON_MAX_PAIRS and direct:
