@@ -66,14 +66,17 @@ def stored_to_canonical(w: torch.Tensor, layout: Layout) -> torch.Tensor:
 
 
 def quantize_weight(w: torch.Tensor, layout: Layout, *, blocksize: int, compress_statistics: bool,
-                    device: torch.device | str | None = None) -> NF4Weight:
-    """One stored expert weight -> NF4Weight (E, out, in).  A transposed view is copied a chunk at a time."""
+                    device: torch.device | str | None = None, name: str = "w",
+                    allow_non_finite: bool = False) -> NF4Weight:
+    """One stored expert weight -> NF4Weight (E, out, in).  A transposed view is copied a chunk at a time.
+    ``name`` (the weight's qualified name) goes into the error for non-finite values (NF4Weight.quantize)."""
     if w.device.type == "meta":
         raise ValueError("expert weights are on the meta device; load them before quantizing")
     w = w.detach()
     if device is not None:
         w = w.to(device)
-    return NF4Weight.quantize(stored_to_canonical(w, layout), blocksize, compress_statistics)
+    return NF4Weight.quantize(stored_to_canonical(w, layout), blocksize, compress_statistics, name=name,
+                              allow_non_finite=allow_non_finite)
 
 
 def build_quant_experts(spec: ExpertsSpec, gate_up: NF4Weight, down: NF4Weight, shell: nn.Module, *,
@@ -114,6 +117,7 @@ def replace_experts(
     lora_dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
     freeze_base: bool = True,
+    allow_non_finite: bool = False,
 ) -> nn.Module:
     """Replace every (selected) transformers expert module of ``model`` by a QuantGroupedExperts, in place.
 
@@ -126,6 +130,8 @@ def replace_experts(
         lora_dtype: dtype of the LoRA factors (default: the weights' dtype).
         device: quantize on this device (each module's weights are moved there one module at a time).
         freeze_base: set ``requires_grad=False`` on every parameter but the LoRA factors.
+        allow_non_finite: quantize weights holding NaN / Inf instead of raising ValueError (which names the
+            module's weight, the experts and the counts; modules before it are already replaced).
 
     Shared experts, dense MLPs, routers and attention are not expert modules and stay as they are.
     Raises UnsupportedExpertsError (a NotImplementedError) naming class and flag for a layout the
@@ -141,10 +147,10 @@ def replace_experts(
     specs = [inspect_experts(m, n) for n, m in found]  # every module checked before any is touched
     check_blocksize(specs, blocksize)
     for (name, module), spec in zip(found, specs):
-        gu = quantize_weight(module.gate_up_proj, spec.layout, blocksize=blocksize,
-                             compress_statistics=compress_statistics, device=device)
-        dn = quantize_weight(module.down_proj, spec.layout, blocksize=blocksize,
-                             compress_statistics=compress_statistics, device=device)
+        gu, dn = (quantize_weight(getattr(module, w), spec.layout, blocksize=blocksize,
+                                  compress_statistics=compress_statistics, device=device,
+                                  name=f"{name}.{w}" if name else w, allow_non_finite=allow_non_finite)
+                  for w in ("gate_up_proj", "down_proj"))
         qe = build_quant_experts(spec, gu, dn, module, lora_rank=lora_rank, lora_alpha=lora_alpha,
                                  backend=backend, lora_dtype=lora_dtype)
         _set_submodule(model, name, qe)

@@ -100,12 +100,18 @@ class QuantGroupedExperts(nn.Module):
         compress_statistics: bool = True,
         backend: str = "auto",
         lora_dtype: torch.dtype | None = None,
+        allow_non_finite: bool = False,
     ) -> "QuantGroupedExperts":
-        """Quantize bf16/fp16/fp32 expert weights gate_up_proj (E, 2I, H) and down_proj (E, H, I) to NF4."""
+        """Quantize bf16/fp16/fp32 expert weights gate_up_proj (E, 2I, H) and down_proj (E, H, I) to NF4.
+
+        A NaN or Inf in either weight raises ValueError naming it, the experts and the counts, unless
+        ``allow_non_finite=True`` (see ``NF4Weight.quantize``)."""
         _check_config(act, backend, lora_rank)
         e, h, i = check_expert_weights(gate_up_proj, down_proj, blocksize)
-        gu = NF4Weight.quantize(gate_up_proj, blocksize, compress_statistics)
-        dn = NF4Weight.quantize(down_proj, blocksize, compress_statistics)
+        gu = NF4Weight.quantize(gate_up_proj, blocksize, compress_statistics, name="gate_up_proj",
+                                allow_non_finite=allow_non_finite)
+        dn = NF4Weight.quantize(down_proj, blocksize, compress_statistics, name="down_proj",
+                                allow_non_finite=allow_non_finite)
         return cls.from_nf4(gu, dn, act=act, lora_rank=lora_rank, lora_alpha=lora_alpha, backend=backend,
                             lora_dtype=lora_dtype)
 

@@ -28,6 +28,30 @@ _QUANT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _CHUNK_ELEMENTS = 1 << 25
 
 
+def _experts_listing(hit: list[tuple[int, str]], num_experts: int, most: int = 8) -> str:
+    """'2 of 8 experts: expert 3 (...), expert 5 (...)', the first ``most`` of ``hit`` (expert, detail)."""
+    shown = ", ".join(f"expert {ex} ({detail})" for ex, detail in hit[:most])
+    more = f", and {len(hit) - most} more" if len(hit) > most else ""
+    return f"{len(hit)} of {num_experts} experts: {shown}{more}"
+
+
+def _non_finite_weight_message(w: torch.Tensor, name: str, step: int) -> str:
+    """The error for a weight (E, out, in) with NaN / Inf: counts per expert, a chunk of experts at a time."""
+    hit, nans, infs = [], 0, 0
+    for s in range(0, w.shape[0], step):
+        chunk = w[s : s + step]
+        n_nan = torch.isnan(chunk).sum(dim=(1, 2)).tolist()
+        n_inf = torch.isinf(chunk).sum(dim=(1, 2)).tolist()
+        for j, (a, b) in enumerate(zip(n_nan, n_inf)):
+            if a or b:
+                hit.append((s + j, f"{a + b} values: {a} NaN, {b} Inf"))
+                nans, infs = nans + a, infs + b
+    return (f"{name} {tuple(w.shape)} has {nans + infs} non-finite values ({nans} NaN, {infs} Inf) in "
+            f"{_experts_listing(hit, w.shape[0])}. NF4 cannot represent them, and with double quantization "
+            "(compress_statistics=True) one of them turns every expert's output NaN. Fix the weights, or pass "
+            "allow_non_finite=True to quantize them anyway")
+
+
 def _bnb_functional():
     import bitsandbytes.functional as bnbf  # heavy import, only needed to (de)quantize via bnb
 
@@ -90,11 +114,18 @@ class NF4Weight(nn.Module):
         compress_statistics: bool = True,
         *,
         quant_type: str = "nf4",
+        name: str = "w",
+        allow_non_finite: bool = False,
     ) -> "NF4Weight":
         """Quantize w (E, out, in) with ``bitsandbytes.functional.quantize_4bit(quant_type="nf4")``.
 
         Result is byte-identical to quantizing the whole tensor in one bitsandbytes call (one nested
         offset for the whole tensor), but only a few experts are quantized at a time.
+
+        A NaN or Inf in ``w`` raises ValueError naming ``name`` (the weight, in messages), each expert
+        holding one and the counts: NF4 cannot hold it, and with double quantization it poisons the
+        nested statistics that every expert shares.  ``allow_non_finite=True`` quantizes regardless.
+        The check costs one ``isfinite().all()`` per chunk and one host sync per call.
         """
         if quant_type != "nf4":
             raise ValueError(f"quant_type must be 'nf4' (nf4moe kernels decode NF4 only), got {quant_type!r}")
@@ -109,13 +140,19 @@ class NF4Weight(nn.Module):
         bnbf = _bnb_functional()
         step = max(1, _CHUNK_ELEMENTS // (o * i))
         absmax = torch.empty(e, o, i // blocksize, dtype=torch.float32, device=w.device)
+        finite = None  # stays on the device until the one sync after the loop
         with torch.no_grad():
             for s in range(0, e, step):
                 chunk = w[s : s + step].detach().contiguous()
+                if not allow_non_finite:
+                    ok = torch.isfinite(chunk).all()
+                    finite = ok if finite is None else finite & ok
                 q, st = bnbf.quantize_4bit(chunk, blocksize=blocksize, compress_statistics=False, quant_type="nf4")
                 self.packed[s : s + step].copy_(q.view(-1, o, i // 2))
                 absmax[s : s + step].copy_(st.absmax.view(-1, o, i // blocksize))
                 del chunk, q, st
+            if finite is not None and not bool(finite):
+                raise ValueError(_non_finite_weight_message(w, name, step))
             if compress_statistics:
                 # The same nesting bitsandbytes applies in quantize_4bit, over the whole tensor's absmax.
                 offset = absmax.mean()
@@ -129,8 +166,14 @@ class NF4Weight(nn.Module):
         return self
 
     @classmethod
-    def from_bnb(cls, packed: torch.Tensor, quant_state) -> "NF4Weight":
-        """Wrap bitsandbytes NF4 bytes (a ``Params4bit`` or its data) and QuantState without re-quantizing."""
+    def from_bnb(cls, packed: torch.Tensor, quant_state, *, name: str = "quant_state",
+                 allow_non_finite: bool = False) -> "NF4Weight":
+        """Wrap bitsandbytes NF4 bytes (a ``Params4bit`` or its data) and QuantState without re-quantizing.
+
+        A NaN or Inf in the statistics (``absmax``, or the nested ``absmax2`` / ``code2`` / ``offset``)
+        raises ValueError naming ``name``, the field, the count and the experts whose block scales it
+        reaches, unless ``allow_non_finite=True``.
+        """
         qs = quant_state
         if getattr(qs, "quant_type", None) != "nf4":
             raise ValueError(f"quant_state.quant_type must be 'nf4', got {getattr(qs, 'quant_type', None)!r}")
@@ -152,7 +195,25 @@ class NF4Weight(nn.Module):
                 self.absmax2.copy_(qs.state2.absmax)
                 self.code2.copy_(qs.state2.code)
                 self.offset.copy_(torch.as_tensor(qs.offset, dtype=torch.float32))
+        if not allow_non_finite:
+            self._check_finite_statistics(name)
         return self
+
+    def _check_finite_statistics(self, name: str) -> None:
+        """Refuse non-finite statistics (one host sync; the details are computed only on failure)."""
+        stats = {"absmax2": self.absmax2, "code2": self.code2, "offset": self.offset} if self.compress_statistics \
+            else {"absmax": self.absmax}
+        if bool(torch.stack([torch.isfinite(t).all() for t in stats.values()]).all()):
+            return
+        fields = ", ".join(f"{k} {int((~torch.isfinite(t)).sum())} of {t.numel()}" for k, t in stats.items()
+                           if not bool(torch.isfinite(t).all()))
+        per_expert = (~torch.isfinite(self.scales())).sum(dim=(1, 2)).tolist()
+        hit = [(ex, f"{n} blocks") for ex, n in enumerate(per_expert) if n]
+        reach = (f"they make the block scales of {_experts_listing(hit, self.num_experts)} non-finite" if hit
+                 else "no block's scale uses them, but the state is corrupt")
+        raise ValueError(
+            f"{name}: bitsandbytes NF4 statistics hold non-finite values ({fields}); {reach}. Re-quantize from "
+            "finite weights, or pass allow_non_finite=True to load them anyway")
 
     def to_bnb(self):
         """(packed (n/2, 1) uint8, QuantState) as ``quantize_4bit`` returns them; shares no storage."""
