@@ -6,14 +6,21 @@ the kernel's rounding of operands and intermediates to the activation dtype (bf1
 about 4e-3 relative per rounding; the weight tile, the SwiGLU intermediate, the weighted slot outputs and
 the final output are each rounded once, hence 2e-2), fp16 (11 bits: 5e-3) and fp32 (tf32 dot on GPU, 10-bit operands,
 about 1e-3 per product and several products in a row, hence 5e-3; exact fp32 in the interpreter).
+
+Which kernels a call runs is the launch plan's choice (nf4moe.kernels.plan): tests force a path with
+``nf4moe.plan_overrides(...)``, check the choice on the plan (``QuantGroupedExperts.launch_plan``) and, where
+it matters, count the launches of the leaf launchers in ``nf4moe.kernels.dispatch`` (which imports them by name).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
 import torch
+import triton
 
+import nf4moe
 from nf4moe.reference import Lora, moe_forward
 
 from triton_cases import DEV, assert_negative_ids_trap, count_calls, make_layer, refill, routing, training_step_calls
@@ -42,16 +49,62 @@ def assert_matches_reference(m, x, idx, w, bound):
     assert err < bound, err
 
 
+@pytest.fixture
+def overrides():
+    """``overrides(**choices)``: ``nf4moe.plan_overrides(**choices)`` in force until the end of the test (calls
+    add to each other, as nested blocks do)."""
+    with contextlib.ExitStack() as stack:
+        yield lambda **choices: stack.enter_context(nf4moe.plan_overrides(**choices))
+
+
+def natural_k_configs() -> list:
+    """GEMM configs of 64-row tiles, whose K steps run in natural column order (the GEMM takes MMA k order for
+    BLOCK_M <= 32 only): a K step of 64 (one or two NF4 blocks) and of 32 (for K = 96), then the fallback."""
+    from nf4moe.kernels import configs
+
+    stages = 1 if INTERP else 3
+    return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=stages),
+            triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=stages),
+            configs._fallback()]
+
+
 @pytest.fixture(params=["gemv", "gemm", "gemm_natural_k"])
 def kernel_path(request, monkeypatch):
-    """Both inference kernels, each forced at every size: the decode GEMV (grouped_gemv.py; by default up to
-    64 routed rows, NF4MOE_GEMV_ROWS) and the MMA GEMM (the default above), the GEMM both with its K steps
-    in MMA k order (the default, nf4_decode.mma_k_order) and in natural order (NF4MOE_KPERM=0); the
-    natural-order run also carries the opt-in K-loop hint (NF4MOE_WGMMA_PIPE=1)."""
-    monkeypatch.setenv("NF4MOE_GEMV_ROWS", str(1 << 30) if request.param == "gemv" else "0")
-    monkeypatch.setenv("NF4MOE_KPERM", "0" if request.param == "gemm_natural_k" else "1")
-    monkeypatch.setenv("NF4MOE_WGMMA_PIPE", "1" if request.param == "gemm_natural_k" else "0")
-    return request.param
+    """Both inference kernels, each forced at every size by the plan (``plan_overrides(up=..., down=...)``): the
+    decode GEMV (grouped_gemv.py; by default up to 64 routed rows) and the MMA GEMM (the default above), the
+    GEMM both as the autotuner picks it (tiles of at most 32 rows at these sizes: K steps in MMA k order,
+    nf4_decode.mma_k_order) and with 64-row tiles (natural K order), reached by giving its autotuner
+    ``natural_k_configs`` and pinning the first that fits (``configs.pinned``, which the pruner reads; the
+    launcher's config cache and the autotuner's own start empty).  Afterwards: the forced kernel really ran,
+    and with the tiles asked for."""
+    from nf4moe.kernels import configs
+    from nf4moe.kernels import grouped_gemm as gg
+    from nf4moe.kernels import grouped_gemv as gv
+    from nf4moe.kernels import launch as L
+
+    if request.param == "gemm_natural_k":
+        cfgs = natural_k_configs()
+        monkeypatch.setattr(gg.nf4_moe_gemm_kernel, "configs", cfgs)
+        monkeypatch.setattr(gg.nf4_moe_gemm_kernel, "cache", {})
+        monkeypatch.setattr(configs, "pinned", lambda: cfgs[:1])
+        monkeypatch.setattr(L, "_TUNED", {})
+    ran = []  # (launch kind, config) of every tuned launch
+    for mod in (gg, gv):
+        def spy(kernel, grid, key, *args, _real=mod.launch_tuned, **kw):
+            _real(kernel, grid, key, *args, **kw)
+            ran.append((key[0], L._TUNED[key]))
+
+        monkeypatch.setattr(mod, "launch_tuned", spy)
+    kernel = "gemv" if request.param == "gemv" else "gemm"
+    with nf4moe.plan_overrides(up=kernel, down=kernel):
+        yield request.param
+    kinds = {kind for kind, _ in ran}
+    if kernel == "gemv":
+        assert "gemv" in kinds and kinds <= {"gemv", "gemv_combine"}, kinds
+    else:
+        assert kinds == {"gemm"}, kinds
+    if request.param == "gemm_natural_k":
+        assert {cfg["BLOCK_M"] for _, cfg in ran} == {64}, ran
 
 
 CASES = [
@@ -116,8 +169,9 @@ def test_t_zero_and_all_sentinels():
 @pytest.mark.parametrize("blocksize,inter", [(32, 96), (64, 192)])
 @pytest.mark.usefixtures("kernel_path")
 def test_small_blocksize_and_k_step_fallback(blocksize, inter):
-    """Blocksize 32 forces the K step down to 32 (one absmax per tile row); I=96 is not a multiple of the
-    default K step (64), so the down projection takes the fallback config there too."""
+    """Blocksize 32 forces the K step down to 32 (one absmax per tile row) or a multiple of it (a step over two
+    blocks); I=96 is not a multiple of the default K step (64), so the down projection takes the fallback config
+    there too (with 64-row tiles, natural_k_configs' 32-column step)."""
     m = make_layer(4, 128, inter, rank=8, blocksize=blocksize, seed=40 + blocksize)
     x = torch.randn(11, 128, device=DEV, dtype=torch.float32)
     idx, w = routing(11, 4, 2, seed=41)
@@ -185,23 +239,41 @@ def test_torch_compile_fullgraph():
     assert rel_err(out, ref) < BOUND[torch.bfloat16]
 
 
-def test_opcheck():
+def layer_op_inputs(m, x, idx, w, plan):
+    """The inputs of ``nf4moe::moe_experts`` for a call with launch plan ``plan`` (ops.LayerInputs), routed as
+    the plan says (with the routing launch's up X·Aᵀ where it computes it)."""
     from nf4moe.kernels import ops
-    from nf4moe.kernels.routing import build_routing
+    from nf4moe.moe_layers.triton_backend import _lora
 
-    m = make_layer(4, 128, 64, rank=8, seed=31)
+    lora = tuple(t.detach() if t is not None else None for t in _lora(m))
+    rt, xa_up = ops.route(plan, idx, m.num_experts, check_ids=False, x=x, lora_a=lora[0])
+    return ops.LayerInputs.of(x, idx, w, rt, m.gate_up_nf4.operand, m.down_nf4.operand, lora, m.scaling, m.act,
+                              plan, xa_up)
+
+
+@pytest.mark.parametrize("rank,grad", [(8, False), (0, False), (8, True)])
+def test_opcheck(rank, grad):
+    """The layer op (both projections and the combine, by the plan's key) and the combine op against their
+    schemas and fake impls: the decode path's inference plan (with the routing launch's X·Aᵀ as an input), the
+    Triton GEMM's without LoRA, and a training plan, whose outputs include the saved pre-activations."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from nf4moe.kernels import ops
+
+    m = make_layer(4, 128, 64, rank=rank, seed=31)
     x = torch.randn(6, 128, device=DEV, dtype=torch.float32)
     idx, w = routing(6, 4, 2, seed=32)
-    r = build_routing(idx, 4)
-    gu = m.gate_up_nf4
-    args = (x, gu.packed, gu.absmax, gu.absmax2, gu.code2, gu.offset, m.lora_A["gate_up_proj"].detach(),
-            m.lora_B["gate_up_proj"].detach(), m.scaling, r.sorted_pair_ids, r.expert_offsets, 2, 64, 256, "silu")
-    torch.library.opcheck(ops.moe_up, args, test_utils=("test_schema", "test_faketensor"))
-    h = ops.moe_up(*args)
-    dn = m.down_nf4
-    dargs = (h, dn.packed, dn.absmax, dn.absmax2, dn.code2, dn.offset, None, None, 1.0, r.sorted_pair_ids,
-             r.expert_offsets, w.reshape(-1), idx, 64, 256)
-    torch.library.opcheck(ops.moe_down_combine, dargs, test_utils=("test_schema", "test_faketensor"))
+    kernel = "gemm" if grad or rank == 0 else "gemv"
+    with torch.set_grad_enabled(grad), nf4moe.plan_overrides(up=kernel, down=kernel):
+        plan = m.launch_plan(x.clone().requires_grad_(grad), idx, w)
+    assert plan.save_preact == grad and plan.kernels == (kernel, kernel)
+    assert (plan.up_xa == "routing") == (kernel == "gemv")
+    inputs = layer_op_inputs(m, x, idx, w, plan)
+    torch.library.opcheck(ops.moe_experts, tuple(inputs), test_utils=("test_schema", "test_faketensor"))
+    with FakeTensorMode() as mode:  # the fake impl's shapes, which opcheck found equal to the real op's
+        out, gu, xa = ops.moe_experts(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in inputs))
+    assert out.shape == (6, 128) and gu.shape == ((12 if grad else 0), 128)
+    assert xa.shape == ((12 if grad and rank else 0), 16)
     y = torch.randn(idx.numel(), 128, device=DEV)
     torch.library.opcheck(ops.combine, (y, idx, 4), test_utils=("test_schema", "test_faketensor"))
 
@@ -209,37 +281,39 @@ def test_opcheck():
 def test_lora_xa_split_partials_sum_to_the_whole(nan_new_empty):
     """At small P the X·Aᵀ precompute splits K into slices (partials summed by the consumer); their sum
     equals the one-slice result and x[row]·A[e]ᵀ computed directly."""
-    from nf4moe.kernels.lora_xa import launch_lora_xa, xa_split
-    from nf4moe.kernels.routing import build_routing
+    from nf4moe.kernels.host import xa_split
+    from nf4moe.kernels.lora_xa import launch_lora_xa
+    from nf4moe.kernels.routing import launch_routing
 
     t, e, k, r, kdim = 6, 4, 2, 8, 512
     g = torch.Generator().manual_seed(21)
     x = torch.randn(t, kdim, generator=g).to(DEV)
     a = (torch.randn(e, r, kdim, generator=g) * 0.1).to(DEV)
     idx, _ = routing(t, e, k, seed=22)
-    rt = build_routing(idx, e)
+    pairs, offsets = launch_routing(idx, e)
     assert xa_split(kdim, t * k, 64) == 4
-    parts = launch_lora_xa(x, a, rt.sorted_pair_ids, rt.expert_offsets, top_k=k, gather=True, r_pad=16)
-    whole = launch_lora_xa(x, a, rt.sorted_pair_ids, rt.expert_offsets, top_k=k, gather=True, r_pad=16,
+    parts = launch_lora_xa(x, a, pairs, offsets, top_k=k, gather=True, r_pad=16)
+    whole = launch_lora_xa(x, a, pairs, offsets, top_k=k, gather=True, r_pad=16,
                            out=torch.full((t * k, 16), float("nan"), device=DEV))
     assert parts.shape == (4, t * k, 16)
-    pairs = rt.sorted_pair_ids.long()
-    want = torch.einsum("pk,prk->pr", x[pairs // k].double(), a[idx.reshape(-1)[pairs]].double())
+    pl = pairs.long()
+    want = torch.einsum("pk,prk->pr", x[pl // k].double(), a[idx.reshape(-1)[pl]].double())
     tol = 1e-4 if INTERP else 5e-3  # exact fp32 in the interpreter; tf32 dot operands on the GPU
     torch.testing.assert_close(parts.sum(0)[:, :r].double(), want, rtol=tol, atol=tol)
     torch.testing.assert_close(whole[:, :r].double(), want, rtol=tol, atol=tol)
 
 
-def test_second_launch_skips_the_autotuner(monkeypatch):
-    """configs.launch_tuned: once a launch key has its config, eager launches call the JIT function with it
+def test_second_launch_skips_the_autotuner(monkeypatch, overrides):
+    """launch.launch_tuned: once a launch key has its config, eager launches call the JIT function with it
     directly (the autotuner's per-call key building is host time at small T); results are unchanged."""
     from nf4moe.kernels.grouped_gemm import nf4_moe_gemm_kernel
 
-    monkeypatch.setenv("NF4MOE_GEMV_ROWS", "0")
+    overrides(up="gemm", down="gemm")
     m = make_layer(4, 128, 64, rank=8, seed=31)
     x = torch.randn(5, 128, device=DEV, dtype=torch.bfloat16)
     idx, w = routing(5, 4, 2, seed=32)
     with torch.no_grad():
+        assert m.launch_plan(x, idx, w).kernels == ("gemm", "gemm")
         first = m(x, idx, w)
 
         def autotuner_again(*args, **kwargs):
@@ -249,53 +323,64 @@ def test_second_launch_skips_the_autotuner(monkeypatch):
         assert torch.equal(m(x, idx, w), first)
 
 
-@pytest.mark.parametrize("xa_mode", ["0", "1", "auto"])
+@pytest.mark.parametrize("xa_mode", ["loop", "kernel", "auto"])
 @pytest.mark.parametrize("t", [3, 40])  # 6 and 80 routed rows: either side of the automatic switch at 64
-def test_lora_xa_in_loop_and_precomputed(monkeypatch, xa_mode, t):
-    """LoRA X·Aᵀ accumulated in the GEMM's K loop (NF4MOE_XA_PRE=0, the default up to 64 rows) and by
-    the lora_xa kernel beforehand (=1, the default above) both match the reference, MMA K order included."""
-    import nf4moe.kernels.grouped_gemm as gg
+def test_lora_xa_in_loop_and_precomputed(monkeypatch, overrides, xa_mode, t):
+    """LoRA X·Aᵀ accumulated in the GEMM's K loop (``xa="loop"``, the default up to 64 rows) and by the lora_xa
+    kernel beforehand (``"kernel"``, the default above) both match the reference, MMA K order included."""
+    from nf4moe.kernels import dispatch
 
-    monkeypatch.setenv("NF4MOE_XA_PRE", xa_mode)
-    monkeypatch.setenv("NF4MOE_GEMV_ROWS", "0")  # the MMA GEMM at every size (the GEMV always precomputes)
-    calls = count_calls(monkeypatch, gg, "launch_lora_xa")
+    overrides(up="gemm", down="gemm")  # the MMA GEMM at every size (the GEMV always reads X·Aᵀ precomputed)
+    if xa_mode != "auto":
+        overrides(xa=xa_mode)
+    calls = count_calls(monkeypatch, dispatch, "launch_lora_xa")
     m = make_layer(4, 128, 64, rank=16, seed=31)
     x = torch.randn(t, 128, device=DEV)
     idx, w = routing(t, 4, 2, seed=32)
+    precomputed = xa_mode == "kernel" or (xa_mode == "auto" and 2 * t > 64)
+    with torch.no_grad():
+        plan = m.launch_plan(x, idx, w)
+    assert (plan.up_xa, plan.down_xa) == (("kernel",) * 2 if precomputed else ("loop",) * 2)
     assert_matches_reference(m, x, idx, w, BOUND[torch.float32])
-    precomputed = xa_mode == "1" or (xa_mode == "auto" and 2 * t > 64)
     assert len(calls) == (2 if precomputed else 0)  # one X·Aᵀ launch per projection, or none
 
 
 def gemv_calls(monkeypatch) -> tuple[list, list]:
-    """Calls of the GEMV launcher (grouped_gemm's): the up projection's (gated), and the down projection's, each
+    """Calls of the GEMV launcher (dispatch's): the up projection's (gated), and the down projection's, each
     recorded as what it returned: whether it fused the combine."""
-    import nf4moe.kernels.grouped_gemm as gg
+    from nf4moe.kernels import dispatch
 
     up, down = [], []
-    real = gg.launch_nf4_moe_gemv
+    real = dispatch.launch_nf4_moe_gemv
 
     def record(*a, **kw):
         fused = real(*a, **kw)
         (up if kw["gated"] else down).append(fused)
         return fused
 
-    monkeypatch.setattr(gg, "launch_nf4_moe_gemv", record)
+    monkeypatch.setattr(dispatch, "launch_nf4_moe_gemv", record)
     return up, down
 
 
 @pytest.mark.parametrize("t,gemv", [(1, True), (32, True), (33, False)])  # 2, 64, 66 routed rows at top-2
 def test_decode_gemv_is_the_default_up_to_64_rows(monkeypatch, t, gemv):
     """Inference calls of up to 64 routed rows take the decode GEMV (both projections), larger ones the GEMM."""
-    import nf4moe.kernels.grouped_gemm as gg
-
-    monkeypatch.delenv("NF4MOE_GEMV_ROWS", raising=False)
     up, down = gemv_calls(monkeypatch)
     m = make_layer(4, 128, 64, rank=8, seed=33)
     x = torch.randn(t, 128, device=DEV)
     idx, w = routing(t, 4, 2, seed=34)
+    with torch.no_grad():
+        plan = m.launch_plan(x, idx, w)
+    assert plan.kernels == (("gemv", "gemv") if gemv else ("gemm", "gemm"))
+    assert plan.combine == ("gemv" if gemv else "kernel")
     assert_matches_reference(m, x, idx, w, BOUND[torch.float32])
     assert (up, down) == (([False], [True]) if gemv else ([], []))  # the down GEMV with its fused combine
+
+
+def gemv_config(bm, bn, lanes, steps, vec, warps) -> dict:
+    """A GEMV config's keyword arguments (launch._TUNED's form)."""
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "LANES": lanes, "STEPS": steps, "VEC": vec},
+                         num_warps=warps, num_stages=1).all_kwargs()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -303,45 +388,48 @@ def test_gemv_fused_combine_equals_down_then_combine(monkeypatch, nan_new_empty,
     """The down GEMV's fused combine (the last routed slot of each token and N tile sums the token's slot rows)
     against the same GEMV's slot rows summed by the combine kernel: bit-identical (same values, same fixed
     order), with sentinel slots, a token whose every slot is a sentinel (a zero row, written by its dropped
-    pairs), a token routed twice to one expert; every arrival counter back at zero afterwards."""
-    from nf4moe.kernels import ops
-    from nf4moe.kernels.grouped_gemm import split_k_counters
-    from nf4moe.kernels.operands import NF4Operand
-    from nf4moe.kernels.routing import build_routing
+    pairs), a token routed twice to one expert; every arrival counter back at zero afterwards.  The down
+    projection runs through dispatch.projection by the plans of both combine forms."""
+    from dataclasses import replace
 
-    import triton
-
-    from nf4moe.kernels import configs
+    from nf4moe.kernels import dispatch
+    from nf4moe.kernels import launch as L
+    from nf4moe.kernels.routing import launch_routing
 
     class Pinned(dict):  # both launches on one config: the same slot rows, bit for bit
         def get(self, key, default=None):
             return cfg if key[0] in ("gemv", "gemv_combine") else super().get(key, default)
 
-    # two N tiles per program: the second tile's arrival counters too
-    cfg = triton.Config({"BLOCK_M": 1, "BLOCK_N": 32, "LANES": 4, "STEPS": 4, "VEC": 4, "TILES": 2}, num_warps=1,
-                        num_stages=1).all_kwargs()
-    monkeypatch.setattr(configs, "_TUNED", Pinned())
-    monkeypatch.setenv("NF4MOE_GEMV_ROWS", str(1 << 30))
+    cfg = gemv_config(1, 32, 4, 4, 4, 1)  # four N tiles of 32: four arrival counters per token
+    monkeypatch.setattr(L, "_TUNED", Pinned())
     e, k, t = 5, 3, 4
     m = make_layer(e, 128, 64, rank=8, seed=61)
     idx = torch.tensor([[0, 4, e], [e + 2, e, e], [2, 2, 1], [3, e, 0]], device=DEV)
     w = torch.rand(t, k, device=DEV, dtype=dtype) + 0.1
-    r = build_routing(idx, e)
+    with torch.no_grad(), nf4moe.plan_overrides(up="gemv", down="gemv"):
+        fused_plan = m.launch_plan(torch.randn(t, 128, device=DEV, dtype=dtype), idx, w)
+    assert fused_plan.down == "gemv" and fused_plan.combine == "gemv" and fused_plan.down_xa == "kernel"
+    apart_plan = replace(fused_plan, combine="kernel")  # the GEMV's slot rows, then the combine kernel
+    pairs, offsets = launch_routing(idx, e)
     h = torch.randn(t * k, 64, device=DEV, dtype=dtype)
-    dn = m.down_nf4
-    op = NF4Operand(dn.packed, dn.absmax, dn.absmax2, dn.code2, dn.offset, dn.blocksize, dn.blocksize2)
     la, lb = m.lora_A["down_proj"].detach(), m.lora_B["down_proj"].detach()
     up, down = gemv_calls(monkeypatch)
-    args = (h, op, la, lb, m.scaling, r.sorted_pair_ids, r.expert_offsets, w.reshape(-1))
+
+    def down_proj(plan, combine: bool):
+        return dispatch.projection(
+            plan, "gemv", plan.down_xa, h, m.down_nf4.operand, la, lb, m.scaling, pairs, offsets, w.reshape(-1),
+            h.new_empty(t * k, 128), n=128, top_k=1, gated=False, act=m.act, launcher=None,
+            combine=(h.new_empty(t, 128), idx) if combine else None)
+
     with torch.no_grad():
-        fused = ops._down(*args, idx)
-        monkeypatch.setenv("NF4MOE_FUSE_COMBINE", "0")  # the GEMV's slot rows, then the combine kernel
-        apart = ops._down(*args, idx)
-        rows = ops._down(*args)
-    assert down == [True, False, False]  # the fused path really ran, then twice the plain GEMV
-    assert torch.equal(fused, apart) and torch.equal(apart, ops._combine(rows, idx, e))
+        fused = down_proj(fused_plan, True)
+        apart = down_proj(apart_plan, True)
+        rows = down_proj(fused_plan, False)
+        assert down == [True, False, False]  # the fused path really ran, then twice the plain GEMV
+        assert torch.equal(fused, apart) and torch.equal(apart, dispatch.combine(rows, idx, e))
+    assert up == [] and fused.shape == (t, 128)
     assert torch.equal(fused[1], torch.zeros_like(fused[1])) and torch.isfinite(fused).all()
-    assert int(split_k_counters(h.device, t * 128).count_nonzero()) == 0
+    assert int(L.arrival_counters(h.device, t * 128).count_nonzero()) == 0
 
 
 def test_operand_rejects_input_columns_off_the_blocksize():
@@ -356,38 +444,45 @@ def test_operand_rejects_input_columns_off_the_blocksize():
 
 
 def test_gemv_capture_runs_the_plain_gemv_tuned_by_the_first_eager_call(monkeypatch):
-    """The first eager fused down GEMV of a shape also tunes the plain GEMV; a later launch while a CUDA graph is
-    captured (simulated here: ``capturing`` patched) runs that plain GEMV and the combine kernel, with no tuning,
-    and equals the eager unfused path bit for bit; with the plain GEMV never tuned it stays fused."""
-    from nf4moe.kernels import configs, ops
+    """The first eager fused down GEMV of a shape also tunes the plain GEMV; a later call while a CUDA graph is
+    captured (simulated here: the plan's inputs say ``capturing``) has the plan's combine kernel, runs that plain
+    GEMV with no tuning, and equals the eager call of the same plan (combine kernel, early X·Aᵀ sums) bit for
+    bit; with the plain GEMV never tuned the capture's GEMV stays fused (no autotuning inside a capture)."""
     from nf4moe.kernels import grouped_gemv as gv
+    from nf4moe.kernels import launch as L
+    from nf4moe.moe_layers import triton_backend as tb
 
-    monkeypatch.setenv("NF4MOE_GEMV_ROWS", str(1 << 30))
-    monkeypatch.setattr(configs, "_TUNED", {})
+    monkeypatch.setattr(L, "_TUNED", {})
+    capture = {"on": False}
+    real_inputs = tb.plan_inputs
+    monkeypatch.setattr(tb, "plan_inputs", lambda *a: real_inputs(*a)._replace(capturing=capture["on"]))
     m = make_layer(4, 128, 64, rank=8, seed=81)
     x = torch.randn(2, 128, device=DEV)
     idx, w = routing(2, 4, 2, seed=82)
     up, down = gemv_calls(monkeypatch)
     keys = []
-    real_tune = configs.launch_tuned
+    real_tune = L.launch_tuned
     monkeypatch.setattr(gv, "launch_tuned", lambda kernel, grid, key, *a, **kw: keys.append(
-        (key[0], key[1], configs.tuned(key))) or real_tune(kernel, grid, key, *a, **kw))
-    with torch.no_grad():
+        (key[0], key[1], L.tuned(key))) or real_tune(kernel, grid, key, *a, **kw))
+    with torch.no_grad(), nf4moe.plan_overrides(up="gemv", down="gemv"):
+        plan = m.launch_plan(x, idx, w)
+        assert plan.combine == "gemv" and not plan.capturing and not plan.gemv_xa_early
         eager = m(x, idx, w)
         # (kind, N, tuned before) of each launch: the up projection (N = 64), then the down's (N = 128): the plain
         # GEMV tuned first, then the fused one
         assert down == [True] and keys == [("gemv", 64, False), ("gemv", 128, False), ("gemv_combine", 128, False)]
-        monkeypatch.setattr(gv, "capturing", lambda t: True)
+        capture["on"] = True
+        plan = m.launch_plan(x, idx, w)
+        assert plan.combine == "kernel" and plan.capturing and plan.gemv_xa_early
         keys.clear()
         captured = m(x, idx, w)
         assert down[-1] is False and keys == [("gemv", 64, True), ("gemv", 128, True)]  # plain, nothing tuned
-        monkeypatch.setattr(gv, "capturing", lambda t: False)
-        monkeypatch.setenv("NF4MOE_FUSE_COMBINE", "0")
-        assert torch.equal(captured, m(x, idx, w))
+        capture["on"] = False
+        with nf4moe.plan_overrides(combine="kernel", gemv_xa_early=True):  # the captured plan's kernels, eagerly
+            assert torch.equal(captured, m(x, idx, w))
         torch.testing.assert_close(captured, eager, rtol=1e-5, atol=1e-5)
-        monkeypatch.delenv("NF4MOE_FUSE_COMBINE")
-        monkeypatch.setattr(configs, "_TUNED", {k: v for k, v in configs._TUNED.items() if k[:2] != ("gemv", 128)})
-        monkeypatch.setattr(gv, "capturing", lambda t: True)
+        monkeypatch.setattr(L, "_TUNED", {k: v for k, v in L._TUNED.items() if k[:2] != ("gemv", 128)})
+        capture["on"] = True
         m(x, idx, w)
         assert down[-1] is True  # the plain GEMV untuned: fused (no autotuning inside a capture)
 
@@ -396,25 +491,27 @@ def test_gemv_capture_runs_the_plain_gemv_tuned_by_the_first_eager_call(monkeypa
 @pytest.mark.parametrize("t", [1, 2, 40])
 def test_cuda_graph_replays_match_eager(monkeypatch, t):
     """The layer captured in a CUDA graph after one eager call (the decode GEMV at T <= 2: eager calls fuse the
-    combine into the down GEMV, the capture runs the plain GEMV, tuned by that first eager call, and the
+    combine into the down GEMV, the capture's plan runs the plain GEMV, tuned by that first eager call, and the
     combine kernel; the GEMM above), replayed on new inputs copied into the captured buffers: each replay equals
-    an eager call of the same path (``NF4MOE_FUSE_COMBINE=0``) bit for bit, and the fused eager call to
-    rounding (the two GEMV variants may run different tuned configs)."""
-    from nf4moe.kernels import grouped_gemm as gg
+    an eager call of the same path (``plan_overrides(combine="kernel")``) bit for bit, and the fused eager call
+    to rounding (the two GEMV variants may run different tuned configs)."""
+    from nf4moe.kernels import dispatch
 
     captured = []
-    real = gg.launch_nf4_moe_gemv
-    monkeypatch.setattr(gg, "launch_nf4_moe_gemv", lambda *a, **kw: captured.append(
+    real = dispatch.launch_nf4_moe_gemv
+    monkeypatch.setattr(dispatch, "launch_nf4_moe_gemv", lambda *a, **kw: captured.append(
         (torch.cuda.is_current_stream_capturing(), kw["gated"], real(*a, **kw))) or captured[-1][2])
     m = make_layer(8, 256, 128, rank=8, seed=71)
     x = torch.randn(t, 256, device=DEV, dtype=torch.bfloat16)
     idx, w = routing(t, 8, 4, seed=72)
     w = w.to(torch.bfloat16)
     with torch.no_grad():
+        assert m.launch_plan(x, idx, w).kernels == (("gemv", "gemv") if t <= 2 else ("gemm", "gemm"))
         m(x, idx, w)  # compile and tune outside the capture
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
+            assert m.launch_plan(x, idx, w).combine == "kernel"
             out = m(x, idx, w)
         # (capturing, gated, fused) of each GEMV launch: eager fused, captured plain
         assert captured == ([(False, True, False), (False, False, True), (True, True, False), (True, False, False)]
@@ -423,33 +520,28 @@ def test_cuda_graph_replays_match_eager(monkeypatch, t):
             refill(x, idx, w, e=8, seed=seed)
             graph.replay()
             fused = m(x, idx, w)
-            monkeypatch.setenv("NF4MOE_FUSE_COMBINE", "0")
-            assert torch.equal(out, m(x, idx, w))
-            monkeypatch.delenv("NF4MOE_FUSE_COMBINE")
+            with nf4moe.plan_overrides(combine="kernel"):
+                assert torch.equal(out, m(x, idx, w))
             torch.testing.assert_close(out, fused, rtol=2e-2, atol=2e-2)
 
 
 def pdl_case(t, seed):
     """A small layer, activations and routing for the PDL tests on this GPU (skipped before sm_90)."""
-    from nf4moe.kernels import launch as L
-
     m = make_layer(8, 256, 128, rank=8, seed=seed)
     x = torch.randn(t, 256, device=DEV, dtype=torch.bfloat16)
     idx, w = routing(t, 8, 4, seed=seed + 1)
-    if not L._pdl_capable(x.device.index):
+    if torch.cuda.get_device_capability(x.device)[0] < 9:
         pytest.skip("programmatic dependent launch needs sm_90 or newer")
     return m, x, idx, w.to(torch.bfloat16)
 
 
-def pdl_chain(t, captured):
-    """The PDL kernels of a layer call at ``t`` tokens (4 slots): routing with the up X·Aᵀ, the down X·Aᵀ and the
-    decode GEMVs, or routing, both X·Aᵀ, the MMA GEMMs and combine; ``captured``: a capture's decode path also
-    launches the combine kernel (eager decode calls fuse it into the GEMV)."""
-    from nf4moe.kernels.grouped_gemv import gemv_takes
-
-    if gemv_takes(t * 4):
+def pdl_chain(plan):
+    """The PDL kernels of a layer call by ``plan`` (4 slots, LoRA): routing with the up X·Aᵀ, the down X·Aᵀ and
+    the decode GEMVs, or routing, both X·Aᵀ, the MMA GEMMs and combine; a capture's decode path (the plan's
+    combine kernel) also launches the combine kernel (eager decode calls fuse it into the GEMV)."""
+    if plan.up == "gemv":
         decode = {"routing_xa_kernel", "nf4_moe_gemv_kernel", "lora_xa_kernel"}
-        return decode | {"combine_kernel"} if captured else decode
+        return decode | {"combine_kernel"} if plan.combine == "kernel" else decode
     return {"routing_kernel", "nf4_moe_gemm_kernel", "lora_xa_kernel", "combine_kernel"}
 
 
@@ -462,86 +554,80 @@ def compiled_kernels(**want):
 
 @pytest.mark.skipif(DEV != "cuda", reason="programmatic dependent launch needs a GPU")
 @pytest.mark.parametrize("t", [1, 16, 128])
-def test_pdl_launches_give_the_same_bits(monkeypatch, t):
-    """v46 (NF4MOE_PDL=1): the inference path's kernels (routing with the up X·Aᵀ, X·Aᵀ, decode GEMV or MMA
-    GEMM, combine) launched as programmatic dependent launches, each waiting for its predecessor first: eager
+def test_pdl_launches_give_the_same_bits(t):
+    """``plan_overrides(pdl=True)``: the inference path's kernels (routing with the up X·Aᵀ, X·Aᵀ, decode GEMV or
+    MMA GEMM, combine) launched as programmatic dependent launches, each waiting for its predecessor first: eager
     calls and CUDA-graph replays on new inputs give the bits of the same path without PDL (the configs tuned
-    without it are reused: grouped_gemm.launch_key), on sm_90 and newer."""
+    without it are reused: operands.launch_key), on sm_90 and newer."""
     m, x, idx, w = pdl_case(t, seed=81)
     with torch.no_grad():
-        monkeypatch.setenv("NF4MOE_PDL", "0")
-        ref = m(x, idx, w)
-        monkeypatch.setenv("NF4MOE_PDL", "1")
-        assert torch.equal(m(x, idx, w), ref)
-        pdl = compiled_kernels(PDL=True, launch_pdl=True)
-        assert pdl_chain(t, captured=False) <= pdl, pdl
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = m(x, idx, w)
-        monkeypatch.setenv("NF4MOE_FUSE_COMBINE", "0")  # the captured decode path: plain GEMV + combine kernel
+        with nf4moe.plan_overrides(pdl=False):
+            assert not m.launch_plan(x, idx, w).pdl
+            ref = m(x, idx, w)
+        with nf4moe.plan_overrides(pdl=True):
+            plan = m.launch_plan(x, idx, w)
+            assert plan.pdl and plan.kernels == (("gemv", "gemv") if t <= 16 else ("gemm", "gemm"))
+            assert torch.equal(m(x, idx, w), ref)
+            pdl = compiled_kernels(PDL=True, launch_pdl=True)
+            assert pdl_chain(plan) <= pdl, pdl
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                assert m.launch_plan(x, idx, w).pdl
+                out = m(x, idx, w)
         for seed in (83, 84, 85):
             refill(x, idx, w, e=8, seed=seed)
             graph.replay()
-            monkeypatch.setenv("NF4MOE_PDL", "0")
-            assert torch.equal(out, m(x, idx, w))
-            monkeypatch.setenv("NF4MOE_PDL", "1")
+            # the captured decode path: plain GEMV + combine kernel
+            with nf4moe.plan_overrides(pdl=False, combine="kernel"):
+                assert torch.equal(out, m(x, idx, w))
 
 
 @pytest.mark.skipif(DEV != "cuda", reason="programmatic dependent launch needs a GPU")
 @pytest.mark.parametrize("t", [1, 32])  # 4 and 128 routed rows: the decode GEMV, the MMA GEMM
-def test_captures_take_pdl_and_early_xa_by_default(monkeypatch, t):
-    """NF4MOE_PDL and NF4MOE_GEMV_XA_EARLY unset (configs.graph_flag): eager calls launch without either, a CUDA
-    graph captured after them compiles and launches the PDL kernels (and the decode GEMV's early X·Aᵀ sum) with
-    the configs its eager calls tuned, and its replays on new inputs give the eager calls' bits."""
-    from nf4moe.kernels import launch as L
-    from nf4moe.kernels.grouped_gemv import gemv_takes
-
-    for flag in ("NF4MOE_PDL", "NF4MOE_GEMV_XA_EARLY", "NF4MOE_FUSE_COMBINE"):
-        monkeypatch.delenv(flag, raising=False)
+def test_captures_take_pdl_and_early_xa_by_default(t):
+    """No overrides: eager calls' plans launch without PDL or the decode GEMV's early X·Aᵀ sums, a CUDA graph
+    captured after them plans and compiles the PDL kernels (and the decode GEMV's early X·Aᵀ sum) with the
+    configs its eager calls tuned, and its replays on new inputs give the eager calls' bits."""
     m, x, idx, w = pdl_case(t, seed=88)
     with torch.no_grad():
-        assert L.pdl_options(x, None) == {"PDL": False, "launch_pdl": False}  # eager: plain launches
+        plan = m.launch_plan(x, idx, w)
+        assert not plan.pdl and not plan.gemv_xa_early and not plan.capturing  # eager: plain launches
         m(x, idx, w)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
+            plan = m.launch_plan(x, idx, w)
+            assert plan.capturing and plan.pdl and plan.gemv_xa_early == (plan.up == "gemv")
             out = m(x, idx, w)
+        assert plan.kernels == (("gemv", "gemv") if t == 1 else ("gemm", "gemm"))
         pdl = compiled_kernels(PDL=True, launch_pdl=True)
-        assert pdl_chain(t, captured=True) <= pdl, pdl
-        if gemv_takes(t * 4):
+        assert pdl_chain(plan) <= pdl, pdl
+        if plan.up == "gemv":
             assert "nf4_moe_gemv_kernel" in compiled_kernels(PDL=True, XA_EARLY=True)
-        monkeypatch.setenv("NF4MOE_FUSE_COMBINE", "0")  # eager calls on the captured decode path's kernels
         for seed in (90, 91):
             refill(x, idx, w, e=8, seed=seed)
             graph.replay()
-            assert torch.equal(out, m(x, idx, w))
+            with nf4moe.plan_overrides(combine="kernel"):  # eager calls on the captured decode path's kernels
+                assert torch.equal(out, m(x, idx, w))
 
 
 @pytest.mark.skipif(DEV != "cuda", reason="programmatic dependent launch needs a GPU")
-def test_pdl_training_step_gives_the_same_gradients(monkeypatch):
-    """The training forward's GEMMs and X·Aᵀ launched with PDL (the backward's kernels without): the same
-    output and gradients, bit for bit."""
+def test_training_calls_take_no_pdl():
+    """PDL is for direct (eager, untraced, inference) launches: a training call's plan has it off, and
+    ``plan_overrides(pdl=True)`` refuses a training call, naming the override, before anything launches."""
     m, x0, idx, w0 = pdl_case(16, seed=86)
-    gy = torch.randn(16, 256, device=DEV, dtype=torch.bfloat16)
-    results = []
-    for flag in ("0", "1"):
-        monkeypatch.setenv("NF4MOE_PDL", flag)
-        x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
-        for p in m.parameters():
-            p.grad = None
-        out = m(x, idx, w)
-        out.backward(gy)
-        results.append([out, x.grad, w.grad] + [p.grad for p in m.parameters() if p.requires_grad])
-    for a, b in zip(*results):
-        assert torch.equal(a, b)
+    x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+    plan = m.launch_plan(x, idx, w)
+    assert plan.save_preact and not plan.pdl
+    with nf4moe.plan_overrides(pdl=True), pytest.raises(ValueError, match="pdl=True"):
+        m(x, idx, w)
 
 
-GEMV_PINS = [  # (BLOCK_M, BLOCK_N, LANES, STEPS, VEC, num_warps, TILES), dtype: the 16- and 8-byte lanes, one row
-    # per program (the direct row-to-expert lookup) and two (the per-expert tile schedule), K chunks of 256, 128 and
-    # 64 columns (up, K = 256: 1, 2, 4 chunks; down, K = 128: a tail, 1, 2); VEC = 4 is the interpreter's.  TILES:
-    # 3 N tiles per program, the prefetch across tiles, and tiles past N (up N = 128: 4 tiles, the second program's
-    # last two are past N; down N = 256: 8 tiles, one past N)
-    (1, 32, 8, 1, 16, 1, 1, torch.bfloat16), (2, 32, 4, 1, 16, 1, 1, torch.float16),
-    (1, 32, 4, 1, 8, 1, 1, torch.bfloat16), (1, 32, 4, 1, 8, 1, 3, torch.float32)]
+GEMV_PINS = [  # (BLOCK_M, BLOCK_N, LANES, STEPS, VEC, num_warps), dtype: the 16- and 8-byte lanes, one row per
+    # program (the direct row-to-expert lookup) and two (the per-expert tile schedule), K chunks of 256, 128 and 64
+    # columns (up, K = 256: 1, 2, 4 chunks; down, K = 128: a tail, 1, 2), 16-bit and fp32 activations; VEC = 4 is
+    # the interpreter's
+    (1, 32, 8, 1, 16, 1, torch.bfloat16), (2, 32, 4, 1, 16, 1, torch.float16),
+    (1, 32, 4, 1, 8, 1, torch.bfloat16), (1, 32, 4, 1, 8, 1, torch.float32)]
 
 
 @pytest.mark.parametrize("pin", GEMV_PINS)
@@ -549,103 +635,26 @@ def test_gemv_configs_match_reference(monkeypatch, nan_new_empty, pin):
     """Each GEMV lane width and row count per program, pinned through the launcher's config cache, against
     the reference: one or several whole K chunks (the next chunk's loads issued before the current one's
     decode) and a masked tail."""
-    import triton
+    from nf4moe.kernels import launch as L
 
-    import nf4moe.kernels.grouped_gemm as gg
-    from nf4moe.kernels import configs
-
-    bm, bn, lanes, steps, vec, warps, tiles, dtype = pin
-    cfg = triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "LANES": lanes, "STEPS": steps, "VEC": vec, "TILES": tiles},
-                        num_warps=warps, num_stages=1)
+    *shape, dtype = pin
+    bm = shape[0]
+    cfg = gemv_config(*shape)
 
     class Pinned(dict):  # the down projection's fused combine takes one row per program
         def get(self, key, default=None):
             if key[0] == "gemv" or (key[0] == "gemv_combine" and bm == 1):
-                return cfg.all_kwargs()
+                return cfg
             return super().get(key, default)
 
-    monkeypatch.setattr(configs, "_TUNED", Pinned())
-    monkeypatch.setenv("NF4MOE_GEMV_ROWS", str(1 << 30))
+    monkeypatch.setattr(L, "_TUNED", Pinned())
     up, down = gemv_calls(monkeypatch)
-    m = make_layer(4, 256, 128, rank=8, seed=50 + vec + bm)
+    m = make_layer(4, 256, 128, rank=8, seed=50 + shape[4] + bm)
     x = torch.randn(3, 256, device=DEV, dtype=dtype)
     idx, w = routing(3, 4, 2, seed=51)
-    assert_matches_reference(m, x, idx, w, BOUND[dtype])
+    with nf4moe.plan_overrides(up="gemv", down="gemv"):
+        assert_matches_reference(m, x, idx, w, BOUND[dtype])
     assert (up, down) == ([False], [True])
-
-
-@pytest.mark.parametrize("splits,xa_mode,dtype", [(2, "0", torch.float32), (4, "0", torch.bfloat16),
-                                                  (4, "1", torch.float32)])
-def test_split_k_matches_reference(monkeypatch, splits, xa_mode, dtype):
-    """NF4MOE_SPLIT_K (opt-in, <= 64 routed rows): every split stores fp32 partials, the last to arrive sums
-    them in split order and runs the epilogue.  Against the reference, bit-identical on a repeat (fixed order),
-    the GEMMs really launched split, and every arrival counter back at zero (CUDA-graph replays rely on it)."""
-    import nf4moe.kernels.grouped_gemm as gg
-
-    monkeypatch.setenv("NF4MOE_GEMV_ROWS", "0")
-    monkeypatch.setenv("NF4MOE_SPLIT_K", str(splits))
-    monkeypatch.setenv("NF4MOE_XA_PRE", xa_mode)  # the in-loop X·Aᵀ partials are split too
-    seen = []
-    real = gg.launch_tuned
-    monkeypatch.setattr(gg, "launch_tuned", lambda *a, **kw: seen.append(kw["SPLIT_K"]) or real(*a, **kw))
-    m = make_layer(6, 256, 128, rank=8, nested=True, seed=41)
-    x = torch.randn(7, 256, device=DEV, dtype=dtype)
-    idx, w = routing(7, 6, 3, seed=42)
-    with torch.no_grad():
-        out = m(x, idx, w.to(dtype))
-        assert rel_err(out, reference(m, x, idx, w.to(dtype))) < BOUND[dtype]
-        assert torch.equal(m(x, idx, w.to(dtype)), out)
-    assert seen and all(s == splits for s in seen), seen  # K = 256 and 128 both take 4 splits of 32
-    assert all(int(c.count_nonzero()) == 0 for c in gg._COUNTERS.values())
-
-
-@pytest.mark.skipif(not INTERP, reason="reorders the interpreter's programs")
-def test_split_k_does_not_depend_on_program_order(monkeypatch):
-    """On a GPU the splits of a tile arrive in any order; the interpreter runs programs in grid order, where
-    the last split is always the last one.  Here every launch runs its programs in a fresh random order
-    (several row tiles per expert, several N tiles): the result must equal the in-order one bit for bit."""
-    import random
-
-    import triton.runtime.interpreter as interp
-
-    monkeypatch.setenv("NF4MOE_GEMV_ROWS", "0")
-    monkeypatch.setenv("NF4MOE_SPLIT_K", "4")
-    monkeypatch.setenv("NF4MOE_XA_PRE", "0")
-    m = make_layer(2, 256, 128, rank=8, nested=True, seed=43)
-    x = torch.randn(30, 256, device=DEV)
-    idx, w = routing(30, 2, 2, seed=44)  # 30 rows per expert: two row tiles each
-    with torch.no_grad():
-        in_order = m(x, idx, w)
-        builder = type(interp.interpreter_builder)
-        real = builder.set_grid_idx
-        rng, perm = random.Random(5), {}
-
-        def shuffled(self, x_, y_, z_):
-            nx, ny, nz = self.grid_dim
-            i = x_ + nx * (y_ + ny * z_)
-            if i == 0:  # the interpreter starts each launch at program (0, 0, 0): a new order
-                perm["p"] = rng.sample(range(nx * ny * nz), nx * ny * nz)
-            j = perm["p"][i]
-            real(self, j % nx, j // nx % ny, j // (nx * ny))
-
-        monkeypatch.setattr(builder, "set_grid_idx", shuffled)
-        for _ in range(2):
-            assert torch.equal(m(x, idx, w), in_order)
-    assert rel_err(in_order, reference(m, x, idx, w)) < BOUND[torch.float32]
-
-
-def test_split_k_stays_off_where_it_does_not_apply(monkeypatch):
-    """Above 64 routed rows, in training and when traced, the GEMM does not split; a bad value is an error."""
-    from nf4moe.kernels.grouped_gemm import split_k
-
-    monkeypatch.setenv("NF4MOE_SPLIT_K", "4")
-    assert split_k(64, 2048, False, None) == 4 and split_k(65, 2048, False, None) == 1
-    assert split_k(8, 2048, True, None) == 1 and split_k(8, 2048, False, object()) == 1
-    assert split_k(8, 96, False, None) == 1  # K = 96: 96 / 2 = 48 is no multiple of the 32-column K step
-    for bad in ("3", "0", "two", ""):
-        monkeypatch.setenv("NF4MOE_SPLIT_K", bad)
-        with pytest.raises(ValueError, match="NF4MOE_SPLIT_K"):
-            split_k(8, 2048, False, None)
 
 
 WGMMA_CASES = [
@@ -658,23 +667,40 @@ WGMMA_CASES = [
 ]
 
 
+def patch_wgmma_launcher(monkeypatch, make):
+    """Replace the Gluon GEMM's launcher by ``make(real)`` where dispatch finds it (its own name if it imports
+    the launcher at module level, else grouped_gemm_wgmma's, which a call-time import reads); skipped without
+    Triton's Gluon."""
+    from nf4moe.kernels import dispatch
+    from nf4moe.moe_layers import triton_backend as tb
+
+    if not tb._gluon():
+        pytest.skip("the Gluon GEMM needs Triton's Gluon (3.6+)")
+    from nf4moe.kernels import grouped_gemm_wgmma as gw
+
+    fn = make(gw.launch_nf4_moe_gemm_wgmma)
+    monkeypatch.setattr(gw, "launch_nf4_moe_gemm_wgmma", fn)
+    if hasattr(dispatch, "launch_nf4_moe_gemm_wgmma"):
+        monkeypatch.setattr(dispatch, "launch_nf4_moe_gemm_wgmma", fn)
+
+
 @pytest.fixture
 def wgmma_counted(monkeypatch):
-    """Force the Gluon GEMM (grouped_gemm_wgmma.py) at every row count and count its launches."""
+    """Force the Gluon GEMM (grouped_gemm_wgmma.py) at every row count (``plan_overrides(up="wgmma",
+    down="wgmma")``) and count its launches (by ``gated``)."""
     if DEV != "cuda" or INTERP or torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the Gluon GEMM runs on Hopper only")
-    import nf4moe.kernels.grouped_gemm_wgmma as wg
-
-    monkeypatch.setenv("NF4MOE_WGMMA_ROWS", "1")
     calls = []
-    real = wg.launch_nf4_moe_gemm_wgmma
 
-    def counted(*a, **kw):
-        calls.append(kw["gated"])
-        return real(*a, **kw)
+    def counting(real):
+        def counted(*a, **kw):
+            calls.append(kw["gated"])
+            return real(*a, **kw)
+        return counted
 
-    monkeypatch.setattr(wg, "launch_nf4_moe_gemm_wgmma", counted)
-    return calls
+    patch_wgmma_launcher(monkeypatch, counting)
+    with nf4moe.plan_overrides(up="wgmma", down="wgmma"):
+        yield calls
 
 
 @pytest.mark.parametrize("t,e,h,i,k,mode", WGMMA_CASES)
@@ -685,6 +711,8 @@ def test_wgmma_gemm_matches_reference(wgmma_counted, nan_new_empty, t, e, h, i, 
     x = torch.randn(t, h, device=DEV, dtype=dtype)
     idx, w = routing(t, e, k, seed=t * 5 + rank, mode=mode)
     with torch.no_grad():
+        plan = m.launch_plan(x, idx, w.to(dtype))
+        assert plan.kernels == ("wgmma", "wgmma") and plan.wgmma_tile == (128, 256)  # < 256 rows per expert
         out = m(x, idx, w.to(dtype))
         ref = reference(m, x, idx, w.to(dtype))
     assert sorted(wgmma_counted) == [False, True], "the Gluon GEMM did not run for both projections"
@@ -692,47 +720,21 @@ def test_wgmma_gemm_matches_reference(wgmma_counted, nan_new_empty, t, e, h, i, 
     assert rel_err(out, ref) < BOUND[dtype]
 
 
-@pytest.mark.parametrize("tile,stages,early,regs", [("256x128", "4", "0", "0"), ("128x256", "5", "0", "0"),
-                                                    ("256x128", "4", "1", "0"), ("128x256", "4", "1", "0"),
-                                                    ("256x128", "4", "0", "1"), ("128x256", "4", "0", "1")])
+@pytest.mark.parametrize("tile", ["256x128", "128x256"])
 @pytest.mark.parametrize("t,e,h,i,k,mode", WGMMA_CASES[:3])
-def test_wgmma_gemm_opt_in_configs(wgmma_counted, nan_new_empty, monkeypatch, tile, stages, early, regs, t, e, h, i, k,
-                                   mode):
-    """The other configurations: the 256-row tile (every weight decoded once per 256 rows), rings of 5 (copies
-    three steps ahead), the activation copies issued before the block barrier (NF4MOE_WGMMA_EARLY_COPY), the
-    decode's table words in registers (NF4MOE_LUT_REGS, the default since v42) or as immediates."""
-    monkeypatch.setenv("NF4MOE_WGMMA_TILE", tile)
-    monkeypatch.setenv("NF4MOE_WGMMA_STAGES", stages)
-    monkeypatch.setenv("NF4MOE_WGMMA_EARLY_COPY", early)
-    monkeypatch.setenv("NF4MOE_LUT_REGS", regs)
+def test_wgmma_gemm_tiles(wgmma_counted, nan_new_empty, tile, t, e, h, i, k, mode):
+    """Both tiles by ``plan_overrides(wgmma_tile=...)``: the 256-row tile (every weight decoded once per 256
+    rows; each expert's last <= 128 rows in a second, 128x256 launch) and the 128-row one."""
     m = make_layer(e, h, i, rank=16, seed=t)
     x = torch.randn(t, h, device=DEV, dtype=torch.bfloat16)
     idx, w = routing(t, e, k, seed=t * 3, mode=mode)
-    with torch.no_grad():
+    with torch.no_grad(), nf4moe.plan_overrides(wgmma_tile=tile):
+        assert m.launch_plan(x, idx, w.to(torch.bfloat16)).wgmma_tile == tuple(map(int, tile.split("x")))
         out = m(x, idx, w.to(torch.bfloat16))
         ref = reference(m, x, idx, w.to(torch.bfloat16))
-    assert sorted(set(wgmma_counted)) == [False, True]  # 256x128: plus the remainder launches (NF4MOE_WGMMA_SPLIT)
+    # 256x128: plus the remainder launches
+    assert sorted(wgmma_counted) == ([False, False, True, True] if tile == "256x128" else [False, True])
     assert torch.isfinite(out).all() and rel_err(out, ref) < BOUND[torch.bfloat16]
-
-
-@pytest.mark.parametrize("tile", ["256x128", "128x256"])
-@pytest.mark.parametrize("t,e,h,i,k,mode", WGMMA_CASES)
-@pytest.mark.parametrize("dtype,nested,act,rank", [(torch.bfloat16, True, "silu", 16),
-                                                   (torch.float16, False, "gelu_tanh", 0)])
-def test_wgmma_ws_gemm_matches_reference(wgmma_counted, nan_new_empty, monkeypatch, tile, t, e, h, i, k, mode, dtype,
-                                         nested, act, rank):
-    """The warp-specialised Gluon GEMM (NF4MOE_WGMMA_WS=1: producer warps decode, consumer warps multiply, mbarriers
-    between them), both tiles, both projections."""
-    monkeypatch.setenv("NF4MOE_WGMMA_WS", "1")
-    monkeypatch.setenv("NF4MOE_WGMMA_TILE", tile)
-    m = make_layer(e, h, i, rank=rank, nested=nested, act=act, seed=t + rank + 7)
-    x = torch.randn(t, h, device=DEV, dtype=dtype)
-    idx, w = routing(t, e, k, seed=t * 7, mode=mode)
-    with torch.no_grad():
-        out = m(x, idx, w.to(dtype))
-        ref = reference(m, x, idx, w.to(dtype))
-    assert sorted(set(wgmma_counted)) == [False, True]  # 256x128: plus the remainder launches
-    assert out.dtype == dtype and torch.isfinite(out).all() and rel_err(out, ref) < BOUND[dtype]
 
 
 @pytest.mark.parametrize("t,e,h,i,k,mode", [
@@ -741,29 +743,27 @@ def test_wgmma_ws_gemm_matches_reference(wgmma_counted, nan_new_empty, monkeypat
     (150, 8, 192, 128, 3, "sentinels"),   # ~56: remainder tiles only
     (700, 4, 128, 256, 2, "one_expert"),  # one expert of 700 rows (700 % 256 = 188: no remainder tile)
 ])
-def test_wgmma_split_remainders_match_reference(wgmma_counted, nan_new_empty, monkeypatch, t, e, h, i, k, mode):
-    """NF4MOE_WGMMA_SPLIT=1: the 256-row tiles, then each expert's last <= 128 rows as a 128-row tile in a
-    second launch; every output row written once (outputs poisoned), against the reference."""
-    monkeypatch.setenv("NF4MOE_WGMMA_TILE", "256x128")
-    monkeypatch.setenv("NF4MOE_WGMMA_SPLIT", "1")
+def test_wgmma_split_remainders_match_reference(wgmma_counted, nan_new_empty, t, e, h, i, k, mode):
+    """The 256-row tile: the 256-row tiles, then each expert's last <= 128 rows as a 128-row tile in a second
+    launch; every output row written once (outputs poisoned), against the reference."""
     m = make_layer(e, h, i, rank=16, seed=t + 11)
     x = torch.randn(t, h, device=DEV, dtype=torch.bfloat16)
     idx, w = routing(t, e, k, seed=t * 11, mode=mode)
-    with torch.no_grad():
+    with torch.no_grad(), nf4moe.plan_overrides(wgmma_tile="256x128"):
+        assert m.launch_plan(x, idx, w.to(torch.bfloat16)).wgmma_tile == (256, 128)
         out = m(x, idx, w.to(torch.bfloat16))
         ref = reference(m, x, idx, w.to(torch.bfloat16))
     assert sorted(set(wgmma_counted)) == [False, True] and len(wgmma_counted) == 4, wgmma_counted
     assert torch.isfinite(out).all() and rel_err(out, ref) < BOUND[torch.bfloat16]
 
 
-@pytest.mark.parametrize("recompute,ws", [("0", "0"), ("1", "0"), ("0", "1")])
-def test_wgmma_gemm_training_forward_and_grads(wgmma_counted, monkeypatch, recompute, ws):
-    """The training forward through the Gluon GEMM (pre-activations and X·Aᵀ saved; in recompute mode the
-    backward's up pass writes only the pre-activations; ws: the warp-specialised kernel) gives the Triton
-    GEMM's gradients within bf16 rounding."""
-    monkeypatch.setenv("NF4MOE_RECOMPUTE", recompute)
-    monkeypatch.setenv("NF4MOE_WGMMA_WS", ws)
+@pytest.mark.parametrize("recompute", [False, True])
+def test_wgmma_gemm_training_forward_and_grads(wgmma_counted, recompute):
+    """The training forward through the Gluon GEMM (pre-activations and X·Aᵀ saved; in recompute mode, the
+    module's ``recompute=True``, the backward's up pass, again by the plan's Gluon GEMM, writes only the
+    pre-activations) gives the Triton GEMM's gradients within bf16 rounding."""
     m = make_layer(8, 256, 192, rank=16, seed=4)
+    m.recompute = recompute
     x0 = torch.randn(300, 256, device=DEV, dtype=torch.bfloat16)
     idx, w = routing(300, 8, 4, seed=9)
 
@@ -775,70 +775,50 @@ def test_wgmma_gemm_training_forward_and_grads(wgmma_counted, monkeypatch, recom
         out.float().square().sum().backward()
         return [out, x.grad, ww.grad] + [p.grad.clone() for p in (*m.lora_A.values(), *m.lora_B.values())]
 
+    plan = m.launch_plan(x0.clone().requires_grad_(True), idx, w.to(torch.bfloat16))
+    assert plan.kernels == ("wgmma", "wgmma") and plan.save_preact == (not recompute)
     fast = grads()
-    assert True in wgmma_counted
-    monkeypatch.setenv("NF4MOE_WGMMA_ROWS", "0")
-    slow = grads()
+    # up, down; in recompute mode the backward's up pass once more
+    assert wgmma_counted == ([True, False, True] if recompute else [True, False]), wgmma_counted
+    with nf4moe.plan_overrides(up="gemm", down="gemm"):
+        slow = grads()
+    assert len(wgmma_counted) == (3 if recompute else 2)  # the Triton GEMM only
     for a, b in zip(fast, slow):
         assert rel_err(a, b.float()) < 2e-2
 
 
-def test_wgmma_switch(monkeypatch):
-    """NF4MOE_WGMMA_ROWS: default 8192 routed rows, 0 off, anything else refused by name; never on CPU tensors."""
-    from nf4moe.kernels.grouped_gemm import use_wgmma, wgmma_min_rows
+def test_wgmma_choice_in_the_plan():
+    """The plan's Gluon GEMM: from WGMMA_MIN_ROWS (8192) routed rows on sm_90 with Gluon, never for CPU tensors
+    (forcing it there is refused, by name); its 256x128 tile from 256 rows per expert on average, 128x256 below,
+    either one forced by ``wgmma_tile``, anything else refused."""
+    from nf4moe.kernels.plan import WGMMA_MIN_ROWS, PlanInputs, PlanOverrides, make_plan
 
-    monkeypatch.delenv("NF4MOE_WGMMA_ROWS", raising=False)
-    assert wgmma_min_rows() == 8192
-    monkeypatch.setenv("NF4MOE_WGMMA_ROWS", "many")
-    with pytest.raises(ValueError, match="NF4MOE_WGMMA_ROWS"):
-        wgmma_min_rows()
-    monkeypatch.setenv("NF4MOE_WGMMA_ROWS", "1")
-    assert not use_wgmma(torch.randn(8, 128, dtype=torch.bfloat16), None, 1 << 20, None)  # a CPU tensor
-    from nf4moe.kernels.grouped_gemm import gluon_available
+    assert WGMMA_MIN_ROWS == 8192
 
-    if gluon_available():
-        from nf4moe.kernels.grouped_gemm_wgmma import tile_shape
+    def inputs(tokens, experts=128, **kw):
+        hopper = dict(cuda=True, capability=(9, 0), interpret=False, gluon=True, x_aligned=True)
+        return PlanInputs(tokens=tokens, top_k=8, num_experts=experts, hidden=2048, intermediate=768, rank=16,
+                          blocksize=64, dtype=torch.bfloat16, index_ok=True, training=False, recompute=False,
+                          capturing=False, traced=False, **{**hopper, **kw})
 
-        monkeypatch.delenv("NF4MOE_WGMMA_TILE", raising=False)
-        assert tile_shape(255 * 128, 128) == (128, 256) and tile_shape(256 * 128, 128) == (256, 128)
-        monkeypatch.setenv("NF4MOE_WGMMA_TILE", "128x256")
-        assert tile_shape(1 << 20, 128) == (128, 256)
-        monkeypatch.setenv("NF4MOE_WGMMA_TILE", "256x128")
-        assert tile_shape(8, 128) == (256, 128)
-        monkeypatch.setenv("NF4MOE_WGMMA_TILE", "256x256")
-        with pytest.raises(ValueError, match="NF4MOE_WGMMA_TILE"):
-            tile_shape(8, 128)
-        from nf4moe.kernels.grouped_gemm_wgmma import stages
-
-        from nf4moe.kernels.grouped_gemm_wgmma import split_remainders, warp_specialized
-
-        monkeypatch.delenv("NF4MOE_WGMMA_SPLIT", raising=False)
-        assert split_remainders()
-        from nf4moe.kernels.grouped_gemm_wgmma import early_copy
-
-        monkeypatch.delenv("NF4MOE_WGMMA_EARLY_COPY", raising=False)
-        assert not early_copy()
-        monkeypatch.setenv("NF4MOE_WGMMA_EARLY_COPY", "2")
-        with pytest.raises(ValueError, match="NF4MOE_WGMMA_EARLY_COPY"):
-            early_copy()
-        monkeypatch.setenv("NF4MOE_WGMMA_SPLIT", "on")
-        with pytest.raises(ValueError, match="NF4MOE_WGMMA_SPLIT"):
-            split_remainders()
-
-        monkeypatch.delenv("NF4MOE_WGMMA_WS", raising=False)
-        assert not warp_specialized()
-        monkeypatch.setenv("NF4MOE_WGMMA_WS", "8,96,128,5,2")
-        assert warp_specialized() == (8, 96, 128, 5, 2)
-        for bad in ("yes", "8,96,128,5", "6,96,128,4,3", "8,100,128,4,3"):
-            monkeypatch.setenv("NF4MOE_WGMMA_WS", bad)
-            with pytest.raises(ValueError, match="NF4MOE_WGMMA_WS"):
-                warp_specialized()
-        monkeypatch.delenv("NF4MOE_WGMMA_STAGES", raising=False)
-        assert stages(128) == 4 and stages(256) == 4
-        monkeypatch.setenv("NF4MOE_WGMMA_STAGES", "5")
-        assert stages(128) == 5
-        with pytest.raises(ValueError, match="NF4MOE_WGMMA_STAGES"):
-            stages(256)  # 5 rings of 256-row tiles do not fit in shared memory
+    assert make_plan(inputs(1023, experts=8)).kernels == ("gemm", "gemm")  # 8184 rows
+    assert make_plan(inputs(1024, experts=8)).kernels == ("wgmma", "wgmma")
+    assert make_plan(inputs(255 * 16)).wgmma_tile == (128, 256)  # 255 rows per expert
+    assert make_plan(inputs(256 * 16)).wgmma_tile == (256, 128)
+    assert make_plan(inputs(1 << 17), PlanOverrides(wgmma_tile="128x256")).wgmma_tile == (128, 256)
+    assert make_plan(inputs(1), PlanOverrides(up="wgmma", down="wgmma", wgmma_tile="256x128")).wgmma_tile == (256, 128)
+    cpu = dict(cuda=False, capability=None, interpret=True, gluon=False, x_aligned=False)
+    assert make_plan(inputs(1 << 17, **cpu), PlanOverrides(wgmma_min_rows=1)).kernels == ("gemm", "gemm")
+    with pytest.raises(ValueError, match="up='wgmma' cannot run here"):
+        make_plan(inputs(1 << 17, **cpu), PlanOverrides(up="wgmma"))
+    with pytest.raises(ValueError, match="wgmma_tile"):
+        with nf4moe.plan_overrides(wgmma_tile="256x256"):
+            pass
+    if DEV == "cpu":  # a real layer on CPU tensors: the Triton GEMM whatever the threshold
+        m = make_layer(4, 128, 64)
+        idx, w = routing(300, 4, 2, seed=1)
+        with torch.no_grad(), nf4moe.plan_overrides(wgmma_min_rows=1):
+            assert m.launch_plan(torch.randn(300, 128, dtype=torch.bfloat16), idx, w).kernels == ("gemm", "gemm")
 
 
 @pytest.mark.skipif(DEV != "cuda" or INTERP or torch.cuda.device_count() < 2, reason="needs two GPUs")
@@ -857,48 +837,52 @@ def test_layer_on_a_second_gpu_launches_there():
 @pytest.mark.parametrize("grad", [False, True])
 def test_gluon_tile_tables_built_once_per_layer_call(monkeypatch, grad):
     """Where the Gluon GEMM runs, both projections of a layer call (the inference op and the training op alike:
-    one nf4moe::moe_experts call) read one tile table built once from the shared routing.  The Gluon kernel is
-    replaced by a recorder here (it has no interpreter path; its results are tested on the GPU), so only the
-    tables it would get are checked, against tile_table's own build of the same routing."""
-    from nf4moe.kernels import grouped_gemm as gg
-    from nf4moe.kernels import grouped_gemm_wgmma as gw
+    one nf4moe::moe_experts call) read one tile table built once from the shared routing.  The plan is made to
+    choose the Gluon GEMM here (its fit check answers yes: ``plan._wgmma_fits``, past make_plan's cache) and the
+    Gluon kernel is replaced by a recorder (it has no interpreter path; its results are tested on the GPU), so
+    only the tables it would get are checked, against tile_table's own build of the same routing."""
+    from nf4moe.kernels import dispatch
+    from nf4moe.kernels import plan as P
     from nf4moe.kernels import tile_table as tt
-    from nf4moe.kernels.routing import build_routing
+    from nf4moe.kernels.routing import launch_routing
+    from nf4moe.moe_layers import triton_backend as tb
 
-    monkeypatch.setenv("NF4MOE_GEMV_ROWS", "0")
-    monkeypatch.setattr(gg, "use_wgmma", lambda *a: True)
-    built = count_calls(monkeypatch, tt, "launch_tile_table")
+    monkeypatch.setattr(P, "_wgmma_fits", lambda *a: None)
+    monkeypatch.setattr(tb, "make_plan", P.make_plan.__wrapped__)  # uncached: no such plan outlives the test
+    built = count_calls(monkeypatch, dispatch, "launch_tile_table")
     seen = []
-    monkeypatch.setattr(gw, "launch_nf4_moe_gemm_wgmma", lambda *a, **kw: seen.append((a[6], kw["gated"])) or a[8])
+    patch_wgmma_launcher(monkeypatch, lambda real: lambda *a, **kw: seen.append((a[6], kw["gated"])) or a[8])
     m = make_layer(4, 128, 64, rank=8, seed=91)
     x = torch.randn(6, 128, device=DEV, requires_grad=grad)
     idx, w = routing(6, 4, 2, seed=92)
-    with torch.set_grad_enabled(grad):
+    with torch.set_grad_enabled(grad), nf4moe.plan_overrides(up="wgmma", down="wgmma"):
+        plan = m.launch_plan(x, idx, w)
+        assert plan.kernels == ("wgmma", "wgmma") and plan.save_preact == grad
         m(x, idx, w)
     assert len(built) == 1 and [g for _, g in seen] == [True, False] and seen[0][0] is seen[1][0]
     rows = idx.numel()
-    bm, _ = gw.tile_shape(rows, 4)
-    expect, _ = tt.launch_tile_table(build_routing(idx, 4).expert_offsets, rows, bm)
+    bm, _ = plan.wgmma_tile
+    expect, _ = tt.launch_tile_table(launch_routing(idx, 4)[1], rows, bm)
     assert torch.equal(seen[0][0], expect)
 
 
-@pytest.mark.parametrize("ws", ["0", "1"])
-def test_gluon_launch_fits_the_compiled_kernel_cache(monkeypatch, ws):
+def test_gluon_launch_fits_the_compiled_kernel_cache(monkeypatch):
     """The Gluon GEMM launches through launch.py's compiled-kernel cache (Triton's own launch path re-keys its
     ~35 arguments per call, NOTES v34): every constexpr by keyword, every parameter given (later launches list
-    them from the keywords), as launch's own check demands (the block-barrier and the warp-specialised kernel).
-    Checked here without running the kernel (no interpreter path); the GPU tests run it."""
+    them from the keywords), as launch's own check demands.  Checked here without running the kernel (no
+    interpreter path); the GPU tests run it."""
+    from nf4moe.moe_layers import triton_backend as tb
+
+    if not tb._gluon():
+        pytest.skip("the Gluon GEMM needs Triton's Gluon (3.6+)")
     from nf4moe.kernels import grouped_gemm_wgmma as gw
     from nf4moe.kernels import launch as L
-    from nf4moe.kernels.operands import NF4Operand
 
-    monkeypatch.setenv("NF4MOE_WGMMA_WS", ws)
     calls = []
     monkeypatch.setattr(gw, "launch", lambda kernel, grid, launcher, *a, **kw: calls.append(
         (kernel, grid, launcher)) or L._check_call(kernel, a, kw))
     m = make_layer(4, 128, 64, rank=8, seed=93)
-    g = m.gate_up_nf4
-    op = NF4Operand(g.packed, g.absmax, g.absmax2, g.code2, g.offset, g.blocksize, g.blocksize2)
+    op = m.gate_up_nf4.operand
     p = 12
     x = torch.randn(6, 128, device=DEV, dtype=torch.bfloat16)
     out = torch.empty(p, 64, device=DEV, dtype=torch.bfloat16)
@@ -907,8 +891,7 @@ def test_gluon_launch_fits_the_compiled_kernel_cache(monkeypatch, ws):
     table = torch.zeros(3, 3, device=DEV, dtype=torch.int32)
     gw.launch_nf4_moe_gemm_wgmma(x, op, m.lora_B["gate_up_proj"].detach(), m.scaling, xa, ids, table, None, out,
                                  n=64, top_k=2, gated=True, act_code=0, r=8, r_pad=16, block_m=128, tile_n=256)
-    kernel = gw.nf4_moe_gemm_ws_kernel if ws == "1" else gw.nf4_moe_gemm_wgmma_kernel
-    assert calls == [(kernel, (1, 3), None)]
+    assert calls == [(gw.nf4_moe_gemm_wgmma_kernel, (1, 3), None)]
 
 
 # --------------------------------------------------------------------------- X·Aᵀ in the routing launch (v39)
@@ -957,25 +940,26 @@ def test_routing_xa_launch_rejects_what_it_cannot_take():
 @pytest.mark.parametrize("t", [1, 3])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_xa_in_routing_layer_matches_reference_with_one_xa_launch_fewer(monkeypatch, nan_new_empty, t, dtype):
-    """NF4MOE_XA_IN_ROUTING=1 (the default): the decode path's layer output against the fp32 reference and the
-    path with two lora_xa launches (=0); the up projection's lora_xa launch gone (only the down's left), the
-    routing launch computing it."""
-    import nf4moe.kernels.grouped_gemv as gv
-    from nf4moe.moe_layers import triton_backend as tb
+    """The decode path's default plan (routing ``kernel_xa``): the layer output against the fp32 reference and
+    the path with two lora_xa launches (``plan_overrides(xa_in_routing=False)``); the up projection's lora_xa
+    launch gone (only the down's left), the routing launch computing it."""
+    from nf4moe.kernels import dispatch, ops
 
-    monkeypatch.delenv("NF4MOE_GEMV_ROWS", raising=False)
     m = make_layer(4, 128, 64, rank=8, seed=81)
     x = torch.randn(t, 128, device=DEV, dtype=dtype)
     idx, w = routing(t, 4, 2, seed=82, mode="sentinels")
     w = w.to(dtype)
     with torch.no_grad():
-        monkeypatch.setattr(tb, "_XA_IN_ROUTING", False)
-        two_xa_calls = count_calls(monkeypatch, gv, "launch_lora_xa")
-        default = m(x, idx, w)
+        with nf4moe.plan_overrides(xa_in_routing=False):
+            plan = m.launch_plan(x, idx, w)
+            assert (plan.routing, plan.up_xa, plan.down_xa) == ("kernel", "kernel", "kernel")
+            two_xa_calls = count_calls(monkeypatch, dispatch, "launch_lora_xa")
+            default = m(x, idx, w)
         assert len(two_xa_calls) == 2
-        monkeypatch.setattr(tb, "_XA_IN_ROUTING", True)
-        xa_calls = count_calls(monkeypatch, gv, "launch_lora_xa")
-        fused_calls = count_calls(monkeypatch, tb, "build_routing_xa")
+        plan = m.launch_plan(x, idx, w)
+        assert (plan.routing, plan.up_xa, plan.down_xa) == ("kernel_xa", "routing", "kernel")
+        xa_calls = count_calls(monkeypatch, dispatch, "launch_lora_xa")
+        fused_calls = count_calls(monkeypatch, ops, "launch_routing_xa")
         out = m(x, idx, w)
     assert len(fused_calls) == 1 and len(xa_calls) == 1  # the down projection's X·Aᵀ only
     assert torch.isfinite(out).all()
@@ -985,12 +969,11 @@ def test_xa_in_routing_layer_matches_reference_with_one_xa_launch_fewer(monkeypa
 
 @pytest.mark.parametrize("t", [1, 3])
 def test_gemv_xa_early_changes_no_bit(monkeypatch, nan_new_empty, t):
-    """NF4MOE_GEMV_XA_EARLY=1: the decode GEMVs sum their X·Aᵀ partials (the up projection's from the routing
-    launch, by pair id; the down's from lora_xa, by sorted row) right after the first chunks' loads, all at
-    once: the layer's output is the same bits as with the epilogue's sum, and matches the reference."""
+    """``plan_overrides(gemv_xa_early=True)``: the decode GEMVs sum their X·Aᵀ partials (the up projection's from
+    the routing launch, by pair id; the down's from lora_xa, by sorted row) right after the first chunks' loads,
+    all at once: the layer's output is the same bits as with the epilogue's sum, and matches the reference."""
     import nf4moe.kernels.grouped_gemv as gv
 
-    monkeypatch.delenv("NF4MOE_GEMV_ROWS", raising=False)
     m = make_layer(4, 128, 64, rank=8, seed=83)
     x = torch.randn(t, 128, device=DEV, dtype=torch.bfloat16)
     idx, w = routing(t, 4, 2, seed=84, mode="sentinels")
@@ -1004,36 +987,35 @@ def test_gemv_xa_early_changes_no_bit(monkeypatch, nan_new_empty, t):
 
     monkeypatch.setattr(gv, "launch_tuned", spy)
     with torch.no_grad():
-        monkeypatch.setenv("NF4MOE_GEMV_XA_EARLY", "0")
-        late = m(x, idx, w)
+        with nf4moe.plan_overrides(gemv_xa_early=False):
+            assert not m.launch_plan(x, idx, w).gemv_xa_early
+            late = m(x, idx, w)
         n_late = len(kinds)  # the shape's first call also tunes the plain down GEMV: one launch more than later calls
-        monkeypatch.setenv("NF4MOE_GEMV_XA_EARLY", "1")
-        early = m(x, idx, w)
+        with nf4moe.plan_overrides(gemv_xa_early=True):
+            plan = m.launch_plan(x, idx, w)
+            assert plan.gemv_xa_early and plan.kernels == ("gemv", "gemv")
+            early = m(x, idx, w)
     assert set(kinds[:n_late]) == {False} and set(kinds[n_late:]) == {True}, kinds
     assert torch.equal(early, late)
     assert rel_err(early, reference(m, x, idx, w)) < BOUND[torch.bfloat16]
 
 
-def test_gemv_xa_early_refuses_more_partials_than_it_unrolls(monkeypatch):
+def test_gemv_xa_early_refuses_more_partials_than_it_unrolls():
     """XA_EARLY unrolls XA_MAX partial loads: a launch handing more is refused, naming the count, not summed short."""
     from nf4moe.kernels.grouped_gemv import XA_MAX, launch_nf4_moe_gemv
-    from nf4moe.kernels.operands import NF4Operand
-    from nf4moe.kernels.routing import build_routing
+    from nf4moe.kernels.routing import launch_routing
 
-    monkeypatch.setenv("NF4MOE_GEMV_XA_EARLY", "1")
     e, k, t = 4, 2, 1
     m = make_layer(e, 128, 64, rank=8, seed=85)
-    gu = m.gate_up_nf4
-    op = NF4Operand(gu.packed, gu.absmax, gu.absmax2, gu.code2, gu.offset, gu.blocksize, gu.blocksize2)
     idx = torch.tensor([[0, 3]], device=DEV)
-    r = build_routing(idx, e)
+    pairs, offsets = launch_routing(idx, e)
     x = torch.randn(t, 128, device=DEV, dtype=torch.bfloat16)
     xa = torch.zeros(XA_MAX.value + 1, t * k, 16, device=DEV)
     out = torch.empty(t * k, 64, device=DEV, dtype=torch.bfloat16)
-    la, lb = m.lora_A["gate_up_proj"].detach(), m.lora_B["gate_up_proj"].detach()
+    lb = m.lora_B["gate_up_proj"].detach()
     with pytest.raises(ValueError, match=f"{XA_MAX.value + 1} X·Aᵀ partials"):
-        launch_nf4_moe_gemv(x, op, la, lb, m.scaling, r.sorted_pair_ids, r.expert_offsets, None, out, n=64,
-                            top_k=k, gated=True, act="silu", xa_pairs=xa)
+        launch_nf4_moe_gemv(x, m.gate_up_nf4.operand, lb, m.scaling, xa, pairs, offsets, None, out, n=64, top_k=k,
+                            gated=True, act="silu", xa_by_pair=True, xa_early=True)
 
 
 def test_traced_fused_combine_takes_fresh_counters(monkeypatch):
@@ -1041,86 +1023,97 @@ def test_traced_fused_combine_takes_fresh_counters(monkeypatch):
     zeroed counter buffer, never the cached one: a cached buffer made during one trace holds that trace's fake
     tensor, and Inductor's lowering, under another fake mode, refused it ("Mixing fake modes", H100, session
     21).  The launch's output is the unfused path's (the launcher here runs the kernel directly)."""
-    from nf4moe.kernels import grouped_gemm as gg
+    from nf4moe.kernels import grouped_gemv as gv
+    from nf4moe.kernels import launch as L
     from nf4moe.kernels.grouped_gemv import launch_nf4_moe_gemv
-    from nf4moe.kernels.operands import NF4Operand
-    from nf4moe.kernels.routing import build_routing
+    from nf4moe.kernels.routing import launch_routing
 
     e, k, t, h, n = 4, 2, 3, 64, 128
     m = make_layer(e, n, h, rank=0, seed=86)
-    dn = m.down_nf4
-    op = NF4Operand(dn.packed, dn.absmax, dn.absmax2, dn.code2, dn.offset, dn.blocksize, dn.blocksize2)
+    op = m.down_nf4.operand
     idx, w = routing(t, e, k, seed=87)
-    r = build_routing(idx, e)
+    pairs, offsets = launch_routing(idx, e)
     x = torch.randn(t * k, h, device=DEV)
     seen = []
-    real = gg.split_k_counters
+    real = L.arrival_counters
 
     def spy(device, size, traced=False):
         buf = real(device, size, traced)
         seen.append((traced, buf))
         return buf
 
-    monkeypatch.setattr(gg, "split_k_counters", spy)
+    monkeypatch.setattr(gv, "arrival_counters", spy)
     outs = []
     for launcher in (lambda kernel: kernel, None):
-        cached = dict(gg._COUNTERS)
+        cached = dict(L._COUNTERS)
         out = torch.full((t * k, n), float("nan"), device=DEV)
         comb = torch.full((t, n), float("nan"), device=DEV)
-        fused = launch_nf4_moe_gemv(x, op, None, None, 1.0, r.sorted_pair_ids, r.expert_offsets, w.reshape(-1),
-                                    out, n=n, top_k=k, gated=False, act="silu", combine=(comb, idx.contiguous()),
+        fused = launch_nf4_moe_gemv(x, op, None, 1.0, None, pairs, offsets, w.reshape(-1), out, n=n, top_k=1,
+                                    gated=False, act="silu", combine=(comb, idx.contiguous()), fuse_combine=True,
                                     launcher=launcher)
         assert fused
         outs.append(comb)
         if launcher is not None:  # a fresh buffer, neither cached nor taken from the cache
-            assert len(seen) == 1 and seen[0][0] is True and gg._COUNTERS == cached
+            assert len(seen) == 1 and seen[0][0] is True and L._COUNTERS == cached
             assert all(seen[0][1] is not buf for buf in cached.values())
     assert [traced for traced, _ in seen[1:]] == [False]
     assert torch.equal(outs[0], outs[1]) and torch.isfinite(outs[0]).all()
     with torch._subclasses.fake_tensor.FakeTensorMode():
-        before = dict(gg._COUNTERS)
+        before = dict(L._COUNTERS)
         fresh = real(torch.device(DEV), 64, traced=True)
-        assert fresh.shape == (64,) and gg._COUNTERS == before
+        assert fresh.shape == (64,) and L._COUNTERS == before
 
 
 def test_xa_in_routing_off_when_a_gradient_is_needed_or_without_lora(monkeypatch):
-    from nf4moe.moe_layers import triton_backend as tb
+    """The routing launch computes no X·Aᵀ without LoRA, nor in training (the Triton GEMM's lora_xa launch writes
+    the X·A_upᵀ the backward needs), though the decode-size rows would take the GEMV for inference."""
+    from nf4moe.kernels import ops
 
-    monkeypatch.setattr(tb, "_XA_IN_ROUTING", True)
-    calls = count_calls(monkeypatch, tb, "build_routing_xa")
+    calls = count_calls(monkeypatch, ops, "launch_routing_xa")
     x = torch.randn(2, 128, device=DEV)
     idx, w = routing(2, 4, 2, seed=83)
     with torch.no_grad():
-        make_layer(4, 128, 64, rank=0, seed=84)(x, idx, w)
+        m0 = make_layer(4, 128, 64, rank=0, seed=84)
+        plan = m0.launch_plan(x, idx, w)
+        assert plan.kernels == ("gemv", "gemv") and (plan.routing, plan.up_xa) == ("kernel", "none")
+        m0(x, idx, w)
     m = make_layer(4, 128, 64, rank=8, seed=85)
-    m(x.requires_grad_(), idx, w).sum().backward()
+    x.requires_grad_()
+    plan = m.launch_plan(x, idx, w)
+    assert plan.up == "gemm" and (plan.routing, plan.up_xa) == ("kernel", "kernel")  # the up GEMM stores
+    m(x, idx, w).sum().backward()
     assert calls == []
 
 
-def test_xa_in_routing_rejects_negative_ids(monkeypatch):
-    from nf4moe.moe_layers import triton_backend as tb
-
+def test_xa_in_routing_rejects_negative_ids():
     if DEV != "cpu":
         pytest.skip("on a GPU the routing kernel traps (test_negative_ids_raise covers the device assert)")
-    monkeypatch.setattr(tb, "_XA_IN_ROUTING", True)
     m = make_layer(4, 128, 64, rank=8, seed=86)
-    with torch.no_grad(), pytest.raises(ValueError, match="top_k_index has negative expert ids"):
-        m(torch.randn(2, 128), torch.tensor([[0, -1], [2, 1]]), torch.rand(2, 2))
+    x, idx = torch.randn(2, 128), torch.tensor([[0, -1], [2, 1]])
+    with torch.no_grad():
+        assert m.launch_plan(x, idx, torch.rand(2, 2)).routing == "kernel_xa"
+        with pytest.raises(ValueError, match="top_k_index has negative expert ids"):
+            m(x, idx, torch.rand(2, 2))
 
 
 def test_xa_in_routing_leaves_other_index_dtypes_to_the_plain_routing(monkeypatch):
-    """int16 ids (accepted by the layer, sorted by torch): the fold is not taken, the result is the default path's."""
-    from nf4moe.moe_layers import triton_backend as tb
+    """int16 ids (accepted by the layer, sorted by torch): the fold is not taken, the result is the plain path's
+    (``xa_in_routing=False``); forcing the fold on them is refused."""
+    from nf4moe.kernels import ops
 
     m = make_layer(4, 128, 64, rank=8, seed=87)
     x = torch.randn(2, 128, device=DEV)
     idx, w = routing(2, 4, 2, seed=88)
+    idx = idx.to(torch.int16)
     with torch.no_grad():
-        monkeypatch.setattr(tb, "_XA_IN_ROUTING", False)
-        default = m(x, idx.to(torch.int16), w)
-        monkeypatch.setattr(tb, "_XA_IN_ROUTING", True)
-        calls = count_calls(monkeypatch, tb, "build_routing_xa")
-        out = m(x, idx.to(torch.int16), w)
+        with nf4moe.plan_overrides(xa_in_routing=False):
+            default = m(x, idx, w)
+        plan = m.launch_plan(x, idx, w)
+        assert (plan.routing, plan.up, plan.up_xa) == ("torch", "gemv", "kernel")
+        calls = count_calls(monkeypatch, ops, "launch_routing_xa")
+        out = m(x, idx, w)
+        with nf4moe.plan_overrides(xa_in_routing=True), pytest.raises(ValueError, match="xa_in_routing=True"):
+            m(x, idx, w)
     assert calls == [] and torch.equal(out, default)
 
 
