@@ -62,7 +62,14 @@ def plan_inputs(mod, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top
 
 def launch_plan(mod, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> LaunchPlan:
     """The plan a call with these inputs runs (under the overrides in force), without launching anything."""
-    return make_plan(plan_inputs(mod, hidden_states, top_k_index, top_k_weights, _lora(mod)), current_overrides())
+    return _plan(plan_inputs(mod, hidden_states, top_k_index, top_k_weights, _lora(mod)))
+
+
+def _plan(inp: PlanInputs) -> LaunchPlan:
+    """make_plan under the overrides in force; torch.compile traces make_plan's body (its cache is for eager calls:
+    Dynamo would skip it and warn)."""
+    build = make_plan.__wrapped__ if torch.compiler.is_compiling() else make_plan
+    return build(inp, current_overrides())
 
 
 def triton_forward(mod, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
@@ -76,7 +83,7 @@ def triton_forward(mod, hidden_states: torch.Tensor, top_k_index: torch.Tensor, 
 
 def _layer(mod, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
     lora = _lora(mod)
-    plan = make_plan(plan_inputs(mod, hidden_states, top_k_index, top_k_weights, lora), current_overrides())
+    plan = _plan(plan_inputs(mod, hidden_states, top_k_index, top_k_weights, lora))
     routing, xa_up = ops.route(plan, top_k_index, mod.num_experts, check_ids=getattr(mod, "check_ids", True),
                                x=hidden_states, lora_a=lora[0])
     inputs = ops.LayerInputs.of(hidden_states, top_k_index.contiguous(), top_k_weights.contiguous(), routing,
