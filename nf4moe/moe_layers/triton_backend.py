@@ -49,14 +49,15 @@ def plan_inputs(mod, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top
     traced = ops.traced(tensors)
     training = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     cuda = x.is_cuda
-    aligned = (cuda and not traced and x.stride(1) == 1 and x.stride(0) % 8 == 0 and x.data_ptr() % 16 == 0)
+    live = cuda and not traced  # a traced call runs neither the Gluon GEMM nor PDL: no device queries to trace
+    aligned = live and x.stride(1) == 1 and x.stride(0) % 8 == 0 and x.data_ptr() % 16 == 0
     recompute = bool(getattr(mod, "recompute", False))
     return PlanInputs(
         tokens=x.shape[0], top_k=top_k_index.shape[1], num_experts=mod.num_experts, hidden=mod.hidden_size,
         intermediate=mod.intermediate_size, rank=mod.lora_rank, blocksize=mod.gate_up_nf4.blocksize, dtype=x.dtype,
-        cuda=cuda, capability=_capability(x.device.index) if cuda else None, interpret=INTERPRET,
-        gluon=cuda and _gluon(), index_ok=top_k_index.dtype in (torch.int32, torch.int64), x_aligned=aligned,
-        training=training, recompute=recompute, capturing=cuda and torch.cuda.is_current_stream_capturing(),
+        cuda=cuda, capability=_capability(x.device.index) if live else None, interpret=INTERPRET,
+        gluon=live and _gluon(), index_ok=top_k_index.dtype in (torch.int32, torch.int64), x_aligned=aligned,
+        training=training, recompute=recompute, capturing=live and torch.cuda.is_current_stream_capturing(),
         traced=traced)
 
 
