@@ -4,6 +4,7 @@ The only layer that imports transformers, PEFT and safetensors.  Importing it al
 name ``"nf4moe"`` in transformers' ``ExpertsInterface`` (where the installed transformers has one):
 see :func:`nf4moe_experts_forward` for why that entry points users to :func:`from_pretrained`.
 """
+from .atomic import LegacyCheckpointWarning
 from .checkpoint import MemoryBoundWarning, from_pretrained, load_bnb_experts, save_pretrained
 from .peft_io import load_adapter, save_adapter
 from .replace import merge_and_unload, replace_experts
@@ -41,6 +42,7 @@ _register_experts_implementation()
 __all__ = [
     "LAYOUTS",
     "UNSUPPORTED_FLAGS",
+    "LegacyCheckpointWarning",
     "MemoryBoundWarning",
     "UnsupportedExpertsError",
     "from_pretrained",

@@ -17,6 +17,11 @@ Three ways into a model with QuantGroupedExperts, chosen from the checkpoint its
    uint8 plus ``<module>.gate_up_proj.absmax`` / ``.quant_map`` / ``.nested_*`` /
    ``.quant_state.bitsandbytes__nf4``, i.e. ``QuantState.as_dict(packed=True)``): the bytes are
    wrapped by ``NF4Weight.from_bnb`` without re-quantizing.
+
+Saves are atomic (``atomic.py``: written beside the target, swapped in by renames, a manifest of
+sizes and sha256 written last).  A local directory is checked before anything is built from it: its
+manifest when it has one; without one (written before manifests) the index's file list and every
+safetensors header, then it loads with a LegacyCheckpointWarning.
 """
 from __future__ import annotations
 
@@ -34,6 +39,16 @@ from torch import nn
 
 from .. import __version__
 from ..moe_layers import NF4Weight, QuantGroupedExperts
+from .atomic import (
+    MANIFEST_NAME,
+    LegacyCheckpointWarning,
+    atomic_directory,
+    check_interrupted,
+    check_safetensors,
+    has_manifest,
+    read_json,
+    verify_manifest,
+)
 from .replace import (
     _set_submodule,
     build_quant_experts,
@@ -56,6 +71,9 @@ SECTION = "nf4moe"
 FORMAT_VERSION = 1
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_INDEX_NAME = "model.safetensors.index.json"
+CONFIG_NAME = "config.json"
+# What save_pretrained owns in its directory: anything else there (a tokenizer) is carried into the new one.
+_OWNED = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?|config\.json|generation_config\.json")
 BNB_STATE_SUFFIX = ".quant_state.bitsandbytes__nf4"
 # Keyword arguments of from_pretrained that AutoConfig.from_pretrained understands too.
 _CONFIG_KWARGS = ("revision", "token", "cache_dir", "trust_remote_code", "local_files_only", "subfolder",
@@ -142,6 +160,8 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, *, max_
     Tensors are saved under the model's own state_dict names (NF4 bytes, absmax and nested
     statistics, LoRA factors, every non-expert weight); ``nf4moe.from_pretrained(save_directory)``
     restores them bit-exactly.  Storage shared by several names (tied embeddings) is written once.
+    The save is atomic: a failure or kill at any point leaves ``save_directory`` as it was before or
+    whole with the new checkpoint; other files already in it (a tokenizer) are kept.
     """
     from safetensors.torch import save_file
 
@@ -151,7 +171,6 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, *, max_
     config = getattr(model, "config", None)
     if config is None:
         raise TypeError(f"save_pretrained needs a transformers model (with .config), got {type(model).__name__}")
-    os.makedirs(save_directory, exist_ok=True)
     tensors, aliases = _dedup_state_dict(model.state_dict())
     limit = _parse_size(max_shard_size)
     shards, current, size = [], {}, 0
@@ -163,20 +182,6 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, *, max_
         current[k] = t
         size += nbytes
     shards.append(current)
-    # Remove shards of an earlier save with another shard count, so the index never points at stale files.
-    for fname in os.listdir(save_directory):
-        if re.fullmatch(r"model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?", fname):
-            os.remove(os.path.join(save_directory, fname))
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        fname = SAFE_WEIGHTS_NAME if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        # One shard at a time on the host: device memory is not needed for saving.
-        save_file({k: v.cpu() for k, v in shard.items()}, os.path.join(save_directory, fname), metadata={"format": "pt"})
-        weight_map.update({k: fname for k in shard})
-    if len(shards) > 1:
-        total = sum(t.numel() * t.element_size() for t in tensors.values())
-        with open(os.path.join(save_directory, SAFE_INDEX_NAME), "w") as fh:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, fh, indent=2, sort_keys=True)
     config = copy.deepcopy(config)
     config.architectures = [type(model).__name__]
     setattr(config, SECTION, {
@@ -185,20 +190,44 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, *, max_
         "model_class": type(model).__name__,
         "modules": {name: _module_entry(name, qe) for name, qe in found},
         "aliases": aliases,
+        "manifest": MANIFEST_NAME,  # a loader finding this but no manifest has a partial directory
     })
-    config.save_pretrained(save_directory)
     generation_config = getattr(model, "generation_config", None)
-    if generation_config is not None:
-        generation_config.save_pretrained(save_directory)
+    with atomic_directory(save_directory, _OWNED.fullmatch, "save_pretrained") as tmp:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            fname = SAFE_WEIGHTS_NAME if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            # One shard at a time on the host: device memory is not needed for saving.
+            save_file({k: v.cpu() for k, v in shard.items()}, os.path.join(tmp, fname), metadata={"format": "pt"})
+            weight_map.update({k: fname for k in shard})
+        if len(shards) > 1:
+            total = sum(t.numel() * t.element_size() for t in tensors.values())
+            with open(os.path.join(tmp, SAFE_INDEX_NAME), "w") as fh:
+                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, fh, indent=2, sort_keys=True)
+        config.save_pretrained(tmp)
+        if generation_config is not None:
+            generation_config.save_pretrained(tmp)
 
 
 # ---------------------------------------------------------------------------------------------- files
+def _index_files(index: str) -> list[str]:
+    """The shard names a safetensors index lists."""
+    data = read_json(index)
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"{index}: corrupt safetensors index (no 'weight_map' table)")
+    return sorted(set(weight_map.values()))
+
+
 def _checkpoint_files(path: str) -> list[str]:
-    """Local safetensors files of a checkpoint directory ([] when there are none)."""
+    """Local safetensors files of a checkpoint directory ([] when there are none); all the index lists must exist."""
     index = os.path.join(path, SAFE_INDEX_NAME)
     if os.path.isfile(index):
-        with open(index) as fh:
-            names = sorted(set(json.load(fh)["weight_map"].values()))
+        names = _index_files(index)
+        missing = [n for n in names if not os.path.isfile(os.path.join(path, n))]
+        if missing:
+            raise FileNotFoundError(f"{path} is a partial checkpoint: {SAFE_INDEX_NAME} lists {len(names)} shards, "
+                                    f"{len(missing)} are missing: {missing[:8]}")
         return [os.path.join(path, n) for n in names]
     single = os.path.join(path, SAFE_WEIGHTS_NAME)
     return [single] if os.path.isfile(single) else []
@@ -213,9 +242,7 @@ def _resolve_files(name_or_path: str, download_kwargs: dict) -> list[str]:
         kw = {k: v for k, v in download_kwargs.items() if k in _CONFIG_KWARGS and k != "trust_remote_code"}
         index = cached_file(name_or_path, SAFE_INDEX_NAME, _raise_exceptions_for_missing_entries=False, **kw)
         if index is not None:
-            with open(index) as fh:
-                names = sorted(set(json.load(fh)["weight_map"].values()))
-            files = [cached_file(name_or_path, n, **kw) for n in names]
+            files = [cached_file(name_or_path, n, **kw) for n in _index_files(index)]
         else:
             single = cached_file(name_or_path, SAFE_WEIGHTS_NAME, _raise_exceptions_for_missing_entries=False, **kw)
             files = [single] if single is not None else []
@@ -229,6 +256,7 @@ def _keys(files: list[str]) -> dict[str, str]:
 
     out = {}
     for f in files:
+        check_safetensors(f)
         with safe_open(f, framework="pt") as fh:
             out.update({k: f for k in fh.keys()})
     return out
@@ -288,10 +316,36 @@ def _skeleton(config, model_class_name: str | None, model_cls) -> nn.Module:
         return _instantiate(cls, config)
 
 
+def _check_shapes(model: nn.Module, sd: Mapping[str, torch.Tensor], where: str, modules: Mapping[str, dict]) -> None:
+    """Name every tensor whose shape differs from the one the model built from the config expects.
+
+    ``modules``: the nf4moe section's module entries, quoted for a tensor under one of them (its
+    lora_rank and dims are what the skeleton was built from).
+    """
+    expected = model.state_dict()
+    wrong = [(k, tuple(t.shape), tuple(expected[k].shape)) for k, t in sd.items()
+             if k in expected and tuple(t.shape) != tuple(expected[k].shape)]
+    if not wrong:
+        return
+    lines = []
+    for k, got, want in wrong[:6]:
+        line = f"'{k}' is {got} in the checkpoint, the model built from its config expects {want}"
+        owner = next((m for m in modules if k.startswith(m + ".")), None)
+        if owner is not None:
+            e = modules[owner]
+            line += (f" (config.json's {SECTION} section for '{owner}': lora_rank={e['lora_rank']}, "
+                     f"E={e['num_experts']}, H={e['hidden_size']}, I={e['intermediate_size']}, "
+                     f"blocksize={e['blocksize']})")
+        lines.append(line)
+    more = f"; and {len(wrong) - 6} more" if len(wrong) > 6 else ""
+    raise ValueError(f"{where}: config and tensors disagree: " + "; ".join(lines) + more)
+
+
 def _load_rest(model: nn.Module, sd: dict[str, torch.Tensor], aliases: Mapping[str, str], allowed_missing: set[str],
-               where: str) -> None:
+               where: str, modules: Mapping[str, dict] | None = None) -> None:
     for alias, target in aliases.items():
         sd[alias] = sd[target]
+    _check_shapes(model, sd, where, modules or {})
     result = model.load_state_dict(sd, strict=False, assign=True)
     missing = sorted(set(result.missing_keys) - allowed_missing)
     unexpected = sorted(result.unexpected_keys)
@@ -348,8 +402,9 @@ def _load_nf4moe(files, config, *, device, backend, lora_rank, lora_alpha, freez
         _set_submodule(model, name, qe)
     key_files = _keys(files)
     sd = _read(key_files, key_files.keys(), device)
-    _load_rest(model, sd, section.get("aliases", {}), owned, "nf4moe checkpoint")
-    return _finish(model, device, freeze_base, "nf4moe checkpoint")
+    where = f"nf4moe checkpoint {os.path.dirname(files[0])}"
+    _load_rest(model, sd, section.get("aliases", {}), owned, where, section["modules"])
+    return _finish(model, device, freeze_base, where)
 
 
 # ---------------------------------------------------------------------------------------------- bitsandbytes
@@ -550,6 +605,51 @@ def _load_quantizing(name_or_path, config, *, device, dtype, backend, lora_rank,
     return model, quantizer
 
 
+def _looks_local(path: str) -> bool:
+    """A path the Hub client would misread as a repo id: absolute, ./ or ../, or under an existing directory."""
+    parent = os.path.dirname(path)
+    return (os.path.isabs(path) or path in (".", "..") or path.startswith(("./", "../", ".\\", "..\\"))
+            or (bool(parent) and os.path.isdir(parent)))
+
+
+def _check_local(name_or_path: str, *, needs_config: bool) -> str | None:
+    """Refuse a missing or partial local checkpoint before transformers or the Hub client sees it.
+
+    Returns None (not a local directory: a Hub id), "verified" (its manifest checked out) or
+    "unverified" (a local directory without a manifest).
+    """
+    if not os.path.exists(name_or_path):
+        check_interrupted(name_or_path)
+        if _looks_local(name_or_path):
+            parent = os.path.dirname(name_or_path)
+            hint = (f" (its parent {parent!r} is a local directory, so it is read as a path; a Hub repo id must not "
+                    "shadow a local directory)" if parent and not os.path.isabs(name_or_path)
+                    and not name_or_path.startswith(".") else "")
+            raise FileNotFoundError(f"from_pretrained: name_or_path {name_or_path!r} does not exist{hint}")
+        return None
+    if not os.path.isdir(name_or_path):
+        raise NotADirectoryError(f"from_pretrained: name_or_path {name_or_path!r} is a file; pass the checkpoint's "
+                                 "directory")
+    verified = has_manifest(name_or_path)
+    if verified:
+        verify_manifest(name_or_path)
+    if needs_config and not os.path.isfile(os.path.join(name_or_path, CONFIG_NAME)):
+        raise FileNotFoundError(f"from_pretrained: {name_or_path} has no {CONFIG_NAME} (not a checkpoint directory, "
+                                "or a partial one)")
+    return "verified" if verified else "unverified"
+
+
+def _check_legacy(path: str, section: Mapping, files: list[str]) -> None:
+    """An nf4moe directory without a manifest: refuse it if its save wrote one, else warn and go on."""
+    if section.get("manifest"):
+        raise ValueError(f"{path} is a partial checkpoint: its {CONFIG_NAME} says nf4moe.save_pretrained wrote "
+                         f"{section['manifest']} last, and that file is missing (the save did not finish, or the "
+                         "directory was copied in part)")
+    warnings.warn(f"{path} has no {MANIFEST_NAME} (written before nf4moe wrote manifests): only its own file list "
+                  f"({len(files)} safetensors files, all present, headers intact) was checked, not the sizes and "
+                  "hashes of what was saved; save it again to get a manifest", LegacyCheckpointWarning, stacklevel=3)
+
+
 def from_pretrained(
     name_or_path: str | os.PathLike,
     *,
@@ -581,25 +681,33 @@ def from_pretrained(
     ``dtype`` is the dtype of the non-expert weights and of the expert weights before quantization,
     ``model_cls`` a transformers model class or Auto class (default: from config / AutoModelForCausalLM).
     Other keyword arguments go to transformers' ``from_pretrained``.
+
+    A local path is checked before transformers (or the Hub client) sees it: a missing one raises
+    FileNotFoundError naming it, a directory with an ``nf4moe_manifest.json`` must match it file by
+    file, and one written by :func:`save_pretrained` without its manifest is refused as partial.
     """
     from transformers import AutoConfig
 
-    name_or_path = os.fspath(name_or_path)
+    name_or_path = os.path.expanduser(os.fspath(name_or_path))
+    config = hf_kwargs.pop("config", None)
+    local = _check_local(name_or_path, needs_config=config is None and not hf_kwargs.get("subfolder"))
     cfg_kwargs = {k: hf_kwargs[k] for k in _CONFIG_KWARGS if k in hf_kwargs}
-    config = hf_kwargs.pop("config", None) or AutoConfig.from_pretrained(name_or_path, **cfg_kwargs)
+    config = config or AutoConfig.from_pretrained(name_or_path, **cfg_kwargs)
     if getattr(config, SECTION, None):
         if modules is not None:
             raise ValueError("modules= selects experts to quantize; an nf4moe checkpoint restores the modules it saved")
         files = _resolve_files(name_or_path, hf_kwargs)
+        if local == "unverified":
+            _check_legacy(name_or_path, getattr(config, SECTION), files)
         return _load_nf4moe(files, config, device=device, backend=backend, lora_rank=lora_rank, lora_alpha=lora_alpha,
                             freeze_base=freeze_base, model_cls=model_cls)
     rank = 16 if lora_rank is None else lora_rank
     alpha = 32 if lora_alpha is None else lora_alpha
-    local = _checkpoint_files(name_or_path) if os.path.isdir(name_or_path) else []
-    if local:
-        keys = _keys(local)
+    local_files = _checkpoint_files(name_or_path) if local else []
+    if local_files:
+        keys = _keys(local_files)
         if has_bnb_experts(keys):
-            return _load_bnb_checkpoint(local, config, device=device, backend=backend, lora_rank=rank,
+            return _load_bnb_checkpoint(local_files, config, device=device, backend=backend, lora_rank=rank,
                                         lora_alpha=alpha, lora_dtype=lora_dtype, modules=modules,
                                         freeze_base=freeze_base, model_cls=model_cls)
         if any(".gate_up_nf4." in k for k in keys):

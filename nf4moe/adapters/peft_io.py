@@ -17,19 +17,24 @@ is asked of the installed PEFT when writing, and solved from the shapes when rea
 The layout of a file is detected from the tensor shapes of all modules together; when no shape can
 tell (every targeted projection square: 2I == H for gate_up_proj alone, I == H for down_proj alone)
 ``layout=`` must be given.  Nothing is guessed.
+
+Writing is atomic (``atomic.py``): the adapter directory is swapped in whole, with a manifest of
+sizes and sha256.  Reading checks the manifest when there is one (PEFT's own adapters have none)
+and, with ``strict``, that the tensors are exactly what ``adapter_config.json`` targets.
 """
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import os
+import pickle
 from functools import lru_cache
 
 import torch
 from torch import nn
 
 from ..moe_layers import QuantGroupedExperts
+from .atomic import atomic_directory, check_interrupted, check_safetensors, has_manifest, read_json, verify_manifest
 from .replace import origin_of, quant_experts
 
 LAYOUTS = ("current", "legacy")
@@ -37,6 +42,8 @@ PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 _PROJ = ("gate_up_proj", "down_proj")
+# What write_adapter owns in its directory: anything else there (a tokenizer, a README) is carried over.
+_OWNED = frozenset({CONFIG_NAME, WEIGHTS_NAME, "adapter_model.bin"})
 
 
 def _in_out(qe: QuantGroupedExperts, proj: str) -> tuple[int, int]:
@@ -117,17 +124,15 @@ def write_adapter(
     target_modules: list[str] = (),
     lora_dropout: float = 0.0,
 ) -> None:
-    """Write one PEFT adapter directory (weights + ``adapter_config.json``) in a single pass.
+    """Write one PEFT adapter directory (weights + ``adapter_config.json``) in a single, atomic pass.
 
     ``tensors`` hold the experts' factors (``adapter_state_dict``) and, for a combined adapter, the
-    PEFT-named factors of ``target_modules`` linear layers sharing the same r and alpha.
+    PEFT-named factors of ``target_modules`` linear layers sharing the same r and alpha.  A failure
+    or kill leaves ``save_directory`` as it was or whole with the new adapter.
     """
     from peft import LoraConfig
     from safetensors.torch import save_file
 
-    os.makedirs(save_directory, exist_ok=True)
-    save_file({k: v.cpu() for k, v in tensors.items()}, os.path.join(save_directory, WEIGHTS_NAME),
-              metadata={"format": "pt"})
     config = getattr(model, "config", None)
     cfg = LoraConfig(
         r=r,
@@ -138,7 +143,9 @@ def write_adapter(
         target_parameters=target_parameters,
         base_model_name_or_path=getattr(config, "_name_or_path", None) or None,
     )
-    cfg.save_pretrained(save_directory)
+    with atomic_directory(save_directory, _OWNED.__contains__, "save_adapter") as tmp:
+        save_file({k: v.cpu() for k, v in tensors.items()}, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
+        cfg.save_pretrained(tmp)
 
 
 # ---------------------------------------------------------------------------------------------- import
@@ -160,14 +167,25 @@ def _convert(layout: str, transposed: bool, a_w: torch.Tensor, b_w: torch.Tensor
 def _read_adapter(directory: str) -> tuple[dict, dict[str, torch.Tensor]]:
     from safetensors.torch import load_file
 
-    with open(os.path.join(directory, CONFIG_NAME)) as fh:
-        config = json.load(fh)
+    if not os.path.isdir(directory):
+        check_interrupted(directory)
+        raise FileNotFoundError(f"load_adapter: adapter_dir {directory!r} is not a directory")
+    if has_manifest(directory):
+        verify_manifest(directory)
+    config_path = os.path.join(directory, CONFIG_NAME)
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"load_adapter: no {CONFIG_NAME} in {directory}")
+    config = read_json(config_path)
     path = os.path.join(directory, WEIGHTS_NAME)
     if os.path.isfile(path):
+        check_safetensors(path)
         return config, load_file(path)
     legacy_bin = os.path.join(directory, "adapter_model.bin")
     if os.path.isfile(legacy_bin):
-        return config, torch.load(legacy_bin, map_location="cpu", weights_only=True)
+        try:
+            return config, torch.load(legacy_bin, map_location="cpu", weights_only=True)
+        except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
+            raise ValueError(f"{legacy_bin}: truncated or corrupt torch file ({e})") from None
     raise FileNotFoundError(f"no {WEIGHTS_NAME} (or adapter_model.bin) in {directory}")
 
 
@@ -187,6 +205,52 @@ def _group(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, dict[str, dict[s
     return groups, other
 
 
+def _selects(target: str, key: str) -> bool:
+    """PEFT's target_parameters rule: the parameter's qualified name equals the target or ends in '.' + target."""
+    return key == target or key.endswith("." + target)
+
+
+def _targeted(name: str, targets: list[str]) -> list[str]:
+    """Projections of the expert module ``name`` that ``target_parameters`` select."""
+    return [p for p in _PROJ if any(_selects(t, f"{name}.{p}") for t in targets)]
+
+
+def _check_coverage(experts: dict[str, QuantGroupedExperts], groups: dict[str, dict], targets: list[str],
+                    adapter_dir: str) -> None:
+    """strict load: the adapter's tensors are exactly one LoRA pair per projection its config targets."""
+    problems = [f"target_parameters entry {t!r} matches no parameter of the model's QuantGroupedExperts"
+                for t in targets if not any(_selects(t, f"{n}.{p}") for n in experts for p in _PROJ)]
+    for name in experts:
+        want, have = _targeted(name, targets), groups.get(name, {})
+        keys = [f"{name}.{w}lora_A/B" for w in have]
+        if want and not have:
+            problems.append(f"'{name}': {want} targeted, no tensors in the file (missing)")
+        elif have and not want:
+            problems.append(f"'{name}': tensors {keys} in the file, none of its parameters targeted (extra)")
+        elif len(have) != len(want):
+            problems.append(f"'{name}': {want} targeted, {len(have)} LoRA pair(s) in the file: {keys} "
+                            + ("(missing)" if len(have) < len(want) else "(extra)"))
+    if problems:
+        raise ValueError(f"adapter {adapter_dir}: {CONFIG_NAME} and {WEIGHTS_NAME} disagree: "
+                         + "; ".join(problems[:6]) + (f"; and {len(problems) - 6} more" if len(problems) > 6 else "")
+                         + " (pass strict=False to load what fits; projections without tensors get a zero delta)")
+
+
+def _shape_mismatch(experts, groups, candidates, r: int, layout: str | None, adapter_dir: str) -> str:
+    """The error for adapter tensors that fit no layout: each module that fits none, its shapes and the expected."""
+    lays = LAYOUTS if layout is None else (layout,)
+    bad = [n for n in candidates if not any(candidates[n][lay] for lay in lays)] or list(candidates)
+    lines = []
+    for name in bad[:4]:
+        qe = experts[name]
+        got = {f"{w}lora_A/B": (tuple(ab["A"].shape), tuple(ab["B"].shape)) for w, ab in groups[name].items()}
+        want = {p: ((r * qe.num_experts, _in_out(qe, p)[0]), (_in_out(qe, p)[1], r * qe.num_experts)) for p in _PROJ}
+        lines.append(f"'{name}': {got}; expected (current layout) {want}")
+    return (f"adapter {adapter_dir}: tensor shapes fit no {'layout' if layout is None else repr(layout) + ' layout'} "
+            f"for r={r} (adapter_config.json): " + "; ".join(lines)
+            + (f"; and {len(bad) - 4} more modules" if len(bad) > 4 else ""))
+
+
 def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, *, layout: str | None = None,
                  strict: bool = True) -> str:
     """Load a PEFT LoRA adapter on 3-D expert parameters into the model's QuantGroupedExperts.
@@ -194,8 +258,11 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, *, layout: st
     Reads ``adapter_config.json`` (r, lora_alpha, use_rslora, target_parameters) and the adapter
     weights.  ``layout``: None (detect from shapes), ``"current"`` (PEFT >= 0.19.1) or ``"legacy"``
     (PEFT <= 0.19.0, A and B swapped and transposed).  Modules and projections the adapter does
-    not cover get a zero delta.  ``strict``: raise on adapter tensors that are not expert LoRA
-    (e.g. LoRA on attention), else ignore them.  Returns the layout used.
+    not cover get a zero delta.  ``strict`` (default): raise, naming them, on adapter tensors that
+    are not expert LoRA (e.g. LoRA on attention) and on any disagreement between
+    ``target_parameters`` and the tensors (a targeted projection without tensors, tensors for one
+    not targeted, a target matching no QuantGroupedExperts); ``strict=False`` ignores all of
+    these and loads what fits.  Wrongly shaped tensors are refused either way.  Returns the layout used.
     """
     if layout is not None and layout not in LAYOUTS:
         raise ValueError(f"layout must be None or one of {LAYOUTS}, got {layout!r}")
@@ -222,6 +289,8 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, *, layout: st
     if foreign and strict:
         raise ValueError(f"adapter holds tensors that are not LoRA on QuantGroupedExperts: {foreign[:6]}"
                          f"{'...' if len(foreign) > 6 else ''} (pass strict=False to ignore them)")
+    if strict:
+        _check_coverage(experts, groups, targets, os.fspath(adapter_dir))
     groups = {m: g for m, g in groups.items() if m in experts}
     if not groups:
         raise ValueError(f"adapter {adapter_dir} has no LoRA for any QuantGroupedExperts of {type(model).__name__}")
@@ -252,12 +321,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, *, layout: st
     possible = [lay for lay in (LAYOUTS if layout is None else (layout,))
                 if all(candidates[n][lay] for n in candidates)]
     if not possible:
-        shapes = {n: {w: (tuple(ab["A"].shape), tuple(ab["B"].shape)) for w, ab in g.items()} for n, g in groups.items()}
-        name0 = next(iter(shapes))
-        raise ValueError(f"adapter shapes fit no {'layout' if layout is None else repr(layout) + ' layout'} for "
-                         f"r={r}: e.g. '{name0}': {shapes[name0]} (lora_A, lora_B) with "
-                         f"E={experts[name0].num_experts}, H={experts[name0].hidden_size}, "
-                         f"I={experts[name0].intermediate_size}")
+        raise ValueError(_shape_mismatch(experts, groups, candidates, r, layout, os.fspath(adapter_dir)))
 
     def same(x, y) -> bool:
         return x.keys() == y.keys() and all(all(torch.equal(p, q) for p, q in zip(x[k], y[k])) for k in x)
