@@ -263,8 +263,8 @@ def load_lora(model: nn.Module, directory: str | os.PathLike) -> dict:
         config = json.load(fh)
     inner = _unwrap(model)
     targets = config.get("target_modules") or []
-    # strict=False only when linear-layer LoRA is in the file: those tensors are checked below.
-    nf4moe.load_adapter(inner, directory, strict=not targets)
+    # linear-layer LoRA in the file is skipped there and checked below; the expert tensors are checked strictly
+    nf4moe.load_adapter(inner, directory, skip_other_lora=bool(targets))
     if targets:
         if not _lora_linears(inner):
             inject_linear_lora(inner, linear_targets(inner, targets), rank=int(config["r"]),

@@ -233,3 +233,21 @@ def test_load_lora_round_trip_is_exact(tiny_checkpoint, tmp_path):
     # Merged: the same function with dense weights.
     merged = ft.merge_lora(copy.deepcopy(fresh), torch.float32)
     assert rel(logits(merged, ids), logits(fresh, ids)) < 1e-5
+
+
+def test_load_lora_refuses_a_combined_adapter_missing_expert_tensors(tiny_checkpoint, tmp_path):
+    """An adapter with attention LoRA too: its expert tensors are still checked against its config (a layer's
+    expert LoRA cut from the file, as a foreign tool might write it without nf4moe's manifest, is refused)."""
+    from safetensors.torch import load_file, save_file
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.float32)
+    ft.add_lora(model, rank=8, alpha=16, backend="reference", target_modules=["v_proj"])
+    ft.save_lora(model, tmp_path / "adapter")
+    weights = tmp_path / "adapter" / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    cut = {k: v for k, v in tensors.items() if "layers.1.mlp.experts" not in k}
+    assert len(cut) < len(tensors) and any("v_proj" in k for k in cut)
+    save_file(cut, weights)
+    (tmp_path / "adapter" / "nf4moe_manifest.json").unlink()
+    with pytest.raises(ValueError, match=r"layers\.1\.mlp\.experts.*missing"):
+        nf4moe_with_adapter(tiny_checkpoint, tmp_path / "adapter")

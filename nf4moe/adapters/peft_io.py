@@ -252,7 +252,7 @@ def _shape_mismatch(experts, groups, candidates, r: int, layout: str | None, ada
 
 
 def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, *, layout: str | None = None,
-                 strict: bool = True) -> str:
+                 strict: bool = True, skip_other_lora: bool = False) -> str:
     """Load a PEFT LoRA adapter on 3-D expert parameters into the model's QuantGroupedExperts.
 
     Reads ``adapter_config.json`` (r, lora_alpha, use_rslora, target_parameters) and the adapter
@@ -262,7 +262,9 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, *, layout: st
     are not expert LoRA (e.g. LoRA on attention) and on any disagreement between
     ``target_parameters`` and the tensors (a targeted projection without tensors, tensors for one
     not targeted, a target matching no QuantGroupedExperts); ``strict=False`` ignores all of
-    these and loads what fits.  Wrongly shaped tensors are refused either way.  Returns the layout used.
+    these and loads what fits.  Wrongly shaped tensors are refused either way.  ``skip_other_lora``: tensors of
+    LoRA on other modules (attention, dense layers) are left to the caller, who loads them, while the expert
+    tensors are still checked as ``strict`` says (nf4moe.finetune.load_lora).  Returns the layout used.
     """
     if layout is not None and layout not in LAYOUTS:
         raise ValueError(f"layout must be None or one of {LAYOUTS}, got {layout!r}")
@@ -286,7 +288,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, *, layout: st
     groups, other = _group(tensors)
     experts = dict(quant_experts(model))
     foreign = sorted(other) + sorted(f"{m}.*" for m in groups if m not in experts)
-    if foreign and strict:
+    if foreign and strict and not skip_other_lora:
         raise ValueError(f"adapter holds tensors that are not LoRA on QuantGroupedExperts: {foreign[:6]}"
                          f"{'...' if len(foreign) > 6 else ''} (pass strict=False to ignore them)")
     if strict:
