@@ -185,6 +185,9 @@ def test_quantize_at_load_refuses(tmp_path):
     with torch.no_grad():
         model.model.layers[0].mlp.experts.gate_up_proj[4, 1, 2] = NAN
     model.save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match=re.escape("(8, 384, 128) has 1 non-finite values (1 NaN, 0 Inf) in 1 of 8 "
-                                                   "experts: expert 4 (1 values: 1 NaN, 0 Inf)")):
+    with pytest.raises(ValueError, match=re.escape("model.layers.0.mlp.experts.gate_up_proj (8, 384, 128) has 1 "
+                                                   "non-finite values (1 NaN, 0 Inf) in 1 of 8 experts: expert 4 "
+                                                   "(1 values: 1 NaN, 0 Inf)")):
         nf4moe.from_pretrained(tmp_path, backend="reference")
+    loaded = nf4moe.from_pretrained(tmp_path, backend="reference", allow_non_finite=True)
+    assert len(quant_experts(loaded)) == 2

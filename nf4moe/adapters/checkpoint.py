@@ -413,7 +413,8 @@ def _bnb_entries(keys, prefix: str) -> dict[str, str]:
     return {k[len(prefix):]: k for k in keys if k == prefix or k.startswith(prefix + ".")}
 
 
-def _nf4_from_bnb(tensors: Mapping[str, torch.Tensor], prefix: str, expect: tuple[int, int, int], device) -> NF4Weight:
+def _nf4_from_bnb(tensors: Mapping[str, torch.Tensor], prefix: str, expect: tuple[int, int, int], device, *,
+                  allow_non_finite: bool = False) -> NF4Weight:
     import bitsandbytes.functional as bnbf
 
     packed = tensors[prefix]
@@ -421,7 +422,8 @@ def _nf4_from_bnb(tensors: Mapping[str, torch.Tensor], prefix: str, expect: tupl
     qs = bnbf.QuantState.from_dict(qs_items, device=torch.device(device or packed.device))
     if tuple(qs.shape) != expect:
         raise ValueError(f"bitsandbytes weight {prefix} has shape {tuple(qs.shape)}, the module needs {expect} (E, out, in)")
-    return NF4Weight.from_bnb(packed.to(device) if device is not None else packed, qs)
+    return NF4Weight.from_bnb(packed.to(device) if device is not None else packed, qs, name=prefix,
+                              allow_non_finite=allow_non_finite)
 
 
 def has_bnb_experts(keys) -> bool:
@@ -439,6 +441,7 @@ def load_bnb_experts(
     lora_dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
     freeze_base: bool = True,
+    allow_non_finite: bool = False,
 ) -> list[str]:
     """Replace expert modules whose weights ``state_dict`` holds as bitsandbytes NF4, without re-quantizing.
 
@@ -446,6 +449,7 @@ def load_bnb_experts(
     and their ``QuantState.as_dict(packed=True)`` items (``P.gate_up_proj.absmax``, ...,
     ``P.gate_up_proj.quant_state.bitsandbytes__nf4``); the QuantState shape must be (E, out, in).
     Returns the state_dict keys consumed.  Modules with no bitsandbytes entries are left as they are.
+    Non-finite statistics raise ValueError naming the weight, unless ``allow_non_finite=True``.
     """
     keys = list(state_dict.keys())
     consumed = []
@@ -464,8 +468,8 @@ def load_bnb_experts(
                 "stored tensor run along the wrong axis for QuantGroupedExperts, and re-quantizing would not be bit-exact")
         e, h, i = spec.num_experts, spec.hidden_size, spec.intermediate_size
         tensors = {k: state_dict[k] for w in WEIGHT_NAMES for k in entries[w].values()}
-        gu = _nf4_from_bnb(tensors, prefix + "gate_up_proj", (e, 2 * i, h), device)
-        dn = _nf4_from_bnb(tensors, prefix + "down_proj", (e, h, i), device)
+        gu = _nf4_from_bnb(tensors, prefix + "gate_up_proj", (e, 2 * i, h), device, allow_non_finite=allow_non_finite)
+        dn = _nf4_from_bnb(tensors, prefix + "down_proj", (e, h, i), device, allow_non_finite=allow_non_finite)
         if gu.blocksize != dn.blocksize or gu.compress_statistics != dn.compress_statistics:
             raise ValueError(f"'{name}': gate_up_proj and down_proj were quantized with different bitsandbytes settings")
         qe = build_quant_experts(spec, gu, dn, module, lora_rank=lora_rank, lora_alpha=lora_alpha, backend=backend,
@@ -481,7 +485,7 @@ def load_bnb_experts(
 
 
 def _load_bnb_checkpoint(files, config, *, device, backend, lora_rank, lora_alpha, lora_dtype, modules, freeze_base,
-                         model_cls) -> nn.Module:
+                         model_cls, allow_non_finite=False) -> nn.Module:
     key_files = _keys(files)
     model = _skeleton(config, None, model_cls)
     experts = find_experts(model, modules)
@@ -489,7 +493,7 @@ def _load_bnb_checkpoint(files, config, *, device, backend, lora_rank, lora_alph
                                             for w in WEIGHT_NAMES)]
     consumed = load_bnb_experts(model, _read(key_files, bnb_keys, device), lora_rank=lora_rank, lora_alpha=lora_alpha,
                                 modules=modules, backend=backend, lora_dtype=lora_dtype, device=device,
-                                freeze_base=False)
+                                freeze_base=False, allow_non_finite=allow_non_finite)
     left = [n for n, m in find_experts(model, modules)]
     if left:
         raise ValueError(f"expert modules {left[:4]} have no bitsandbytes entries in the checkpoint")
@@ -509,8 +513,10 @@ class _ArrivalQuantizer:
     return a meta placeholder, so the module never keeps the dense tensor.
     """
 
-    def __init__(self, specs: Mapping[str, ExpertsSpec], *, blocksize: int, compress_statistics: bool):
+    def __init__(self, specs: Mapping[str, ExpertsSpec], *, blocksize: int, compress_statistics: bool,
+                 allow_non_finite: bool = False):
         self.specs = specs
+        self.allow_non_finite = allow_non_finite
         self.blocksize = blocksize
         self.compress_statistics = compress_statistics
         self.parents: dict[int, tuple[weakref.ref, weakref.ref, str]] = {}
@@ -542,7 +548,8 @@ class _ArrivalQuantizer:
             return None
         self.max_inflight_bytes = max(self.max_inflight_bytes, param.numel() * param.element_size())
         self.done.setdefault(path, {})[name] = quantize_weight(
-            param, spec.layout, blocksize=self.blocksize, compress_statistics=self.compress_statistics)
+            param, spec.layout, blocksize=self.blocksize, compress_statistics=self.compress_statistics,
+            name=f"{path}.{name}" if path else name, allow_non_finite=self.allow_non_finite)
         placeholder = nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=param.requires_grad)
         placeholder._is_hf_initialized = True  # transformers must not re-initialise it
         return placeholder
@@ -561,7 +568,7 @@ class _ArrivalQuantizer:
 
 
 def _load_quantizing(name_or_path, config, *, device, dtype, backend, lora_rank, lora_alpha, lora_dtype, blocksize,
-                     compress_statistics, modules, freeze_base, model_cls, hf_kwargs):
+                     compress_statistics, modules, freeze_base, model_cls, hf_kwargs, allow_non_finite=False):
     import transformers
 
     cls = model_cls or transformers.AutoModelForCausalLM
@@ -582,7 +589,8 @@ def _load_quantizing(name_or_path, config, *, device, dtype, backend, lora_rank,
         if "device_map" in kwargs:
             raise ValueError("pass either device= or device_map=, not both")
         kwargs["device_map"] = device
-    quantizer = _ArrivalQuantizer(specs, blocksize=blocksize, compress_statistics=compress_statistics)
+    quantizer = _ArrivalQuantizer(specs, blocksize=blocksize, compress_statistics=compress_statistics,
+                                  allow_non_finite=allow_non_finite)
     with quantizer.installed():
         model = cls.from_pretrained(name_or_path, config=config, dtype=dtype, **kwargs)
     late = []
@@ -592,7 +600,8 @@ def _load_quantizing(name_or_path, config, *, device, dtype, backend, lora_rank,
         if set(got) != set(WEIGHT_NAMES):
             late.append(name)
             got = {w: quantize_weight(getattr(module, w), spec.layout, blocksize=blocksize,
-                                      compress_statistics=compress_statistics) for w in WEIGHT_NAMES}
+                                      compress_statistics=compress_statistics, name=f"{name}.{w}" if name else w,
+                                      allow_non_finite=allow_non_finite) for w in WEIGHT_NAMES}
         qe = build_quant_experts(spec, got["gate_up_proj"], got["down_proj"], module, lora_rank=lora_rank,
                                  lora_alpha=lora_alpha, backend=backend, lora_dtype=lora_dtype)
         _set_submodule(model, name, qe)
@@ -664,6 +673,7 @@ def from_pretrained(
     lora_dtype: torch.dtype | None = None,
     freeze_base: bool = True,
     model_cls=None,
+    allow_non_finite: bool = False,
     **hf_kwargs,
 ) -> nn.Module:
     """Load a transformers MoE model with its experts in NF4 (+ LoRA), never holding all bf16 experts.
@@ -680,6 +690,8 @@ def from_pretrained(
     ``device`` places the model (``device_map=`` in ``hf_kwargs`` works too for the first case),
     ``dtype`` is the dtype of the non-expert weights and of the expert weights before quantization,
     ``model_cls`` a transformers model class or Auto class (default: from config / AutoModelForCausalLM).
+    ``allow_non_finite=True`` quantizes (or wraps bitsandbytes statistics of) expert weights holding NaN / Inf
+    instead of raising ValueError naming the weight, the experts and the counts.
     Other keyword arguments go to transformers' ``from_pretrained``.
 
     A local path is checked before transformers (or the Hub client) sees it: a missing one raises
@@ -709,7 +721,8 @@ def from_pretrained(
         if has_bnb_experts(keys):
             return _load_bnb_checkpoint(local_files, config, device=device, backend=backend, lora_rank=rank,
                                         lora_alpha=alpha, lora_dtype=lora_dtype, modules=modules,
-                                        freeze_base=freeze_base, model_cls=model_cls)
+                                        freeze_base=freeze_base, model_cls=model_cls,
+                                        allow_non_finite=allow_non_finite)
         if any(".gate_up_nf4." in k for k in keys):
             raise ValueError(f"{name_or_path} holds nf4moe NF4 tensors but its config.json has no '{SECTION}' section; "
                              "it was not written by nf4moe.save_pretrained (model.save_pretrained renames and "
@@ -717,5 +730,5 @@ def from_pretrained(
     model, _ = _load_quantizing(name_or_path, config, device=device, dtype=dtype, backend=backend, lora_rank=rank,
                                 lora_alpha=alpha, lora_dtype=lora_dtype, blocksize=blocksize,
                                 compress_statistics=compress_statistics, modules=modules, freeze_base=freeze_base,
-                                model_cls=model_cls, hf_kwargs=hf_kwargs)
+                                model_cls=model_cls, hf_kwargs=hf_kwargs, allow_non_finite=allow_non_finite)
     return model
