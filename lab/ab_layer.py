@@ -50,15 +50,6 @@ def inputs(t, e, h, k, gen):
     return x, idx, (w / w.sum(-1, keepdim=True)).to(torch.bfloat16)
 
 
-def eager_ms(fn, n: int) -> float:
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    torch.cuda.synchronize()
-    return 1e3 * (time.perf_counter() - t0) / n
-
-
 def graph_ms(fn, n: int) -> float:
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
@@ -100,6 +91,7 @@ def main(argv=None) -> int:
     sys.path.insert(0, args.base)
     import nf4moe
     import nf4moe_base
+    from nf4moe.benchmarks.train import back_to_back_ms
     import transformers
     import triton
 
@@ -128,7 +120,8 @@ def main(argv=None) -> int:
                     plan = new.launch_plan(x, idx, w)
                     n = 48 if t <= 1024 else 12
                     if "fwd" in modes:
-                        res = alternate(impls_of(lambda m: m(x, idx, w)), lambda fn: eager_ms(fn, n), args.rounds)
+                        res = alternate(impls_of(lambda m: m(x, idx, w)), lambda fn: back_to_back_ms(fn, n),
+                                        args.rounds)
                         emit(dict(shape=shape, mode="fwd eager", tokens=t, n=n, base_ms=res["base"][0],
                                   new_ms=res["new"][0], ratio=res["new"][0] / res["base"][0],
                                   base_rounds=res["base"][1], new_rounds=res["new"][1], bit_equal=bool(torch.equal(ob, on)),
@@ -166,7 +159,7 @@ def main(argv=None) -> int:
                     torch.cuda.synchronize()
                     mem[name] = (torch.cuda.max_memory_allocated() - before) / 2**30
                 n = 10
-                res = alternate(impls_of(step), lambda fn: eager_ms(fn, n), args.rounds)
+                res = alternate(impls_of(step), lambda fn: back_to_back_ms(fn, n), args.rounds)
                 emit(dict(shape=shape, mode="fwd+bwd eager", tokens=t, n=n, base_ms=res["base"][0],
                           new_ms=res["new"][0], ratio=res["new"][0] / res["base"][0], base_rounds=res["base"][1],
                           new_rounds=res["new"][1], extra_mem_gib=mem,
