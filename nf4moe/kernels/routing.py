@@ -233,7 +233,7 @@ def launch_routing(top_k_index: torch.Tensor, num_experts: int, sorted_pair_ids:
                    pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Fill ``sorted_pair_ids`` (P,) and ``expert_offsets`` (E+1,) int32 (allocated when None); one launch up
     to TRITON_MAX_PAIRS pairs, two above (the chunked counting sort).  ``check``: the (first) kernel asserts
-    on the device that no id is negative (CUDA and direct launches only: see build_routing)."""
+    on the device that no id is negative (CUDA and direct launches only: see ops.route)."""
     if check and (launcher is not None or not top_k_index.is_cuda):
         raise ValueError("launch_routing: check=True needs a CUDA top_k_index and a direct launch (launcher=None)")
     _check_index_dtype(top_k_index)
