@@ -238,3 +238,34 @@ def test_the_module_reports_its_plan_without_launching(monkeypatch):
     assert m.launch_plan(x, idx, w).save_preact  # LoRA factors require grad: a training call
     with pytest.raises(ValueError, match="hidden_states"):
         m.launch_plan(torch.randn(3, 64), idx, w)
+
+
+# ------------------------------------------------------------------------------------------ backward
+def test_backward_kernel_choice():
+    """Training calls name the backward's transposed GEMMs: the Gluon GEMM on sm_90 with 16-bit activations from
+    the threshold, the Triton GEMM below it, elsewhere and under tracing; inference calls none."""
+    assert plan(8192).bwd == "none"
+    assert plan(8192, training=True).bwd == "wgmma"
+    assert plan(8192, training=True, recompute=True).bwd == "wgmma"
+    low = P.BWD_WGMMA_MIN_ROWS // 8 - 1
+    assert plan(low, training=True).bwd == "gemm"
+    assert plan(8192, training=True, traced=True).bwd == "gemm"
+    assert plan(8192, training=True, dtype=torch.float32).bwd == "gemm"
+    assert plan(8192, training=True, capability=(8, 0)).bwd == "gemm"
+    assert plan(8192, training=True, gluon=False).bwd == "gemm"
+    assert plan(8192, training=True, hidden=2048 + 32).bwd == "gemm"
+    # the plan's key carries the choice to the backward ops
+    p = plan(8192, training=True)
+    assert LaunchPlan.from_key(p.key).bwd == "wgmma"
+
+
+def test_backward_overrides():
+    assert plan(64, ov=PlanOverrides(bwd="wgmma"), training=True).bwd == "wgmma"
+    assert plan(8192, ov=PlanOverrides(bwd="gemm"), training=True).bwd == "gemm"
+    assert plan(1024, ov=PlanOverrides(bwd_wgmma_min_rows=8), training=True).bwd == "wgmma"
+    with pytest.raises(ValueError, match="bwd='wgmma' cannot run here: it takes 16-bit"):
+        plan(8192, ov=PlanOverrides(bwd="wgmma"), training=True, dtype=torch.float32)
+    with pytest.raises(ValueError, match="bwd must be one of"):
+        PlanOverrides(bwd="gemv")
+    with pytest.raises(ValueError, match="bwd_wgmma_min_rows must be an int"):
+        PlanOverrides(bwd_wgmma_min_rows=0)

@@ -384,10 +384,10 @@ def test_opcheck_backward_ops():
     torch.library.opcheck(ops.moe_up_preact, pre, test_utils=utils)
     dout = torch.randn_like(out)
     down = (dout, g, w.reshape(-1), *dn, lo["A.down_proj"], lo["B.down_proj"], s, sp, eo, 2, 64, 256, "silu",
-            True, True, True, True)
+            True, True, True, True, plan.key)
     torch.library.opcheck(ops.moe_down_bwd, down, test_utils=utils)
     dgu, dw, dzb, xa_d = ops.moe_down_bwd(*down)
-    up = (dgu, *gu, lo["A.gate_up_proj"], lo["B.gate_up_proj"], s, sp, eo, 64, 256, True, True)
+    up = (dgu, *gu, lo["A.gate_up_proj"], lo["B.gate_up_proj"], s, sp, eo, 64, 256, True, True, plan.key)
     torch.library.opcheck(ops.moe_up_bwd, up, test_utils=utils)
     lg = (dgu, xa, sp, eo, None, 4, 128, 8, s, 2, False, False, False, False, "silu", torch.float32)
     torch.library.opcheck(ops.lora_grad, lg, test_utils=utils)

@@ -147,46 +147,93 @@ def up_preact(plan: LaunchPlan, x, gate_up: NF4Operand, lora_a, lora_b, scaling,
     return gu, xa
 
 
-def down_backward(dout, gu, top_k_weights, down: NF4Operand, lora_a, lora_b, scaling, sorted_pair_ids,
-                  expert_offsets, *, top_k: int, act: str, need_dgu: bool, need_dw: bool, need_xa: bool,
-                  need_dzb: bool, launcher=None):
-    """Down + combine + SwiGLU backward: (dgu (P, 2I) sorted, dw (T*K,) fp32, dzb (P, R_PAD) fp32 w·(dout B_d),
-    xa (P, R_PAD) fp32 h·A_dᵀ); outputs not asked for have 0 rows."""
+def _bwd_wgmma(dy, w: NF4Operand, lora_a, lora_b, scaling, sorted_pair_ids, expert_offsets, *, down: bool, out,
+               gu=None, top_k_weights=None, dw_part=None, xa_part=None, dzb=None, top_k: int = 1,
+               act: str = "silu") -> None:
+    """The backward's Gluon GEMM (grouped_gemm_wgmma_bwd.py): dy·B by lora_xa.py into ``dzb`` (its LoRA term and
+    the LoRA A gradient's left factor), then the transposed NF4 GEMM where an output of it is asked for."""
+    from .grouped_gemm_wgmma_bwd import BLOCK_M, launch_nf4_moe_gemm_t_wgmma
+
+    has_lora = dzb is not None
+    if has_lora:  # B (E, KR, r) read as (E, r, KR): no copy
+        launch_lora_xa(dy, lora_b.transpose(1, 2), sorted_pair_ids, expert_offsets, top_k=top_k, gather=down,
+                       r_pad=dzb.shape[1], out=dzb)
+    if out is None and dw_part is None and xa_part is None:
+        return
+    table, _ = launch_tile_table(expert_offsets, sorted_pair_ids.numel(), BLOCK_M)
+    launch_nf4_moe_gemm_t_wgmma(dy, w, lora_a, dzb, scaling, sorted_pair_ids, table, down=down, out=out, gu=gu,
+                                top_k_weights=top_k_weights, dw_part=dw_part, xa_part=xa_part, top_k=top_k,
+                                act_code=ACT_CODES[act], r_pad=dzb.shape[1] if has_lora else 16)
+
+
+def _aligned_rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with unit-stride, 16-byte-aligned rows (the Gluon GEMM's cp.async): itself, or a copy."""
+    if t.stride(-1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0:
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
+def down_backward(plan: LaunchPlan, dout, gu, top_k_weights, down: NF4Operand, lora_a, lora_b, scaling,
+                  sorted_pair_ids, expert_offsets, *, top_k: int, act: str, need_dgu: bool, need_dw: bool,
+                  need_xa: bool, need_dzb: bool, launcher=None):
+    """Down + combine + SwiGLU backward by the plan's ``bwd`` kernel: (dgu (P, 2I) sorted, dw (T*K,) fp32, dzb
+    (P, R_PAD) fp32 dout·B_d (unweighted: the LoRA A gradient scales its rows by w), xa (P, R_PAD) fp32 h·A_dᵀ);
+    outputs not asked for have 0 rows."""
     p = sorted_pair_ids.numel()
     inter = down.packed.shape[2] * 2
     has_lora = lora_a is not None
     rp = r_pad(lora_a.shape[1] if has_lora else 0)
-    n_tiles = -(-inter // block_n(down.blocksize))
+    wgmma = plan.bwd == "wgmma"
+    if wgmma:
+        from .grouped_gemm_wgmma_bwd import column_tiles
+
+        n_tiles = column_tiles(inter)
+        dout = _aligned_rows(dout)
+    else:
+        n_tiles = -(-inter // block_n(down.blocksize))
     dgu = dout.new_empty(p, 2 * inter) if need_dgu else _empty_rows(dout, 2 * inter)
     dw_part = dout.new_zeros(n_tiles, p, dtype=torch.float32) if need_dw else None  # dropped pairs stay 0
-    dzb = dout.new_empty(p, rp, dtype=torch.float32) if (need_dzb and has_lora) else None
+    # the Gluon GEMM's LoRA term needs dout·B_d whenever it runs
+    want_dzb = has_lora and (need_dzb or (wgmma and (need_dgu or need_dw)))
+    dzb = dout.new_empty(p, rp, dtype=torch.float32) if want_dzb else None
     xa_part = dout.new_empty(n_tiles, p, rp, dtype=torch.float32) if (need_xa and has_lora) else None
-    launch_nf4_moe_gemm_t(
-        dout, down, lora_a, lora_b, scaling, sorted_pair_ids, expert_offsets, down=True,
-        out=dgu if need_dgu else None, gu=gu, top_k_weights=top_k_weights, dzb=dzb, dw_part=dw_part,
-        xa_part=xa_part, top_k=top_k, act=act, launcher=launcher,
-    )
+    if wgmma:
+        _bwd_wgmma(dout, down, lora_a, lora_b, scaling, sorted_pair_ids, expert_offsets, down=True,
+                   out=dgu if need_dgu else None, gu=gu, top_k_weights=top_k_weights, dw_part=dw_part,
+                   xa_part=xa_part, dzb=dzb, top_k=top_k, act=act)
+    else:
+        launch_nf4_moe_gemm_t(
+            dout, down, lora_a, lora_b, scaling, sorted_pair_ids, expert_offsets, down=True,
+            out=dgu if need_dgu else None, gu=gu, top_k_weights=top_k_weights, dzb=dzb, dw_part=dw_part,
+            xa_part=xa_part, top_k=top_k, act=act, launcher=launcher,
+        )
     # Fixed-order sums over the I column tiles (deterministic; the partials are small).
     dw = dw_part.sum(0) if dw_part is not None else dout.new_empty(0, dtype=torch.float32)
     xa = xa_part.sum(0) if xa_part is not None else _empty_rows(dout, rp, torch.float32)
-    return dgu, dw, dzb if dzb is not None else _empty_rows(dout, rp, torch.float32), xa
+    return dgu, dw, dzb if (dzb is not None and need_dzb) else _empty_rows(dout, rp, torch.float32), xa
 
 
-def up_backward(dgu, gate_up: NF4Operand, lora_a, lora_b, scaling, sorted_pair_ids, expert_offsets, *,
-                need_dx: bool, need_dzb: bool, launcher=None):
-    """Up backward: (dx per pair (P, H) at row pair id, rows of dropped pairs unwritten; dzb (P, R_PAD) fp32
-    dgu·B_up); outputs not asked for have 0 rows."""
+def up_backward(plan: LaunchPlan, dgu, gate_up: NF4Operand, lora_a, lora_b, scaling, sorted_pair_ids,
+                expert_offsets, *, need_dx: bool, need_dzb: bool, launcher=None):
+    """Up backward by the plan's ``bwd`` kernel: (dx per pair (P, H) at row pair id, rows of dropped pairs
+    unwritten; dzb (P, R_PAD) fp32 dgu·B_up); outputs not asked for have 0 rows."""
     p = sorted_pair_ids.numel()
     hidden = gate_up.packed.shape[2] * 2
     has_lora = lora_a is not None
     rp = r_pad(lora_a.shape[1] if has_lora else 0)
+    wgmma = plan.bwd == "wgmma"
     dxp = dgu.new_empty(p, hidden) if need_dx else _empty_rows(dgu, hidden)
-    dzb = dgu.new_empty(p, rp, dtype=torch.float32) if (need_dzb and has_lora) else _empty_rows(dgu, rp, torch.float32)
-    launch_nf4_moe_gemm_t(
-        dgu, gate_up, lora_a, lora_b, scaling, sorted_pair_ids, expert_offsets, down=False,
-        out=dxp if need_dx else None, dzb=dzb if (need_dzb and has_lora) else None, launcher=launcher,
-    )
-    return dxp, dzb
+    want_dzb = has_lora and (need_dzb or (wgmma and need_dx))
+    dzb = dgu.new_empty(p, rp, dtype=torch.float32) if want_dzb else None
+    if wgmma:
+        _bwd_wgmma(dgu, gate_up, lora_a, lora_b, scaling, sorted_pair_ids, expert_offsets, down=False,
+                   out=dxp if need_dx else None, dzb=dzb)
+    else:
+        launch_nf4_moe_gemm_t(
+            dgu, gate_up, lora_a, lora_b, scaling, sorted_pair_ids, expert_offsets, down=False,
+            out=dxp if need_dx else None, dzb=dzb, launcher=launcher,
+        )
+    return dxp, dzb if (dzb is not None and need_dzb) else _empty_rows(dgu, rp, torch.float32)
 
 
 def lora_grad(lhs, rhs, sorted_pair_ids, expert_offsets, top_k_weights, *, num_experts: int, da: int, db: int,

@@ -77,7 +77,7 @@ def nf4_moe_gemm_t_kernel(
     scaling,          # float: lora_alpha / r
     out_ptr,          # down: dgu (P, 2N) sorted rows; up: dx per pair (P, N) at row pair id; x dtype
     gu_ptr,           # down: saved pre-activation (P, 2N) sorted rows, x dtype; unused in up
-    dzb_ptr,          # (P, R_PAD) fp32 sorted rows: down w (dout B), up dgu B (NEED_DZB)
+    dzb_ptr,          # (P, R_PAD) fp32 sorted rows: down dout B, up dgu B (NEED_DZB)
     dw_ptr,           # down: (cdiv(N, BLOCK_N), T*K) fp32 partial <dhu, h> at column pair id (NEED_DW)
     xa_ptr,           # down: (cdiv(N, BLOCK_N), P, R_PAD) fp32 partial h A_d^T, sorted rows (NEED_XA)
     pair_ptr,         # (P,) int32 pair ids sorted by expert
@@ -142,11 +142,8 @@ def nf4_moe_gemm_t_kernel(
         wt = tl.load(topw_ptr + pair, mask=m_mask, other=0.0).to(tl.float32)
     if HAS_LORA:
         if NEED_DZB:
-            if pid_n == 0:
-                dzb = acc_b
-                if DOWN:
-                    dzb = dzb * wt[:, None]
-                tl.store(dzb_ptr + rows64[:, None] * R_PAD + offs_r[None, :], dzb, mask=m_mask[:, None])
+            if pid_n == 0:  # unweighted (down: the LoRA A gradient scales its rows by w)
+                tl.store(dzb_ptr + rows64[:, None] * R_PAD + offs_r[None, :], acc_b, mask=m_mask[:, None])
         if NEED_DY:
             a = tl.load(la_ptr + (e64 * R + offs_r[:, None]) * N + offs_n[None, :], mask=r_mask[:, None], other=0.0)
             db = dot_operand(acc_b.to(dt), dt, INTERPRET)  # rounded to dt like the forward's operands

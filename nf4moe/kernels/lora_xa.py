@@ -19,7 +19,8 @@ from .launch import launch, pdl_options
 def lora_xa_kernel(
     x_ptr,      # up: hidden_states (T, K_DIM); down: intermediate (P, K_DIM) sorted; fp16/bf16/fp32
     stride_xm, stride_xk,
-    a_ptr,      # (E, R, K_DIM) LoRA A, contiguous
+    a_ptr,      # (E, R, K_DIM) LoRA A, or a strided view (the backward's dy·B reads B (E, K_DIM, R) transposed)
+    stride_ae, stride_ar, stride_ak,
     out_ptr,    # (SPLIT, P, R_PAD) fp32 partial sums over K slices, sorted order
     pair_ptr,   # (P,) int32 pair ids sorted by expert
     eoff_ptr,   # (E + 1,) int32 expert offsets
@@ -46,8 +47,8 @@ def lora_xa_kernel(
     for k0 in range(k_lo, k_lo + K_SLICE, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + x_rows[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=m_mask[:, None], other=0.0)
-        a = tl.load(a_ptr + (e.to(tl.int64) * R + offs_r[None, :]) * K_DIM + offs_k[:, None], mask=r_mask[None, :],
-                    other=0.0)
+        a = tl.load(a_ptr + e.to(tl.int64) * stride_ae + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak,
+                    mask=r_mask[None, :], other=0.0)
         acc = tl.dot(dot_operand(x, dt, INTERPRET), dot_operand(a, dt, INTERPRET), acc)
     out_rows = tl.program_id(1) * P + offs_m[:, None].to(tl.int64)
     tl.store(out_ptr + out_rows * R_PAD + offs_r[None, :], acc, mask=m_mask[:, None])
@@ -57,7 +58,8 @@ def launch_lora_xa(x: torch.Tensor, lora_a: torch.Tensor, sorted_pair_ids: torch
                    *, top_k: int, gather: bool, r_pad: int, out: torch.Tensor | None = None, pdl: bool = False,
                    launcher=None) -> torch.Tensor:
     """Fill ``out`` (P, r_pad) fp32 when given (one slice: the training forward saves it), else return
-    new (split, P, r_pad) fp32 partials whose sum over dim 0 is X·Aᵀ."""
+    new (split, P, r_pad) fp32 partials whose sum over dim 0 is X·Aᵀ.  ``lora_a`` (E, r, K) may be a strided
+    view (the backward passes B (E, K, r) as ``B.transpose(1, 2)``: dy·B without a copy)."""
     num_experts, r, k_dim = lora_a.shape
     rows = sorted_pair_ids.numel()
     block_m = 16 if rows <= 4096 else 64
@@ -67,7 +69,7 @@ def launch_lora_xa(x: torch.Tensor, lora_a: torch.Tensor, sorted_pair_ids: torch
         out = x.new_empty(split, rows, r_pad, dtype=torch.float32)  # new_empty: the tests poison it with NaN
     launch(
         lora_xa_kernel, (cdiv(rows, block_m) + min(num_experts, rows), split), launcher,
-        x, x.stride(0), x.stride(1), lora_a.contiguous(), out, sorted_pair_ids, expert_offsets,
+        x, x.stride(0), x.stride(1), lora_a, *lora_a.stride(), out, sorted_pair_ids, expert_offsets,
         k_dim, num_experts, r, rows, k_dim // split,
         TOP_K=top_k, E_POW2=pow2(num_experts), R_PAD=r_pad, GATHER=gather,
         INTERPRET=INTERPRET, BLOCK_M=block_m, BLOCK_K=block_k, num_warps=4,

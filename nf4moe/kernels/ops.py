@@ -231,18 +231,18 @@ def moe_down_bwd(
     dout: Tensor, gu: Tensor, top_k_weights: Tensor, packed: Tensor, absmax: Tensor, absmax2: Optional[Tensor],
     code2: Optional[Tensor], offset: Optional[Tensor], lora_a: Optional[Tensor], lora_b: Optional[Tensor],
     scaling: float, sorted_pair_ids: Tensor, expert_offsets: Tensor, top_k: int, blocksize: int, blocksize2: int,
-    act: str, need_dgu: bool, need_dw: bool, need_xa: bool, need_dzb: bool,
+    act: str, need_dgu: bool, need_dw: bool, need_xa: bool, need_dzb: bool, plan: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Down + combine + SwiGLU backward (dispatch.down_backward)."""
+    """Down + combine + SwiGLU backward (dispatch.down_backward) by the layer call's plan."""
     w = NF4Operand(packed, absmax, absmax2, code2, offset, blocksize, blocksize2)
-    return dispatch.down_backward(dout, gu, top_k_weights, w, lora_a, lora_b, scaling, sorted_pair_ids,
+    return dispatch.down_backward(LaunchPlan.from_key(plan), dout, gu, top_k_weights, w, lora_a, lora_b, scaling, sorted_pair_ids,
                                   expert_offsets, top_k=top_k, act=act, need_dgu=need_dgu, need_dw=need_dw,
                                   need_xa=need_xa, need_dzb=need_dzb, launcher=_launcher())
 
 
 @_fake("moe_down_bwd")
 def _(dout, gu, top_k_weights, packed, absmax, absmax2, code2, offset, lora_a, lora_b, scaling, sorted_pair_ids,
-      expert_offsets, top_k, blocksize, blocksize2, act, need_dgu, need_dw, need_xa, need_dzb):
+      expert_offsets, top_k, blocksize, blocksize2, act, need_dgu, need_dw, need_xa, need_dzb, plan):
     p = sorted_pair_ids.shape[0]
     inter = packed.shape[2] * 2
     has_lora = lora_a is not None
@@ -258,17 +258,17 @@ def moe_up_bwd(
     dgu: Tensor, packed: Tensor, absmax: Tensor, absmax2: Optional[Tensor], code2: Optional[Tensor],
     offset: Optional[Tensor], lora_a: Optional[Tensor], lora_b: Optional[Tensor], scaling: float,
     sorted_pair_ids: Tensor, expert_offsets: Tensor, blocksize: int, blocksize2: int, need_dx: bool,
-    need_dzb: bool,
+    need_dzb: bool, plan: str,
 ) -> tuple[Tensor, Tensor]:
-    """Up backward (dispatch.up_backward)."""
+    """Up backward (dispatch.up_backward) by the layer call's plan."""
     w = NF4Operand(packed, absmax, absmax2, code2, offset, blocksize, blocksize2)
-    return dispatch.up_backward(dgu, w, lora_a, lora_b, scaling, sorted_pair_ids, expert_offsets, need_dx=need_dx,
+    return dispatch.up_backward(LaunchPlan.from_key(plan), dgu, w, lora_a, lora_b, scaling, sorted_pair_ids, expert_offsets, need_dx=need_dx,
                                 need_dzb=need_dzb, launcher=_launcher())
 
 
 @_fake("moe_up_bwd")
 def _(dgu, packed, absmax, absmax2, code2, offset, lora_a, lora_b, scaling, sorted_pair_ids, expert_offsets,
-      blocksize, blocksize2, need_dx, need_dzb):
+      blocksize, blocksize2, need_dx, need_dzb, plan):
     p = sorted_pair_ids.shape[0]
     has_lora = lora_a is not None
     rp = r_pad(lora_a.shape[1] if has_lora else 0)

@@ -29,6 +29,7 @@ import torch.compiler
 from .routing import TRITON_MAX_PAIRS, triton_fits
 
 KERNELS = ("gemv", "gemm", "wgmma")  # decode GEMV (grouped_gemv.py), Triton MMA GEMM (grouped_gemm.py), Gluon GEMM
+BWD_KERNELS = ("gemm", "wgmma")  # the backward's transposed GEMMs: Triton (grouped_gemm_bwd.py), Gluon (..._wgmma_bwd.py)
 ROUTINGS = ("torch", "kernel", "kernel_xa")  # kernel_xa: the routing launch also computes the up X·Aᵀ by pair id
 XA_FORMS = ("none", "routing", "kernel", "loop")  # routing launch, lora_xa.py launch, the GEMM's K loop
 COMBINES = ("gemv", "kernel")  # fused into the down GEMV, or combine.py's kernel
@@ -47,6 +48,10 @@ WGMMA_ROWS_PER_EXPERT = 64
 # 128x256 (v25): Qwen3 T=8192 2.088 / 2.195 ms, GLM-4.5-Air 6.681 / 7.182, DeepSeek-V3 19.52 / 19.90; 1.7-1.9x
 # slower at <= 64 rows per expert.  An expert's last <= 128 rows then run as a 128x256 tile (v28).
 WIDE_TILE_ROWS_PER_EXPERT = 256
+# The backward's Gluon GEMMs from this many routed rows (training calls; sm_90, 16-bit, eager).  Placeholder
+# equal to the forward's until measured (bench/NOTES.md, issue 31).
+BWD_WGMMA_MIN_ROWS = 8192
+BWD_WGMMA_ROWS_PER_EXPERT = 32
 # The Triton GEMM takes X·Aᵀ from its K loop up to this many routed rows, precomputed once per row above (-12%
 # GEMM time at T=128, v5; the same time at T=1 without the extra launch).
 XA_LOOP_MAX_ROWS = 64
@@ -59,7 +64,8 @@ class PlanOverrides:
     ``xa_in_routing``: the decode path's up X·Aᵀ in the routing launch; ``combine``: one of ``COMBINES``;
     ``wgmma_tile``: ``"128x256"`` or ``"256x128"``; ``gemv_max_rows`` / ``wgmma_min_rows``: the thresholds above;
     ``pdl``: programmatic dependent launches (sm_90+, direct launches); ``gemv_xa_early``: the GEMV sums its X·Aᵀ
-    partials while its first K chunk is in flight."""
+    partials while its first K chunk is in flight; ``bwd``: one of ``BWD_KERNELS`` for the backward's two
+    transposed GEMMs (training calls); ``bwd_wgmma_min_rows``: its threshold above."""
 
     up: str | None = None
     down: str | None = None
@@ -72,10 +78,12 @@ class PlanOverrides:
     wgmma_min_rows: int | None = None
     pdl: bool | None = None
     gemv_xa_early: bool | None = None
+    bwd: str | None = None
+    bwd_wgmma_min_rows: int | None = None
 
     def __post_init__(self):
         allowed = {"up": KERNELS, "down": KERNELS, "routing": ("kernel", "torch"), "xa": ("loop", "kernel"),
-                   "combine": COMBINES, "wgmma_tile": tuple(TILES)}
+                   "combine": COMBINES, "wgmma_tile": tuple(TILES), "bwd": BWD_KERNELS}
         for name, values in allowed.items():
             v = getattr(self, name)
             if v is not None and v not in values:
@@ -84,7 +92,7 @@ class PlanOverrides:
             v = getattr(self, name)
             if v is not None and not isinstance(v, bool):
                 raise ValueError(f"plan_overrides: {name} must be True or False, got {v!r}")
-        for name, low in (("gemv_max_rows", 0), ("wgmma_min_rows", 1)):
+        for name, low in (("gemv_max_rows", 0), ("wgmma_min_rows", 1), ("bwd_wgmma_min_rows", 1)):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < low):
                 raise ValueError(f"plan_overrides: {name} must be an int >= {low}, got {v!r}")
@@ -156,6 +164,7 @@ class LaunchPlan:
     capturing: bool  # the call is being captured in a CUDA graph (the GEMV never autotunes there)
     save_preact: bool  # training: the forward stores gate|up pre-activations (and X·A_upᵀ) for the backward
     check_ids_in_kernel: bool  # negative ids rejected by the routing kernel's device assert
+    bwd: str  # BWD_KERNELS, or "none" for calls without a backward
 
     def __post_init__(self):
         # ``key``: the plan as a string (the registered op's ``plan`` argument; ``from_key`` reads it back), made
@@ -203,6 +212,33 @@ def _wgmma_fits(inp: PlanInputs, k_dim: int, aligned: bool) -> str | None:
     if k_dim % 64 or inp.blocksize % 64:
         return f"it needs K ({k_dim}) and the blocksize ({inp.blocksize}) multiples of 64"
     return None
+
+
+def _bwd_wgmma_fits(inp: PlanInputs) -> str | None:
+    """Why the backward's Gluon GEMMs cannot take this call (None: they can): as ``_wgmma_fits``, with the
+    reductions over H (down) and 2I (up) in steps of 64 and the columns (I, H) in NF4 blocks of a multiple of 32."""
+    why = _wgmma_fits(inp, 64, True)
+    if why is not None:
+        return why
+    if inp.hidden % 64 or inp.intermediate % 32 or inp.blocksize % 32:
+        return (f"it needs H ({inp.hidden}) a multiple of 64, I ({inp.intermediate}) and the blocksize "
+                f"({inp.blocksize}) multiples of 32")
+    return None
+
+
+def _bwd(inp: PlanInputs, rows: int, ov: PlanOverrides) -> str:
+    """The backward's transposed GEMMs (training calls): forced by ``ov.bwd`` (checked), else by the threshold."""
+    if not inp.training:
+        return "none"
+    why = _bwd_wgmma_fits(inp)
+    if ov.bwd is not None:
+        if ov.bwd == "wgmma" and why:
+            raise ValueError(f"plan_overrides: bwd='wgmma' cannot run here: {why}")
+        return ov.bwd
+    low = BWD_WGMMA_MIN_ROWS if ov.bwd_wgmma_min_rows is None else ov.bwd_wgmma_min_rows
+    if why is None and rows >= low and rows >= BWD_WGMMA_ROWS_PER_EXPERT * inp.num_experts:
+        return "wgmma"
+    return "gemm"
 
 
 def _kernel(name: str, forced: str | None, inp: PlanInputs, rows: int, k_dim: int, aligned: bool,
@@ -296,5 +332,5 @@ def make_plan(inp: PlanInputs, ov: PlanOverrides = NO_OVERRIDES) -> LaunchPlan:
     return LaunchPlan(
         routing=routing, up=up, down=down, up_xa=up_xa, down_xa=down_xa, combine=combine, wgmma_tile=tile,
         pdl=pdl, gemv_xa_early=early, capturing=inp.capturing, save_preact=inp.training and not inp.recompute,
-        check_ids_in_kernel=routing != "torch" and inp.cuda and not inp.traced,
+        check_ids_in_kernel=routing != "torch" and inp.cuda and not inp.traced, bwd=_bwd(inp, rows, ov),
     )

@@ -16,7 +16,8 @@ Backward, four kinds of kernel, every one reading the packed NF4 bytes (no weigh
 1. ``moe_down_bwd``: dhu = dout[t] W_d + s (dout[t] B_d) A_d with dout read by token (the combine
    backward costs nothing: no (P, H) dy), then in the epilogue dh = w·dhu and the SwiGLU backward
    dg = dh·u·act'(g), du = dh·act(g) -> dgu (P, 2I); d w_p = <dhu_p, h_p> over I (see below);
-   w·(dout B_d) and h A_dᵀ for the down LoRA gradients.
+   dout B_d and h A_dᵀ for the down LoRA gradients.  The plan's ``bwd`` names the kernel of 1. and 3.: the Triton
+   GEMM (grouped_gemm_bwd.py) or on sm_90 the Gluon GEMM (grouped_gemm_wgmma_bwd.py).
 2. ``lora_grad`` (x4): d B = s·dZᵀ(X Aᵀ), d A = s·(dZ B)ᵀ X per expert, a fixed-order loop over the
    expert's rows (no atomics).
 3. ``moe_up_bwd``: dx per pair = dgu W_gu + s (dgu B_u) A_u (W_gu read transposed), then the
@@ -112,7 +113,7 @@ def _backward(ctx, dout, _dgu, _dxa):
 
     dgu, dw, dzb_d, xa_d = ops.run(
         "moe_down_bwd", dout, gu, w_flat, *dn5, la_d, lb_d, s, sorted_ids, eoff, k, bs, inp.dn_blocksize2, act,
-        need_dgu, n_w, n_lb_d, n_la_d,
+        need_dgu, n_w, n_lb_d, n_la_d, inp.plan,
     )
 
     def lora_grad(lhs, rhs, top_k_weights, like, *, lhs_is_rank, lhs_gather, rhs_gather, rhs_gated):
@@ -125,11 +126,11 @@ def _backward(ctx, dout, _dgu, _dxa):
         grads[_GRAD_OF["lora_b_down"]] = lora_grad(dout, xa_d, w_flat, lb_d, lhs_is_rank=False, lhs_gather=True,
                                                     rhs_gather=False, rhs_gated=False)
     if n_la_d:  # d A_d = s · Σ (w·dout B_d)ᵀ ⊗ h, h = act(g)·u re-derived from gu
-        grads[_GRAD_OF["lora_a_down"]] = lora_grad(dzb_d, gu, None, la_d, lhs_is_rank=True, lhs_gather=False,
+        grads[_GRAD_OF["lora_a_down"]] = lora_grad(dzb_d, gu, w_flat, la_d, lhs_is_rank=True, lhs_gather=False,
                                                     rhs_gather=False, rhs_gated=True)
     if n_x or n_la_u:
         dxp, dzb_u = ops.run("moe_up_bwd", dgu, *gu5, la_u, lb_u, s, sorted_ids, eoff, bs, inp.gu_blocksize2, n_x,
-                             n_la_u)
+                             n_la_u, inp.plan)
         if n_x:
             grads[_GRAD_OF["x"]] = ops.run("combine", dxp, inp.top_k_index, num_experts)
         if n_la_u:  # d A_u = s · Σ (dgu B_u)ᵀ ⊗ x[t]
