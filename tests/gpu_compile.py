@@ -214,8 +214,51 @@ def main() -> int:
             out["wgmma_down" + name] = facts(compile_kernel(nf4_moe_gemm_wgmma_kernel, wg_ptrs, down_ints,
                                                             dict(tile, TOP_K=1, GATED=False, BLOCK_N=tn), 8, 1,
                                                             gluon=True))
+        # the backward's Gluon GEMMs (grouped_gemm_wgmma_bwd.py): Qwen3-30B-A3B T=8192, down with every epilogue
+        # output, up (dx), both nested
+        from nf4moe.kernels.grouped_gemm_wgmma_bwd import BLOCK_M, TILE_N, nf4_moe_gemm_t_wgmma_kernel
+
+        bw_ptrs = dict(wg_ptrs, dyb_ptr="*fp32", dw_ptr="*fp32")
+        bw = dict(TOP_K=8, R_PAD=16, ACT=0, HAS_LORA=True, NESTED=True, BS=64, BS2=256, BLOCK_M=BLOCK_M,
+                  TILE_N=TILE_N)
+        for name, sh, cx in (
+                ("wgmma_bwd_down", dict(stride_dm=2048, N=768, KR=2048, N_HALF=384),
+                 dict(bw, DOWN=True, NEED_OUT=True, NEED_DW=True, NEED_XA=True)),
+                ("wgmma_bwd_up", dict(stride_dm=1536, N=2048, KR=1536, N_HALF=1024),
+                 dict(bw, DOWN=False, NEED_OUT=True, NEED_DW=False, NEED_XA=False))):
+            out[name] = facts(compile_kernel(nf4_moe_gemm_t_wgmma_kernel, bw_ptrs, dict(sh, E=128, R=16, P=65536),
+                                             cx, 8, 1, gluon=True))
+        out["wgmma_bwd_tile_bytes_match"] = reinterpreted_tiles_match(TILE_N)
     json.dump(out, sys.stdout)
     return 0
+
+
+def reinterpreted_tiles_match(tile_n: int) -> bool | None:
+    """Whether the backward's decoded weight tile, written as (64, tile_n / 2) int32 words with the NVMMA 128-byte
+    swizzle and read by the wgmma as (64, tile_n) 16-bit values through a reinterpreting view, is the same bytes
+    in both: each layout's offset bases (Triton's linear layouts) scaled to bytes must agree.  None where this
+    Triton's Gluon builder does not expose its linear layouts."""
+    from triton._C.libtriton import gluon_ir, ir
+    from triton.experimental.gluon import language as gl
+
+    ctx = ir.context()
+    ir.load_dialects(ctx)
+    b = gluon_ir.GluonOpBuilder(ctx, "sm90")
+    if not hasattr(b, "to_linear_layout"):
+        return None
+
+    def byte_bases(bits: int, shape: list) -> list:
+        layout = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=bits, rank=2)
+        bases = b.to_linear_layout(layout._to_ir(b), shape).offset_bases
+        per = bits // 8
+        # element offset bit j -> (row, column) of that element; in bytes the column scales by the element size
+        return [(r, c * per) for r, c in bases]
+
+    words = byte_bases(32, [64, tile_n // 2])
+    halves = byte_bases(16, [64, tile_n])
+    # the 16-bit layout has one offset bit more (elements are half the size): its first base is byte 2 of a row,
+    # which the 32-bit one reaches inside a word; every further base must coincide
+    return halves[0] == (0, 2) and halves[1:] == words
 
 
 if __name__ == "__main__":

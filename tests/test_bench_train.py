@@ -74,3 +74,28 @@ def test_peer_arguments_are_checked(layer_and_inputs):
         SplitLoraExperts(ours, "fp8")
     with pytest.raises(ValueError, match="needs the bf16"):
         SplitLoraExperts(ours, "bf16")
+
+
+@pytest.mark.skipif(__import__("os").environ.get("TRITON_INTERPRET") != "1", reason="the Triton backend interpreted")
+def test_nf4moe_variant_rows(layer_and_inputs):
+    """nf4moe's extra fwd+bwd rows: without an sm_90 GPU no second backward kernel; recompute mode gives the default
+    row's gradients (its own kernels, the same math) and leaves the module's mode as it was; the forward alone runs
+    no backward."""
+    from nf4moe.benchmarks.train import _ours_variants, _step_fn, fn_mod
+
+    ours_ref, _, (x, idx, w, gout) = layer_and_inputs
+    ours = QuantGroupedExperts(4, 128, 64, lora_rank=16, lora_alpha=32, backend="triton")
+    ours.load_state_dict(ours_ref.state_dict())
+    x, w = x.float(), w.float()
+    variants = _ours_variants(ours, x, idx, w, 16)
+    assert [n.split(", ")[1] for n in variants] == ["recompute mode", "training forward alone"]
+    fn, params, backward = variants["nf4moe (LoRA r=16), recompute mode"]
+    assert backward and params == list(ours.parameters())
+    got = step_grads(fn_mod(fn, ours), x, idx, w, gout.float())
+    assert ours.recompute is False
+    ref = step_grads(ours, x, idx, w, gout.float())
+    assert max(rel_errors(got, ref).values()) < 1e-5
+    fn, params, backward = variants["nf4moe (LoRA r=16), training forward alone"]
+    assert not backward
+    _step_fn(fn, x.requires_grad_(), idx, w, params, gout, backward)()
+    assert all(p.grad is None for p in params)

@@ -13,6 +13,8 @@ What it checks, per kernel variant:
 - the Gluon GEMM for many rows (grouped_gemm_wgmma.py), both of the plan's tiles, issues asynchronous wgmma
   from shared memory fed by cp.async (activations) and 16-byte weight-byte loads decoded by the pair PTX with
   its table words in registers, with no local memory;
+- the backward's Gluon GEMMs (grouped_gemm_wgmma_bwd.py) likewise, and the int32 and 16-bit views of their
+  decoded weight tile are the same bytes (linear layouts);
 - with PDL (programmatic dependent launch, v46) every kernel of the inference path waits for its predecessor
   before its first global memory access, and without it none has grid dependency control.
 """
@@ -163,3 +165,29 @@ def test_wgmma_gemm_decodes_into_shared_memory_for_async_wgmma(compiled, variant
     assert f["lut_table_regs"] > 0, "the decode's table words are immediates, not registers (v42)"
     assert any(op.startswith("fence.proxy.async") for op in ops), "decoded tiles not fenced for the async proxy"
     assert not any("local" in op for op in ops), "registers spilled to local memory"
+
+
+@pytest.mark.parametrize("variant", ["wgmma_bwd_down", "wgmma_bwd_up"])
+def test_wgmma_backward_decodes_into_shared_memory_for_async_wgmma(compiled, variant):
+    """The backward's Gluon GEMMs (grouped_gemm_wgmma_bwd.py): asynchronous wgmma fed by 16-byte cp.async of the
+    dy rows and of the packed bytes (each thread decodes the chunk it copied: no shared byte loads), the pair PTX
+    with its table words in registers, the decoded tile fenced for the async proxy, no local memory."""
+    if variant not in compiled:
+        pytest.skip("this Triton has no Gluon Hopper API")
+    f = compiled[variant]
+    ops = f["ptx_ops"]
+    assert f["wgmma"] >= 5 and ops.get("wgmma.wait_group.sync.aligned", 0) > 0, "no asynchronous wgmma (4 + LoRA)"
+    assert f["cp_async_bytes"] == [16], f["cp_async_bytes"]
+    assert f["lut_pairs"] > 0 and f["lut_table_regs"] > 0, "NF4 not decoded by the pair PTX with register tables"
+    assert f["smem_byte_loads"] == 0, "packed bytes read from shared memory byte by byte"
+    assert any(op.startswith("fence.proxy.async") for op in ops), "decoded tiles not fenced for the async proxy"
+    assert not any("local" in op for op in ops), "registers spilled to local memory"
+
+
+def test_wgmma_backward_weight_tile_views_are_the_same_bytes(compiled):
+    """The decoded tile is written as int32 words and read as 16-bit values: both NVMMA layouts map every byte to
+    the same place (tile rows of 256 bytes: two 128-byte swizzle slabs)."""
+    match = compiled.get("wgmma_bwd_tile_bytes_match")
+    if match is None:
+        pytest.skip("this Triton's Gluon exposes no linear layouts")
+    assert match

@@ -241,22 +241,28 @@ def test_the_module_reports_its_plan_without_launching(monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------ backward
-def test_backward_kernel_choice():
+def test_backward_kernel_choice(monkeypatch):
     """Training calls name the backward's transposed GEMMs: the Gluon GEMM on sm_90 with 16-bit activations from
-    the threshold, the Triton GEMM below it, elsewhere and under tracing; inference calls none."""
+    the threshold (none by default until the kernel has run on a GPU), the Triton GEMM below it, elsewhere and
+    under tracing; inference calls none."""
     assert plan(8192).bwd == "none"
-    assert plan(8192, training=True).bwd == "wgmma"
-    assert plan(8192, training=True, recompute=True).bwd == "wgmma"
-    low = P.BWD_WGMMA_MIN_ROWS // 8 - 1
-    assert plan(low, training=True).bwd == "gemm"
-    assert plan(8192, training=True, traced=True).bwd == "gemm"
-    assert plan(8192, training=True, dtype=torch.float32).bwd == "gemm"
-    assert plan(8192, training=True, capability=(8, 0)).bwd == "gemm"
-    assert plan(8192, training=True, gluon=False).bwd == "gemm"
-    assert plan(8192, training=True, hidden=2048 + 32).bwd == "gemm"
-    # the plan's key carries the choice to the backward ops
-    p = plan(8192, training=True)
-    assert LaunchPlan.from_key(p.key).bwd == "wgmma"
+    assert P.BWD_WGMMA_MIN_ROWS is None and plan(8192, training=True).bwd == "gemm"
+    monkeypatch.setattr(P, "BWD_WGMMA_MIN_ROWS", 8192)
+    make_plan.cache_clear()
+    try:
+        assert plan(1024, training=True).bwd == "wgmma"
+        assert plan(1024, training=True, recompute=True).bwd == "wgmma"
+        assert plan(1023, training=True).bwd == "gemm"
+        assert plan(1024, training=True, traced=True).bwd == "gemm"
+        assert plan(1024, training=True, dtype=torch.float32).bwd == "gemm"
+        assert plan(1024, training=True, capability=(8, 0)).bwd == "gemm"
+        assert plan(1024, training=True, gluon=False).bwd == "gemm"
+        assert plan(1024, training=True, hidden=2048 + 32).bwd == "gemm"
+        assert plan(1024, training=True, num_experts=512).bwd == "gemm"  # 16 rows per expert
+        # the plan's key carries the choice to the backward ops
+        assert LaunchPlan.from_key(plan(1024, training=True).key).bwd == "wgmma"
+    finally:
+        make_plan.cache_clear()
 
 
 def test_backward_overrides():

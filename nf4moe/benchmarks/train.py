@@ -7,6 +7,9 @@ Peers, all on the same weights, routing, inputs and upstream gradient:
   against nf4moe's (the table's rel err: the largest of them);
 - transformers grouped_mm autograd on bf16 weights and dequantize-then-grouped_mm, both without LoRA; PEFT LoRA on
   the 3D expert parameters (``target_parameters``) over the bf16 grouped_mm.
+nf4moe's own variants beside its default row: the backward's Gluon GEMMs (plan ``bwd="wgmma"``, sm_90) where the
+default is the Triton backward, recompute mode, and the training forward alone (the backward's time is a row's
+minus it).
 Reported: ``ms``, the headline, is N steps back to back with one synchronize, divided by N (what an N-layer model
 sees), the median of alternating rounds; the note holds the synchronized per-step latency (Triton's do_bench) and
 the extra peak memory above the weights and inputs (``torch.cuda.max_memory_allocated`` during a step minus
@@ -51,7 +54,7 @@ def _peft_peer(bf16_mod, rank: int):
     return model
 
 
-def _step_fn(fn, x, idx, w, params, gout):
+def _step_fn(fn, x, idx, w, params, gout, backward: bool = True):
     def step():
         for p in params:
             p.grad = None
@@ -60,9 +63,22 @@ def _step_fn(fn, x, idx, w, params, gout):
         if w.grad is not None:
             w.grad = None
         out = fn(x, idx, w)
-        out.backward(gout)
+        if backward:
+            out.backward(gout)
 
     return step
+
+
+def fn_mod(fn, mod):
+    """``fn`` with ``mod``'s LoRA factors attached (split_lora.step_grads reads lora_A / lora_B of what it runs)."""
+
+    class _Call:
+        lora_A, lora_B = mod.lora_A, mod.lora_B
+
+        def __call__(self, a, b, c):
+            return fn(a, b, c)
+
+    return _Call()
 
 
 def back_to_back_ms(step, n: int = STEPS) -> float:
@@ -82,6 +98,41 @@ def _extra_peak_gib(step) -> float:
     step()
     torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - base) / 2**30
+
+
+def _ours_variants(ours, x, idx, w, rank: int) -> dict:
+    """nf4moe's rows beside the default: {name: (fn, params, backward)}.  The backward kernel other than the plan's
+    default where this GPU can run both, recompute mode, and the training forward alone."""
+    import nf4moe
+
+    params = list(ours.parameters())
+    out = {}
+    default = ours.launch_plan(x, idx, w).bwd
+    other = "wgmma" if default == "gemm" else "gemm"
+    try:
+        with nf4moe.plan_overrides(bwd=other):
+            ours.launch_plan(x, idx, w)
+    except ValueError:  # not an sm_90 GPU with Gluon
+        other = None
+    if other is not None:
+        label = "Gluon (sm_90) backward" if other == "wgmma" else "Triton backward"
+
+        def with_other(a, b, c):
+            with nf4moe.plan_overrides(bwd=other):
+                return ours(a, b, c)
+
+        out[f"nf4moe (LoRA r={rank}), {label}"] = (with_other, params, True)
+
+    def recompute(a, b, c):
+        ours.recompute = True
+        try:
+            return ours(a, b, c)
+        finally:
+            ours.recompute = False
+
+    out[f"nf4moe (LoRA r={rank}), recompute mode"] = (recompute, params, True)
+    out[f"nf4moe (LoRA r={rank}), training forward alone"] = (lambda a, b, c: ours(a, b, c), params, False)
+    return out
 
 
 def run_fwdbwd(shape: str, tokens, rank: int, ceil: dict, rows: list, rounds: int = 3):
@@ -113,6 +164,11 @@ def run_fwdbwd(shape: str, tokens, rank: int, ceil: dict, rows: list, rounds: in
             "dequant(bnb) + grouped_mm (no LoRA)": (deq, []),
         }
         steps = {name: _step_fn(fn, x, idx, w, params, gout) for name, (fn, params) in impls.items()}
+        variants = _ours_variants(ours, x, idx, w, rank)
+        for name, (fn, params, backward) in variants.items():
+            if backward:
+                errs[name] = max(rel_errors(step_grads(fn_mod(fn, ours), x, idx, w, gout), ref).values())
+            steps[name] = _step_fn(fn, x, idx, w, params, gout, backward)
         mem, lat = {}, {}
         for name, step in steps.items():
             step()

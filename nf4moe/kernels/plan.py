@@ -48,9 +48,12 @@ WGMMA_ROWS_PER_EXPERT = 64
 # 128x256 (v25): Qwen3 T=8192 2.088 / 2.195 ms, GLM-4.5-Air 6.681 / 7.182, DeepSeek-V3 19.52 / 19.90; 1.7-1.9x
 # slower at <= 64 rows per expert.  An expert's last <= 128 rows then run as a 128x256 tile (v28).
 WIDE_TILE_ROWS_PER_EXPERT = 256
-# The backward's Gluon GEMMs from this many routed rows (training calls; sm_90, 16-bit, eager).  Placeholder
-# equal to the forward's until measured (bench/NOTES.md, issue 31).
-BWD_WGMMA_MIN_ROWS = 8192
+# The backward's Gluon GEMMs (training calls; sm_90, 16-bit, eager) by default from this many routed rows and
+# BWD_WGMMA_ROWS_PER_EXPERT per expert; None: only when asked for (``plan_overrides(bwd="wgmma")`` or
+# ``bwd_wgmma_min_rows=``).  The kernel was written in a session without a GPU: it compiles for sm_90 on the CPU
+# (tests/test_gpu_compile.py) but has not yet run, so it is not a default until tests/test_wgmma_backward.py passes
+# on an H100 and it measures faster (bench/NOTES.md, issue 31).
+BWD_WGMMA_MIN_ROWS: int | None = None
 BWD_WGMMA_ROWS_PER_EXPERT = 32
 # The Triton GEMM takes X·Aᵀ from its K loop up to this many routed rows, precomputed once per row above (-12%
 # GEMM time at T=128, v5; the same time at T=1 without the extra launch).
@@ -236,7 +239,7 @@ def _bwd(inp: PlanInputs, rows: int, ov: PlanOverrides) -> str:
             raise ValueError(f"plan_overrides: bwd='wgmma' cannot run here: {why}")
         return ov.bwd
     low = BWD_WGMMA_MIN_ROWS if ov.bwd_wgmma_min_rows is None else ov.bwd_wgmma_min_rows
-    if why is None and rows >= low and rows >= BWD_WGMMA_ROWS_PER_EXPERT * inp.num_experts:
+    if why is None and low is not None and rows >= low and rows >= BWD_WGMMA_ROWS_PER_EXPERT * inp.num_experts:
         return "wgmma"
     return "gemm"
 
