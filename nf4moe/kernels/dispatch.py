@@ -21,7 +21,7 @@ from .combine import launch_combine
 from .grouped_gemm import launch_nf4_moe_gemm
 from .grouped_gemm_bwd import block_n, launch_nf4_moe_gemm_t
 from .grouped_gemv import launch_nf4_moe_gemv
-from .host import ACT_CODES, r_pad
+from .host import ACT_CODES, r_pad, rows_16b_aligned
 from .lora_grad import launch_lora_grad
 from .lora_xa import launch_lora_xa
 from .operands import NF4Operand
@@ -168,9 +168,7 @@ def _bwd_wgmma(dy, w: NF4Operand, lora_a, lora_b, scaling, sorted_pair_ids, expe
 
 def _aligned_rows(t: torch.Tensor) -> torch.Tensor:
     """``t`` with unit-stride, 16-byte-aligned rows (the Gluon GEMM's cp.async): itself, or a copy."""
-    if t.stride(-1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0:
-        return t
-    return t.clone(memory_format=torch.contiguous_format)
+    return t if rows_16b_aligned(t) else t.clone(memory_format=torch.contiguous_format)
 
 
 def down_backward(plan: LaunchPlan, dout, gu, top_k_weights, down: NF4Operand, lora_a, lora_b, scaling,

@@ -31,6 +31,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (async_copy, fence_async_shared, warpgroup_mma,
                                                                warpgroup_mma_wait)
 
+from . import common
 from .grouped_gemm_wgmma import NUM_WARPS, _as_16bit, _block_barrier, _cp_async, _lut_scaled_pairs, _scale_pair
 from .host import cdiv
 from .launch import launch
@@ -40,27 +41,8 @@ BLOCK_M = 128
 TILE_N = 128  # columns of N per program (the accumulator is (128, 128) fp32: room for the down epilogue)
 
 
-@gluon.jit
-def _act_and_grad(g, ACT: gl.constexpr):
-    """(act(g), act'(g)) in fp32 (common.act_and_grad's definitions)."""
-    if ACT == 0:
-        sg = 1.0 / (1.0 + gl.exp(-g))
-        a = g * sg
-        da = sg * (1.0 + g * (1.0 - sg))
-    elif ACT == 1:
-        cdf = 0.5 * (1.0 + gl.erf(g * 0.7071067811865476))
-        a = g * cdf
-        da = cdf + g * 0.3989422804014327 * gl.exp(-0.5 * g * g)
-    elif ACT == 2:
-        inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)
-        sg = 1.0 / (1.0 + gl.exp(-2.0 * inner))
-        a = g * sg
-        d_inner = 0.7978845608028654 * (1.0 + 0.134145 * g * g)
-        da = sg + g * 2.0 * sg * (1.0 - sg) * d_inner
-    else:
-        a = gl.maximum(g, 0.0)
-        da = gl.where(g > 0.0, gl.full_like(g, 1.0), gl.zeros_like(g))
-    return a, da
+# common.act_and_grad (the Triton backward's activation derivative), compiled as a Gluon function
+_act_and_grad = gluon.jit(common.act_and_grad.fn)
 
 
 @gluon.jit

@@ -54,3 +54,8 @@ def xa_split(k_dim: int, rows: int, block_k: int) -> int:
 def xa_block_k(k_dim: int) -> int:
     """The K step of the X·Aᵀ kernels (lora_xa_kernel, routing.routing_xa_kernel)."""
     return 64 if k_dim % 64 == 0 else 32
+
+
+def rows_16b_aligned(t) -> bool:
+    """Whether the rows of 2D ``t`` are unit-stride and start 16-byte aligned (the Gluon GEMMs' cp.async)."""
+    return t.stride(-1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0

@@ -16,7 +16,7 @@ import importlib.util
 import torch
 
 from ..kernels import ops
-from ..kernels.host import INTERPRET
+from ..kernels.host import INTERPRET, rows_16b_aligned
 from ..kernels.plan import LaunchPlan, PlanInputs, current_overrides, make_plan
 from . import autograd  # noqa: F401  (registers the backward of nf4moe::moe_experts)
 
@@ -50,7 +50,7 @@ def plan_inputs(mod, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top
     training = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     cuda = x.is_cuda
     live = cuda and not traced  # a traced call runs neither the Gluon GEMM nor PDL: no device queries to trace
-    aligned = live and x.stride(1) == 1 and x.stride(0) % 8 == 0 and x.data_ptr() % 16 == 0
+    aligned = live and rows_16b_aligned(x)
     recompute = bool(getattr(mod, "recompute", False))
     return PlanInputs(
         tokens=x.shape[0], top_k=top_k_index.shape[1], num_experts=mod.num_experts, hidden=mod.hidden_size,
