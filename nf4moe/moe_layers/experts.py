@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..reference import ACTIVATIONS, Lora, moe_forward
+from ..reference.moe import moe_forward_dense
 from .checks import check_expert_weights, check_forward_inputs
 from .nf4_weight import NF4Weight
 
@@ -216,12 +217,17 @@ class QuantGroupedExperts(nn.Module):
             from .triton_backend import triton_forward
 
             return triton_forward(self, hidden_states, top_k_index, top_k_weights)
-        # The reference path synchronises with the host anyway (routing offsets), so check on every device:
-        # a negative id would otherwise be dropped silently like a sentinel.
-        if top_k_index.numel() and int(top_k_index.min()) < 0:
-            raise ValueError("top_k_index has negative expert ids; ids must be >= 0 (ids >= E are sentinels)")
         compute = torch.float64 if hidden_states.dtype == torch.float64 else torch.float32
-        out = moe_forward(
+        tracing = torch.compiler.is_compiling()
+        # A negative id would otherwise be dropped silently like a sentinel.  Eager: the reference path
+        # synchronises with the host anyway (routing offsets), so check on every device.  Under torch.compile
+        # the check is an asynchronous assert and the routed loop its static dense twin (no host sync).
+        if tracing:
+            torch._assert_async((top_k_index >= 0).all(),
+                                "top_k_index has negative expert ids; ids must be >= 0 (ids >= E are sentinels)")
+        elif top_k_index.numel() and int(top_k_index.min()) < 0:
+            raise ValueError("top_k_index has negative expert ids; ids must be >= 0 (ids >= E are sentinels)")
+        out = (moe_forward_dense if tracing else moe_forward)(
             hidden_states, top_k_index, top_k_weights,
             lambda e: self.gate_up_nf4.dequantize_expert(e, compute),
             lambda e: self.down_nf4.dequantize_expert(e, compute),

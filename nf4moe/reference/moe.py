@@ -135,3 +135,34 @@ def moe_forward(
     if pieces:
         y_pairs = y_pairs.index_copy(0, torch.cat(rows), torch.cat(pieces))
     return combine(y_pairs, top_k_weights.to(compute_dtype))
+
+
+def moe_forward_dense(
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    gate_up_proj: WeightSource,
+    down_proj: WeightSource,
+    *,
+    num_experts: int,
+    act: str = "silu",
+    lora_gate_up: Lora | None = None,
+    lora_down: Lora | None = None,
+    lora_scaling: float = 1.0,
+    compute_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """:func:`moe_forward` without host synchronisation or data-dependent branches, for torch.compile(fullgraph).
+
+    Every expert runs on every token and its output is weighted by the token's routing weight for that
+    expert (zero where the token did not pick it; ids >= E are sentinels and never match): E times the
+    work of the routed form, which is fine for the reference path of small models and keeps the graph static.
+    """
+    x = hidden_states.to(compute_dtype)
+    w = top_k_weights.to(compute_dtype)
+    out = x.new_zeros(x.shape[0], x.shape[1])
+    for e in range(num_experts):
+        gate = ((top_k_index == e).to(compute_dtype) * w).sum(dim=1, keepdim=True)  # (T, 1)
+        y = expert_mlp(x, _expert_weight(gate_up_proj, e, compute_dtype), _expert_weight(down_proj, e, compute_dtype),
+                       act=act, lora_gate_up=lora_gate_up, lora_down=lora_down, lora_scaling=lora_scaling, expert=e)
+        out = out + gate * y
+    return out
