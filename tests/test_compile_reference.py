@@ -1,7 +1,7 @@
 """torch.compile(fullgraph=True) of the reference path (issue 34, part 3), CPU.
 
 Eager, the reference forward routes on the host (expert offsets) and checks ids with a host read; under
-tracing it runs its static dense twin (reference.moe.moe_forward_dense) and an asynchronous id assert.
+tracing it runs its static dense twin (reference.moe.moe_forward(static=True)) and an asynchronous id assert.
 Checked: the twin against the routed oracle in fp64 (sentinel ids included), one QuantGroupedExperts
 compiled with fullgraph=True against eager, and a whole swapped tiny model's forward compiled with
 fullgraph=True against eager (logits) for the three target families.
@@ -15,7 +15,7 @@ import torch
 
 import nf4moe
 from nf4moe import QuantGroupedExperts
-from nf4moe.reference.moe import Lora, moe_forward, moe_forward_dense
+from nf4moe.reference.moe import Lora, moe_forward
 
 from test_adapters import PARAMS, logits, make_model, randomize_lora
 
@@ -39,7 +39,7 @@ def test_dense_twin_matches_routed(act):
     x, idx, w = _inputs(9, e, k, h, torch.float64, 2)
     kw = dict(num_experts=e, act=act, lora_gate_up=lg, lora_down=ld, lora_scaling=0.5, compute_dtype=torch.float64)
     want = moe_forward(x, idx, w, gu, dn, **kw)
-    got = moe_forward_dense(x, idx, w, gu, dn, **kw)
+    got = moe_forward(x, idx, w, gu, dn, static=True, **kw)
     assert (idx >= e).any()  # the case includes sentinels
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 

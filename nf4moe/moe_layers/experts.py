@@ -18,7 +18,6 @@ import torch
 from torch import nn
 
 from ..reference import ACTIVATIONS, Lora, moe_forward
-from ..reference.moe import moe_forward_dense
 from .checks import check_expert_weights, check_forward_inputs
 from .nf4_weight import NF4Weight
 
@@ -221,19 +220,19 @@ class QuantGroupedExperts(nn.Module):
         tracing = torch.compiler.is_compiling()
         # A negative id would otherwise be dropped silently like a sentinel.  Eager: the reference path
         # synchronises with the host anyway (routing offsets), so check on every device.  Under torch.compile
-        # the check is an asynchronous assert and the routed loop its static dense twin (no host sync).
+        # the check is an asynchronous assert and the routing static (no host sync).
+        negative = "top_k_index has negative expert ids; ids must be >= 0 (ids >= E are sentinels)"
         if tracing:
-            torch._assert_async((top_k_index >= 0).all(),
-                                "top_k_index has negative expert ids; ids must be >= 0 (ids >= E are sentinels)")
+            torch._assert_async((top_k_index >= 0).all(), negative)
         elif top_k_index.numel() and int(top_k_index.min()) < 0:
-            raise ValueError("top_k_index has negative expert ids; ids must be >= 0 (ids >= E are sentinels)")
-        out = (moe_forward_dense if tracing else moe_forward)(
+            raise ValueError(negative)
+        out = moe_forward(
             hidden_states, top_k_index, top_k_weights,
             lambda e: self.gate_up_nf4.dequantize_expert(e, compute),
             lambda e: self.down_nf4.dequantize_expert(e, compute),
             num_experts=self.num_experts, act=self.act,
             lora_gate_up=self.lora("gate_up_proj"), lora_down=self.lora("down_proj"),
-            lora_scaling=self.scaling, compute_dtype=compute,
+            lora_scaling=self.scaling, compute_dtype=compute, static=tracing,
         )
         return out.to(hidden_states.dtype)
 

@@ -102,8 +102,15 @@ def moe_forward(
     lora_down: Lora | None = None,
     lora_scaling: float = 1.0,
     compute_dtype: torch.dtype = torch.float32,
+    static: bool = False,
 ) -> torch.Tensor:
-    """The whole expert layer: (T, H) -> (T, H) in ``compute_dtype``.  Differentiable (LoRA, inputs)."""
+    """The whole expert layer: (T, H) -> (T, H) in ``compute_dtype``.  Differentiable (LoRA, inputs).
+
+    ``static=True``: no host synchronisation or data-dependent branch, for torch.compile(fullgraph=True).
+    Every expert runs on every token and its output is weighted by the token's routing weight for that
+    expert (zero where the token did not pick it; ids >= E are sentinels and never match): E times the
+    work of the routed form, fine for the reference path of small models, and the graph stays static.
+    """
     if num_experts is None:
         if callable(gate_up_proj):
             raise ValueError("num_experts is required when weights are given as a callable")
@@ -111,6 +118,15 @@ def moe_forward(
     t, hdim = hidden_states.shape
     k = top_k_index.shape[1]
     x = hidden_states.to(compute_dtype)
+    mlp = dict(act=act, lora_gate_up=lora_gate_up, lora_down=lora_down, lora_scaling=lora_scaling)
+    if static:
+        w = top_k_weights.to(compute_dtype)
+        out = x.new_zeros(t, hdim)
+        for e in range(num_experts):
+            gate = ((top_k_index == e).to(compute_dtype) * w).sum(dim=1, keepdim=True)  # (T, 1)
+            out = out + gate * expert_mlp(x, _expert_weight(gate_up_proj, e, compute_dtype),
+                                          _expert_weight(down_proj, e, compute_dtype), expert=e, **mlp)
+        return out
     routing = route(top_k_index, num_experts)
     offsets = routing.expert_offsets.tolist()  # host loop over experts: this is the slow oracle
     pieces, rows = [], []
@@ -123,11 +139,8 @@ def moe_forward(
             x[pairs // k],
             _expert_weight(gate_up_proj, e, compute_dtype),
             _expert_weight(down_proj, e, compute_dtype),
-            act=act,
-            lora_gate_up=lora_gate_up,
-            lora_down=lora_down,
-            lora_scaling=lora_scaling,
             expert=e,
+            **mlp,
         )
         pieces.append(y)
         rows.append(pairs)
@@ -136,33 +149,3 @@ def moe_forward(
         y_pairs = y_pairs.index_copy(0, torch.cat(rows), torch.cat(pieces))
     return combine(y_pairs, top_k_weights.to(compute_dtype))
 
-
-def moe_forward_dense(
-    hidden_states: torch.Tensor,
-    top_k_index: torch.Tensor,
-    top_k_weights: torch.Tensor,
-    gate_up_proj: WeightSource,
-    down_proj: WeightSource,
-    *,
-    num_experts: int,
-    act: str = "silu",
-    lora_gate_up: Lora | None = None,
-    lora_down: Lora | None = None,
-    lora_scaling: float = 1.0,
-    compute_dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
-    """:func:`moe_forward` without host synchronisation or data-dependent branches, for torch.compile(fullgraph).
-
-    Every expert runs on every token and its output is weighted by the token's routing weight for that
-    expert (zero where the token did not pick it; ids >= E are sentinels and never match): E times the
-    work of the routed form, which is fine for the reference path of small models and keeps the graph static.
-    """
-    x = hidden_states.to(compute_dtype)
-    w = top_k_weights.to(compute_dtype)
-    out = x.new_zeros(x.shape[0], x.shape[1])
-    for e in range(num_experts):
-        gate = ((top_k_index == e).to(compute_dtype) * w).sum(dim=1, keepdim=True)  # (T, 1)
-        y = expert_mlp(x, _expert_weight(gate_up_proj, e, compute_dtype), _expert_weight(down_proj, e, compute_dtype),
-                       act=act, lora_gate_up=lora_gate_up, lora_down=lora_down, lora_scaling=lora_scaling, expert=e)
-        out = out + gate * y
-    return out
