@@ -267,10 +267,20 @@ def test_restore_keeps_saved_lora_and_rejects_conflicting_override(tmp_path):
         nf4moe.from_pretrained(tmp_path / "nf4", lora_rank=8, backend="reference")
 
 
-def test_plain_save_of_an_nf4_model_is_refused_by_from_pretrained(tmp_path):
+def test_plain_save_of_an_nf4_model_round_trips_and_a_stripped_config_is_refused(tmp_path):
     model = nf4moe.replace_experts(qwen3_moe(dtype=torch.bfloat16), lora_rank=4, backend="reference")
-    model.save_pretrained(tmp_path)  # transformers' save: no nf4moe section
-    with pytest.raises(ValueError, match="not written by nf4moe.save_pretrained"):
+    model.save_pretrained(tmp_path)  # transformers' own save, through the quantizer replace_experts attached
+    restored = nf4moe.from_pretrained(tmp_path, backend="reference")
+    sd, rsd = model.state_dict(), restored.state_dict()
+    assert sd.keys() == rsd.keys() and all(torch.equal(sd[k], rsd[k]) for k in sd)
+    # config.json without the quantization_config no longer says how to rebuild the modules.
+    cfg_path = os.path.join(tmp_path, "config.json")
+    with open(cfg_path) as fh:
+        cfg = json.load(fh)
+    del cfg["quantization_config"]
+    with open(cfg_path, "w") as fh:
+        json.dump(cfg, fh)
+    with pytest.raises(ValueError, match="neither the nf4moe quantization_config nor"):
         nf4moe.from_pretrained(tmp_path, backend="reference")
 
 

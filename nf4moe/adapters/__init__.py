@@ -6,6 +6,7 @@ see :func:`nf4moe_experts_forward` for why that entry points users to :func:`fro
 """
 from .atomic import LegacyCheckpointWarning
 from .checkpoint import MemoryBoundWarning, from_pretrained, load_bnb_experts, save_pretrained
+from .hf_quantizer import Nf4MoeConfig, Nf4MoeQuantizer
 from .peft_io import load_adapter, save_adapter
 from .replace import merge_and_unload, replace_experts
 from .table import LAYOUTS, UNSUPPORTED_FLAGS, UnsupportedExpertsError, inspect_experts, supported_models
@@ -44,6 +45,8 @@ __all__ = [
     "UNSUPPORTED_FLAGS",
     "LegacyCheckpointWarning",
     "MemoryBoundWarning",
+    "Nf4MoeConfig",
+    "Nf4MoeQuantizer",
     "UnsupportedExpertsError",
     "from_pretrained",
     "inspect_experts",

@@ -1,32 +1,29 @@
-"""Checkpoints: quantize-at-load from any transformers checkpoint, nf4moe NF4 checkpoints, bitsandbytes experts.
+"""Checkpoints: nf4moe's entry points over transformers' own from_pretrained / save_pretrained.
 
-Three ways into a model with QuantGroupedExperts, chosen from the checkpoint itself:
+The format is transformers' with the nf4moe quantizer (``hf_quantizer.py``): safetensors under the
+model's state_dict names and ``quantization_config`` (quant_method ``"nf4moe"``, with the module
+table) in config.json.  :func:`from_pretrained` picks its way from the checkpoint itself:
 
-1. An ordinary transformers checkpoint (hub or local, bf16/fp16/fp32): loaded by transformers'
-   own ``from_pretrained`` (so its key renames and per-expert merges apply), while a torch
-   parameter-registration hook quantizes each selected expert weight the moment transformers assigns
-   it and hands the module a meta placeholder instead.  The bf16 experts are never all resident: the
+1. An ordinary transformers checkpoint (hub or local, bf16/fp16/fp32): transformers'
+   ``from_pretrained`` with an :class:`Nf4MoeConfig`, so its key renames and per-expert merges apply
+   and each expert weight is quantized as it arrives.  The bf16 experts are never all resident: the
    peak is the NF4 model + the non-expert weights + one expert weight in flight.
-2. A checkpoint written by :func:`save_pretrained` (``config.json`` carries an ``nf4moe`` section):
-   a skeleton is built with parameters on the meta device (buffers such as rotary tables are real),
-   expert modules are swapped for empty QuantGroupedExperts, and the safetensors are assigned by
-   name.  Names are the module's own (``experts.gate_up_nf4.packed``, ``experts.lora_A.gate_up_proj``,
-   ...): we write them ourselves, so transformers' on-save renames of ``experts.gate_up_proj`` /
-   ``experts.down_proj`` never touch them.  Bit-exact round trip.
+2. An nf4moe checkpoint (``quantization_config.quant_method == "nf4moe"``): transformers'
+   ``from_pretrained``, the quantizer swapping the skeleton's experts for empty QuantGroupedExperts
+   first.  Bit-exact round trip.  The older format (an ``nf4moe`` section in config.json, written by
+   nf4moe before the quantizer) still loads, through a meta skeleton and load_state_dict.
 3. A local checkpoint whose expert weights are bitsandbytes 4-bit (``<module>.gate_up_proj`` packed
    uint8 plus ``<module>.gate_up_proj.absmax`` / ``.quant_map`` / ``.nested_*`` /
    ``.quant_state.bitsandbytes__nf4``, i.e. ``QuantState.as_dict(packed=True)``): the bytes are
    wrapped by ``NF4Weight.from_bnb`` without re-quantizing.
 
-Saves are atomic (``atomic.py``: written beside the target, swapped in by renames, a manifest of
-sizes and sha256 written last).  A local directory is checked before anything is built from it: its
-manifest when it has one; without one (written before manifests) the index's file list and every
-safetensors header, then it loads with a LegacyCheckpointWarning.
+:func:`save_pretrained` is ``model.save_pretrained`` made atomic (``atomic.py``: written beside the
+target, swapped in by renames, a manifest of sizes and sha256 written last).  A local directory is
+checked before anything is built from it: its manifest when it has one; without one (written by
+``model.save_pretrained``, or before manifests) the index's file list and every safetensors header.
 """
 from __future__ import annotations
 
-import copy
-import json
 import os
 import re
 import warnings
@@ -37,8 +34,8 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from .. import __version__
-from ..moe_layers import NF4Weight, QuantGroupedExperts
+from ..moe_layers import NF4Weight
+from .hf_quantizer import QUANT_METHOD, Nf4MoeConfig, attach, empty_experts
 from .atomic import (
     MANIFEST_NAME,
     LegacyCheckpointWarning,
@@ -53,7 +50,6 @@ from .replace import (
     _set_submodule,
     build_quant_experts,
     check_blocksize,
-    origin_of,
     quant_experts,
     quantize_weight,
     set_trainable,
@@ -80,23 +76,6 @@ _CONFIG_KWARGS = ("revision", "token", "cache_dir", "trust_remote_code", "local_
                   "force_download", "proxies")
 
 
-class MemoryBoundWarning(UserWarning):
-    """Quantize-at-load fell back to quantizing after a full load (correct result, memory not bounded)."""
-
-
-def _dtype_name(dtype: torch.dtype | None) -> str | None:
-    return None if dtype is None else str(dtype).removeprefix("torch.")
-
-
-def _dtype(name: str | None) -> torch.dtype | None:
-    if name is None:
-        return None
-    dt = getattr(torch, name, None)
-    if not isinstance(dt, torch.dtype):
-        raise ValueError(f"unknown dtype {name!r} in the nf4moe section")
-    return dt
-
-
 def _parse_size(size: int | str) -> int:
     if isinstance(size, int):
         return size
@@ -110,103 +89,29 @@ def _parse_size(size: int | str) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- save
-def _module_entry(name: str, qe: QuantGroupedExperts) -> dict:
-    origin = origin_of(qe, name)
-    gu, dn = qe.gate_up_nf4, qe.down_nf4
-    if gu.dtype != dn.dtype:
-        raise ValueError(f"'{name}': gate_up and down were quantized from different dtypes ({gu.dtype}, {dn.dtype})")
-    lora_dtype = next(iter(qe.lora_A.values())).dtype if qe.lora_rank else None
-    return {
-        "experts_class": type(origin.shell).__name__,
-        "layout": origin.layout.name,
-        "act": qe.act,
-        "num_experts": qe.num_experts,
-        "hidden_size": qe.hidden_size,
-        "intermediate_size": qe.intermediate_size,
-        "blocksize": gu.blocksize,
-        "blocksize2": gu.blocksize2,
-        "compress_statistics": gu.compress_statistics,
-        "quant_dtype": _dtype_name(gu.dtype),
-        "lora_rank": qe.lora_rank,
-        "lora_alpha": qe.lora_alpha,
-        "lora_dtype": _dtype_name(lora_dtype),
-    }
-
-
-def _dedup_state_dict(sd: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors to write, aliases {name: name it shares storage with}) - safetensors refuses shared storage."""
-    tensors, aliases, seen, storages = {}, {}, {}, set()
-    for k, t in sd.items():
-        if t.device.type == "meta":
-            raise ValueError(f"state_dict entry {k} is on the meta device; nothing to save")
-        t = t.detach()
-        if t.numel():
-            ptr = t.untyped_storage().data_ptr()
-            view = (ptr, t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
-            if view in seen:
-                aliases[k] = seen[view]
-                continue
-            seen[view] = k
-            if ptr in storages:  # a different view of a storage already written: write a copy
-                t = t.clone()
-            storages.add(ptr)
-        tensors[k] = t.contiguous()
-    return tensors, aliases
-
-
 def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, *, max_shard_size: int | str = "5GB") -> None:
-    """Write ``model`` (with QuantGroupedExperts) as safetensors + config.json with an ``nf4moe`` section.
+    """``model.save_pretrained`` (with the nf4moe quantizer attached) made atomic, with a manifest.
 
-    Tensors are saved under the model's own state_dict names (NF4 bytes, absmax and nested
-    statistics, LoRA factors, every non-expert weight); ``nf4moe.from_pretrained(save_directory)``
-    restores them bit-exactly.  Storage shared by several names (tied embeddings) is written once.
-    The save is atomic: a failure or kill at any point leaves ``save_directory`` as it was before or
-    whole with the new checkpoint; other files already in it (a tokenizer) are kept.
+    The checkpoint is transformers' own: safetensors under the model's state_dict names (NF4 bytes,
+    absmax and nested statistics, LoRA factors, every non-expert weight) and ``config.json`` with
+    the ``quantization_config`` of quant_method ``"nf4moe"``, so ``AutoModelForCausalLM.from_pretrained``
+    (after ``import nf4moe``) and :func:`from_pretrained` restore it bit-exactly.  Atomic: a failure
+    or kill at any point leaves ``save_directory`` as it was before or whole with the new checkpoint;
+    other files already in it (a tokenizer) are kept; ``nf4moe_manifest.json`` (sizes and sha256 of
+    every file) is written last and checked by :func:`from_pretrained`.
     """
-    from safetensors.torch import save_file
-
     found = quant_experts(model)
     if not found:
         raise ValueError(f"{type(model).__name__} has no QuantGroupedExperts; use model.save_pretrained for a plain model")
-    config = getattr(model, "config", None)
-    if config is None:
+    if getattr(model, "config", None) is None or not hasattr(model, "save_pretrained"):
         raise TypeError(f"save_pretrained needs a transformers model (with .config), got {type(model).__name__}")
-    tensors, aliases = _dedup_state_dict(model.state_dict())
+    if attach(model) is None:
+        raise ValueError(f"{type(model).__name__} carries the {model.hf_quantizer.quantization_config.quant_method} "
+                         "quantizer; nf4moe cannot write a checkpoint that also restores its quantized weights")
     limit = _parse_size(max_shard_size)
-    shards, current, size = [], {}, 0
-    for k, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        if current and size + nbytes > limit:
-            shards.append(current)
-            current, size = {}, 0
-        current[k] = t
-        size += nbytes
-    shards.append(current)
-    config = copy.deepcopy(config)
-    config.architectures = [type(model).__name__]
-    setattr(config, SECTION, {
-        "format_version": FORMAT_VERSION,
-        "nf4moe_version": __version__,
-        "model_class": type(model).__name__,
-        "modules": {name: _module_entry(name, qe) for name, qe in found},
-        "aliases": aliases,
-        "manifest": MANIFEST_NAME,  # a loader finding this but no manifest has a partial directory
-    })
-    generation_config = getattr(model, "generation_config", None)
-    with atomic_directory(save_directory, _OWNED.fullmatch, "save_pretrained") as tmp:
-        weight_map = {}
-        for i, shard in enumerate(shards):
-            fname = SAFE_WEIGHTS_NAME if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            # One shard at a time on the host: device memory is not needed for saving.
-            save_file({k: v.cpu() for k, v in shard.items()}, os.path.join(tmp, fname), metadata={"format": "pt"})
-            weight_map.update({k: fname for k in shard})
-        if len(shards) > 1:
-            total = sum(t.numel() * t.element_size() for t in tensors.values())
-            with open(os.path.join(tmp, SAFE_INDEX_NAME), "w") as fh:
-                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, fh, indent=2, sort_keys=True)
-        config.save_pretrained(tmp)
-        if generation_config is not None:
-            generation_config.save_pretrained(tmp)
+    qc = model.hf_quantizer.quantization_config
+    with atomic_directory(save_directory, _OWNED.fullmatch, "save_pretrained") as tmp, qc.writing_manifest(MANIFEST_NAME):
+        model.save_pretrained(tmp, max_shard_size=limit)
 
 
 # ---------------------------------------------------------------------------------------------- files
@@ -365,6 +270,7 @@ def _finish(model: nn.Module, device, freeze_base: bool, where: str) -> nn.Modul
         raise ValueError(f"{where}: {len(left)} tensors were not loaded (still on meta): {left[:8]}")
     if freeze_base:
         set_trainable(model)
+    attach(model)  # model.save_pretrained now writes the nf4moe format
     return model.eval()
 
 
@@ -375,31 +281,16 @@ def _check_lora_override(value, saved, what: str, name: str) -> None:
 
 
 def _load_nf4moe(files, config, *, device, backend, lora_rank, lora_alpha, freeze_base, model_cls) -> nn.Module:
+    """The format of nf4moe before its transformers quantizer: an ``nf4moe`` section in config.json."""
     section = getattr(config, SECTION)
     if section.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"nf4moe checkpoint format {section.get('format_version')!r} is not {FORMAT_VERSION}")
     model = _skeleton(config, section.get("model_class"), model_cls)
     owned = set()
     for name, entry in section["modules"].items():
-        module = model.get_submodule(name)
-        spec = inspect_experts(module, name)
-        if spec.class_name != entry["experts_class"] or spec.layout.name != entry["layout"]:
-            raise ValueError(f"'{name}' is {spec.class_name} ({spec.layout.name}) in the model but "
-                             f"{entry['experts_class']} ({entry['layout']}) in the checkpoint")
-        if (spec.num_experts, spec.hidden_size, spec.intermediate_size) != (
-                entry["num_experts"], entry["hidden_size"], entry["intermediate_size"]):
-            raise ValueError(f"'{name}': model dims (E, H, I) = {(spec.num_experts, spec.hidden_size, spec.intermediate_size)} "
-                             f"differ from the checkpoint's")
         _check_lora_override(lora_rank, entry["lora_rank"], "lora_rank", name)
         _check_lora_override(lora_alpha, entry["lora_alpha"], "lora_alpha", name)
-        kw = dict(blocksize=entry["blocksize"], compress_statistics=entry["compress_statistics"],
-                  dtype=_dtype(entry["quant_dtype"]), device="meta", blocksize2=entry["blocksize2"])
-        e, h, i = entry["num_experts"], entry["hidden_size"], entry["intermediate_size"]
-        gu, dn = NF4Weight(e, 2 * i, h, **kw), NF4Weight(e, h, i, **kw)
-        spec = ExpertsSpec(**{**spec.__dict__, "act": entry["act"]})
-        qe = build_quant_experts(spec, gu, dn, module, lora_rank=entry["lora_rank"], lora_alpha=entry["lora_alpha"],
-                                 backend=backend, lora_dtype=_dtype(entry["lora_dtype"]))
-        _set_submodule(model, name, qe)
+        empty_experts(model, name, entry, backend=backend, where="nf4moe checkpoint")
     key_files = _keys(files)
     sd = _read(key_files, key_files.keys(), device)
     where = f"nf4moe checkpoint {os.path.dirname(files[0])}"
@@ -504,6 +395,61 @@ def _load_bnb_checkpoint(files, config, *, device, backend, lora_rank, lora_alph
 
 
 # ---------------------------------------------------------------------------------------------- quantize at load
+def _load_quantizing(name_or_path, config, *, device, dtype, backend, lora_rank, lora_alpha, lora_dtype, blocksize,
+                     compress_statistics, modules, freeze_base, model_cls, hf_kwargs, allow_non_finite=False):
+    """transformers' from_pretrained with the nf4moe quantizer: experts quantized as their weights arrive."""
+    import transformers
+
+    if hf_kwargs.get("quantization_config") is not None:
+        if isinstance(hf_kwargs["quantization_config"], Nf4MoeConfig):
+            raise ValueError("from_pretrained builds the Nf4MoeConfig from its own arguments (lora_rank=, "
+                             "blocksize=, ...); quantization_config= is for another quantizer of the other layers")
+        return _load_with_hooks(name_or_path, config, device=device, dtype=dtype, backend=backend, lora_rank=lora_rank,
+                                lora_alpha=lora_alpha, lora_dtype=lora_dtype, blocksize=blocksize,
+                                compress_statistics=compress_statistics, modules=modules, freeze_base=freeze_base,
+                                model_cls=model_cls, hf_kwargs=hf_kwargs, allow_non_finite=allow_non_finite)
+
+    cls = model_cls or transformers.AutoModelForCausalLM
+    qconfig = Nf4MoeConfig(lora_rank=lora_rank, lora_alpha=lora_alpha, blocksize=blocksize,
+                           compress_statistics=compress_statistics, lora_dtype=lora_dtype, modules=modules,
+                           backend=backend, freeze_base=freeze_base, allow_non_finite=allow_non_finite)
+    kwargs = dict(hf_kwargs)
+    if device is not None:
+        if "device_map" in kwargs:
+            raise ValueError("pass either device= or device_map=, not both")
+        kwargs["device_map"] = device
+    model = cls.from_pretrained(name_or_path, config=config, dtype=dtype, quantization_config=qconfig, **kwargs)
+    return model, model.hf_quantizer
+
+
+def _load_quantized(name_or_path, config, *, device, backend, lora_rank, lora_alpha, freeze_base, model_cls, hf_kwargs):
+    """A checkpoint whose config.json carries the nf4moe quantization_config: transformers' from_pretrained."""
+    qc = config.quantization_config
+    table = (qc.get("quantized_modules") if isinstance(qc, Mapping) else getattr(qc, "quantized_modules", None)) or {}
+    for name, entry in table.items():
+        _check_lora_override(lora_rank, entry.get("lora_rank"), "lora_rank", name)
+        _check_lora_override(lora_alpha, entry.get("lora_alpha"), "lora_alpha", name)
+    kwargs = dict(hf_kwargs)
+    if device is not None:
+        if "device_map" in kwargs:
+            raise ValueError("pass either device= or device_map=, not both")
+        kwargs["device_map"] = device
+    cls = _model_class(config, None, model_cls)
+    model = cls.from_pretrained(name_or_path, config=config, **kwargs)
+    for _, qe in quant_experts(model):
+        qe.backend = backend
+    if freeze_base:
+        set_trainable(model)
+    else:
+        for p in model.parameters():
+            p.requires_grad_(p.is_floating_point())
+    return model
+
+
+class MemoryBoundWarning(UserWarning):
+    """Quantize-at-load fell back to quantizing after a full load (correct result, memory not bounded)."""
+
+
 class _ArrivalQuantizer:
     """Global torch hooks that quantize selected expert weights as transformers assigns them.
 
@@ -567,8 +513,11 @@ class _ArrivalQuantizer:
             h2.remove()
 
 
-def _load_quantizing(name_or_path, config, *, device, dtype, backend, lora_rank, lora_alpha, lora_dtype, blocksize,
+def _load_with_hooks(name_or_path, config, *, device, dtype, backend, lora_rank, lora_alpha, lora_dtype, blocksize,
                      compress_statistics, modules, freeze_base, model_cls, hf_kwargs, allow_non_finite=False):
+    """Quantize-at-load beside another transformers quantizer (``quantization_config=BitsAndBytesConfig(...)`` for
+    the linear layers): transformers takes one quantizer per load, so the experts are quantized by torch hooks
+    as transformers assigns them.  The result carries the other quantizer; see ``hf_quantizer.attach``."""
     import transformers
 
     cls = model_cls or transformers.AutoModelForCausalLM
@@ -611,7 +560,13 @@ def _load_quantizing(name_or_path, config, *, device, dtype, backend, lora_rank,
                       "held their dense weights", MemoryBoundWarning, stacklevel=3)
     if freeze_base:
         set_trainable(model)
+    attach(model)
     return model, quantizer
+
+
+def _quant_method(config) -> str | None:
+    qc = getattr(config, "quantization_config", None)
+    return qc.get("quant_method") if isinstance(qc, Mapping) else getattr(qc, "quant_method", None)
 
 
 def _looks_local(path: str) -> bool:
@@ -648,12 +603,24 @@ def _check_local(name_or_path: str, *, needs_config: bool) -> str | None:
     return "verified" if verified else "unverified"
 
 
-def _check_legacy(path: str, section: Mapping, files: list[str]) -> None:
-    """An nf4moe directory without a manifest: refuse it if its save wrote one, else warn and go on."""
+def _check_manifest_promise(path: str, section: Mapping) -> None:
     if section.get("manifest"):
         raise ValueError(f"{path} is a partial checkpoint: its {CONFIG_NAME} says nf4moe.save_pretrained wrote "
                          f"{section['manifest']} last, and that file is missing (the save did not finish, or the "
                          "directory was copied in part)")
+
+
+def _check_unverified(path: str, qconfig: Mapping, files: list[str]) -> None:
+    """A directory without a manifest (model.save_pretrained): refused if its save promised one.  ``files``
+    were resolved, so the index's file list is complete and every safetensors header intact."""
+    _check_manifest_promise(path, qconfig)
+    for f in files:
+        check_safetensors(f)
+
+
+def _check_legacy(path: str, section: Mapping, files: list[str]) -> None:
+    """An nf4moe directory of the older format without a manifest: refuse it if its save wrote one, else warn."""
+    _check_manifest_promise(path, section)
     warnings.warn(f"{path} has no {MANIFEST_NAME} (written before nf4moe wrote manifests): only its own file list "
                   f"({len(files)} safetensors files, all present, headers intact) was checked, not the sizes and "
                   "hashes of what was saved; save it again to get a manifest", LegacyCheckpointWarning, stacklevel=3)
@@ -682,8 +649,9 @@ def from_pretrained(
 
     - a transformers checkpoint (hub id or folder): experts are quantized as transformers assigns
       them (``lora_rank`` default 16, ``lora_alpha`` default 32);
-    - a folder written by :func:`save_pretrained` (``nf4moe`` section in config.json): restored
-      bit-exactly, saved LoRA included (``lora_rank`` / ``lora_alpha``, if given, must match it);
+    - an nf4moe checkpoint (written by :func:`save_pretrained` or ``model.save_pretrained``: the nf4moe
+      ``quantization_config`` in config.json; or the older ``nf4moe`` section): restored bit-exactly,
+      saved LoRA included (``lora_rank`` / ``lora_alpha``, if given, must match it);
     - a local folder whose expert weights are bitsandbytes NF4 (``QuantState.as_dict(packed=True)``
       entries): wrapped without re-quantizing.
 
@@ -705,6 +673,15 @@ def from_pretrained(
     local = _check_local(name_or_path, needs_config=config is None and not hf_kwargs.get("subfolder"))
     cfg_kwargs = {k: hf_kwargs[k] for k in _CONFIG_KWARGS if k in hf_kwargs}
     config = config or AutoConfig.from_pretrained(name_or_path, **cfg_kwargs)
+    if _quant_method(config) == QUANT_METHOD:
+        if modules is not None:
+            raise ValueError("modules= selects experts to quantize; an nf4moe checkpoint restores the modules it saved")
+        if local == "unverified":  # model.save_pretrained writes no manifest: the file list and headers are checked
+            qc = config.quantization_config
+            _check_unverified(name_or_path, qc if isinstance(qc, Mapping) else qc.to_dict(),
+                              _resolve_files(name_or_path, hf_kwargs))
+        return _load_quantized(name_or_path, config, device=device, backend=backend, lora_rank=lora_rank,
+                               lora_alpha=lora_alpha, freeze_base=freeze_base, model_cls=model_cls, hf_kwargs=hf_kwargs)
     if getattr(config, SECTION, None):
         if modules is not None:
             raise ValueError("modules= selects experts to quantize; an nf4moe checkpoint restores the modules it saved")
@@ -724,9 +701,10 @@ def from_pretrained(
                                         freeze_base=freeze_base, model_cls=model_cls,
                                         allow_non_finite=allow_non_finite)
         if any(".gate_up_nf4." in k for k in keys):
-            raise ValueError(f"{name_or_path} holds nf4moe NF4 tensors but its config.json has no '{SECTION}' section; "
-                             "it was not written by nf4moe.save_pretrained (model.save_pretrained renames and "
-                             "drops what nf4moe needs to restore it)")
+            raise ValueError(f"{name_or_path} holds nf4moe NF4 tensors but its config.json has neither the nf4moe "
+                             f"quantization_config nor an '{SECTION}' section, which say how to rebuild the modules "
+                             "(was config.json replaced, or written by a model.save_pretrained before nf4moe "
+                             "attached its quantizer?)")
     model, _ = _load_quantizing(name_or_path, config, device=device, dtype=dtype, backend=backend, lora_rank=rank,
                                 lora_alpha=alpha, lora_dtype=lora_dtype, blocksize=blocksize,
                                 compress_statistics=compress_statistics, modules=modules, freeze_base=freeze_base,

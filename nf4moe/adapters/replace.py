@@ -159,6 +159,12 @@ def replace_experts(
         model.to(device)
     if freeze_base:
         set_trainable(model)
+    from .hf_quantizer import Nf4MoeConfig, attach
+
+    attach(model, Nf4MoeConfig(lora_rank=lora_rank, lora_alpha=lora_alpha, blocksize=blocksize,
+                               compress_statistics=compress_statistics, lora_dtype=lora_dtype,
+                               modules=modules, backend=backend,
+                               freeze_base=freeze_base, allow_non_finite=allow_non_finite))
     return model
 
 
@@ -203,4 +209,7 @@ def merge_and_unload(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> n
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "nf4moe"):
         delattr(config, "nf4moe")
+    from .hf_quantizer import detach
+
+    detach(model)
     return model
