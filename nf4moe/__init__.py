@@ -15,6 +15,7 @@ _ADAPTERS_API = (
     "merge_and_unload",
     "supported_models",
     "UnsupportedExpertsError",
+    "Nf4MoeConfig",
 )
 
 
