@@ -24,7 +24,8 @@ import transformers
 from safetensors import safe_open
 
 import nf4moe
-from nf4moe.adapters.hf_quantizer import MARKER_SHAPE, Nf4MoeConfig, Nf4MoeQuantizer
+from nf4moe.adapters.hf_quantizer import Nf4MoeConfig, Nf4MoeQuantizer
+from nf4moe.moe_layers.experts import MARKER_SHAPE
 from nf4moe.adapters.replace import quant_experts
 
 from test_adapters import E, H, I, expert_names, ids, logits, make_model, randomize_lora, same_bits
@@ -106,8 +107,11 @@ def test_save_pretrained_then_from_pretrained_is_bit_exact(family, tmp_path):
         saved = {k: fh.get_slice(k).get_shape() for k in fh.keys()}
     sd = model.state_dict()
     for k, t in sd.items():
-        if ".experts." in k:
+        if ".experts." in k and not k.endswith((".gate_up_proj", ".down_proj")):  # not the markers
             assert saved.get(k) == list(t.shape), f"{k} not saved under the module's own name"
+    for name, qe in quant_experts(model):
+        assert tuple(qe.gate_up_proj.shape) == tuple(qe.down_proj.shape) == MARKER_SHAPE
+        assert bytes(qe.gate_up_proj.flatten().tolist()) == b"nf4moe" * 4
     markers = [k for k in saved if k.split(".experts.", 1)[-1].split(".")[0] not in (
         "gate_up_nf4", "down_nf4", "lora_A", "lora_B") and ".experts." in k]
     assert markers, "the markers that stop a transformers without nf4moe are missing"
@@ -134,6 +138,32 @@ def test_partial_checkpoint_is_refused_naming_the_tensor(tmp_path):
     save_file(tensors, path, metadata={"format": "pt"})
     with pytest.raises(ValueError, match=rf"'{victim}' is missing"):
         transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+def test_experts_swapped_in_the_inner_model_round_trip_through_the_outer(tmp_path):
+    """replace_experts(model.model): the quantizer sits on the inner model, but the config (shared) carries the
+    table, the outer model's state_dict the NF4 tensors and markers."""
+    torch.manual_seed(0)
+    model = make_model("Qwen3MoeConfig", torch.bfloat16)
+    nf4moe.replace_experts(model.model, lora_rank=2, backend="reference")
+    randomize_lora(model)
+    model.save_pretrained(tmp_path)
+    restored = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert_same(model.state_dict(), restored.state_dict())
+
+
+def test_a_module_swapped_by_hand_is_never_reloaded_as_random_experts(tmp_path):
+    """QuantGroupedExperts put into a transformers model without replace_experts: no quantizer, no table; the
+    markers in its state_dict make every reload fail instead of initialising dense experts."""
+    model = make_model("Qwen3MoeConfig", torch.bfloat16)
+    dense = model.model.layers[0].mlp.experts
+    model.model.layers[0].mlp.experts = nf4moe.QuantGroupedExperts.from_weights(
+        dense.gate_up_proj.detach(), dense.down_proj.detach(), lora_rank=2, backend="reference")
+    model.save_pretrained(tmp_path)
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="neither the nf4moe quantization_config nor"):
+        nf4moe.from_pretrained(tmp_path)
 
 
 _CHILD = r"""

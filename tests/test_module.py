@@ -197,7 +197,9 @@ def test_base_weights_are_buffers(cs):
     assert set(params) == {"lora_A.gate_up_proj", "lora_A.down_proj", "lora_B.gate_up_proj", "lora_B.down_proj"}
     bufs = dict(m.named_buffers())
     stats = ["absmax2", "code2", "offset"] if cs else []
-    assert set(bufs) == {f"{p}.{n}" for p in ("gate_up_nf4", "down_nf4") for n in ["packed", "absmax", *stats]}
+    markers = {"gate_up_proj", "down_proj"}  # 24-byte markers under the dense names (see experts.MARKER)
+    assert set(bufs) == {f"{p}.{n}" for p in ("gate_up_nf4", "down_nf4") for n in ["packed", "absmax", *stats]} | markers
+    assert all(bufs[k].shape == (2, 4, 3) and bufs[k].dtype == torch.uint8 for k in markers)
     assert bufs["gate_up_nf4.packed"].dtype == torch.uint8 and not bufs["gate_up_nf4.packed"].requires_grad
 
 
@@ -270,7 +272,7 @@ def test_extra_repr_and_nbytes():
         assert part in r, part
     mib = float(re.search(r"memory=([0-9.]+) MiB", r).group(1))
     lora_bytes = sum(p.numel() * p.element_size() for p in m.parameters())
-    assert m.nbytes == m.gate_up_nf4.nbytes + m.down_nf4.nbytes + lora_bytes
+    assert m.nbytes == m.gate_up_nf4.nbytes + m.down_nf4.nbytes + lora_bytes + 2 * 24  # + the markers
     assert mib == pytest.approx(m.nbytes / 2**20, abs=0.006)
     assert "E=4" in str(m) and "gate_up_nf4" in str(m)
     # NF4 base weights: about 4.1-4.5 bits per weight, against 16 for bf16.

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from ..moe_layers import NF4Weight
+from ..moe_layers.experts import PROJECTIONS, marker_tensor
 from .hf_quantizer import QUANT_METHOD, Nf4MoeConfig, attach, empty_experts
 from .atomic import (
     MANIFEST_NAME,
@@ -286,15 +287,19 @@ def _load_nf4moe(files, config, *, device, backend, lora_rank, lora_alpha, freez
     if section.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"nf4moe checkpoint format {section.get('format_version')!r} is not {FORMAT_VERSION}")
     model = _skeleton(config, section.get("model_class"), model_cls)
-    owned = set()
     for name, entry in section["modules"].items():
         _check_lora_override(lora_rank, entry["lora_rank"], "lora_rank", name)
         _check_lora_override(lora_alpha, entry["lora_alpha"], "lora_alpha", name)
         empty_experts(model, name, entry, backend=backend, where="nf4moe checkpoint")
+    # That format predates the marker buffers: they are constants, made here.
+    owned = {f"{n}.{w}" for n, _ in quant_experts(model) for w in PROJECTIONS}
     key_files = _keys(files)
     sd = _read(key_files, key_files.keys(), device)
     where = f"nf4moe checkpoint {os.path.dirname(files[0])}"
     _load_rest(model, sd, section.get("aliases", {}), owned, where, section["modules"])
+    for _, qe in quant_experts(model):
+        for w in PROJECTIONS:
+            setattr(qe, w, marker_tensor(qe.gate_up_nf4.packed.device))
     return _finish(model, device, freeze_base, where)
 
 

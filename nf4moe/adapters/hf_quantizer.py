@@ -18,16 +18,15 @@ registry is imported, so ``import nf4moe`` is enough).  Three paths:
   above or ``replace_experts``, which attaches this quantizer) writes their NF4 buffers and LoRA
   under the module's own names and the module table into ``config.json``.
 
-No silent loss without nf4moe: every save also writes, under each module's dense weight names, a
-6-byte marker of shape (1, 2, 3) (what transformers' reverse conversion turns into per-expert keys
-where the model has one).  A transformers that does not know ``"nf4moe"`` skips the quantization
-config with a warning and then meets a checkpoint tensor whose shape differs from the dense experts'
-and raises (``ignore_mismatched_sizes=True`` is the explicit way to accept random experts).  With
-nf4moe those keys are declared ignorable and never loaded.
+No silent loss without nf4moe: a QuantGroupedExperts holds, under the dense weight names
+(``gate_up_proj`` / ``down_proj``), 24-byte marker buffers of shape (2, 4, 3) (``moe_layers/experts.py``),
+so every save carries them.  A transformers that does not know ``"nf4moe"`` skips the quantization
+config with a warning, builds the dense experts class, meets a checkpoint tensor whose shape differs
+from its weights and raises (``ignore_mismatched_sizes=True`` is the explicit way to accept random
+experts).  With nf4moe the markers load into the markers.
 """
 from __future__ import annotations
 
-import re
 from contextlib import contextmanager
 from typing import Any, Mapping
 
@@ -43,9 +42,6 @@ from .table import WEIGHT_NAMES, ExpertsSpec, find_experts, inspect_experts
 
 QUANT_METHOD = "nf4moe"
 FORMAT_VERSION = 1
-# The marker saved under a module's dense weight names (b"nf4moe" as (1, 2, 3) uint8).
-MARKER = tuple(b"nf4moe")
-MARKER_SHAPE = (1, 2, 3)
 _BNB_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 # Arguments that say how to load and run, not what was saved: not written into config.json.
 _RUNTIME = ("backend", "freeze_base", "allow_non_finite", "modules")
@@ -66,10 +62,6 @@ def parse_dtype(name, what: str) -> torch.dtype | None:
     if not isinstance(dt, torch.dtype):
         raise ValueError(f"{what}: unknown dtype {name!r}")
     return dt
-
-
-def marker(device=None) -> torch.Tensor:
-    return torch.tensor(MARKER, dtype=torch.uint8, device=device).view(MARKER_SHAPE)
 
 
 def module_entry(name: str, qe: QuantGroupedExperts) -> dict:
@@ -98,15 +90,27 @@ def module_entry(name: str, qe: QuantGroupedExperts) -> dict:
     }
 
 
+def resolve_name(model: nn.Module, name: str, where: str) -> str:
+    """A module-table name in ``model``: as written, or across transformers' base-model prefix (a table written
+    for ``model.model`` read into the ``...ForCausalLM`` around it, or the other way round)."""
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    for cand in (name, f"{prefix}.{name}" if prefix else None, name.removeprefix(f"{prefix}.") if prefix else None):
+        if cand is None:
+            continue
+        try:
+            model.get_submodule(cand)
+        except AttributeError:
+            continue
+        return cand
+    raise ValueError(f"{where}: the module table names '{name}', which {type(model).__name__} does not have")
+
+
 def empty_experts(model: nn.Module, name: str, entry: Mapping, *, backend: str, where: str) -> QuantGroupedExperts:
     """Swap the expert module at ``name`` of a skeleton for a QuantGroupedExperts on meta, as ``entry`` describes."""
     missing = sorted(_ENTRY_KEYS - set(entry))
     if missing:
         raise ValueError(f"{where}: the module table entry for '{name}' lacks {missing}")
-    try:
-        module = model.get_submodule(name)
-    except AttributeError:
-        raise ValueError(f"{where}: the module table names '{name}', which {type(model).__name__} does not have") from None
+    module = model.get_submodule(name)
     spec = inspect_experts(module, name)
     if spec.class_name != entry["experts_class"] or spec.layout.name != entry["layout"]:
         raise ValueError(f"{where}: '{name}' is {spec.class_name} ({spec.layout.name}) in the model but "
@@ -219,14 +223,6 @@ class QuantizeExperts:
         return out
 
 
-def _ignore_markers(model: nn.Module, names) -> None:
-    patterns = {rf"(^|\.){re.escape(n)}\.(?:{'|'.join(WEIGHT_NAMES)})$" if n else rf"^(?:{'|'.join(WEIGHT_NAMES)})$"
-                for n in names}
-    for m in model.modules():
-        if hasattr(m, "_keys_to_ignore_on_load_unexpected") and hasattr(m, "config"):
-            m._keys_to_ignore_on_load_unexpected = set(m._keys_to_ignore_on_load_unexpected or ()) | patterns
-
-
 def _expected(model: nn.Module) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """{name: (shape, dtype)} of every tensor of the (empty) QuantGroupedExperts of a skeleton."""
     return {f"{n}.{k}" if n else k: (tuple(t.shape), t.dtype)
@@ -300,9 +296,8 @@ class Nf4MoeQuantizer(HfQuantizer):
                 raise ValueError(f"{where}: the checkpoint's quantization_config (quant_method 'nf4moe') has no "
                                  "quantized_modules table; it was not written by nf4moe")
             for name, entry in table.items():
-                empty_experts(model, name, entry, backend=cfg.backend, where=where)
+                empty_experts(model, resolve_name(model, name, where), entry, backend=cfg.backend, where=where)
             self.expected = _expected(model)
-            _ignore_markers(model, table)
             return model
         found = find_experts(model, cfg.modules)
         if not found:
@@ -370,8 +365,8 @@ class Nf4MoeQuantizer(HfQuantizer):
         return self.quantization_config.quantized_modules
 
     def get_state_dict_and_metadata(self, model, *args, **kwargs):
-        table = self.refresh_table(model)
-        return add_markers(model, model.state_dict(), table), {"nf4moe_version": __version__}
+        self.refresh_table(model)
+        return None, {"nf4moe_version": __version__}
 
     def is_serializable(self, *args, **kwargs) -> bool:
         return True
@@ -389,32 +384,6 @@ class Nf4MoeQuantizer(HfQuantizer):
     @property
     def is_compileable(self) -> bool:
         return True
-
-
-def add_markers(model: nn.Module, sd: dict, names) -> dict:
-    for name in names:
-        qe = model.get_submodule(name)
-        for w in WEIGHT_NAMES:
-            key = f"{name}.{w}" if name else w
-            if key in sd:
-                raise ValueError(f"nf4moe: state_dict already has {key}; it is reserved for the nf4moe marker")
-            sd[key] = marker(qe.gate_up_nf4.packed.device)
-    return sd
-
-
-def _mark_saves_of(quantizer: HfQuantizer) -> None:
-    """Make another quantizer's saves carry nf4moe's markers too (so its reload fails instead of losing experts)."""
-    if getattr(quantizer, "_nf4moe_marks", False):
-        return
-    inner = quantizer.get_state_dict_and_metadata
-
-    def with_markers(model, *args, **kwargs):
-        sd, metadata = inner(model, *args, **kwargs)
-        sd = dict(model.state_dict() if sd is None else sd)
-        return add_markers(model, sd, [n for n, _ in quant_experts(model)]), metadata
-
-    quantizer.get_state_dict_and_metadata = with_markers
-    quantizer._nf4moe_marks = True
 
 
 def _not_read_only(model: nn.Module) -> None:
@@ -440,10 +409,9 @@ def attach(model: nn.Module, config: Nf4MoeConfig | None = None) -> Nf4MoeQuanti
         current.refresh_table(model)
         return current
     if current is not None:
-        _mark_saves_of(current)
         warnings.warn(f"{type(model).__name__} is also quantized with {current.quantization_config.quant_method}, "
                       "and transformers saves one quantization_config: model.save_pretrained writes the NF4 experts "
-                      "but a reload cannot rebuild them (it fails on nf4moe's marker tensors, never with random "
+                      "but a reload cannot rebuild them (it fails on the modules' marker tensors, never with random "
                       "experts); nf4moe.save_pretrained refuses the model. Save the LoRA with nf4moe.save_adapter",
                       UserWarning, stacklevel=3)
         return None

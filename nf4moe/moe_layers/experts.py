@@ -23,6 +23,18 @@ from .nf4_weight import NF4Weight
 
 BACKENDS = ("auto", "reference", "triton")
 PROJECTIONS = ("gate_up_proj", "down_proj")
+# Saved under the dense weight names of a transformers experts module (b"nf4moe" 4 times, shape (2, 4, 3)):
+# every state_dict of a model holding this module carries them, so a loader that rebuilds the dense experts
+# class instead (transformers without the nf4moe quantizer, a config without its quantization_config) meets a
+# size mismatch under experts.gate_up_proj / experts.down_proj and raises, instead of initialising random
+# experts.  Rank 3 with no dimension of size 1, so transformers' reverse conversions on save (unbind per expert,
+# chunk gate/up) and its merges on load give the same shape back (transformers 5.17 squeezes size-1 dimensions).
+MARKER = tuple(b"nf4moe" * 4)
+MARKER_SHAPE = (2, 4, 3)
+
+
+def marker_tensor(device=None) -> torch.Tensor:
+    return torch.tensor(MARKER, dtype=torch.uint8, device=device).view(MARKER_SHAPE)
 
 
 def _interpreting() -> bool:
@@ -85,6 +97,8 @@ class QuantGroupedExperts(nn.Module):
         self.gate_up_nf4 = NF4Weight(num_experts, 2 * intermediate_size, hidden_size, **kw)
         self.down_nf4 = NF4Weight(num_experts, hidden_size, intermediate_size, **kw)
         self.add_lora(lora_rank, lora_alpha, dtype=lora_dtype or dtype)
+        for name in PROJECTIONS:
+            self.register_buffer(name, marker_tensor(device))
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -140,6 +154,8 @@ class QuantGroupedExperts(nn.Module):
                        compress_statistics=gate_up.compress_statistics, backend=backend, dtype=gate_up.dtype)
         self.gate_up_nf4 = gate_up
         self.down_nf4 = down
+        for name in PROJECTIONS:
+            setattr(self, name, marker_tensor(gate_up.packed.device))
         self.add_lora(lora_rank, lora_alpha, dtype=lora_dtype or gate_up.dtype)
         return self
 
