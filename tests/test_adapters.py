@@ -45,6 +45,11 @@ FAMILIES = {
                                  linear_value_head_dim=32),
     # Aria stores its experts transposed (is_transposed=True): the transposed layout of the table.
     "AriaTextConfig": dict(intermediate_size=I, moe_num_experts=E, moe_topk=2, moe_num_shared_experts=1),
+    # gpt-oss: transposed, gate/up interleaved, per-expert biases, its clamped gate min(g, L)·sigmoid(alpha·..)·(..+1).
+    "GptOssConfig": dict(intermediate_size=I, num_local_experts=E, num_experts_per_tok=2,
+                         layer_types=["sliding_attention", "full_attention"], sliding_window=16),
+    # DeepSeek-V4: act(min(g, L))·clamp(u, ±L), the limit from the config.
+    "DeepseekV4Config": dict(moe_intermediate_size=I, n_routed_experts=E, num_experts_per_tok=2, n_shared_experts=1),
 }
 PARAMS = [pytest.param(name, id=name.removesuffix("Config"),
                        marks=pytest.mark.skipif(not hasattr(transformers, name), reason=f"no {name} in transformers"))
@@ -56,6 +61,12 @@ def make_model(family: str, dtype=torch.float32):
     model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
     if not expert_names(model):  # e.g. Aria before its experts took the decorator (transformers 5.17)
         pytest.skip(f"{family}: no @use_experts_implementation expert class in transformers {transformers.__version__}")
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():  # expert biases (zero at init) of a size that moves the logits, and past the gate limits
+        for name in expert_names(model):
+            for pname, p in model.get_submodule(name).named_parameters(recurse=False):
+                if pname.endswith("_bias"):
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.5)
     return model
 
 
@@ -83,9 +94,9 @@ def rel(a, b) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
-def stored(qe, w: torch.Tensor) -> torch.Tensor:
-    """A canonical (E, out, in) weight in the orientation the original class stores it."""
-    return w.transpose(1, 2) if qe.nf4moe_origin.layout.transposed else w
+def stored(qe, w: torch.Tensor, proj: str) -> torch.Tensor:
+    """A canonical (E, out, in) weight as the original class stores it (transposed, rows interleaved)."""
+    return nf4moe.adapters.replace.canonical_to_stored(w, qe.nf4moe_origin.layout, proj)
 
 
 def dequantized_twin(base, replaced):
@@ -94,8 +105,8 @@ def dequantized_twin(base, replaced):
     for name, qe in nf4moe.adapters.replace.quant_experts(replaced):
         mod = twin.get_submodule(name)
         with torch.no_grad():
-            mod.gate_up_proj.copy_(stored(qe, qe.gate_up_nf4.dequantize(torch.float32)))
-            mod.down_proj.copy_(stored(qe, qe.down_nf4.dequantize(torch.float32)))
+            mod.gate_up_proj.copy_(stored(qe, qe.gate_up_nf4.dequantize(torch.float32), "gate_up_proj"))
+            mod.down_proj.copy_(stored(qe, qe.down_nf4.dequantize(torch.float32), "down_proj"))
     return twin
 
 

@@ -137,16 +137,42 @@ def test_flags_an_older_decorator_does_not_record_read_as_default(monkeypatch):
     assert all(isinstance(layer.experts, QuantGroupedExperts) for layer in model.layers)
 
 
-def test_gpt_oss_is_rejected():
+def test_gpt_oss_swaps_with_its_gate_biases_and_interleaving():
     if not hasattr(transformers, "GptOssConfig"):
         pytest.skip("no GPT-OSS in this transformers")
     cfg = transformers.GptOssConfig(vocab_size=96, hidden_size=128, intermediate_size=128, num_hidden_layers=1,
                                     num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_local_experts=4,
                                     num_experts_per_tok=2)
     model = transformers.AutoModelForCausalLM.from_config(cfg)
-    with pytest.raises(UnsupportedExpertsError, match=r"GptOssExperts.*is_concatenated=False.*has_bias=True.*_apply_gate"):
-        nf4moe.replace_experts(model, backend="reference")
-    assert type(model.model.layers[0].mlp.experts).__name__ == "GptOssExperts"
+    nf4moe.replace_experts(model, backend="reference")
+    qe = model.model.layers[0].mlp.experts
+    assert isinstance(qe, QuantGroupedExperts) and qe.nf4moe_origin.layout.name == "interleaved_transposed"
+    assert qe.gate == nf4moe.reference.Gate("silu", alpha=cfg.swiglu_alpha, gate_limit=cfg.swiglu_limit,
+                                            up_limit=cfg.swiglu_limit, up_offset=1.0)
+    assert qe.gate_up_bias.shape == (4, 256) and qe.down_bias.shape == (4, 128) and not qe.gate_up_bias.requires_grad
+    assert not qe.kernel_ready
+    qe.backend = "triton"
+    with pytest.raises(NotImplementedError, match=r"Triton kernels do not compute the gate min\(g, 7\)"):
+        qe(torch.randn(3, 128), torch.zeros(3, 2, dtype=torch.long), torch.ones(3, 2))
+
+
+def test_a_gate_nf4moe_cannot_describe_is_refused_naming_the_class():
+    base = qwen3_moe()
+
+    class SoftcapExperts(type(base.model.layers[0].mlp.experts)):
+        def _apply_gate(self, gate_up):
+            gate, up = gate_up.chunk(2, dim=-1)
+            return torch.tanh(gate) * up
+
+    layer = base.model.layers[0].mlp
+    dense = layer.experts
+    layer.experts = SoftcapExperts(base.config)
+    layer.experts.load_state_dict(dense.state_dict())
+    with pytest.raises(UnsupportedExpertsError, match=r"SoftcapExperts at 'model.layers.0.mlp.experts' cannot be "
+                                                      r"replaced.*custom _apply_gate: the class's _apply_gate matches "
+                                                      r"no nf4moe gate form"):
+        nf4moe.replace_experts(base, backend="reference")
+    assert type(layer.experts) is SoftcapExperts, "nothing was replaced"
 
 
 def test_undecorated_stacked_experts_raise():
@@ -364,15 +390,18 @@ def test_supported_models_listing_agrees_with_live_inspection():
     rows = {r["experts_class"]: r for r in nf4moe.supported_models()}
     assert rows["Qwen3MoeExperts"]["supported"] and rows["Qwen3MoeExperts"]["layout"] == "default"
     assert rows["DeepseekV3Experts"]["supported"]
-    for cls in ("GptOssExperts", "NemotronHExperts"):
-        if cls in rows:
-            assert not rows[cls]["supported"] and rows[cls]["reason"]
+    if "NemotronHExperts" in rows:
+        assert not rows["NemotronHExperts"]["supported"] and "has_gate=False" in rows["NemotronHExperts"]["reason"]
+    if "GptOssExperts" in rows:
+        assert rows["GptOssExperts"]["supported"] and rows["GptOssExperts"]["layout"] == "interleaved_transposed"
+        assert rows["GptOssExperts"]["activation"] == "min(g, L)·sigmoid(alpha·min(g, L))·(clamp(u, ±L) + 1)"
     if "AriaExperts" in rows:
         assert rows["AriaExperts"]["layout"] == "transposed"
     # The source listing and the check on live modules are the same verdict.
     live = nf4moe.adapters.inspect_experts(qwen3_moe().model.layers[0].mlp.experts)
     assert live.layout.name == rows["Qwen3MoeExperts"]["layout"]
-    assert all(r["layout"] in (None, "default", "transposed") for r in rows.values())
+    names = {layout.name for layout in nf4moe.adapters.LAYOUTS}
+    assert all(r["layout"] in names | {None} for r in rows.values())
 
 
 # ---------------------------------------------------------------------------------------------- GPU memory

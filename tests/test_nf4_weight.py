@@ -321,11 +321,22 @@ def test_error_from_bnb_fp4_state():
         NF4Weight.from_bnb(q, st)
 
 
-@pytest.mark.parametrize("shape", [(64, 128), (2, 2, 64, 64), (128,)])
+@pytest.mark.parametrize("shape", [(64, 128), (2, 2, 2, 64, 64), (128,)])
 def test_error_wrong_rank(shape):
     w = torch.randn(shape, dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match=r"^w must be 3-D \(E, out, in\)"):
+    with pytest.raises(ValueError, match=r"^w must be 3-D \(E, out, in\) or 4-D \(E, parts, rows, in\)"):
         NF4Weight.quantize(w)
+
+
+def test_four_d_view_quantizes_as_its_rows_in_order():
+    """A 4-D (E, parts, rows, in) view (interleaved gate/up rows put in [gate; up] order) gives the bytes of
+    quantizing the reordered 3-D tensor."""
+    w = torch.randn(3, 8, 64, dtype=torch.bfloat16)  # rows [g0, u0, g1, u1, ...]
+    view = w.view(3, 4, 2, 64).transpose(1, 2)  # (E, 2, I, H): [gate; up], no copy
+    a = NF4Weight.quantize(view)
+    b = NF4Weight.quantize(torch.cat((w[:, 0::2], w[:, 1::2]), dim=1))
+    for name, t in b.state_dict().items():
+        assert torch.equal(a.state_dict()[name], t), name
 
 
 def test_error_from_bnb_wrong_rank():

@@ -362,6 +362,15 @@ def load_bnb_experts(
             raise UnsupportedExpertsError(
                 f"{spec.class_name} at '{name}' stores its weights transposed (E, in, out): bitsandbytes blocks of the "
                 "stored tensor run along the wrong axis for QuantGroupedExperts, and re-quantizing would not be bit-exact")
+        if spec.layout.interleaved:
+            raise UnsupportedExpertsError(
+                f"{spec.class_name} at '{name}' interleaves gate and up rows: QuantGroupedExperts holds them in "
+                "[gate; up] order, and reordering bitsandbytes' rows would break its nested absmax blocks "
+                "(not bit-exact); load the bf16 checkpoint instead (quantized at load)")
+        if spec.has_bias:
+            raise UnsupportedExpertsError(
+                f"{spec.class_name} at '{name}' has expert biases, which a bitsandbytes expert checkpoint does not "
+                "carry in the entries nf4moe reads; load the bf16 checkpoint instead (quantized at load)")
         e, h, i = spec.num_experts, spec.hidden_size, spec.intermediate_size
         tensors = {k: state_dict[k] for w in WEIGHT_NAMES for k in entries[w].values()}
         gu = _nf4_from_bnb(tensors, prefix + "gate_up_proj", (e, 2 * i, h), device, allow_non_finite=allow_non_finite)

@@ -37,6 +37,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .. import __version__
 from ..moe_layers import NF4Weight, QuantGroupedExperts
+from ..reference import Gate
 from .replace import _set_submodule, build_quant_experts, check_blocksize, quant_experts, quantize_weight, set_trainable
 from .table import WEIGHT_NAMES, ExpertsSpec, find_experts, inspect_experts
 
@@ -87,6 +88,8 @@ def module_entry(name: str, qe: QuantGroupedExperts) -> dict:
         "lora_rank": qe.lora_rank,
         "lora_alpha": qe.lora_alpha,
         "lora_dtype": dtype_name(lora_dtype),
+        "gate": qe.gate.to_dict() if qe.gate is not None else None,
+        "bias_dtype": dtype_name(qe.gate_up_bias.dtype) if qe.gate_up_bias is not None else None,
     }
 
 
@@ -124,9 +127,24 @@ def empty_experts(model: nn.Module, name: str, entry: Mapping, *, backend: str, 
               blocksize2=entry["blocksize2"])
     e, h, i = saved
     gu, dn = NF4Weight(e, 2 * i, h, **kw), NF4Weight(e, h, i, **kw)
-    spec = ExpertsSpec(**{**spec.__dict__, "act": entry["act"]})
+    gate = entry.get("gate")  # absent in tables written before gates were data
+    try:
+        gate = Gate(**gate) if gate is not None else None
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{where}: '{name}': the module table's gate {entry['gate']!r} is not a valid Gate: {err}") from None
+    if gate != spec.gate:
+        raise ValueError(f"{where}: '{name}': the checkpoint's gate {gate} is not the one {spec.class_name} computes "
+                         f"({spec.gate})")
+    bias_dtype = parse_dtype(entry.get("bias_dtype"), f"{where}: '{name}' bias_dtype")
+    if (bias_dtype is not None) != spec.has_bias:
+        raise ValueError(f"{where}: '{name}': the checkpoint {'has' if bias_dtype else 'has no'} expert biases, "
+                         f"{spec.class_name} {'has' if spec.has_bias else 'has none'}")
+    spec = ExpertsSpec(**{**spec.__dict__, "act": entry["act"], "gate": gate})
     qe = build_quant_experts(spec, gu, dn, module, lora_rank=entry["lora_rank"], lora_alpha=entry["lora_alpha"],
                              backend=backend, lora_dtype=parse_dtype(entry["lora_dtype"], f"{where}: '{name}' lora_dtype"))
+    if spec.has_bias:  # the skeleton's biases are in the model's dtype; the checkpoint's are in bias_dtype
+        qe.gate_up_bias = nn.Parameter(torch.empty(e, 2 * i, dtype=bias_dtype, device="meta"), requires_grad=False)
+        qe.down_bias = nn.Parameter(torch.empty(e, h, dtype=bias_dtype, device="meta"), requires_grad=False)
     _set_submodule(model, name, qe)
     return qe
 
@@ -319,7 +337,7 @@ class Nf4MoeQuantizer(HfQuantizer):
             try:
                 self.done.setdefault(module, {})[leaf] = quantize_weight(
                     tensor, spec.layout, blocksize=cfg.blocksize, compress_statistics=cfg.compress_statistics,
-                    name=key, allow_non_finite=cfg.allow_non_finite)
+                    name=key, allow_non_finite=cfg.allow_non_finite, proj=leaf)
             except ValueError as e:
                 # transformers would fold it into a RuntimeError pointing at its log: keep ours (it names the weight,
                 # the experts and the counts), skip the remaining weights, raise it when loading ends.

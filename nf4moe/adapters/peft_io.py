@@ -35,7 +35,7 @@ from torch import nn
 
 from ..moe_layers import QuantGroupedExperts
 from .atomic import atomic_directory, check_interrupted, check_safetensors, has_manifest, read_json, verify_manifest
-from .replace import origin_of, quant_experts
+from .replace import deinterleave_rows, interleave_rows, origin_of, quant_experts
 
 LAYOUTS = ("current", "legacy")
 PREFIX = "base_model.model."
@@ -95,6 +95,8 @@ def adapter_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[
         e = qe.num_experts
         for proj in _PROJ:
             a, b = qe.lora_A[proj].detach(), qe.lora_B[proj].detach()
+            if origin.layout.interleaved and proj == "gate_up_proj":  # B's rows in the order the class stores them
+                b = interleave_rows(b)
             fan_in, fan_out = _in_out(qe, proj)
             key = f"{PREFIX}{name}.{nesting[proj]}"
             tensors[key + "lora_A.weight"] = a.reshape(e * r, fan_in).contiguous()
@@ -349,9 +351,12 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, *, layout: st
             requires_grad = next(iter(qe.lora_A.values())).requires_grad if qe.lora_rank else True
             # alpha such that our scaling alpha / r equals the adapter's (rsLoRA included)
             qe.add_lora(r, scaling * r, dtype=dtype)
+            interleaved = origin_of(qe, name).layout.interleaved
             for proj in _PROJ:
                 if proj in conv:
                     a, b = conv[proj]
+                    if interleaved and proj == "gate_up_proj":  # [g0, u0, ...] rows -> [gate; up]
+                        b = deinterleave_rows(b)
                     qe.lora_A[proj].copy_(a)
                     qe.lora_B[proj].copy_(b)
                 else:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..moe_layers import NF4Weight, QuantGroupedExperts
-from .table import ExpertsSpec, Layout, find_experts, inspect_experts
+from .table import WEIGHT_NAMES, ExpertsSpec, Layout, find_experts, inspect_experts
 
 ORIGIN_ATTR = "nf4moe_origin"
 
@@ -60,30 +60,75 @@ def make_shell(module: nn.Module) -> nn.Module:
     return module
 
 
-def stored_to_canonical(w: torch.Tensor, layout: Layout) -> torch.Tensor:
-    """A stored expert weight as (E, out, in): a view, no copy."""
-    return w.transpose(1, 2) if layout.transposed else w
+def stored_to_canonical(w: torch.Tensor, layout: Layout, proj: str = "down_proj") -> torch.Tensor:
+    """A stored expert weight as (E, out, in), a view, no copy; an interleaved gate_up_proj as the 4-D view
+    (E, 2, I, H) of its rows in [gate; up] order (NF4Weight.quantize reads it as (E, 2I, H))."""
+    w = w.transpose(1, 2) if layout.transposed else w
+    if layout.interleaved and proj == "gate_up_proj":
+        e, two_i, h = w.shape
+        w = w.view(e, two_i // 2, 2, h).transpose(1, 2)
+    return w
+
+
+def interleave_rows(t: torch.Tensor) -> torch.Tensor:
+    """(E, 2I, ...) with rows in [gate; up] order -> rows [g0, u0, g1, u1, ...] (a copy)."""
+    e, two_i = t.shape[:2]
+    return t.reshape(e, 2, two_i // 2, *t.shape[2:]).transpose(1, 2).reshape(t.shape)
+
+
+def deinterleave_rows(t: torch.Tensor) -> torch.Tensor:
+    """(E, 2I, ...) with rows [g0, u0, g1, u1, ...] -> [gate; up] order (a copy)."""
+    return torch.cat((t[:, 0::2], t[:, 1::2]), dim=1)
+
+
+def canonical_to_stored(w: torch.Tensor, layout: Layout, proj: str) -> torch.Tensor:
+    """The inverse of stored_to_canonical for a canonical (E, out, in) tensor: contiguous, as the class stores it."""
+    if layout.interleaved and proj == "gate_up_proj":
+        w = interleave_rows(w)
+    return (w.transpose(1, 2) if layout.transposed else w).contiguous()
+
+
+def bias_to_canonical(b: torch.Tensor, layout: Layout, proj: str) -> torch.Tensor:
+    """A stored bias (E, out) in the order of the canonical rows ([gate; up] for gate_up_proj)."""
+    return deinterleave_rows(b) if layout.interleaved and proj == "gate_up_proj" else b.clone()
+
+
+def bias_to_stored(b: torch.Tensor, layout: Layout, proj: str) -> torch.Tensor:
+    return interleave_rows(b) if layout.interleaved and proj == "gate_up_proj" else b.clone()
 
 
 def quantize_weight(w: torch.Tensor, layout: Layout, *, blocksize: int, compress_statistics: bool,
                     device: torch.device | str | None = None, name: str = "w",
-                    allow_non_finite: bool = False) -> NF4Weight:
-    """One stored expert weight -> NF4Weight (E, out, in).  A transposed view is copied a chunk at a time.
-    ``name`` (the weight's qualified name) goes into the error for non-finite values (NF4Weight.quantize)."""
+                    allow_non_finite: bool = False, proj: str | None = None) -> NF4Weight:
+    """One stored expert weight -> NF4Weight (E, out, in).  A transposed or interleaved view is copied a chunk
+    at a time.  ``name`` (the weight's qualified name) goes into the error for non-finite values
+    (NF4Weight.quantize); ``proj`` (default: the last part of ``name``) says which weight it is."""
     if w.device.type == "meta":
         raise ValueError("expert weights are on the meta device; load them before quantizing")
+    proj = proj or name.rpartition(".")[2]
+    if layout.interleaved and proj not in WEIGHT_NAMES:
+        raise ValueError(f"quantize_weight: proj must be one of {WEIGHT_NAMES} for the {layout.name} layout, "
+                         f"got {proj!r}")
     w = w.detach()
     if device is not None:
         w = w.to(device)
-    return NF4Weight.quantize(stored_to_canonical(w, layout), blocksize, compress_statistics, name=name,
+    return NF4Weight.quantize(stored_to_canonical(w, layout, proj), blocksize, compress_statistics, name=name,
                               allow_non_finite=allow_non_finite)
 
 
 def build_quant_experts(spec: ExpertsSpec, gate_up: NF4Weight, down: NF4Weight, shell: nn.Module, *,
                         lora_rank: int, lora_alpha: float | None, backend: str,
                         lora_dtype: torch.dtype | None) -> QuantGroupedExperts:
+    """The QuantGroupedExperts for ``shell`` (its weights quantized as ``gate_up`` / ``down``); its biases, when
+    the layout has them, taken from ``shell`` in [gate; up] order (on meta when the shell is a skeleton)."""
+    biases = {}
+    if spec.has_bias:
+        for proj, key in (("gate_up_proj", "gate_up_bias"), ("down_proj", "down_bias")):
+            b = getattr(shell, f"{proj}_bias")
+            biases[key] = (torch.empty_like(b, device="meta") if b.device.type == "meta"
+                           else bias_to_canonical(b.detach(), spec.layout, proj))
     qe = QuantGroupedExperts.from_nf4(gate_up, down, act=spec.act, lora_rank=lora_rank, lora_alpha=lora_alpha,
-                                      backend=backend, lora_dtype=lora_dtype)
+                                      backend=backend, lora_dtype=lora_dtype, gate=spec.gate, **biases)
     setattr(qe, ORIGIN_ATTR, Origin(shell=make_shell(shell), layout=spec.layout, param_order=spec.param_order))
     return qe
 
@@ -96,13 +141,17 @@ def check_blocksize(specs: list[ExpertsSpec], blocksize: int) -> None:
                                  f"{blocksize} (each NF4 block must lie inside one weight row)")
 
 
-def set_trainable(model: nn.Module) -> None:
-    """Freeze everything but the LoRA factors of QuantGroupedExperts (the QLoRA recipe)."""
+def set_trainable(model: nn.Module, *, biases: bool = False) -> None:
+    """Freeze everything but the LoRA factors of QuantGroupedExperts (the QLoRA recipe); ``biases=True`` trains
+    their per-expert biases too."""
     for p in model.parameters():
         p.requires_grad_(False)
     for _, qe in quant_experts(model):
         for p in list(qe.lora_A.values()) + list(qe.lora_B.values()):
             p.requires_grad_(True)
+        if biases and qe.gate_up_bias is not None:
+            qe.gate_up_bias.requires_grad_(True)
+            qe.down_bias.requires_grad_(True)
 
 
 def replace_experts(
@@ -149,7 +198,7 @@ def replace_experts(
     for (name, module), spec in zip(found, specs):
         gu, dn = (quantize_weight(getattr(module, w), spec.layout, blocksize=blocksize,
                                   compress_statistics=compress_statistics, device=device,
-                                  name=f"{name}.{w}" if name else w, allow_non_finite=allow_non_finite)
+                                  name=f"{name}.{w}" if name else w, allow_non_finite=allow_non_finite, proj=w)
                   for w in ("gate_up_proj", "down_proj"))
         qe = build_quant_experts(spec, gu, dn, module, lora_rank=lora_rank, lora_alpha=lora_alpha,
                                  backend=backend, lora_dtype=lora_dtype)
@@ -197,14 +246,17 @@ def merge_and_unload(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> n
     for (name, qe), origin in zip(found, origins):
         shell = origin.shell
         for proj in ("gate_up_proj", "down_proj"):
-            w = merged_weight(qe, proj, dtype)
-            if origin.layout.transposed:
-                w = w.transpose(1, 2).contiguous()
+            w = canonical_to_stored(merged_weight(qe, proj, dtype), origin.layout, proj)
             old = getattr(shell, proj)
             if tuple(old.shape) != tuple(w.shape):
                 raise ValueError(f"merged {proj} of '{name}' has shape {tuple(w.shape)}, the original class "
                                  f"{type(shell).__name__} holds {tuple(old.shape)}")
             setattr(shell, proj, nn.Parameter(w, requires_grad=old.requires_grad))
+            bias = qe.gate_up_bias if proj == "gate_up_proj" else qe.down_bias
+            if bias is not None:
+                old = getattr(shell, f"{proj}_bias")
+                setattr(shell, f"{proj}_bias", nn.Parameter(bias_to_stored(bias.detach(), origin.layout, proj).to(dtype),
+                                                           requires_grad=old.requires_grad))
         _set_submodule(model, name, shell)
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "nf4moe"):

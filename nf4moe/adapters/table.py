@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..reference import Gate, apply_gate
+
 FLAGS = ("has_gate", "is_concatenated", "is_transposed", "has_bias", "has_post_expert_norm")
 DEFAULT_FLAGS: Mapping[str, bool] = {
     "has_gate": True,
@@ -52,9 +54,11 @@ class Layout:
     flags: Mapping[str, bool]
     transposed: bool
     note: str
+    interleaved: bool = False  # gate_up rows [g0, u0, g1, u1, ...]: put in [gate; up] order before quantizing
 
     def matches(self, flags: Mapping[str, bool]) -> bool:
-        return all(bool(flags[f]) == self.flags[f] for f in FLAGS)
+        # Biases are carried by any layout (QuantGroupedExperts.gate_up_bias / down_bias).
+        return all(bool(flags[f]) == self.flags[f] for f in FLAGS if f != "has_bias")
 
 
 LAYOUTS: tuple[Layout, ...] = (
@@ -62,17 +66,25 @@ LAYOUTS: tuple[Layout, ...] = (
            note="gate_up_proj (E, 2I, H) = [gate; up], down_proj (E, H, I); quantized as stored"),
     Layout("transposed", {**DEFAULT_FLAGS, "is_transposed": True}, transposed=True,
            note="gate_up_proj (E, H, 2I), down_proj (E, I, H); transposed once, chunk by chunk, before quantizing"),
+    Layout("interleaved", {**DEFAULT_FLAGS, "is_concatenated": False}, transposed=False, interleaved=True,
+           note="gate_up_proj (E, 2I, H) rows [g0, u0, g1, u1, ...]: rows put in [gate; up] order, chunk by chunk, "
+                "before quantizing (NF4 blocks run along H, so each row's bytes are those of the row); "
+                "re-interleaved on merge"),
+    Layout("interleaved_transposed", {**DEFAULT_FLAGS, "is_concatenated": False, "is_transposed": True},
+           transposed=True, interleaved=True,
+           note="gate_up_proj (E, H, 2I) columns [g0, u0, ...] (gpt-oss), down_proj (E, I, H): transposed and put in "
+                "[gate; up] order before quantizing"),
 )
 LAYOUTS_BY_NAME = {layout.name: layout for layout in LAYOUTS}
 
 # (flag, value) outside every layout -> why QuantGroupedExperts cannot run it.
 UNSUPPORTED_FLAGS: Mapping[tuple[str, bool], str] = {
-    ("has_bias", True): "per-expert biases (gate_up_proj_bias / down_proj_bias) are not part of QuantGroupedExperts",
-    ("has_gate", False): "QuantGroupedExperts computes act(gate) * up; a non-gated expert (up_proj only) is not supported",
-    ("is_concatenated", False): "interleaved gate/up rows [g0, u0, g1, u1, ...] are not supported (the kernels split gate_up_proj in two halves)",
+    ("has_gate", False): "QuantGroupedExperts computes a gate of two halves; a non-gated expert (up_proj only) is not supported",
     ("has_post_expert_norm", True): "a norm after each expert's down projection is not part of QuantGroupedExperts",
 }
-CUSTOM_GATE_REASON = "the class overrides _apply_gate (a gating other than act(gate) * up, e.g. clamped or biased SwiGLU)"
+CUSTOM_GATE_REASON = ("the class's _apply_gate matches no nf4moe gate form (reference.Gate: act(min(g, L)) or "
+                      "min(act(g), L) or min(g, L)·sigmoid(alpha·min(g, L)), times clamp(u, -L, L) + offset)")
+BIAS_NAMES = ("gate_up_proj_bias", "down_proj_bias")
 
 
 def _activation_table() -> dict[object, str]:
@@ -114,6 +126,55 @@ def activation_name(act_fn) -> str | None:
         return None
 
 
+_LIMIT_ATTRS = ("limit", "swiglu_limit")
+_ALPHA_ATTRS = ("alpha", "swiglu_alpha")
+
+
+def _number(owner, names) -> float | None:
+    for n in names:
+        v = getattr(owner, n, None)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return float(v)
+    return None
+
+
+def gate_candidates(owner, act: str | None) -> list[Gate]:
+    """The nf4moe gate forms a class's ``_apply_gate`` may compute, with the owner's limit / alpha attributes."""
+    act = act or "silu"
+    out = [Gate(act)]
+    limit, alpha = _number(owner, _LIMIT_ATTRS), _number(owner, _ALPHA_ATTRS)
+    if limit is not None:
+        out += [Gate(act, gate_limit=limit, up_limit=limit), Gate(act, act_limit=limit, up_limit=limit)]
+        if alpha is not None:
+            out.append(Gate("silu", alpha=alpha, gate_limit=limit, up_limit=limit, up_offset=1.0))
+    return out
+
+
+def probe_gate(fn, owner, *, interleaved: bool, act: str | None) -> Gate | None:
+    """The Gate that reproduces ``fn(owner, gate_up)`` (a class's ``_apply_gate``) on probe inputs, or None.
+
+    Probed in float64 on values spread to three times the owner's limit (so every clamp is exercised) with
+    the halves laid out as the class stores them (interleaved or [gate; up]); a match is within 1e-5 relative
+    (a gate that computes in fp32 and casts back still matches)."""
+    limit = _number(owner, _LIMIT_ATTRS)
+    scale = 3 * abs(limit) if limit else 6.0
+    gen = torch.Generator().manual_seed(0)  # on the CPU even inside a meta-device context (skeletons)
+    g = (torch.rand(64, 16, generator=gen, dtype=torch.float64, device="cpu") * 2 - 1) * scale
+    u = (torch.rand(64, 16, generator=gen, dtype=torch.float64, device="cpu") * 2 - 1) * scale
+    x = torch.stack((g, u), dim=-1).flatten(-2) if interleaved else torch.cat((g, u), dim=-1)
+    try:
+        with torch.no_grad():
+            out = fn(owner, x)
+    except (TypeError, RuntimeError, AttributeError, ValueError):  # a gate of another signature or state
+        return None
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != tuple(g.shape):
+        return None
+    for cand in gate_candidates(owner, act):
+        if torch.allclose(out.double(), apply_gate(g, u, cand), rtol=1e-5, atol=1e-6):
+            return cand
+    return None
+
+
 def _is_default_gate(fn) -> bool:
     return getattr(fn, "__name__", None) == "_default_apply_gate" and getattr(fn, "__module__", "").startswith(
         "transformers.integrations"
@@ -132,9 +193,10 @@ def layout_verdict(
             reasons.append(f"{f}={value}: {UNSUPPORTED_FLAGS[(f, value)]}")
     if custom_gate:
         reasons.append(f"custom _apply_gate: {CUSTOM_GATE_REASON}")
-    extra = sorted(set(extra_params) - set(WEIGHT_NAMES))
+    allowed = set(WEIGHT_NAMES) | (set(BIAS_NAMES) if flags.get("has_bias") else set())
+    extra = sorted(set(extra_params) - allowed)
     if extra:
-        reasons.append(f"extra parameters {extra}: QuantGroupedExperts holds only {list(WEIGHT_NAMES)}")
+        reasons.append(f"extra parameters {extra}: QuantGroupedExperts holds only {sorted(allowed)}")
     if reasons:
         return None, reasons
     for layout in LAYOUTS:
@@ -159,6 +221,8 @@ class ExpertsSpec:
     hidden_size: int
     intermediate_size: int
     param_order: tuple[str, ...] = field(default=WEIGHT_NAMES)
+    gate: Gate | None = None  # None: act(g) * u
+    has_bias: bool = False
 
 
 _RECORDED: tuple[str, ...] | None = None
@@ -210,10 +274,14 @@ def inspect_experts(module: nn.Module, name: str = "") -> ExpertsSpec:
     if not is_experts_module(module):
         raise ValueError(f"{where} is not a transformers expert module (no @use_experts_implementation flags)")
     flags = module_flags(module)
-    gate = getattr(type(module), "_apply_gate", None)
+    gate_fn = getattr(type(module), "_apply_gate", None)
+    custom = gate_fn is not None and not _is_default_gate(gate_fn)
     params = [n for n, _ in module.named_parameters(recurse=False)]
-    layout, reasons = layout_verdict(flags, custom_gate=gate is not None and not _is_default_gate(gate),
-                                     extra_params=params)
+    layout, reasons = layout_verdict(flags, custom_gate=False, extra_params=params)
+    act = activation_name(getattr(module, "act_fn", None))
+    gate = probe_gate(gate_fn, module, interleaved=layout.interleaved, act=act) if custom and layout else None
+    if custom and layout is not None and gate is None:
+        layout, reasons = None, [f"custom _apply_gate: {CUSTOM_GATE_REASON}"]
     if layout is None:
         raise UnsupportedExpertsError(f"{where} cannot be replaced by QuantGroupedExperts: " + "; ".join(reasons))
     missing = [n for n in WEIGHT_NAMES if getattr(module, n, None) is None]
@@ -224,8 +292,9 @@ def inspect_experts(module: nn.Module, name: str = "") -> ExpertsSpec:
     if buffers or children:
         raise UnsupportedExpertsError(
             f"{where} holds state QuantGroupedExperts would drop: buffers {buffers}, submodules {children}")
-    act = activation_name(getattr(module, "act_fn", None))
-    if act is None:
+    if gate is not None:
+        act = gate.act
+    elif act is None:
         raise UnsupportedExpertsError(
             f"{where}: activation {getattr(module, 'act_fn', None)!r} has no nf4moe equivalent "
             f"(supported: {sorted(set(_ACTIVATIONS.values()))})")
@@ -243,8 +312,18 @@ def inspect_experts(module: nn.Module, name: str = "") -> ExpertsSpec:
         expect = "(E, H, 2I) and (E, I, H)" if layout.transposed else "(E, 2I, H) and (E, H, I)"
         raise ValueError(f"{where} ({layout.name} layout): gate_up_proj {tuple(gu.shape)} and down_proj "
                          f"{tuple(dn.shape)} are not {expect}")
+    has_bias = bool(flags["has_bias"])
+    if has_bias:
+        got = {n: getattr(module, n, None) for n in BIAS_NAMES}
+        want = {"gate_up_proj_bias": (e, 2 * i), "down_proj_bias": (e, h)}
+        bad = {n: None if t is None else tuple(t.shape) for n, t in got.items()
+               if t is None or tuple(t.shape) != want[n]}
+        if bad:
+            raise UnsupportedExpertsError(f"{where} has has_bias=True but biases {bad}; expected {want}")
     return ExpertsSpec(name=name, class_name=type(module).__name__, layout=layout, act=act, num_experts=e,
-                       hidden_size=h, intermediate_size=i, param_order=tuple(params))
+                       hidden_size=h, intermediate_size=i,
+                       param_order=tuple(p for p in params if p not in BIAS_NAMES),
+                       gate=gate if gate is not None and not gate.plain else None, has_bias=has_bias)
 
 
 # ---------------------------------------------------------------------------------------------- selection
@@ -352,6 +431,24 @@ def _act_from_source(src: str) -> str:
     return f"unsupported ({src})"
 
 
+def _probe_source_gate(model_type: str, fname: str, class_name: str, interleaved: bool, act: str) -> Gate | None:
+    """probe_gate on a class's own ``_apply_gate`` (its module imported) with stand-in limit / alpha / act_fn
+    attributes: the form does not depend on their values, which come from the config when a module is replaced."""
+    import importlib
+    from types import SimpleNamespace
+
+    try:
+        module = importlib.import_module(f"transformers.models.{model_type}.{fname[:-3]}")
+    except ImportError:
+        return None
+    fn = vars(getattr(module, class_name)).get("_apply_gate")
+    known = act if act in ("silu", "gelu", "gelu_tanh", "relu") else None
+    act_fn = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu,
+              "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}[known or "silu"]
+    owner = SimpleNamespace(limit=3.0, swiglu_limit=3.0, alpha=1.5, swiglu_alpha=1.5, act_fn=act_fn)
+    return probe_gate(fn, owner, interleaved=interleaved, act=known) if fn is not None else None
+
+
 def supported_models(transformers_root: str | os.PathLike | None = None) -> list[dict]:
     """One row per ``@use_experts_implementation`` class in the installed transformers, with nf4moe's verdict.
 
@@ -382,8 +479,15 @@ def supported_models(transformers_root: str | os.PathLike | None = None) -> list
             for node, kwargs in _decorated_classes(ast.parse(src)):
                 flags = {f: bool(kwargs.get(f, defaults[f])) for f in FLAGS}
                 custom_gate, params, act_src = _class_facts(node)
-                layout, reasons = layout_verdict(flags, custom_gate=custom_gate, extra_params=params)
+                layout, reasons = layout_verdict(flags, custom_gate=False, extra_params=params)
                 act = _act_from_source(act_src)
+                gate = None
+                if layout is not None and custom_gate:
+                    gate = _probe_source_gate(model_type, fname, node.name, layout.interleaved, act)
+                    if gate is None:
+                        layout, reasons = None, [f"custom _apply_gate: {CUSTOM_GATE_REASON}"]
+                    else:
+                        act = gate.act if gate.plain else gate.formula()
                 if layout is not None and act.startswith("unsupported"):
                     layout, reasons = None, [f"activation {act}"]
                 rows.append({

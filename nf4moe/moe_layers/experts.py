@@ -17,7 +17,7 @@ import os
 import torch
 from torch import nn
 
-from ..reference import ACTIVATIONS, Lora, moe_forward
+from ..reference import ACTIVATIONS, Gate, Lora, moe_forward
 from .checks import check_expert_weights, check_forward_inputs
 from .nf4_weight import NF4Weight
 
@@ -76,8 +76,16 @@ class QuantGroupedExperts(nn.Module):
         lora_dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         recompute: bool = False,
+        gate: Gate | None = None,
+        bias: bool = False,
     ):
         super().__init__()
+        if gate is not None:
+            if not isinstance(gate, Gate):
+                raise TypeError(f"gate must be an nf4moe.reference.Gate, got {type(gate).__name__}")
+            if act not in ("silu", gate.act):
+                raise ValueError(f"act={act!r} and gate.act={gate.act!r} disagree; pass the gate alone")
+            act = gate.act
         _check_config(act, backend, lora_rank)
         # Training memory mode of the Triton backward (moe_layers/autograd.py): True recomputes the up
         # projection in the backward instead of saving its (T*K, 2I) pre-activation.
@@ -96,9 +104,15 @@ class QuantGroupedExperts(nn.Module):
         kw = dict(blocksize=blocksize, compress_statistics=compress_statistics, dtype=dtype, device=device)
         self.gate_up_nf4 = NF4Weight(num_experts, 2 * intermediate_size, hidden_size, **kw)
         self.down_nf4 = NF4Weight(num_experts, hidden_size, intermediate_size, **kw)
+        self.gate = gate if gate is not None and not gate.plain else None  # None: act(g) * u
         self.add_lora(lora_rank, lora_alpha, dtype=lora_dtype or dtype)
         for name in PROJECTIONS:
             self.register_buffer(name, marker_tensor(device))
+        # Per-expert biases, [gate; up] halves like gate_up_nf4's rows; frozen unless asked (set_trainable).
+        for name, n in (("gate_up_bias", 2 * intermediate_size), ("down_bias", hidden_size)):
+            self.register_parameter(name, nn.Parameter(torch.zeros(num_experts, n, dtype=lora_dtype or dtype,
+                                                                   device=device), requires_grad=False)
+                                    if bias else None)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -140,22 +154,38 @@ class QuantGroupedExperts(nn.Module):
         lora_alpha: float | None = None,
         backend: str = "auto",
         lora_dtype: torch.dtype | None = None,
+        gate: Gate | None = None,
+        gate_up_bias: torch.Tensor | None = None,
+        down_bias: torch.Tensor | None = None,
     ) -> "QuantGroupedExperts":
-        """Wrap already-quantized NF4 weights (e.g. from bitsandbytes) without re-quantizing."""
-        _check_config(act, backend, lora_rank)
+        """Wrap already-quantized NF4 weights (e.g. from bitsandbytes) without re-quantizing.
+
+        ``gate``: the gating of the halves (``Gate``; None: ``act(g) * u``).  Biases (E, 2I) in [gate; up]
+        order and (E, H), both or neither; kept as given (dtype included), frozen."""
+        _check_config(gate.act if gate is not None else act, backend, lora_rank)
         e, two_i, h = gate_up.shape
         e2, h2, i = down.shape
         if e != e2 or two_i != 2 * i or h2 != h:
             raise ValueError(f"gate_up {gate_up.shape} and down {down.shape} are not (E, 2I, H) and (E, H, I)")
         if gate_up.blocksize != down.blocksize or gate_up.compress_statistics != down.compress_statistics:
             raise ValueError("gate_up and down must share blocksize and compress_statistics")
+        if (gate_up_bias is None) != (down_bias is None):
+            raise ValueError("pass both gate_up_bias and down_bias, or neither")
+        if gate_up_bias is not None:
+            if tuple(gate_up_bias.shape) != (e, two_i) or tuple(down_bias.shape) != (e, h):
+                raise ValueError(f"gate_up_bias {tuple(gate_up_bias.shape)} and down_bias {tuple(down_bias.shape)} "
+                                 f"are not (E, 2I) = {(e, two_i)} and (E, H) = {(e, h)}")
         with torch.device("meta"):
-            self = cls(e, h, i, act=act, lora_rank=0, blocksize=gate_up.blocksize,
-                       compress_statistics=gate_up.compress_statistics, backend=backend, dtype=gate_up.dtype)
+            self = cls(e, h, i, act=act if gate is None else gate.act, lora_rank=0, blocksize=gate_up.blocksize,
+                       compress_statistics=gate_up.compress_statistics, backend=backend, dtype=gate_up.dtype,
+                       gate=gate)
         self.gate_up_nf4 = gate_up
         self.down_nf4 = down
         for name in PROJECTIONS:
             setattr(self, name, marker_tensor(gate_up.packed.device))
+        if gate_up_bias is not None:
+            self.gate_up_bias = nn.Parameter(gate_up_bias.detach(), requires_grad=False)
+            self.down_bias = nn.Parameter(down_bias.detach(), requires_grad=False)
         self.add_lora(lora_rank, lora_alpha, dtype=lora_dtype or gate_up.dtype)
         return self
 
@@ -200,10 +230,37 @@ class QuantGroupedExperts(nn.Module):
             return None
         return Lora(self.lora_A[proj], self.lora_B[proj])
 
+    @property
+    def kernel_ready(self) -> bool:
+        """Whether the Triton kernels compute this module: ``act(g) * u`` without biases (their epilogues do not
+        carry a clamped / offset gate or biases yet; the reference backend computes every form)."""
+        return self.gate is None and self.gate_up_bias is None
+
     def resolve_backend(self, x: torch.Tensor) -> str:
+        if self.backend == "triton" and not self.kernel_ready:
+            raise NotImplementedError(
+                f"backend='triton': the Triton kernels do not compute {self._form()} yet; use backend='reference' "
+                "(or 'auto', which picks it for this module)")
         if self.backend != "auto":
             return self.backend
+        if not self.kernel_ready:
+            if x.is_cuda and not getattr(self, "_warned_reference", False):
+                import warnings
+
+                warnings.warn(f"QuantGroupedExperts with {self._form()} runs the reference backend (PyTorch, one "
+                              "expert at a time, dequantized): correct but far slower than the kernels",
+                              UserWarning, stacklevel=3)
+                self._warned_reference = True
+            return "reference"
         return "triton" if (x.is_cuda or _interpreting()) else "reference"
+
+    def _form(self) -> str:
+        parts = []
+        if self.gate is not None:
+            parts.append(f"the gate {self.gate.formula(symbolic=False)}")
+        if self.gate_up_bias is not None:
+            parts.append("per-expert biases")
+        return " and ".join(parts) or "act(g) * u"
 
     # ------------------------------------------------------------------ forward
     def launch_plan(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
@@ -248,7 +305,8 @@ class QuantGroupedExperts(nn.Module):
             lambda e: self.down_nf4.dequantize_expert(e, compute),
             num_experts=self.num_experts, act=self.act,
             lora_gate_up=self.lora("gate_up_proj"), lora_down=self.lora("down_proj"),
-            lora_scaling=self.scaling, compute_dtype=compute, static=tracing,
+            lora_scaling=self.scaling, compute_dtype=compute, static=tracing, gate=self.gate,
+            bias_gate_up=self.gate_up_bias, bias_down=self.down_bias,
         )
         return out.to(hidden_states.dtype)
 
@@ -281,5 +339,7 @@ class QuantGroupedExperts(nn.Module):
             f"E={self.num_experts}, H={self.hidden_size}, I={self.intermediate_size}, act={self.act}, "
             f"lora_rank={self.lora_rank}, lora_alpha={self.lora_alpha:g}, blocksize={self.blocksize}, "
             f"double_quant={self.gate_up_nf4.compress_statistics}, backend={self.backend}, "
-            f"memory={self.nbytes / 2**20:.2f} MiB"
+            + (f"gate={self.gate.formula(symbolic=False)}, " if self.gate is not None else "")
+            + ("bias=True, " if self.gate_up_bias is not None else "")
+            + f"memory={self.nbytes / 2**20:.2f} MiB"
         )

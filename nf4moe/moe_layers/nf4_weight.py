@@ -119,6 +119,9 @@ class NF4Weight(nn.Module):
     ) -> "NF4Weight":
         """Quantize w (E, out, in) with ``bitsandbytes.functional.quantize_4bit(quant_type="nf4")``.
 
+        ``w`` may also be 4-D (E, parts, rows, in), read as (E, parts * rows, in): a view that reorders rows
+        (interleaved gate/up put in [gate; up] order) is then copied a chunk of experts at a time, never whole.
+
         Result is byte-identical to quantizing the whole tensor in one bitsandbytes call (one nested
         offset for the whole tensor), but only a few experts are quantized at a time.
 
@@ -131,11 +134,12 @@ class NF4Weight(nn.Module):
             raise ValueError(f"quant_type must be 'nf4' (nf4moe kernels decode NF4 only), got {quant_type!r}")
         if not isinstance(w, torch.Tensor):
             raise TypeError(f"w must be a torch.Tensor, got {type(w).__name__}")
-        if w.dim() != 3:
-            raise ValueError(f"w must be 3-D (E, out, in), got shape {tuple(w.shape)}")
+        if w.dim() not in (3, 4):
+            raise ValueError(f"w must be 3-D (E, out, in) or 4-D (E, parts, rows, in), got shape {tuple(w.shape)}")
         if w.dtype not in _QUANT_DTYPES:
             raise TypeError(f"w must be one of {_QUANT_DTYPES}, got {w.dtype}")
-        e, o, i = w.shape
+        e, i = w.shape[0], w.shape[-1]
+        o = w.shape[1] * w.shape[2] if w.dim() == 4 else w.shape[1]
         self = cls(e, o, i, blocksize=blocksize, compress_statistics=compress_statistics, dtype=w.dtype, device=w.device)
         bnbf = _bnb_functional()
         step = max(1, _CHUNK_ELEMENTS // (o * i))
@@ -143,7 +147,7 @@ class NF4Weight(nn.Module):
         finite = None  # stays on the device until the one sync after the loop
         with torch.no_grad():
             for s in range(0, e, step):
-                chunk = w[s : s + step].detach().contiguous()
+                chunk = w[s : s + step].detach().contiguous().view(-1, o, i)
                 if not allow_non_finite:
                     ok = torch.isfinite(chunk).all()
                     finite = ok if finite is None else finite & ok
@@ -152,7 +156,7 @@ class NF4Weight(nn.Module):
                 absmax[s : s + step].copy_(st.absmax.view(-1, o, i // blocksize))
                 del chunk, q, st
             if finite is not None and not bool(finite):
-                raise ValueError(_non_finite_weight_message(w, name, step))
+                raise ValueError(_non_finite_weight_message(w.reshape(e, o, i), name, step))
             if compress_statistics:
                 # The same nesting bitsandbytes applies in quantize_4bit, over the whole tensor's absmax.
                 offset = absmax.mean()

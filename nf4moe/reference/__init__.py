@@ -6,9 +6,11 @@ use too, so both paths speak the same metadata.
 """
 from .nf4 import NF4_CODE, dequantize_absmax, dequantize_nf4
 from .routing import Routing, route
-from .moe import ACTIVATIONS, Lora, activation, combine, expert_mlp, moe_forward
+from .moe import ACTIVATIONS, Gate, Lora, activation, apply_gate, combine, expert_mlp, moe_forward
 
 __all__ = [
+    "Gate",
+    "apply_gate",
     "NF4_CODE",
     "dequantize_absmax",
     "dequantize_nf4",
