@@ -56,6 +56,14 @@ PARAMS = [pytest.param(name, id=name.removesuffix("Config"),
           for name in FAMILIES]
 
 
+def reload_works(family: str) -> None:
+    """Skip where transformers itself cannot reload the family's plain bf16 checkpoint and run it: transformers
+    5.17's DeepSeek-V4 comes back with fp32 attention weights beside bf16 activations ("expected m1 and m2 to
+    have the same dtype"), a dense model without nf4moe included."""
+    if family == "DeepseekV4Config" and tuple(int(v) for v in transformers.__version__.split(".")[:2]) < (5, 25):
+        pytest.skip(f"transformers {transformers.__version__} cannot run its own reloaded bf16 DeepSeek-V4")
+
+
 def make_model(family: str, dtype=torch.float32):
     cfg = getattr(transformers, family)(**{**_COMMON, **FAMILIES[family]})
     model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
@@ -176,6 +184,7 @@ def assert_bit_exact(model, restored):
 
 @pytest.mark.parametrize("family", PARAMS)
 def test_nf4moe_checkpoint_round_trip(family, tmp_path):
+    reload_works(family)
     model = nf4moe.replace_experts(make_model(family, torch.bfloat16), lora_rank=4, backend="reference")
     randomize_lora(model)
     nf4moe.save_pretrained(model, tmp_path / "nf4")
@@ -296,6 +305,7 @@ def per_token_rel(a, b) -> torch.Tensor:
 
 @pytest.mark.parametrize("family", PARAMS)
 def test_merge_and_unload_by_logits(family, tmp_path):
+    reload_works(family)
     model = nf4moe.replace_experts(make_model(family, torch.bfloat16), lora_rank=4, backend="reference")
     randomize_lora(model, std=0.2)
     x = ids()

@@ -144,15 +144,16 @@ def test_gpt_oss_swaps_with_its_gate_biases_and_interleaving():
                                     num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_local_experts=4,
                                     num_experts_per_tok=2)
     model = transformers.AutoModelForCausalLM.from_config(cfg)
+    dense = model.model.layers[0].mlp.experts
     nf4moe.replace_experts(model, backend="reference")
     qe = model.model.layers[0].mlp.experts
     assert isinstance(qe, QuantGroupedExperts) and qe.nf4moe_origin.layout.name == "interleaved_transposed"
-    assert qe.gate == nf4moe.reference.Gate("silu", alpha=cfg.swiglu_alpha, gate_limit=cfg.swiglu_limit,
-                                            up_limit=cfg.swiglu_limit, up_offset=1.0)
+    assert qe.gate == nf4moe.reference.Gate("silu", alpha=dense.alpha, gate_limit=dense.limit, up_limit=dense.limit,
+                                            up_offset=1.0)
     assert qe.gate_up_bias.shape == (4, 256) and qe.down_bias.shape == (4, 128) and not qe.gate_up_bias.requires_grad
     assert not qe.kernel_ready
     qe.backend = "triton"
-    with pytest.raises(NotImplementedError, match=r"Triton kernels do not compute the gate min\(g, 7\)"):
+    with pytest.raises(NotImplementedError, match=r"Triton kernels do not compute the gate min\(g, 7\)"):  # limit 7
         qe(torch.randn(3, 128), torch.zeros(3, 2, dtype=torch.long), torch.ones(3, 2))
 
 
