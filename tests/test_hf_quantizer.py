@@ -126,6 +126,28 @@ def test_save_pretrained_then_from_pretrained_is_bit_exact(family, tmp_path):
         assert {k: fh.get_slice(k).get_shape() for k in fh.keys()} == saved
 
 
+def test_reload_in_another_dtype_casts_lora_keeps_nf4(tmp_path):
+    model = swapped("Qwen3MoeConfig")  # bf16
+    model.save_pretrained(tmp_path)
+    half = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float16)
+    got, want = nf4_state(half), nf4_state(model)
+    for k, t in got.items():
+        if "_nf4." in k or k.endswith(("gate_up_proj", "down_proj")):
+            assert t.dtype == want[k].dtype and torch.equal(t, want[k]), k  # NF4 bytes and fp32 statistics as saved
+        else:
+            assert t.dtype == torch.float16 and torch.equal(t, want[k].to(torch.float16)), k  # LoRA as asked
+    assert {"gate_up_nf4", "down_nf4"} <= half._keep_in_fp32_modules_strict
+    assert_same(want, nf4_state(transformers.AutoModelForCausalLM.from_pretrained(tmp_path)))  # default: as saved
+
+
+def test_from_pretrained_with_the_models_own_config_and_state_dict():
+    """transformers reads config.quantization_config as a dict; a swapped model's config holds the Nf4MoeConfig."""
+    model = swapped("Qwen3MoeConfig")
+    sd = model.state_dict()
+    again = type(model).from_pretrained(None, config=model.config, state_dict=sd)
+    assert_same(sd, again.state_dict())
+
+
 def test_partial_checkpoint_is_refused_naming_the_tensor(tmp_path):
     from safetensors.torch import load_file, save_file
 

@@ -108,8 +108,10 @@ def resolve_name(model: nn.Module, name: str, where: str) -> str:
     raise ValueError(f"{where}: the module table names '{name}', which {type(model).__name__} does not have")
 
 
-def empty_experts(model: nn.Module, name: str, entry: Mapping, *, backend: str, where: str) -> QuantGroupedExperts:
-    """Swap the expert module at ``name`` of a skeleton for a QuantGroupedExperts on meta, as ``entry`` describes."""
+def empty_experts(model: nn.Module, name: str, entry: Mapping, *, backend: str, where: str,
+                  float_dtype: torch.dtype | None = None) -> QuantGroupedExperts:
+    """Swap the expert module at ``name`` of a skeleton for a QuantGroupedExperts on meta, as ``entry`` describes.
+    ``float_dtype``: the dtype of the LoRA factors and biases (default: as saved, so the load is bit-exact)."""
     missing = sorted(_ENTRY_KEYS - set(entry))
     if missing:
         raise ValueError(f"{where}: the module table entry for '{name}' lacks {missing}")
@@ -136,12 +138,15 @@ def empty_experts(model: nn.Module, name: str, entry: Mapping, *, backend: str, 
         raise ValueError(f"{where}: '{name}': the checkpoint's gate {gate} is not the one {spec.class_name} computes "
                          f"({spec.gate})")
     bias_dtype = parse_dtype(entry.get("bias_dtype"), f"{where}: '{name}' bias_dtype")
+    if bias_dtype is not None and float_dtype is not None:
+        bias_dtype = float_dtype
     if (bias_dtype is not None) != spec.has_bias:
         raise ValueError(f"{where}: '{name}': the checkpoint {'has' if bias_dtype else 'has no'} expert biases, "
                          f"{spec.class_name} {'has' if spec.has_bias else 'has none'}")
     spec = ExpertsSpec(**{**spec.__dict__, "act": entry["act"], "gate": gate})
     qe = build_quant_experts(spec, gu, dn, module, lora_rank=entry["lora_rank"], lora_alpha=entry["lora_alpha"],
-                             backend=backend, lora_dtype=parse_dtype(entry["lora_dtype"], f"{where}: '{name}' lora_dtype"))
+                             backend=backend, lora_dtype=float_dtype or parse_dtype(entry["lora_dtype"],
+                                                                                  f"{where}: '{name}' lora_dtype"))
     if spec.has_bias:  # the skeleton's biases are in the model's dtype; the checkpoint's are in bias_dtype
         qe.gate_up_bias = nn.Parameter(torch.empty(e, 2 * i, dtype=bias_dtype, device="meta"), requires_grad=False)
         qe.down_bias = nn.Parameter(torch.empty(e, h, dtype=bias_dtype, device="meta"), requires_grad=False)
@@ -217,6 +222,11 @@ class Nf4MoeConfig(QuantizationConfigMixin):
 
     def to_diff_dict(self) -> dict[str, Any]:
         return self.to_dict()
+
+    def get(self, key: str, default=None):
+        """Dict access: transformers' quantizer lookup reads ``config.quantization_config`` as the dict of a
+        config.json, and a loaded model's config holds this object (``from_pretrained(config=model.config)``)."""
+        return self.to_dict().get(key, default)
 
 
 class QuantizeExperts:
@@ -305,16 +315,23 @@ class Nf4MoeQuantizer(HfQuantizer):
         return QuantizeExperts(self)
 
     # ----------------------------------------------------------------- loading
-    def _process_model_before_weight_loading(self, model, **kwargs):
+    def _process_model_before_weight_loading(self, model, dtype=None, **kwargs):
         cfg = self.quantization_config
         where = f"nf4moe from_pretrained of {type(model).__name__}"
+        _declare_fp32(model)
         if self.pre_quantized:
             table = cfg.quantized_modules
             if not table:
                 raise ValueError(f"{where}: the checkpoint's quantization_config (quant_method 'nf4moe') has no "
                                  "quantized_modules table; it was not written by nf4moe")
+            # LoRA factors and biases keep their saved dtype (a bit-exact reload) unless from_pretrained asks for
+            # a dtype other than the checkpoint's own (config.dtype), as it does for every other weight.
+            saved = getattr(model.config, "dtype", None)
+            saved = parse_dtype(saved, "config.dtype") if isinstance(saved, str) else saved
+            float_dtype = dtype if isinstance(dtype, torch.dtype) and saved is not None and dtype != saved else None
             for name, entry in table.items():
-                empty_experts(model, resolve_name(model, name, where), entry, backend=cfg.backend, where=where)
+                empty_experts(model, resolve_name(model, name, where), entry, backend=cfg.backend, where=where,
+                              float_dtype=float_dtype)
             self.expected = _expected(model)
             return model
         found = find_experts(model, cfg.modules)
@@ -404,6 +421,17 @@ class Nf4MoeQuantizer(HfQuantizer):
         return True
 
 
+FP32_MODULES = ("gate_up_nf4", "down_nf4")
+
+
+def _declare_fp32(model: nn.Module) -> None:
+    """NF4 statistics are fp32 whatever the model's dtype (NF4Weight keeps them through casts): declared in
+    transformers' own list of modules that stay fp32, so its dtype plan and checks agree."""
+    for m in model.modules():
+        if hasattr(m, "_keep_in_fp32_modules_strict") and hasattr(m, "config"):
+            m._keep_in_fp32_modules_strict = set(m._keep_in_fp32_modules_strict or ()) | set(FP32_MODULES)
+
+
 def _not_read_only(model: nn.Module) -> None:
     # transformers reads ``is_quantized`` to refuse ``.half()`` / ``.float()`` (the weights could not be cast
     # back) and, in Trainer, to demand PEFT adapters.  Neither applies: NF4 buffers keep their dtypes under
@@ -439,6 +467,7 @@ def attach(model: nn.Module, config: Nf4MoeConfig | None = None) -> Nf4MoeQuanti
     model.config.quantization_config = quantizer.quantization_config
     model.quantization_method = QUANT_METHOD
     _not_read_only(model)
+    _declare_fp32(model)
     return quantizer
 
 
