@@ -25,7 +25,8 @@ def nf4moe_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     raise RuntimeError(
         f"experts_implementation='{EXPERTS_IMPLEMENTATION}' reached {type(self).__name__}, which still holds dense "
         "weights: transformers' ExpertsInterface can only swap the forward function, not the weights. Load the model "
-        "with nf4moe.from_pretrained(name_or_path, ...) (quantizes experts as they load) or call "
+        "with from_pretrained(name_or_path, quantization_config=nf4moe.Nf4MoeConfig(...)) (transformers' quantizer "
+        "interface: experts quantized as they load; nf4moe.from_pretrained does the same) or call "
         "nf4moe.replace_experts(model) on a loaded model.")
 
 
