@@ -157,6 +157,25 @@ def test_gpt_oss_swaps_with_its_gate_biases_and_interleaving():
         qe(torch.randn(3, 128), torch.zeros(3, 2, dtype=torch.long), torch.ones(3, 2))
 
 
+def test_gpt_oss_biases_train_when_asked():
+    if not hasattr(transformers, "GptOssConfig"):
+        pytest.skip("no GPT-OSS in this transformers")
+    cfg = transformers.GptOssConfig(vocab_size=96, hidden_size=128, intermediate_size=128, num_hidden_layers=1,
+                                    num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_local_experts=4,
+                                    num_experts_per_tok=2)
+    model = nf4moe.replace_experts(transformers.AutoModelForCausalLM.from_config(cfg), lora_rank=2,
+                                   backend="reference", train_biases=True)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f"model.layers.0.mlp.experts.{k}" for k in (
+        "lora_A.gate_up_proj", "lora_A.down_proj", "lora_B.gate_up_proj", "lora_B.down_proj", "gate_up_bias",
+        "down_bias")}
+    ids = torch.randint(0, 96, (2, 7))
+    model(ids, labels=ids).loss.backward()
+    qe = model.model.layers[0].mlp.experts
+    assert qe.gate_up_bias.grad is not None and qe.gate_up_bias.grad.abs().sum() > 0
+    assert qe.down_bias.grad is not None and qe.down_bias.grad.abs().sum() > 0
+
+
 def test_a_gate_nf4moe_cannot_describe_is_refused_naming_the_class():
     base = qwen3_moe()
 

@@ -45,7 +45,7 @@ QUANT_METHOD = "nf4moe"
 FORMAT_VERSION = 1
 _BNB_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 # Arguments that say how to load and run, not what was saved: not written into config.json.
-_RUNTIME = ("backend", "freeze_base", "allow_non_finite", "modules")
+_RUNTIME = ("backend", "freeze_base", "allow_non_finite", "modules", "train_biases")
 # What a module-table entry holds (written by ``module_entry``).
 _ENTRY_KEYS = frozenset({"experts_class", "layout", "act", "num_experts", "hidden_size", "intermediate_size",
                          "blocksize", "blocksize2", "compress_statistics", "quant_dtype", "lora_rank", "lora_alpha",
@@ -161,14 +161,16 @@ class Nf4MoeConfig(QuantizationConfigMixin):
     ``lora_alpha`` (scale alpha / rank), ``blocksize``, ``compress_statistics`` (double quantization),
     ``lora_dtype`` (default: the weights' dtype), ``modules`` (a glob / regex string, a list of them or a
     callable ``(name, module) -> bool``, selecting expert modules by qualified name).  Run-time arguments, never saved: ``backend``,
-    ``freeze_base`` (requires_grad only on the LoRA factors), ``allow_non_finite``.
+    ``freeze_base`` (requires_grad only on the LoRA factors), ``train_biases`` (and on the per-expert biases of
+    classes that have them), ``allow_non_finite``.
     ``quantized_modules`` is the module table a saved checkpoint carries (set by nf4moe; leave it None).
     """
 
     def __init__(self, lora_rank: int = 16, lora_alpha: float | None = 32, blocksize: int = 64,
                  compress_statistics: bool = True, lora_dtype: str | torch.dtype | None = None,
                  modules: str | list[str] | None = None, backend: str = "auto", freeze_base: bool = True,
-                 allow_non_finite: bool = False, quantized_modules: Mapping[str, Mapping] | None = None,
+                 allow_non_finite: bool = False, train_biases: bool = False,
+                 quantized_modules: Mapping[str, Mapping] | None = None,
                  format_version: int = FORMAT_VERSION, nf4moe_version: str | None = None, quant_method: str = QUANT_METHOD,
                  manifest: str | None = None, **unknown):
         if unknown:
@@ -196,6 +198,7 @@ class Nf4MoeConfig(QuantizationConfigMixin):
         self.backend = backend
         self.freeze_base = bool(freeze_base)
         self.allow_non_finite = bool(allow_non_finite)
+        self.train_biases = bool(train_biases)
         self.quantized_modules = {k: dict(v) for k, v in quantized_modules.items()} if quantized_modules else None
         self.format_version = FORMAT_VERSION
         self.nf4moe_version = nf4moe_version or __version__
@@ -385,7 +388,7 @@ class Nf4MoeQuantizer(HfQuantizer):
         else:
             _check_loaded(model, self.expected, where)
         if cfg.freeze_base:
-            set_trainable(model)
+            set_trainable(model, biases=cfg.train_biases)
         self.refresh_table(model)
         _not_read_only(model)
         return model

@@ -167,6 +167,7 @@ def replace_experts(
     device: torch.device | str | None = None,
     freeze_base: bool = True,
     allow_non_finite: bool = False,
+    train_biases: bool = False,
 ) -> nn.Module:
     """Replace every (selected) transformers expert module of ``model`` by a QuantGroupedExperts, in place.
 
@@ -181,6 +182,8 @@ def replace_experts(
         freeze_base: set ``requires_grad=False`` on every parameter but the LoRA factors.
         allow_non_finite: quantize weights holding NaN / Inf instead of raising ValueError (which names the
             module's weight, the experts and the counts; modules before it are already replaced).
+        train_biases: with ``freeze_base``, also train the per-expert biases of classes that have them
+            (gpt-oss); they are frozen otherwise.
 
     Shared experts, dense MLPs, routers and attention are not expert modules and stay as they are.
     Raises UnsupportedExpertsError (a NotImplementedError) naming class and flag for a layout the
@@ -207,13 +210,14 @@ def replace_experts(
     if device is not None:
         model.to(device)
     if freeze_base:
-        set_trainable(model)
+        set_trainable(model, biases=train_biases)
     from .hf_quantizer import Nf4MoeConfig, attach
 
     attach(model, Nf4MoeConfig(lora_rank=lora_rank, lora_alpha=lora_alpha, blocksize=blocksize,
                                compress_statistics=compress_statistics, lora_dtype=lora_dtype,
                                modules=modules, backend=backend,
-                               freeze_base=freeze_base, allow_non_finite=allow_non_finite))
+                               freeze_base=freeze_base, allow_non_finite=allow_non_finite,
+                               train_biases=train_biases))
     return model
 
 
