@@ -72,6 +72,10 @@
 #   bash lab/gpu_sweep.sh s22b       # after the row_bytes fix: the compile / opcheck tests, the backward file (~5 min)
 #   bash lab/gpu_sweep.sh s22c       # the module tests, then Qwen3 forward rows at T=1, 128, 1024 (~9 min)
 #   bash lab/gpu_sweep.sh largeprof  # GEMM times of every autotuner candidate at T=8192, Qwen3 and DeepSeek-V3 (~2 min)
+#   bash lab/gpu_sweep.sh s27        # for the first session with a GPU after 25-26 (issue 31, 34): the Gluon backward's and
+#                                      # the plan's GPU tests, the quantizer's GPU memory test and test_hf_quantizer on CUDA,
+#                                      # then lab/bwd_probe.py with the profile at Qwen3 / GLM-4.5-Air T = 1024, 2048, 8192
+#                                      # (~9 min; .whl carried: install it with the first lines of lab/gpu_tests.sh)
 set -euo pipefail
 OUT=${OUT:-bench/results/sweep}
 mkdir -p "$OUT"
@@ -363,6 +367,11 @@ case "${1:-}" in
   largeprof)
     $py -m lab.profile_layer --tokens 8192 --variants gemm --timings 2>&1 | tee "$OUT/profile_large_qwen3.log"
     $py -m lab.profile_layer --shape dsv3 --tokens 8192 --variants gemm --timings 2>&1 | tee "$OUT/profile_large_dsv3.log" ;;
+  s27)
+    pinned_tests 200 gpu_s27_bwd.log tests/test_wgmma_backward.py tests/test_triton_backward.py tests/test_plan.py
+    pinned_tests 120 gpu_s27_quantizer.log tests/test_adapters_edges.py tests/test_hf_quantizer.py -k "gpu or bit_exact"
+    timeout 240 $py lab/bwd_probe.py --shapes qwen3,glm45air --tokens 1024,2048,8192 --profile --out "$OUT" 2>&1 \
+      | tee "$OUT/bwd_probe.log" || true ;;
   *)
     sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 2 ;;
 esac
