@@ -174,6 +174,8 @@ def test_gpt_oss_biases_train_when_asked():
     qe = model.model.layers[0].mlp.experts
     assert qe.gate_up_bias.grad is not None and qe.gate_up_bias.grad.abs().sum() > 0
     assert qe.down_bias.grad is not None and qe.down_bias.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match=r"expert biases of \['model.layers.0.mlp.experts'\] are trainable"):
+        nf4moe.save_adapter(model, "/nonexistent")  # a PEFT adapter would drop them
 
 
 def test_a_gate_nf4moe_cannot_describe_is_refused_naming_the_class():

@@ -86,6 +86,12 @@ def adapter_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[
     found = [(n, qe) for n, qe in quant_experts(model) if qe.lora_rank > 0]
     if not found:
         raise ValueError(f"{type(model).__name__} has no QuantGroupedExperts with LoRA (lora_rank > 0)")
+    trained = [n for n, qe in found if qe.gate_up_bias is not None
+               and (qe.gate_up_bias.requires_grad or qe.down_bias.requires_grad)]
+    if trained:
+        raise ValueError(f"expert biases of {trained[:3]} are trainable (train_biases=True), and a PEFT LoRA adapter "
+                         "holds no base biases: they would be lost. Save the model with model.save_pretrained / "
+                         "nf4moe.save_pretrained (NF4 + LoRA + biases), or merge_and_unload it")
     r = _uniform({n: qe.lora_rank for n, qe in found}, "lora_rank")
     alpha = _uniform({n: qe.lora_alpha for n, qe in found}, "lora_alpha")
     tensors, targets = {}, []
