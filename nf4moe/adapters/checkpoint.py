@@ -674,7 +674,10 @@ def from_pretrained(
     ``model_cls`` a transformers model class or Auto class (default: from config / AutoModelForCausalLM).
     ``allow_non_finite=True`` quantizes (or wraps bitsandbytes statistics of) expert weights holding NaN / Inf
     instead of raising ValueError naming the weight, the experts and the counts.
-    Other keyword arguments go to transformers' ``from_pretrained``.
+    Other keyword arguments go to transformers' ``from_pretrained``.  The first case is transformers' own
+    ``from_pretrained(name, quantization_config=Nf4MoeConfig(...))``; ``quantization_config=`` here is for another
+    quantizer of the other layers (``BitsAndBytesConfig`` for the linears), beside which the experts are quantized
+    by torch hooks (transformers takes one quantizer per load), and such a model cannot be saved whole.
 
     A local path is checked before transformers (or the Hub client) sees it: a missing one raises
     FileNotFoundError naming it, a directory with an ``nf4moe_manifest.json`` must match it file by
