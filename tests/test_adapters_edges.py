@@ -137,13 +137,18 @@ def test_flags_an_older_decorator_does_not_record_read_as_default(monkeypatch):
     assert all(isinstance(layer.experts, QuantGroupedExperts) for layer in model.layers)
 
 
-def test_gpt_oss_swaps_with_its_gate_biases_and_interleaving():
+def tiny_gpt_oss():
+    """One gpt-oss layer, 4 experts (H = I = 128): interleaved transposed weights, biases, its clamped gate."""
     if not hasattr(transformers, "GptOssConfig"):
         pytest.skip("no GPT-OSS in this transformers")
     cfg = transformers.GptOssConfig(vocab_size=96, hidden_size=128, intermediate_size=128, num_hidden_layers=1,
                                     num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_local_experts=4,
                                     num_experts_per_tok=2)
-    model = transformers.AutoModelForCausalLM.from_config(cfg)
+    return transformers.AutoModelForCausalLM.from_config(cfg)
+
+
+def test_gpt_oss_swaps_with_its_gate_biases_and_interleaving():
+    model = tiny_gpt_oss()
     dense = model.model.layers[0].mlp.experts
     nf4moe.replace_experts(model, backend="reference")
     qe = model.model.layers[0].mlp.experts
@@ -158,13 +163,7 @@ def test_gpt_oss_swaps_with_its_gate_biases_and_interleaving():
 
 
 def test_gpt_oss_biases_train_when_asked():
-    if not hasattr(transformers, "GptOssConfig"):
-        pytest.skip("no GPT-OSS in this transformers")
-    cfg = transformers.GptOssConfig(vocab_size=96, hidden_size=128, intermediate_size=128, num_hidden_layers=1,
-                                    num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_local_experts=4,
-                                    num_experts_per_tok=2)
-    model = nf4moe.replace_experts(transformers.AutoModelForCausalLM.from_config(cfg), lora_rank=2,
-                                   backend="reference", train_biases=True)
+    model = nf4moe.replace_experts(tiny_gpt_oss(), lora_rank=2, backend="reference", train_biases=True)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {f"model.layers.0.mlp.experts.{k}" for k in (
         "lora_A.gate_up_proj", "lora_A.down_proj", "lora_B.gate_up_proj", "lora_B.down_proj", "gate_up_bias",

@@ -409,6 +409,16 @@ def _load_bnb_checkpoint(files, config, *, device, backend, lora_rank, lora_alph
 
 
 # ---------------------------------------------------------------------------------------------- quantize at load
+def _with_device_map(hf_kwargs: Mapping, device) -> dict:
+    """transformers' from_pretrained keyword arguments with ``device`` as its ``device_map``."""
+    kwargs = dict(hf_kwargs)
+    if device is not None:
+        if "device_map" in kwargs:
+            raise ValueError("pass either device= or device_map=, not both")
+        kwargs["device_map"] = device
+    return kwargs
+
+
 def _load_quantizing(name_or_path, config, *, device, dtype, backend, lora_rank, lora_alpha, lora_dtype, blocksize,
                      compress_statistics, modules, freeze_base, model_cls, hf_kwargs, allow_non_finite=False):
     """transformers' from_pretrained with the nf4moe quantizer: experts quantized as their weights arrive."""
@@ -427,11 +437,7 @@ def _load_quantizing(name_or_path, config, *, device, dtype, backend, lora_rank,
     qconfig = Nf4MoeConfig(lora_rank=lora_rank, lora_alpha=lora_alpha, blocksize=blocksize,
                            compress_statistics=compress_statistics, lora_dtype=lora_dtype, modules=modules,
                            backend=backend, freeze_base=freeze_base, allow_non_finite=allow_non_finite)
-    kwargs = dict(hf_kwargs)
-    if device is not None:
-        if "device_map" in kwargs:
-            raise ValueError("pass either device= or device_map=, not both")
-        kwargs["device_map"] = device
+    kwargs = _with_device_map(hf_kwargs, device)
     model = cls.from_pretrained(name_or_path, config=config, dtype=dtype, quantization_config=qconfig, **kwargs)
     return model, model.hf_quantizer
 
@@ -443,11 +449,7 @@ def _load_quantized(name_or_path, config, *, device, backend, lora_rank, lora_al
     for name, entry in table.items():
         _check_lora_override(lora_rank, entry.get("lora_rank"), "lora_rank", name)
         _check_lora_override(lora_alpha, entry.get("lora_alpha"), "lora_alpha", name)
-    kwargs = dict(hf_kwargs)
-    if device is not None:
-        if "device_map" in kwargs:
-            raise ValueError("pass either device= or device_map=, not both")
-        kwargs["device_map"] = device
+    kwargs = _with_device_map(hf_kwargs, device)
     cls = _model_class(config, None, model_cls)
     model = cls.from_pretrained(name_or_path, config=config, **kwargs)
     for _, qe in quant_experts(model):
@@ -547,11 +549,7 @@ def _load_with_hooks(name_or_path, config, *, device, dtype, backend, lora_rank,
     specs = {n: inspect_experts(m, n) for n, m in found}
     check_blocksize(list(specs.values()), blocksize)
     del skeleton, found
-    kwargs = dict(hf_kwargs)
-    if device is not None:
-        if "device_map" in kwargs:
-            raise ValueError("pass either device= or device_map=, not both")
-        kwargs["device_map"] = device
+    kwargs = _with_device_map(hf_kwargs, device)
     quantizer = _ArrivalQuantizer(specs, blocksize=blocksize, compress_statistics=compress_statistics,
                                   allow_non_finite=allow_non_finite)
     with quantizer.installed():
@@ -695,8 +693,8 @@ def from_pretrained(
             raise ValueError("modules= selects experts to quantize; an nf4moe checkpoint restores the modules it saved")
         if local == "unverified":  # model.save_pretrained writes no manifest: the file list and headers are checked
             qc = config.quantization_config
-            _check_unverified(name_or_path, qc if isinstance(qc, Mapping) else qc.to_dict(),
-                              _resolve_files(name_or_path, hf_kwargs))
+            promise = qc.get("manifest") if isinstance(qc, Mapping) else qc.saved_manifest
+            _check_unverified(name_or_path, {"manifest": promise}, _resolve_files(name_or_path, hf_kwargs))
         return _load_quantized(name_or_path, config, device=device, backend=backend, lora_rank=lora_rank,
                                lora_alpha=lora_alpha, freeze_base=freeze_base, model_cls=model_cls, hf_kwargs=hf_kwargs)
     if getattr(config, SECTION, None):

@@ -12,8 +12,8 @@ registry is imported, so ``import nf4moe`` is enough).  Three paths:
   in flight).  After loading, each module becomes a QuantGroupedExperts.
 - **Pre-quantized load**: a ``config.json`` whose ``quantization_config`` has ``quant_method: "nf4moe"``.
   Before any tensor is read the skeleton's expert modules become empty QuantGroupedExperts as the
-  config's module table describes, and every tensor they need is checked against the safetensors
-  headers (name, shape, dtype); the tensors then load by name.  Bit-exact.
+  config's module table describes; the tensors then load by name, and after loading every tensor the
+  table promises must have come from the checkpoint with its shape and dtype.  Bit-exact.
 - **Save**: ``model.save_pretrained`` of a model holding QuantGroupedExperts (from any of the paths
   above or ``replace_experts``, which attaches this quantizer) writes their NF4 buffers and LoRA
   under the module's own names and the module table into ``config.json``.
@@ -37,13 +37,13 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .. import __version__
 from ..moe_layers import NF4Weight, QuantGroupedExperts
+from ..moe_layers.nf4_weight import _BNB_BLOCKSIZES
 from ..reference import Gate
 from .replace import _set_submodule, build_quant_experts, check_blocksize, quant_experts, quantize_weight, set_trainable
 from .table import WEIGHT_NAMES, ExpertsSpec, find_experts, inspect_experts
 
 QUANT_METHOD = "nf4moe"
 FORMAT_VERSION = 1
-_BNB_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 # Arguments that say how to load and run, not what was saved: not written into config.json.
 _RUNTIME = ("backend", "freeze_base", "allow_non_finite", "modules", "train_biases")
 # What a module-table entry holds (written by ``module_entry``).
@@ -207,6 +207,11 @@ class Nf4MoeConfig(QuantizationConfigMixin):
         self._manifest_saved = manifest
         self._manifest_next: str | None = None
 
+    @property
+    def saved_manifest(self) -> str | None:
+        """The manifest the checkpoint this config was read from says its save wrote last (None: no promise)."""
+        return self._manifest_saved
+
     def to_dict(self) -> dict[str, Any]:
         out = {k: v for k, v in super().to_dict().items() if k not in _RUNTIME and not k.startswith("_")}
         out["nf4moe_version"] = __version__
@@ -254,16 +259,20 @@ class QuantizeExperts:
         return out
 
 
+def _expert_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """{qualified name: tensor} of every QuantGroupedExperts' state (the tensors themselves, flags included)."""
+    return {f"{n}.{k}" if n else k: t for n, qe in quant_experts(model) for k, t in qe.state_dict(keep_vars=True).items()}
+
+
 def _expected(model: nn.Module) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """{name: (shape, dtype)} of every tensor of the (empty) QuantGroupedExperts of a skeleton."""
-    return {f"{n}.{k}" if n else k: (tuple(t.shape), t.dtype)
-            for n, qe in quant_experts(model) for k, t in qe.state_dict(keep_vars=True).items()}
+    return {k: (tuple(t.shape), t.dtype) for k, t in _expert_tensors(model).items()}
 
 
 def _check_loaded(model: nn.Module, expected: Mapping[str, tuple], where: str) -> None:
     """Every tensor the module table promised came from the checkpoint (transformers flags what it assigned;
     a missing one it would have initialised randomly), with the shape and dtype the table gives."""
-    got = {f"{n}.{k}" if n else k: t for n, qe in quant_experts(model) for k, t in qe.state_dict(keep_vars=True).items()}
+    got = _expert_tensors(model)
     problems = []
     for key, (shape, dtype) in expected.items():
         t = got.get(key)

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..reference import Gate, apply_gate
+from ..reference import ACTIVATIONS, Gate, activation, apply_gate
 
 FLAGS = ("has_gate", "is_concatenated", "is_transposed", "has_bias", "has_post_expert_norm")
 DEFAULT_FLAGS: Mapping[str, bool] = {
@@ -442,10 +442,9 @@ def _probe_source_gate(model_type: str, fname: str, class_name: str, interleaved
     except ImportError:
         return None
     fn = vars(getattr(module, class_name)).get("_apply_gate")
-    known = act if act in ("silu", "gelu", "gelu_tanh", "relu") else None
-    act_fn = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu,
-              "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}[known or "silu"]
-    owner = SimpleNamespace(limit=3.0, swiglu_limit=3.0, alpha=1.5, swiglu_alpha=1.5, act_fn=act_fn)
+    known = act if act in ACTIVATIONS else None
+    owner = SimpleNamespace(limit=3.0, swiglu_limit=3.0, alpha=1.5, swiglu_alpha=1.5,
+                            act_fn=lambda x: activation(x, known or "silu"))
     return probe_gate(fn, owner, interleaved=interleaved, act=known) if fn is not None else None
 
 

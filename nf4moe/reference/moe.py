@@ -11,7 +11,7 @@ expert at a time instead of materialising the whole (E, out, in) tensor.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Callable, Union
 
 import torch
@@ -101,7 +101,7 @@ class Gate:
         return f"{a}·{u}"
 
     def to_dict(self) -> dict:
-        return {k: getattr(self, k) for k in ("act", "alpha", "gate_limit", "act_limit", "up_limit", "up_offset")}
+        return asdict(self)
 
 
 def apply_gate(g: torch.Tensor, u: torch.Tensor, gate: Gate) -> torch.Tensor:
